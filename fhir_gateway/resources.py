@@ -1,0 +1,89 @@
+"""FHIR R4 JSON helpers: the `Resource` type, builders, deterministic ids and code system URIs.
+
+Resources travel as plain JSON dicts (DESIGN.md: models only at the edges). This module imports
+nothing of ours, so `mappers` and `connectors` may use it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+Resource = dict[str, Any]
+
+# Code systems (FHIR R4 terminology page, http://hl7.org/fhir/R4/terminologies-systems.html)
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+UCUM = "http://unitsofmeasure.org"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+DICOM_UID = "urn:dicom:uid"
+TASK_STATUS = "http://hl7.org/fhir/task-status"
+
+# Identifier systems of our own.
+GATEWAY_SYSTEM = "urn:fhir-gateway"
+CASE_ID_SYSTEM = "urn:fhir-gateway:case"
+
+# Namespace for uuid5 ids; fixed forever, so ids stay stable across releases.
+ID_NAMESPACE = uuid.UUID("5b1f2a1e-6f7c-4d55-9a1e-2f0c1a9d7e33")
+
+
+def deterministic_id(*parts: str) -> str:
+    """A uuid5 over the joined parts (e.g. resource type, source system, source id).
+
+    The same input gives the same id, so re-pulling or re-mapping is safe (DESIGN.md).
+    """
+    return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+
+
+def coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = compact({"system": system, "code": code, "display": display})
+    return out
+
+
+def codeable_concept(*codings: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = compact({"coding": list(codings), "text": text})
+    return out
+
+
+def reference(resource_or_type: Resource | str, id_: str | None = None) -> dict[str, str]:
+    """`Reference` to a resource dict, or to `type` + `id`."""
+    if isinstance(resource_or_type, str):
+        if id_ is None:
+            raise ValueError("reference(type, id) needs an id")
+        return {"reference": f"{resource_or_type}/{id_}"}
+    return {"reference": f"{resource_or_type['resourceType']}/{resource_or_type['id']}"}
+
+
+def identifier(system: str, value: str) -> dict[str, str]:
+    return {"system": system, "value": value}
+
+
+def compact(value: Any) -> Any:
+    """Drop None, empty strings, empty lists and empty dicts, recursively (FHIR forbids empties)."""
+    if isinstance(value, Mapping):
+        out = {k: compact(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if not _empty(v)}
+    if isinstance(value, list):
+        items = [compact(v) for v in value]
+        return [v for v in items if not _empty(v)]
+    return value
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def split_token(token: str) -> tuple[str | None, str]:
+    """Split a FHIR token search value `system|value` (system None when there is no `|`)."""
+    if "|" in token:
+        system, value = token.split("|", 1)
+        return system, value
+    return None, token
+
+
+def identifiers_of(resource: Resource) -> Iterable[tuple[str, str]]:
+    """(system, value) of each identifier of a resource that has both."""
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("value"):
+            yield ident.get("system") or "", str(ident["value"])

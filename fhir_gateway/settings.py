@@ -1,0 +1,281 @@
+"""Settings (pydantic-settings, `FHIR_GATEWAY_` env prefix) and the partners file (TOML).
+
+Values come from the environment, e.g. `FHIR_GATEWAY_DATABASE_URL=postgresql+psycopg://...`,
+`FHIR_GATEWAY_AUTH__JWKS_URL=...`. Nothing is read at import time: `create_app(settings)` and the
+CLI receive a `Settings`, tests build one directly.
+
+Secrets (client keys, bearer tokens, passwords) are never written in the partners file: it names a
+file (`*_file`) or an environment variable (`*_env`) that holds them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fhir_gateway.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoAuth(_Strict):
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(_Strict):
+    """A static bearer token read from a file or an environment variable."""
+
+    type: Literal["bearer"]
+    token_file: Path | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BearerAuth:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError("bearer auth needs exactly one of token_file or token_env")
+        return self
+
+    def token(self) -> SecretStr:
+        return SecretStr(_read_secret(self.token_file, self.token_env, "bearer token"))
+
+
+class BasicAuth(_Strict):
+    type: Literal["basic"]
+    username: str
+    password_file: Path | None = None
+    password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BasicAuth:
+        if (self.password_file is None) == (self.password_env is None):
+            raise ValueError("basic auth needs exactly one of password_file or password_env")
+        return self
+
+    def password(self) -> SecretStr:
+        return SecretStr(_read_secret(self.password_file, self.password_env, "password"))
+
+
+class SmartAuth(_Strict):
+    """SMART Backend Services (SMART App Launch 2.2): client_credentials + private_key_jwt."""
+
+    type: Literal["smart"]
+    client_id: str
+    key_file: Path  # PEM private key (RSA for RS384, EC P-384 for ES384)
+    kid: str
+    scopes: list[str] = Field(default_factory=list)  # empty: derived from the resource types
+    token_url: str | None = None  # normally discovered from .well-known/smart-configuration
+
+
+Auth = Annotated[NoAuth | BearerAuth | BasicAuth | SmartAuth, Field(discriminator="type")]
+
+
+class FhirEndpoint(_Strict):
+    base_url: str
+    auth: Auth = NoAuth()
+    timeout_s: float = 30.0
+    max_parallel: int = 4  # concurrent requests to this system
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+
+class DicomwebEndpoint(FhirEndpoint):
+    search_by_patient: bool = True  # QIDO by PatientID in addition to the referral's studies
+    issuer_of_patient_id: str | None = None
+
+
+class DimseEndpoint(_Strict):
+    """A legacy PACS reached through an Orthanc that has it configured as a modality."""
+
+    orthanc_url: str
+    modality: str
+    auth: Auth = NoAuth()
+
+
+class DestinationEndpoint(FhirEndpoint):
+    report_code: str | None = None  # LOINC code of the report, per partner (default by kind)
+    use_transaction: bool = False
+    task_on_destination: bool = False
+
+
+class PartnerIdentifier(_Strict):
+    system: str
+    value: str
+
+    @property
+    def token(self) -> str:
+        return f"{self.system}|{self.value}"
+
+
+class Partner(_Strict):
+    """A partner organisation: its identifier and the systems we talk to on its behalf."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9\-\.]{1,64}$")
+    name: str
+    identifier: PartnerIdentifier
+    fhir: FhirEndpoint | None = None
+    dicomweb: DicomwebEndpoint | None = None
+    dimse: DimseEndpoint | None = None
+    destination: DestinationEndpoint | None = None
+
+
+class OurOrganization(_Strict):
+    name: str = "fhir-gateway second-opinion service"
+    identifier: PartnerIdentifier = PartnerIdentifier(system="urn:fhir-gateway", value="gateway")
+
+
+class PartnersFile(_Strict):
+    organization: OurOrganization = OurOrganization()
+    partners: list[Partner] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> PartnersFile:
+        ids = [p.id for p in self.partners]
+        tokens = [p.identifier.token for p in self.partners]
+        if len(set(ids)) != len(ids) or len(set(tokens)) != len(tokens):
+            raise ValueError("partner ids and identifiers must be unique")
+        return self
+
+    def by_id(self, partner_id: str) -> Partner | None:
+        return next((p for p in self.partners if p.id == partner_id), None)
+
+    def by_identifier(self, system: str, value: str) -> Partner | None:
+        return next(
+            (
+                p
+                for p in self.partners
+                if p.identifier.system == system and p.identifier.value == value
+            ),
+            None,
+        )
+
+
+def load_partners(path: Path | None) -> PartnersFile:
+    """Read and validate the partners file; a missing path means no partners.
+
+    Raises:
+        ConfigError: the file is unreadable, not TOML, or does not validate.
+    """
+    if path is None:
+        return PartnersFile()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read partners file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"partners file {path} is not valid TOML: {exc}") from exc
+    try:
+        partners = PartnersFile.model_validate(data)
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"partners file {path}: {where}: {first['msg']}") from exc
+    return partners.model_copy(
+        update={"partners": [_resolve_paths(p, path.parent) for p in partners.partners]}
+    )
+
+
+def _resolve_paths(partner: Partner, base: Path) -> Partner:
+    """Make key/token file paths relative to the partners file absolute."""
+
+    def fix(auth: object) -> object:
+        if isinstance(auth, SmartAuth) and not auth.key_file.is_absolute():
+            return auth.model_copy(update={"key_file": base / auth.key_file})
+        if isinstance(auth, BearerAuth) and auth.token_file and not auth.token_file.is_absolute():
+            return auth.model_copy(update={"token_file": base / auth.token_file})
+        if (
+            isinstance(auth, BasicAuth)
+            and auth.password_file
+            and not auth.password_file.is_absolute()
+        ):
+            return auth.model_copy(update={"password_file": base / auth.password_file})
+        return auth
+
+    updates: dict[str, object] = {}
+    for name in ("fhir", "dicomweb", "dimse", "destination"):
+        endpoint = getattr(partner, name)
+        if endpoint is not None:
+            updates[name] = endpoint.model_copy(update={"auth": fix(endpoint.auth)})
+    return partner.model_copy(update=updates)
+
+
+def _read_secret(path: Path | None, env: str | None, what: str) -> str:
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    assert env is not None
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"environment variable {env} ({what}) is not set")
+    return value
+
+
+class AuthSettings(BaseModel):
+    """Who may call us. The embedded dev issuer signs HS256 tokens with a key in the data dir."""
+
+    dev_issuer: bool = True
+    allow_dev_issuer_on_public_bind: bool = False
+    issuer: str | None = None  # external identity provider (production)
+    jwks_url: str | None = None
+    audience: str = "fhir-gateway"
+    role_claim: str = "role"
+    subject_claim: str = "sub"
+    partner_claim: str = "partner"
+
+
+class JobSettings(BaseModel):
+    workers: int = 2  # worker threads in `serve`
+    lease_s: float = 60.0
+    poll_s: float = 0.5
+    max_attempts: int = 8
+    backoff_base_s: float = 2.0
+    backoff_cap_s: float = 3600.0
+    extra_modules: list[str] = Field(default_factory=list)  # more job handler modules to import
+
+
+class Limits(BaseModel):
+    max_json_bytes: int = 20 * 1024 * 1024
+    max_json_depth: int = 64
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FHIR_GATEWAY_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: SQLite in the data dir
+    partners_file: Path | None = None  # default: <data_dir>/partners.toml if it exists
+    public_base_url: str = "http://127.0.0.1:8080"  # how callers reach us (for absolute URLs)
+    log_format: Literal["console", "json"] = "json"
+    log_level: str = "INFO"
+    auth: AuthSettings = AuthSettings()
+    jobs: JobSettings = JobSettings()
+    limits: Limits = Limits()
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @cached_property
+    def partners(self) -> PartnersFile:
+        path = self.partners_file
+        if path is None:
+            default = self.data_dir / "partners.toml"
+            path = default if default.exists() else None
+        return load_partners(path)

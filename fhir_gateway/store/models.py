@@ -1,0 +1,184 @@
+"""SQLAlchemy 2 tables: cases, hosted FHIR resources, pulled resources, binaries, jobs, audit.
+
+One schema for SQLite (embedded default) and PostgreSQL (scale-out). JSON is stored as text
+(`JsonText`): it is written once and served as it is, never queried inside the database.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every engine (SQLite drops the zone otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to UTCDateTime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JsonText(TypeDecorator[Any]):
+    """JSON stored as compact UTF-8 text."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Case(Base):
+    """One second-opinion case, born from one referral (ServiceRequest + Task)."""
+
+    __tablename__ = "cases"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    partner_id: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    service_request_id: Mapped[str] = mapped_column(String(64))
+    patient_ref: Mapped[str] = mapped_column(String(512))  # Patient/<id> here, or absolute URL
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class FhirResource(Base):
+    """A resource we host at /fhir (Patient, ServiceRequest, Task, ... pushed by a partner)."""
+
+    __tablename__ = "fhir_resources"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, default=1)
+    partner_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    case_id: Mapped[str | None] = mapped_column(ForeignKey("cases.id"), index=True)
+    last_updated: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    body: Mapped[Any] = mapped_column(JsonText)
+
+
+class ResourceIdentifier(Base):
+    """Search index of identifiers of hosted resources (conditional create, `?identifier=`)."""
+
+    __tablename__ = "resource_identifiers"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    system: Mapped[str] = mapped_column(String(512), primary_key=True)
+    value: Mapped[str] = mapped_column(String(512), primary_key=True)
+
+    __table_args__ = (Index("ix_resource_identifiers_lookup", "resource_type", "value", "system"),)
+
+
+class StoredResource(Base):
+    """A resource pulled or received for a case, as the source sent it (one row per source id)."""
+
+    __tablename__ = "stored_resources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    source: Mapped[str] = mapped_column(String(512))  # e.g. the partner's FHIR base URL
+    resource_type: Mapped[str] = mapped_column(String(64))
+    source_id: Mapped[str] = mapped_column(String(256))
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_updated: Mapped[str | None] = mapped_column(String(40))  # the source's meta.lastUpdated
+    body: Mapped[Any] = mapped_column(JsonText)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "case_id", "source", "resource_type", "source_id", name="uq_stored_resources_source"
+        ),
+    )
+
+
+class Binary(Base):
+    """A binary payload (PDF, DICOM, attachment) kept as a file addressed by its SHA-256."""
+
+    __tablename__ = "binaries"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Job(Base):
+    """A durable unit of work (transactional outbox): leased, retried, or dead with a reason."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    case_id: Mapped[str | None] = mapped_column(ForeignKey("cases.id"), index=True)
+    payload: Mapped[Any] = mapped_column(JsonText, default=dict)
+    dedup_key: Mapped[str | None] = mapped_column(String(256), unique=True)
+    state: Mapped[str] = mapped_column(String(16))  # queued | running | done | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=8)
+    run_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[Any] = mapped_column(JsonText, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_jobs_claim", "state", "kind", "run_at"),)
+
+
+class AuditRow(Base):
+    """Append-only audit log; each row carries the hash of the previous one."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    recorded: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    action: Mapped[str] = mapped_column(String(64))  # e.g. referral.intake, case.read
+    outcome: Mapped[str] = mapped_column(String(8))  # FHIR AuditEvent.outcome: 0, 4, 8, 12
+    agent: Mapped[str] = mapped_column(String(256))
+    agent_role: Mapped[str] = mapped_column(String(32))
+    case_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    entity: Mapped[Any] = mapped_column(JsonText, default=list)  # references touched
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
