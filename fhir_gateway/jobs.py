@@ -413,6 +413,7 @@ __all__ = [
     "DONE",
     "QUEUED",
     "RUNNING",
+    "Claimed",
     "JobContext",
     "Queue",
     "Worker",
