@@ -31,6 +31,13 @@ SEARCHABLE = ("Task", "ServiceRequest", "Patient")
 IfNoneExist = Annotated[str | None, Header(alias="If-None-Exist")]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
+# The body is read raw (size-limited) rather than through FastAPI; describe it for OpenAPI.
+FHIR_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/fhir+json": {"schema": {"type": "object"}}},
+    }
+}
 
 
 def _etag(row: FhirResource) -> str:
@@ -128,7 +135,7 @@ def capability_statement(settings: Settings) -> Resource:
     }
 
 
-@router.post("", response_class=FhirResponse)
+@router.post("", response_class=FhirResponse, openapi_extra=FHIR_BODY)
 async def transaction(
     bundle: Body, store: StoreDep, settings: SettingsDep, who: Principal = EHR_OR_ADMIN
 ) -> FhirResponse:
@@ -159,7 +166,7 @@ def _transaction_response(result: cases.IntakeResult) -> Resource:
     return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
 
 
-@router.post("/{resource_type}", response_class=FhirResponse)
+@router.post("/{resource_type}", response_class=FhirResponse, openapi_extra=FHIR_BODY)
 async def create(
     resource_type: str,
     body: Body,
@@ -264,7 +271,7 @@ def search(
         )
 
 
-@router.put("/Task/{rid}", response_class=FhirResponse)
+@router.put("/Task/{rid}", response_class=FhirResponse, openapi_extra=FHIR_BODY)
 async def update_task(
     rid: str, body: Body, store: StoreDep, if_match: IfMatch = None, who: Principal = EHR_OR_ADMIN
 ) -> FhirResponse:
