@@ -478,7 +478,8 @@ def _open_case(
         "referral.intake",
         who.actor,
         case_id=case.id,
-        entity=[f"Task/{task_row.id}", f"ServiceRequest/{sr_row.id}", patient_ref],
+        patient=patient_ref,
+        entity=[f"Task/{task_row.id}", f"ServiceRequest/{sr_row.id}"],
     )
     result.case_id, result.new_case = case.id, True
     result.jobs = [j.kind for j in queued]

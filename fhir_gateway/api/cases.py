@@ -41,7 +41,9 @@ def list_cases(
             stmt = stmt.where(Case.id.in_(visible))
         if status:
             stmt = stmt.where(Case.status == status)
-        return [cases.case_summary(c) for c in s.scalars(stmt)]
+        found = [cases.case_summary(c) for c in s.scalars(stmt)]
+        audit.record(s, "case.list", who.actor, entity=[f"count:{len(found)}"])
+        return found
 
 
 @router.get("/{case_id}")
@@ -50,7 +52,14 @@ def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str,
     with store.session() as s:
         case = cases.get_case(s, case_id, who)
         view = cases.case_view(s, case)
-        audit.record(s, "case.read", who.actor, case_id=case.id, entity=[f"Task/{case.task_id}"])
+        audit.record(
+            s,
+            "case.read",
+            who.actor,
+            case_id=case.id,
+            patient=case.patient_ref,
+            entity=[f"Task/{case.task_id}"],
+        )
         return view
 
 
@@ -77,5 +86,12 @@ def move_status(
         case = cases.get_case(s, case_id, who)
         task = hosted.read(s, "Task", case.task_id)
         cases.transition_task(s, task, body.status, body.reason)
-        audit.record(s, "task.update", who.actor, case_id=case.id, entity=[f"Task/{task.id}"])
+        audit.record(
+            s,
+            "task.update",
+            who.actor,
+            case_id=case.id,
+            patient=case.patient_ref,
+            entity=[f"Task/{task.id}"],
+        )
         return cases.case_summary(case)

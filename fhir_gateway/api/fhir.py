@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from fhir_gateway import cases, hosted
+from fhir_gateway import audit, cases, hosted
 from fhir_gateway.api.deps import ANY_ROLE, EHR_OR_ADMIN, Body, SettingsDep, StoreDep
 from fhir_gateway.api.responses import FhirResponse
 from fhir_gateway.cases import Principal
@@ -50,6 +50,17 @@ def _headers(row: FhirResource) -> dict[str, str]:
         "Location": f"{row.resource_type}/{row.id}/_history/{row.version_id}",
         "Last-Modified": row.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT"),
     }
+
+
+def _patient_of(row: FhirResource) -> str | None:
+    """The patient a hosted resource is about (for the audit trail)."""
+    if row.resource_type == "Patient":
+        return f"Patient/{row.id}"
+    for key in ("for", "subject", "patient"):
+        ref = (row.body.get(key) or {}).get("reference")
+        if isinstance(ref, str):
+            return ref
+    return None
 
 
 def _our_org(settings: Settings) -> Resource:
@@ -189,6 +200,14 @@ async def create(
                 s, body, who, settings.partners, if_none_exist, _our_org(settings)
             )
             out = result.entries[0]
+            if result.case_id is None and out.created:  # a referral Task audits its own intake
+                audit.record(
+                    s,
+                    "resource.create",
+                    who.actor,
+                    patient=_patient_of(out.row),
+                    entity=[f"{out.row.resource_type}/{out.row.id}"],
+                )
             return out.row.body, _headers(out.row), 201 if out.created else 200
 
     payload, headers, status = await run_in_threadpool(run)
@@ -208,6 +227,14 @@ def read(
     with store.session() as s:
         row = hosted.read(s, resource_type, rid)
         _check_access(row, who, s)
+        audit.record(
+            s,
+            "resource.read",
+            who.actor,
+            case_id=row.case_id,
+            patient=_patient_of(row),
+            entity=[f"{resource_type}/{rid}"],
+        )
         headers = _headers(row)
         if if_none_match and if_none_match.strip() == _etag(row):
             return Response(status_code=304, headers={"ETag": headers["ETag"]})
@@ -250,6 +277,9 @@ def search(
             except ForbiddenError:
                 continue
             visible.append(row)
+        audit.record(
+            s, "resource.search", who.actor, entity=[f"{r.resource_type}/{r.id}" for r in visible]
+        )
         base = settings.public_base_url.rstrip("/")
         return FhirResponse(
             {
@@ -306,10 +336,13 @@ async def update_task(
                 hosted.update(
                     s, row, {**copy.deepcopy(row.body), "businessStatus": task["businessStatus"]}
                 )
-            from fhir_gateway import audit
-
             audit.record(
-                s, "task.update", who.actor, case_id=row.case_id, entity=[f"Task/{row.id}"]
+                s,
+                "task.update",
+                who.actor,
+                case_id=row.case_id,
+                patient=_patient_of(row),
+                entity=[f"Task/{row.id}"],
             )
             return row.body, _headers(row)
 

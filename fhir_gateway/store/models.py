@@ -190,6 +190,7 @@ class AuditRow(Base):
     agent: Mapped[str] = mapped_column(String(256))
     agent_role: Mapped[str] = mapped_column(String(32))
     case_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    patient: Mapped[str | None] = mapped_column(String(512), index=True)  # Patient reference
     entity: Mapped[Any] = mapped_column(JsonText, default=list)  # references touched
     request_id: Mapped[str | None] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))

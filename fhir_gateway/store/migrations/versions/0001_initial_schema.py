@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-24 22:14:11.271487
+Create Date: 2026-11-24 22:21:40.053978
 """
 
 from collections.abc import Sequence
@@ -29,6 +29,7 @@ def upgrade() -> None:
     sa.Column('agent', sa.String(length=256), nullable=False),
     sa.Column('agent_role', sa.String(length=32), nullable=False),
     sa.Column('case_id', sa.String(length=36), nullable=True),
+    sa.Column('patient', sa.String(length=512), nullable=True),
     sa.Column('entity', fhir_gateway.store.models.JsonText(), nullable=False),
     sa.Column('request_id', sa.String(length=64), nullable=True),
     sa.Column('prev_hash', sa.String(length=64), nullable=False),
@@ -37,6 +38,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_audit_events_case_id'), ['case_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_audit_events_patient'), ['patient'], unique=False)
 
     op.create_table('binaries',
     sa.Column('sha256', sa.String(length=64), nullable=False),
@@ -167,6 +169,7 @@ def downgrade() -> None:
     op.drop_table('cases')
     op.drop_table('binaries')
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_audit_events_patient'))
         batch_op.drop_index(batch_op.f('ix_audit_events_case_id'))
 
     op.drop_table('audit_events')
