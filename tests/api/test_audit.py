@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -17,7 +18,7 @@ from tests.conftest import Tokens
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _events(client, tokens: Tokens, **params: str) -> list[dict]:
+def _events(client, tokens: Tokens, **params: str) -> list[dict[str, Any]]:
     resp = client.get("/fhir/AuditEvent", params=params, headers=tokens.headers("admin"))
     assert resp.status_code == 200, resp.text
     return [e["resource"] for e in resp.json()["entry"]]
