@@ -13,6 +13,10 @@ from typing import Literal
 import structlog
 
 
+class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler configure_logging installs (so a second call replaces it)."""
+
+
 def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "INFO") -> None:
     """Route structlog and the stdlib loggers (uvicorn, urllib3) to stderr in one format."""
     shared: list[structlog.types.Processor] = [
@@ -37,7 +41,7 @@ def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "IN
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _GatewayHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -45,7 +49,9 @@ def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "IN
         )
     )
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace our own handler only: others (a test runner's capture, a host's) stay.
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _GatewayHandler)]
+    root.addHandler(handler)
     root.setLevel(level.upper())
     # uvicorn's access log carries query strings (which may hold identifiers): keep it off.
     logging.getLogger("uvicorn.access").disabled = True

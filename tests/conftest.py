@@ -100,3 +100,42 @@ def tokens(data_dir: Path) -> Tokens:
 
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+# --- PHI log scan over the whole session ---------------------------------------------------
+
+_COLLECTOR = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import logging
+
+    from fhir_gateway.logging import configure_logging
+    from tests.phi import Collector
+
+    configure_logging("console", "INFO")  # structlog through stdlib, as in production
+    global _COLLECTOR
+    _COLLECTOR = Collector()
+    root = logging.getLogger()
+    root.addHandler(_COLLECTOR)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests.phi import phi_terms, scan
+
+    if _COLLECTOR is None:
+        return
+    terms = phi_terms(FIXTURES)
+    hits = scan(_COLLECTOR.records, terms)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = (
+        f"PHI log scan: {len(_COLLECTOR.records)} log records checked against "
+        f"{len(terms)} fixture patient names/identifiers/birth dates: {len(hits)} hits"
+    )
+    if reporter is not None:
+        reporter.write_line(line)
+        for name, term, text in hits[:20]:
+            reporter.write_line(f"  PHI in log of {name}: {term!r} in {text!r}")
+    if hits:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
