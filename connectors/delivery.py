@@ -215,6 +215,25 @@ class FhirReportSink:
             and (e.get("search") or {}).get("mode", "match") == "match"
         ]
 
+    def find_one(self, rtype: str, token: str) -> Resource:
+        """The one resource of `rtype` with identifier `system|value` on the destination.
+
+        Raises:
+            UpstreamNotFoundError: none. UpstreamRejectedError: several.
+        """
+        matches = self._search_identifier(rtype, token)
+        if not matches:
+            raise UpstreamNotFoundError(
+                f"no {rtype} with identifier {token} on the destination", system=self._system
+            )
+        if len(matches) > 1:
+            raise UpstreamRejectedError(
+                f"{len(matches)} {rtype} resources with identifier {token} on the destination",
+                system=self._system,
+                status=412,
+            )
+        return matches[0]
+
     def _find_by_identifier(self, rtype: str, ident: str | None) -> Resource:
         """A 200 without a body on conditional create: search for the one match."""
         matches = self._search_identifier(rtype, ident or "")

@@ -39,6 +39,7 @@ from mappers.report_pdf import PdfFonts, PdfReport, render_report_pdf
 
 # Profiles and code systems (STANDARDS.md §2.1, §1.3, MC-35).
 US_CORE_DR_NOTE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-diagnosticreport-note"
+US_CORE_DOCREF = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-documentreference"
 US_CORE_PROVENANCE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-provenance"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
@@ -307,6 +308,7 @@ class ReportContext:
     patient_reference: str | None = None
     patient_identifier: tuple[str, str] | None = None
     patient_name: str = ""
+    service_request_identifier: tuple[str, str] | None = None  # the placer's order number
     report_code: str | None = None
     report_code_display: str | None = None
     references: Mapping[str, str] = field(default_factory=dict)
@@ -378,7 +380,7 @@ def draft_to_report(
             "identifier": [
                 {"use": "official", "system": ctx.identifier_system, "value": ctx.identifier_value}
             ],
-            "basedOn": [{"reference": ctx.service_request_url}],
+            "basedOn": [_based_on(ctx)],
             "status": status,
             "category": [kind.category],
             "code": code,
@@ -396,8 +398,8 @@ def draft_to_report(
             ],
         }
     )
-    provenance = report_provenance(dr, practitioner, org_ref, ctx)
-    return ReportResources(dr, observations, practitioner, provenance, pdf, text)
+    observations, practitioner = split_contained(dr)
+    return ReportResources(dr, observations, practitioner, report_provenance(dr), pdf, text)
 
 
 def reviewer_to_practitioner(reviewer: Reviewer, ctx: ReportContext) -> Resource:
@@ -478,16 +480,38 @@ def finding_to_observation(
     return out
 
 
-def report_provenance(
-    dr: Resource, practitioner: Resource, org_ref: dict[str, Any], ctx: ReportContext
-) -> Resource:
+def split_contained(dr: Resource) -> tuple[list[Resource], Resource]:
+    """The contained findings and reviewer of a delivered DR as standalone resources, with the
+    ids the mapper gives them (uuid5 over the report identifier / the reviewer's identifier)."""
+    ident = dr["identifier"][0]
+    contained = {c["id"]: c for c in dr.get("contained") or []}
+    observations = [
+        {
+            **contained[r["reference"].lstrip("#")],
+            "id": deterministic_id("Observation", ident["system"], ident["value"], str(i)),
+        }
+        for i, r in enumerate(dr.get("result") or [], 1)
+    ]
+    reviewer = contained["reviewer"]
+    first = reviewer["identifier"][0]
+    practitioner = {
+        **reviewer,
+        "id": deterministic_id("Practitioner", first["system"], first["value"]),
+    }
+    return observations, practitioner
+
+
+def report_provenance(dr: Resource) -> Resource:
     """US Core Provenance (PV-01/02): author = reviewer, transmitter = our Organization."""
+    ident = dr["identifier"][0]
+    _observations, practitioner = split_contained(dr)
+    org_ref = dr["performer"][-1]
     out: Resource = {
         "resourceType": "Provenance",
-        "id": deterministic_id("Provenance", ctx.identifier_system, ctx.identifier_value),
+        "id": deterministic_id("Provenance", ident["system"], ident["value"]),
         "meta": {"profile": [US_CORE_PROVENANCE]},
         "target": [{"reference": f"DiagnosticReport/{dr['id']}"}],
-        "recorded": ctx.issued.isoformat(),
+        "recorded": dr["issued"],
         "agent": [
             {
                 "type": codeable_concept(coding(PROVENANCE_PARTICIPANT, "author", "Author")),
@@ -505,13 +529,15 @@ def report_provenance(
     return out
 
 
-def report_transaction(report: ReportResources) -> Resource:
+def report_transaction(dr: Resource) -> Resource:
     """A FHIR transaction (RS-30) with the DiagnosticReport, its Observations, the reviewer and
     a Provenance as separate resources, each a conditional create on its identifier (RS-05)."""
-    dr = {k: v for k, v in report.diagnostic_report.items() if k != "contained"}
+    observations, practitioner = split_contained(dr)
+    provenance = report_provenance(dr)
+    standalone = {k: v for k, v in dr.items() if k != "contained"}
     urls = {
-        "#reviewer": f"urn:uuid:{report.practitioner['id']}",
-        **{f"#finding-{i}": f"urn:uuid:{o['id']}" for i, o in enumerate(report.observations, 1)},
+        "#reviewer": f"urn:uuid:{practitioner['id']}",
+        **{f"#finding-{i}": f"urn:uuid:{o['id']}" for i, o in enumerate(observations, 1)},
     }
     dr_url = f"urn:uuid:{dr['id']}"
 
@@ -532,31 +558,25 @@ def report_transaction(report: ReportResources) -> Resource:
             request["ifNoneExist"] = f"identifier={idents[0]['system']}|{idents[0]['value']}"
         return {"fullUrl": full_url, "resource": resource, "request": request}
 
-    provenance = relink(report.provenance)
     provenance["target"] = [{"reference": dr_url}]
     provenance["agent"][0]["who"] = {"reference": urls["#reviewer"]}
     entries = [
-        entry(relink(dr), dr_url),
-        *[entry(relink(o), urls[f"#finding-{i}"]) for i, o in enumerate(report.observations, 1)],
-        entry(report.practitioner, urls["#reviewer"]),
+        entry(relink(standalone), dr_url),
+        *[entry(relink(o), urls[f"#finding-{i}"]) for i, o in enumerate(observations, 1)],
+        entry(practitioner, urls["#reviewer"]),
         entry(provenance, f"urn:uuid:{provenance['id']}", conditional=False),
     ]
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-def report_document_reference(report: ReportResources) -> Resource:
+def report_document_reference(dr: Resource) -> Resource:
     """US Core DocumentReference carrying the same attachments (RF-23, UC-50..55): the fallback
     for EHRs that refuse DiagnosticReport writes."""
-    dr = report.diagnostic_report
     out: Resource = compact(
         {
             "resourceType": "DocumentReference",
             "id": deterministic_id("DocumentReference", dr["id"]),
-            "meta": {
-                "profile": [
-                    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-documentreference"
-                ]
-            },
+            "meta": {"profile": [US_CORE_DOCREF]},
             "identifier": dr["identifier"],
             "status": "entered-in-error" if dr["status"] == "entered-in-error" else "current",
             "docStatus": {"final": "final", "entered-in-error": "entered-in-error"}.get(
@@ -568,16 +588,10 @@ def report_document_reference(report: ReportResources) -> Resource:
             ],
             "subject": dr["subject"],
             "date": dr["issued"],
-            "author": [
-                {"display": dr["performer"][0]["display"]},
-                dr["performer"][1],
-            ],
+            "author": [{"display": dr["performer"][0]["display"]}, dr["performer"][-1]],
             "description": dr["code"].get("text"),
             "content": [{"attachment": a} for a in dr["presentedForm"]],
-            "context": {
-                "period": {"start": dr["effectiveDateTime"]},
-                "related": dr["basedOn"],
-            },
+            "context": {"period": {"start": dr["effectiveDateTime"]}, "related": dr["basedOn"]},
         }
     )
     return out
@@ -691,6 +705,15 @@ def _check_context(ctx: ReportContext) -> None:
         raise MappingError(
             "the referral ServiceRequest must be an absolute URL", source="report", path="basedOn"
         )
+
+
+def _based_on(ctx: ReportContext) -> dict[str, Any]:
+    """RF-20: the referral ServiceRequest, absolute; with the placer's identifier when known."""
+    out: dict[str, Any] = {"reference": ctx.service_request_url}
+    if ctx.service_request_identifier:
+        system, value = ctx.service_request_identifier
+        out["identifier"] = {"system": system, "value": value}
+    return out
 
 
 def _subject(ctx: ReportContext) -> dict[str, Any]:

@@ -246,7 +246,7 @@ def test_401_after_renewal_is_rejected(ehr, session, report):
 def test_refused_diagnostic_report_falls_back_to_document_reference(ehr, session, report, status):
     """RF-23."""
     ehr.refuse_types["DiagnosticReport"] = status
-    doc = report_document_reference(report)
+    doc = report_document_reference(report.diagnostic_report)
     receipt = sink(ehr, session).deliver(report.diagnostic_report, document_reference=doc)
     assert receipt.fallback_used
     assert receipt.resource_type == "DocumentReference"
@@ -261,7 +261,7 @@ def test_refused_diagnostic_report_falls_back_to_document_reference(ehr, session
 
 
 def test_transaction_delivers_report_findings_and_provenance_once(ehr, session, report):
-    bundle = report_transaction(report)
+    bundle = report_transaction(report.diagnostic_report)
     receipt = sink(ehr, session).deliver(report.diagnostic_report, transaction=bundle)
     assert receipt.created
     assert ehr.count("DiagnosticReport") == 1

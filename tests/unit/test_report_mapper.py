@@ -171,7 +171,7 @@ def test_blank_pdf_would_be_detected(tmp_path: Path, fonts):
 
 def test_transaction_bundle_and_document_reference_validate(fonts):
     out = draft_to_report(parse_draft(draft_data()), context(), status="final", fonts=fonts)
-    bundle = report_transaction(out)
+    bundle = report_transaction(out.diagnostic_report)
     Bundle.model_validate(bundle)
     entries = bundle["entry"]
     assert [e["resource"]["resourceType"] for e in entries] == [
@@ -186,7 +186,7 @@ def test_transaction_bundle_and_document_reference_validate(fonts):
     assert "contained" not in dr
     assert all(r["reference"] in full_urls for r in dr["result"])
     assert entries[-1]["resource"]["target"] == [{"reference": entries[0]["fullUrl"]}]
-    doc = report_document_reference(out)
+    doc = report_document_reference(out.diagnostic_report)
     DocumentReference.model_validate(doc)
     assert doc["context"]["related"] == [{"reference": f"{EHR}/ServiceRequest/sr-1"}]
     assert doc["content"][0]["attachment"]["contentType"] == "application/pdf"
