@@ -460,6 +460,7 @@ class _Work:
     dest_version: str | None
     task_id: str
     started: datetime
+    delivered: DeliveryReceipt | None = None
 
 
 @jobs.job_handler(DELIVER_REPORT)
@@ -475,12 +476,19 @@ def run_delivery(
     work = _load_work(store, delivery_id)
     if work is None:
         return None
-    if partner is None or partner.destination is None:
-        error = UpstreamRejectedError("the partner has no destination endpoint configured")
+    try:
+        if partner is None or partner.destination is None:
+            raise ConfigError("the partner has no destination endpoint configured")
+        dest = partner.destination
+        sink = SINK_FACTORY(dest, settings)
+    except ConfigError as exc:
+        error = UpstreamRejectedError(f"cannot deliver: {exc.message}")
         _record_failure(store, delivery_id, error, dead=True)
-        raise error
-    dest = partner.destination
-    sink = SINK_FACTORY(dest, settings)
+        raise error from exc
+    if work.delivered is not None:
+        # Delivered on an earlier run whose Task update failed: only that is left to do.
+        _complete_task(store, sink, dest, work, work.delivered)
+        return work.delivered
     try:
         receipt = _send(sink, work, use_transaction=dest.use_transaction)
     except UpstreamUnavailableError as exc:
@@ -540,17 +548,28 @@ def _load_work(store: Store, delivery_id: str) -> _Work | None:
         delivery = s.get(Delivery, delivery_id)
         if delivery is None:
             raise NotFoundError(f"delivery {delivery_id} is not known")
-        if delivery.status == DELIVERED:
-            return None
         report = s.get(Report, delivery.report_id)
         case = s.get(Case, delivery.case_id)
         assert report is not None
         assert case is not None
-        if delivery.report_version != report.version:
+        delivered = None
+        if delivery.status == DELIVERED:
+            assert delivery.server_type is not None
+            assert delivery.server_id is not None
+            delivered = DeliveryReceipt(
+                delivery.server_type,
+                delivery.server_id,
+                delivery.server_version,
+                None,
+                delivery.last_status_code or 200,
+                fallback_used=delivery.fallback_used,
+            )
+        elif delivery.report_version != report.version:
             # A newer version was submitted since; it carries the latest content.
             delivery.status, delivery.last_error = SUPERSEDED, "superseded by a newer version"
             return None
-        delivery.attempts += 1
+        else:
+            delivery.attempts += 1
         return _Work(
             delivery_id=delivery.id,
             action=delivery.action,
@@ -560,6 +579,7 @@ def _load_work(store: Store, delivery_id: str) -> _Work | None:
             dest_version=report.dest_version,
             task_id=case.task_id,
             started=delivery.created_at,
+            delivered=delivered,
         )
 
 

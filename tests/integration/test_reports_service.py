@@ -46,6 +46,10 @@ def ehr(httpserver: HTTPServer) -> LoopbackFhirServer:
 
 @pytest.fixture
 def rsettings(tmp_path: Path, ehr: LoopbackFhirServer, store: Store) -> Settings:
+    return make_settings(tmp_path, ehr)
+
+
+def make_settings(tmp_path: Path, ehr: LoopbackFhirServer, extra: str = "") -> Settings:
     report_fonts()  # skip early when the fonts are missing
     partners = tmp_path / "partners.toml"
     partners.write_text(
@@ -62,6 +66,7 @@ identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhe
 [partners.destination]
 base_url = "{ehr.base_url}"
 timeout_s = 5
+{extra}
 """,
         encoding="utf-8",
     )
@@ -77,7 +82,9 @@ timeout_s = 5
 @pytest.fixture
 def case_id(store: Store) -> str:
     # The assignments table arrives with the lead's schema update; create it if missing here.
-    Base.metadata.create_all(store.engine, tables=[Assignment.__table__], checkfirst=True)
+    Base.metadata.create_all(
+        store.engine, tables=[Base.metadata.tables["assignments"]], checkfirst=True
+    )
     with store.session() as s:
         patient = hosted.create(
             s,
@@ -377,3 +384,34 @@ def test_bad_drafts_and_access(store, rsettings, case_id):
         reports.save_draft(s, case_id, draft_data(), stranger, rsettings)
     with store.session() as s, pytest.raises(NotFoundError):
         reports.submit(s, case_id, REVIEWER, rsettings)
+
+
+def test_task_on_the_destination_is_completed_even_after_a_failed_first_try(
+    store, tmp_path, case_id, ehr
+):
+    """RF-21 with the Task held by the EHR; its update hits a 503 once, the job finishes it."""
+    settings = make_settings(tmp_path, ehr, "task_on_destination = true\nuse_transaction = true")
+    ehr.put_resource(
+        {
+            "resourceType": "Task",
+            "id": "ehr-task",
+            "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": "TASK-77"}],
+            "status": "in-progress",
+            "intent": "order",
+        }
+    )
+    ehr.faults.append(Fault(503, methods=("PUT",)))
+    save(store, settings, case_id)
+    delivery_id = submit(store, settings, case_id)
+    run_jobs(store, settings, max_runs=1)
+    assert ehr.count("DiagnosticReport") == 1
+    assert ehr.count("Observation") == 5  # use_transaction: separate resources
+    assert ehr.get("Task", "ehr-task")["status"] == "in-progress"
+    assert deliveries(store, case_id)[0]["status"] == "delivered"
+    time_passes(store, delivery_id)
+    run_jobs(store, settings)
+    task = ehr.get("Task", "ehr-task")
+    assert task["status"] == "completed"
+    server_id = deliveries(store, case_id)[0]["server"]["id"]
+    assert task["output"][0]["valueReference"] == {"reference": f"DiagnosticReport/{server_id}"}
+    assert ehr.count("DiagnosticReport") == 1
