@@ -158,14 +158,7 @@ class FhirReportSink:
             # RS-08: an empty 201 (return=minimal servers): read what Location names.
             body = self._read_url(self._absolute(location))
         receipt = _receipt(rtype, resp, body, location)
-        log.info(
-            "delivery.create.done",
-            system=self._system,
-            resource_type=rtype,
-            status=resp.status_code,
-            server_id=receipt.server_id,
-            version=receipt.version,
-        )
+        self._log_written("delivery.create.done", receipt)
         return _replace(receipt, created=resp.status_code == 201)
 
     def _post_transaction(self, bundle: Resource) -> DeliveryReceipt:
@@ -280,15 +273,7 @@ class FhirReportSink:
                 if not _is_resource(resp_body, rtype):
                     resp_body = self._read_url(url)
                 receipt = _receipt(rtype, resp, resp_body, resp.headers.get("Location") or url)
-                log.info(
-                    "delivery.update.done",
-                    system=self._system,
-                    resource_type=rtype,
-                    status=resp.status_code,
-                    server_id=receipt.server_id,
-                    version=receipt.version,
-                    attempt=attempt,
-                )
+                self._log_written("delivery.update.done", receipt, attempt=attempt)
                 return receipt
             if resp.status_code in (409, 412):
                 log.info(
@@ -367,6 +352,17 @@ class FhirReportSink:
         )
 
     # ------------------------------------------------------------------ HTTP
+
+    def _log_written(self, event: str, receipt: DeliveryReceipt, **extra: Any) -> None:
+        log.info(
+            event,
+            system=self._system,
+            resource_type=receipt.resource_type,
+            status=receipt.status_code,
+            server_id=receipt.server_id,
+            version=receipt.version,
+            **extra,
+        )
 
     def _read_url(self, url: str) -> Resource:
         resp = self._request("GET", url)
