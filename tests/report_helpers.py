@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 
+from fhir_gateway import hosted
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.report_fonts import find_report_fonts
+from fhir_gateway.store import Store
+from fhir_gateway.store.models import Assignment, Base, Case, StoredResource
 from mappers.report import ReportContext
 from mappers.report_pdf import PdfFonts
 
@@ -147,3 +150,69 @@ def page1_dark_pixels(pdf: bytes, tmp_path: Path) -> tuple[int, int]:
     raster = out[pos + 1 : pos + 1 + width * height]
     assert len(raster) == width * height
     return sum(1 for b in raster if b < 128), width * height
+
+
+def make_case(store: Store, *, reviewer: str) -> str:
+    """A case with its referral (Patient, ServiceRequest, Task) and two pulled resources."""
+    # The assignments table arrives with the lead's schema update; create it if missing here.
+    Base.metadata.create_all(
+        store.engine, tables=[Base.metadata.tables["assignments"]], checkfirst=True
+    )
+    with store.session() as s:
+        patient = hosted.create(
+            s,
+            {
+                "resourceType": "Patient",
+                "identifier": [{"system": "urn:oid:1.2.3.4", "value": "MRN-1"}],
+                "name": [{"text": UNICODE_NAMES[0]}],
+                "gender": "male",
+            },
+            partner_id="st-elsewhere",
+        )
+        sr = hosted.create(
+            s,
+            {
+                "resourceType": "ServiceRequest",
+                "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": "REF-77"}],
+                "status": "active",
+                "intent": "order",
+                "code": {"text": "Second opinion"},
+                "subject": {"reference": f"Patient/{patient.id}"},
+            },
+            partner_id="st-elsewhere",
+        )
+        task = hosted.create(
+            s,
+            {
+                "resourceType": "Task",
+                "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": "TASK-77"}],
+                "status": "received",
+                "intent": "order",
+                "focus": {"reference": f"ServiceRequest/{sr.id}"},
+            },
+            partner_id="st-elsewhere",
+        )
+        case = Case(
+            id="0b7f3c52-6d0e-4c61-9a53-3f3d1f0f7a11",
+            partner_id="st-elsewhere",
+            status="received",
+            task_id=task.id,
+            service_request_id=sr.id,
+            patient_ref=f"Patient/{patient.id}",
+        )
+        s.add(case)
+        s.flush()
+        for row in (patient, sr, task):
+            row.case_id = case.id
+        for rtype, rid in (("Condition", "primary-1"), ("DiagnosticReport", "path-1")):
+            s.add(
+                StoredResource(
+                    case_id=case.id,
+                    source=EHR,
+                    resource_type=rtype,
+                    source_id=rid,
+                    body={"resourceType": rtype, "id": rid},
+                )
+            )
+        s.add(Assignment(case_id=case.id, reviewer=reviewer, assigned_by="admin-1"))
+    return case.id

@@ -16,23 +16,20 @@ import pytest
 from pytest_httpserver import HTTPServer
 from sqlalchemy import select
 
-from fhir_gateway import hosted, jobs, reports
+from fhir_gateway import jobs, reports
 from fhir_gateway.cases import Principal
 from fhir_gateway.errors import ForbiddenError, NotFoundError, ValidationError
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
-    Assignment,
-    Base,
     Case,
     Delivery,
     FhirResource,
     Job,
-    StoredResource,
     utcnow,
 )
 from tests.fhir_loopback import Fault, LoopbackFhirServer, outcome
-from tests.report_helpers import UNICODE_NAMES, draft_data, report_fonts
+from tests.report_helpers import draft_data, make_case, report_fonts
 
 ADMIN = Principal(sub="admin-1", role="admin")
 REVIEWER = Principal(sub="dr-zolc", role="reviewer")
@@ -81,68 +78,7 @@ timeout_s = 5
 
 @pytest.fixture
 def case_id(store: Store) -> str:
-    # The assignments table arrives with the lead's schema update; create it if missing here.
-    Base.metadata.create_all(
-        store.engine, tables=[Base.metadata.tables["assignments"]], checkfirst=True
-    )
-    with store.session() as s:
-        patient = hosted.create(
-            s,
-            {
-                "resourceType": "Patient",
-                "identifier": [{"system": "urn:oid:1.2.3.4", "value": "MRN-1"}],
-                "name": [{"text": UNICODE_NAMES[0]}],
-                "gender": "male",
-            },
-            partner_id="st-elsewhere",
-        )
-        sr = hosted.create(
-            s,
-            {
-                "resourceType": "ServiceRequest",
-                "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": "REF-77"}],
-                "status": "active",
-                "intent": "order",
-                "code": {"text": "Second opinion"},
-                "subject": {"reference": f"Patient/{patient.id}"},
-            },
-            partner_id="st-elsewhere",
-        )
-        task = hosted.create(
-            s,
-            {
-                "resourceType": "Task",
-                "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": "TASK-77"}],
-                "status": "received",
-                "intent": "order",
-                "focus": {"reference": f"ServiceRequest/{sr.id}"},
-            },
-            partner_id="st-elsewhere",
-        )
-        case = Case(
-            id="0b7f3c52-6d0e-4c61-9a53-3f3d1f0f7a11",
-            partner_id="st-elsewhere",
-            status="received",
-            task_id=task.id,
-            service_request_id=sr.id,
-            patient_ref=f"Patient/{patient.id}",
-        )
-        s.add(case)
-        s.flush()
-        for row in (patient, sr, task):
-            row.case_id = case.id
-        for rtype, rid in (("Condition", "primary-1"), ("DiagnosticReport", "path-1")):
-            s.add(
-                StoredResource(
-                    case_id=case.id,
-                    source=SOURCE,
-                    resource_type=rtype,
-                    source_id=rid,
-                    body={"resourceType": rtype, "id": rid},
-                )
-            )
-        s.add(Assignment(case_id=case.id, reviewer=REVIEWER.sub, assigned_by=ADMIN.sub))
-    return case.id
+    return make_case(store, reviewer=REVIEWER.sub)
 
 
 def run_jobs(store: Store, settings: Settings, *, max_runs: int = 10) -> int:
