@@ -105,12 +105,14 @@ class FhirReportSink:
         *,
         document_reference: Resource | None = None,
         transaction: Resource | None = None,
+        provenance: Resource | None = None,
     ) -> DeliveryReceipt:
         """Create the report once (RF-24): POST with If-None-Exist and return=representation.
 
         With `transaction` (a Bundle from `mappers.report.report_transaction`), POST that to the
-        base instead. With `document_reference`, fall back to it when the EHR answers 403/405 to
-        the DiagnosticReport write (RF-23).
+        base instead. With `provenance`, also create it (once, `If-None-Exist: target=...`)
+        pointing at the delivered resource. With `document_reference`, fall back to it when
+        the EHR answers 403/405 to the DiagnosticReport write (RF-23).
 
         Raises:
             UpstreamUnavailableError: 429, 5xx, timeout or connection failure (retry later).
@@ -120,18 +122,42 @@ class FhirReportSink:
         if transaction is not None:
             return self._post_transaction(transaction)
         try:
-            return self._create(report)
+            receipt = self._create(report)
         except UpstreamRejectedError as exc:
-            if exc.status in _REFUSED_TYPE and document_reference is not None:
-                log.info(
-                    "delivery.create.fallback",
-                    system=self._system,
-                    status=exc.status,
-                    resource_type="DocumentReference",
-                )
-                receipt = self._create(document_reference)
-                return _replace(receipt, fallback_used=True)
-            raise
+            if exc.status not in _REFUSED_TYPE or document_reference is None:
+                raise
+            log.info(
+                "delivery.create.fallback",
+                system=self._system,
+                status=exc.status,
+                resource_type="DocumentReference",
+            )
+            receipt = _replace(self._create(document_reference), fallback_used=True)
+        if provenance is not None:
+            self._post_provenance(provenance, receipt)
+        return receipt
+
+    def _post_provenance(self, provenance: Resource, receipt: DeliveryReceipt) -> None:
+        """RF-24: a Provenance for the write, once: conditional create on its target.
+
+        The report is delivered by then, so a refusal (4xx) is logged, not fatal; 429/5xx
+        still raise so the job runs again (the report then matches, the Provenance is retried).
+        """
+        target = receipt.reference
+        body = {**provenance, "target": [{"reference": target}]}
+        body.pop("id", None)
+        resp = self._request(
+            "POST",
+            f"{self._base}/Provenance",
+            json_body=body,
+            headers={"If-None-Exist": f"target={target}", "Prefer": "return=minimal"},
+        )
+        if resp.status_code not in (200, 201):
+            log.warning(
+                "delivery.provenance.rejected", system=self._system, status=resp.status_code
+            )
+            return
+        log.info("delivery.provenance.done", system=self._system, status=resp.status_code)
 
     def _create(self, resource: Resource) -> DeliveryReceipt:
         rtype = resource["resourceType"]

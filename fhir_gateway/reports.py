@@ -67,6 +67,7 @@ from mappers.report import (
     draft_to_report,
     parse_draft,
     report_document_reference,
+    report_provenance,
     report_transaction,
 )
 
@@ -520,7 +521,12 @@ def _send(sink: FhirReportSink, work: _Work, *, use_transaction: bool) -> Delive
     dest_type, dest_id, dest_version = work.dest_type, work.dest_id, work.dest_version
     if work.action == "create" or dest_id is None:
         transaction = report_transaction(work.report) if use_transaction else None
-        created = sink.deliver(work.report, document_reference=doc_ref, transaction=transaction)
+        provenance = (
+            None if use_transaction else report_provenance(work.report, author_by_identifier=True)
+        )
+        created = sink.deliver(
+            work.report, document_reference=doc_ref, transaction=transaction, provenance=provenance
+        )
         if work.action == "create" or created.created:
             return created
         # An earlier version is already there (its receipt was never recorded): update it.

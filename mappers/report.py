@@ -501,11 +501,22 @@ def split_contained(dr: Resource) -> tuple[list[Resource], Resource]:
     return observations, practitioner
 
 
-def report_provenance(dr: Resource) -> Resource:
-    """US Core Provenance (PV-01/02): author = reviewer, transmitter = our Organization."""
+def report_provenance(dr: Resource, *, author_by_identifier: bool = False) -> Resource:
+    """US Core Provenance (PV-01/02): author = reviewer, transmitter = our Organization.
+
+    `author_by_identifier`: name the reviewer by NPI/identifier instead of `Practitioner/<id>`
+    (for a Provenance sent on its own, when the Practitioner is only contained in the report).
+    The connector points `target` at the id the destination gave the report.
+    """
     ident = dr["identifier"][0]
     _observations, practitioner = split_contained(dr)
     org_ref = dr["performer"][-1]
+    author: dict[str, Any] = {"reference": f"Practitioner/{practitioner['id']}"}
+    if author_by_identifier:
+        author = {
+            "identifier": practitioner["identifier"][0],
+            "display": practitioner["name"][0]["text"],
+        }
     out: Resource = {
         "resourceType": "Provenance",
         "id": deterministic_id("Provenance", ident["system"], ident["value"]),
@@ -515,7 +526,7 @@ def report_provenance(dr: Resource) -> Resource:
         "agent": [
             {
                 "type": codeable_concept(coding(PROVENANCE_PARTICIPANT, "author", "Author")),
-                "who": {"reference": f"Practitioner/{practitioner['id']}"},
+                "who": author,
                 "onBehalfOf": org_ref,
             },
             {

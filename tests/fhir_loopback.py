@@ -113,7 +113,12 @@ class LoopbackFhirServer:
             body = _parse(request)
             if isinstance(body, Response):
                 return body
-            status, resource, _loc = self._create(rtype, body, request.headers.get("If-None-Exist"))
+            try:
+                status, resource, _loc = self._create(
+                    rtype, body, request.headers.get("If-None-Exist")
+                )
+            except ValueError as exc:
+                return _resp(400, outcome(str(exc), "invalid"))
             if status == 412:
                 return _resp(412, outcome("several resources match If-None-Exist", "duplicate"))
             return self._written(status, resource, request.headers.get("Prefer", ""))
@@ -154,8 +159,13 @@ class LoopbackFhirServer:
         if body.get("resourceType") != rtype:
             raise ValueError("resourceType mismatch")
         if if_none_exist:
-            token = if_none_exist.split("=", 1)[1] if "=" in if_none_exist else ""
-            matches = self._matches(rtype, token)
+            param, _, token = if_none_exist.partition("=")
+            if param == "target":
+                matches = self._targets(rtype, token)
+            elif param == "identifier":
+                matches = self._matches(rtype, token)
+            else:
+                raise ValueError(f"unsupported search parameter {param}")
             if len(matches) == 1:
                 return 200, matches[0], ""
             if len(matches) > 1:
@@ -174,6 +184,13 @@ class LoopbackFhirServer:
                     out.append(res)
                     break
         return out
+
+    def _targets(self, rtype: str, reference: str) -> list[dict[str, Any]]:
+        return [
+            res
+            for (t, _id), (_vid, res) in self.resources.items()
+            if t == rtype and {"reference": reference} in (res.get("target") or [])
+        ]
 
     def _store(self, rtype: str, id_: str, body: dict[str, Any]) -> dict[str, Any]:
         vid = self.resources.get((rtype, id_), (0, {}))[0] + 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+from fhir.resources.R4B.provenance import Provenance
 from pytest_httpserver import HTTPServer
 
 from connectors.delivery import (
@@ -31,6 +32,7 @@ from mappers.report import (
     draft_to_report,
     parse_draft,
     report_document_reference,
+    report_provenance,
     report_transaction,
 )
 from tests.fhir_loopback import Fault, LoopbackFhirServer, outcome
@@ -359,3 +361,26 @@ def test_complete_task_on_the_ehr_is_idempotent(ehr, session, report):
     again = client.complete_task(f"{ehr.base_url}/Task/t1", receipt.reference)
     assert again.version == "2"
     assert [r[0] for r in ehr.requests].count("PUT") == 1
+
+
+def test_provenance_is_created_once_for_the_delivered_report(ehr, session, report):
+    """RF-24: a Provenance per delivered report, conditional on its target."""
+    prov = report_provenance(report.diagnostic_report, author_by_identifier=True)
+    client = sink(ehr, session)
+    first = client.deliver(report.diagnostic_report, provenance=prov)
+    client.deliver(report.diagnostic_report, provenance=prov)  # a re-run after a crash
+    assert ehr.count("Provenance") == 1
+    stored = next(r for (t, _), (_, r) in ehr.resources.items() if t == "Provenance")
+    Provenance.model_validate(stored)
+    assert stored["target"] == [{"reference": f"DiagnosticReport/{first.server_id}"}]
+    assert stored["agent"][0]["who"]["identifier"]["value"] == "1234567893"
+
+
+def test_refused_provenance_does_not_undo_the_delivery(ehr, session, report):
+    ehr.refuse_types["Provenance"] = 403
+    receipt = sink(ehr, session).deliver(
+        report.diagnostic_report, provenance=report_provenance(report.diagnostic_report)
+    )
+    assert receipt.created
+    assert ehr.count("DiagnosticReport") == 1
+    assert ehr.count("Provenance") == 0

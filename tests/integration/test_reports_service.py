@@ -126,6 +126,7 @@ def test_submit_delivers_once_and_closes_the_referral_task(store, rsettings, cas
         assert s.get(Case, case_id).status == "reported"
     assert run_jobs(store, rsettings) == 1
     assert ehr.count("DiagnosticReport") == 1
+    assert ehr.count("Provenance") == 1  # RF-24
     (view,) = deliveries(store, case_id)
     assert view["id"] == delivery_id
     assert view["status"] == "delivered"
@@ -220,6 +221,7 @@ def test_crash_after_the_ehr_accepted_before_we_recorded(
     assert view["status"] == "delivered"
     assert view["lastStatusCode"] == 200  # the conditional create matched
     assert ehr.count("DiagnosticReport") == 1
+    assert ehr.count("Provenance") == 1
 
 
 def test_ehr_rejection_is_dead_at_once_then_redelivered(store, rsettings, case_id, ehr):
