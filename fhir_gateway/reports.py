@@ -144,7 +144,7 @@ def submit(
     """
     cases.require_role(who, "reviewer", "admin")
     case = cases.get_case(session, case_id, who)
-    report = _report_of(session, case.id)
+    report = _report_of(session, case.id, lock=True)
     if report.status == "retracted":
         raise ConflictError("the report on this case was retracted")
     if not report.draft_changed and report.version > 0:
@@ -172,7 +172,7 @@ def retract(
     """
     cases.require_role(who, "reviewer", "admin")
     case = cases.get_case(session, case_id, who)
-    report = _report_of(session, case.id)
+    report = _report_of(session, case.id, lock=True)
     if report.status == "retracted":
         existing = _delivery(session, report.id, report.version)
         if existing is not None:
@@ -706,8 +706,13 @@ def _close_hosted_task(session: Session, row: FhirResource, report_url: str) -> 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _report_of(session: Session, case_id: str) -> Report:
-    report = session.scalar(select(Report).where(Report.case_id == case_id))
+def _report_of(session: Session, case_id: str, *, lock: bool = False) -> Report:
+    """The case's report; `lock` takes its row lock (PostgreSQL) so two concurrent submits of
+    one report serialise instead of racing for the same version number."""
+    stmt = select(Report).where(Report.case_id == case_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    report = session.scalar(stmt)
     if report is None:
         raise NotFoundError("this case has no report draft yet")
     return report

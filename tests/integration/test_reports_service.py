@@ -353,3 +353,31 @@ def test_task_on_the_destination_is_completed_even_after_a_failed_first_try(
     server_id = deliveries(store, case_id)[0]["server"]["id"]
     assert task["output"][0]["valueReference"] == {"reference": f"DiagnosticReport/{server_id}"}
     assert ehr.count("DiagnosticReport") == 1
+
+
+def test_concurrent_submits_make_one_delivery(store, rsettings, case_id, ehr):
+    """(c) with two gateway processes: the report row lock serialises the submits."""
+    import threading
+
+    save(store, rsettings, case_id)
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        barrier.wait()
+        try:
+            results.append(submit(store, rsettings, case_id))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(set(results)) == 1
+    run_jobs(store, rsettings)
+    assert len(deliveries(store, case_id)) == 1
+    assert ehr.count("DiagnosticReport") == 1
