@@ -344,7 +344,7 @@ def draft_to_report(
     kind = KIND_CODES[draft.kind]
     report_id = deterministic_id("DiagnosticReport", ctx.identifier_system, ctx.identifier_value)
     subject = _subject(ctx)
-    practitioner = reviewer_to_practitioner(draft.reviewer, ctx)
+    practitioner = reviewer_to_practitioner(draft.reviewer)
     org_ref = {
         "identifier": {
             "system": ctx.organization_identifier[0],
@@ -402,7 +402,7 @@ def draft_to_report(
     return ReportResources(dr, observations, practitioner, report_provenance(dr), pdf, text)
 
 
-def reviewer_to_practitioner(reviewer: Reviewer, ctx: ReportContext) -> Resource:
+def reviewer_to_practitioner(reviewer: Reviewer) -> Resource:
     first = reviewer.identifier_list[0]
     out: Resource = compact(
         {

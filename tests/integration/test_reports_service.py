@@ -8,6 +8,7 @@ window; amend and retract round trips (RF-20..RF-24).
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,14 @@ from fhir_gateway.store.models import (
     utcnow,
 )
 from tests.fhir_loopback import Fault, LoopbackFhirServer, outcome
-from tests.report_helpers import draft_data, make_case, report_fonts
+from tests.report_helpers import (
+    UNICODE_NAMES,
+    draft_data,
+    make_case,
+    page1_dark_pixels,
+    pdf_text,
+    report_fonts,
+)
 
 ADMIN = Principal(sub="admin-1", role="admin")
 REVIEWER = Principal(sub="dr-zolc", role="reviewer")
@@ -115,7 +123,9 @@ def save(store: Store, settings: Settings, case_id: str, **overrides: Any) -> No
         reports.save_draft(s, case_id, draft_data(**overrides), REVIEWER, settings)
 
 
-def test_submit_delivers_once_and_closes_the_referral_task(store, rsettings, case_id, ehr):
+def test_submit_delivers_once_and_closes_the_referral_task(
+    store, rsettings, case_id, ehr, tmp_path
+):
     save(store, rsettings, case_id)
     delivery_id = submit(store, rsettings, case_id)
     with store.session() as s:
@@ -157,6 +167,11 @@ def test_submit_delivers_once_and_closes_the_referral_task(store, rsettings, cas
     )
     assert case.status == "completed"
     assert report["destination"]["id"] == view["server"]["id"]
+    # The PDF as the EHR holds it opens, page 1 is not blank, and the patient's name is there.
+    pdf = base64.b64decode(dr["presentedForm"][0]["data"])
+    dark, total = page1_dark_pixels(pdf, tmp_path)
+    assert dark > total // 200
+    assert UNICODE_NAMES[0] in pdf_text(pdf, tmp_path)
 
 
 def test_submit_twice_delivers_once(store, rsettings, case_id, ehr):
