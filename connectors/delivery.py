@@ -379,6 +379,11 @@ class FhirReportSink:
 
     # ------------------------------------------------------------------ HTTP
 
+    def read(self, reference: str) -> Resource:
+        """Read a resource on the destination (`Type/id` or absolute URL); meta.versionId is
+        filled from the ETag when the body lacks it."""
+        return self._read_url(self._absolute(reference))
+
     def _log_written(self, event: str, receipt: DeliveryReceipt, **extra: Any) -> None:
         log.info(
             event,
