@@ -316,15 +316,7 @@ class FhirReportSink:
                 body = reapply(body, current) if reapply else body
                 body = {**body, "id": server_id}
                 continue
-            if resp.status_code in (404, 410):
-                raise UpstreamNotFoundError(
-                    f"{rtype}/{server_id} is gone from the destination ({resp.status_code})",
-                    system=self._system,
-                    url=url,
-                    status=resp.status_code,
-                    outcome=_outcome(resp),
-                )
-            raise self._rejected(resp, f"{rtype} update")
+            raise self._rejected(resp, f"{rtype} update")  # 404/410: UpstreamNotFoundError
         raise ConflictError(
             f"{rtype}/{server_id} changed on the destination twice while we updated it"
         )
@@ -397,14 +389,6 @@ class FhirReportSink:
 
     def _read_url(self, url: str) -> Resource:
         resp = self._request("GET", url)
-        if resp.status_code in (404, 410):
-            raise UpstreamNotFoundError(
-                f"{urlsplit(url).path} not found on the destination",
-                system=self._system,
-                url=url,
-                status=resp.status_code,
-                outcome=_outcome(resp),
-            )
         if resp.status_code != 200:
             raise self._rejected(resp, "read")
         body = _json(resp)
