@@ -246,6 +246,17 @@ class JobSettings(BaseModel):
     extra_modules: list[str] = Field(default_factory=list)  # more job handler modules to import
 
 
+class ReportSettings(BaseModel):
+    """Reviewer reports and their delivery (docs/report.md)."""
+
+    identifier_system: str = "urn:fhir-gateway:report"  # DiagnosticReport.identifier.system
+    retry_window_h: float = 72.0  # keep retrying a delivery this long, then dead
+    http_timeout_s: float = 30.0
+    font_regular: Path | None = None  # default: Debian fonts-dejavu-core DejaVuSans.ttf
+    font_bold: Path | None = None
+    font_fallbacks: list[Path] | None = None  # default: fonts-droid-fallback (CJK)
+
+
 class Limits(BaseModel):
     max_json_bytes: int = 20 * 1024 * 1024
     max_json_depth: int = 64
@@ -265,6 +276,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     jobs: JobSettings = JobSettings()
     limits: Limits = Limits()
+    reports: ReportSettings = ReportSettings()
 
     @property
     def db_url(self) -> str:

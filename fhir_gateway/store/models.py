@@ -195,3 +195,58 @@ class AuditRow(Base):
     request_id: Mapped[str | None] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class Report(Base):
+    """The reviewer's report on a case: the draft, and the DiagnosticReport last submitted."""
+
+    __tablename__ = "reports"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # draft | submitted | amended | retracted
+    draft: Mapped[Any] = mapped_column(JsonText)
+    draft_changed: Mapped[bool] = mapped_column(default=True)  # edited since the last submit
+    version: Mapped[int] = mapped_column(Integer, default=0)  # submissions so far
+    fhir_status: Mapped[str | None] = mapped_column(String(20))  # final|amended|corrected|e-i-e
+    diagnostic_report: Mapped[Any] = mapped_column(JsonText, nullable=True)
+    identifier_system: Mapped[str] = mapped_column(String(512))
+    identifier_value: Mapped[str] = mapped_column(String(256))
+    author: Mapped[str] = mapped_column(String(256))  # the reviewer's token subject
+    # Where the report lives on the destination once delivered (for amend/retract).
+    dest_type: Mapped[str | None] = mapped_column(String(64))
+    dest_id: Mapped[str | None] = mapped_column(String(128))
+    dest_version: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Delivery(Base):
+    """One version of a report on its way to the destination EHR, with what the EHR answered."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id"), index=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    report_version: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16))  # create | update | retract
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending|delivered|dead|superseded
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_outcome: Mapped[Any] = mapped_column(JsonText, nullable=True)  # the EHR's OperationOutcome
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    server_type: Mapped[str | None] = mapped_column(String(64))
+    server_id: Mapped[str | None] = mapped_column(String(128))
+    server_version: Mapped[str | None] = mapped_column(String(64))
+    fallback_used: Mapped[bool] = mapped_column(default=False)
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("report_id", "report_version", name="uq_deliveries_report_version"),
+    )

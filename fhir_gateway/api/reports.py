@@ -1,0 +1,59 @@
+"""Reports API: the reviewer's draft, submit (amend), retract, and the deliveries of a case."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from fhir_gateway import reports
+from fhir_gateway.api.deps import STAFF, Body, SettingsDep, StoreDep
+from fhir_gateway.cases import Principal
+
+router = APIRouter(prefix="/cases", tags=["reports"])
+
+
+@router.put("/{case_id}/report")
+def put_report(
+    case_id: str, body: Body, store: StoreDep, settings: SettingsDep, who: Principal = STAFF
+) -> dict[str, Any]:
+    """Save the draft (422 OperationOutcome on bad input)."""
+    with store.session() as s:
+        reports.save_draft(s, case_id, body, who, settings)
+        return reports.report_view(s, case_id, who)
+
+
+@router.get("/{case_id}/report")
+def get_report(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
+    with store.session() as s:
+        return reports.report_view(s, case_id, who)
+
+
+@router.post("/{case_id}/report/$submit", status_code=202)
+def submit_report(
+    case_id: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    correction: bool = False,
+    who: Principal = STAFF,
+) -> dict[str, Any]:
+    """Build the DiagnosticReport and queue its delivery (same transaction); 202 + delivery."""
+    with store.session() as s:
+        delivery = reports.submit(s, case_id, who, settings, correction=correction)
+        return reports.delivery_view(s, delivery)
+
+
+@router.post("/{case_id}/report/$retract", status_code=202)
+def retract_report(
+    case_id: str, store: StoreDep, settings: SettingsDep, who: Principal = STAFF
+) -> dict[str, Any]:
+    """Mark the delivered report entered-in-error (delivered as an update)."""
+    with store.session() as s:
+        delivery = reports.retract(s, case_id, who, settings)
+        return reports.delivery_view(s, delivery)
+
+
+@router.get("/{case_id}/deliveries")
+def get_deliveries(case_id: str, store: StoreDep, who: Principal = STAFF) -> list[dict[str, Any]]:
+    with store.session() as s:
+        return reports.list_deliveries(s, case_id, who)
