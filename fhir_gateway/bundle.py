@@ -55,6 +55,18 @@ _EFFECTIVE_KEYS = (
     "authoredOn",
     "started",
     "recordedDate",
+    "occurrenceDateTime",
+    "period",
+    "billablePeriod",
+    "created",
+    "issued",
+    "date",
+)
+# Types de-duplicated by content (code + time + value + subject); others only by identifier.
+_CONTENT_DEDUP_TYPES = frozenset(
+    {"Observation", "Condition", "Procedure", "DiagnosticReport", "MedicationRequest"}
+    | {"MedicationStatement", "MedicationAdministration", "Immunization", "AllergyIntolerance"}
+    | {"Encounter", "DocumentReference", "ImagingStudy", "Specimen"}
 )
 _VALUE_KEYS = (
     "valueQuantity",
@@ -163,9 +175,9 @@ def assemble_case_bundle(
     redirect: dict[str, str] = dict.fromkeys(patient_refs, f"Patient/{patient_id}")
     kept: dict[str, Resource] = {}
     by_identifier: dict[tuple[str, str, str], str] = {}
-    by_content: dict[tuple[Any, ...], str] = {}
+    by_content: dict[tuple[Any, ...], tuple[str, int]] = {}
     targets_per_source: list[list[str]] = []
-    for batch in sources:
+    for number, batch in enumerate(sources):
         targets: list[str] = []
         for resource in batch.resources:
             ref = _ref(resource)
@@ -178,14 +190,14 @@ def assemble_case_bundle(
                 canonical = redirect.get(ref, ref)
                 targets.append(canonical)
                 continue
-            canonical = _find_duplicate(resource, by_identifier, by_content, redirect)
+            canonical = _find_duplicate(resource, number, by_identifier, by_content, redirect)
             if canonical is not None:
                 redirect[ref] = canonical
                 _merge_into(kept[canonical], resource)
                 targets.append(canonical)
                 continue
             kept[ref] = resource
-            _index(resource, ref, by_identifier, by_content, redirect)
+            _index(resource, ref, number, by_identifier, by_content, redirect)
             targets.append(ref)
         targets_per_source.append(list(dict.fromkeys(targets)))
     merged = len(redirect) - len(patient_refs)
@@ -222,10 +234,10 @@ def _case_patient(
         return {"resourceType": "Patient", "id": patient_id}, refs
     base = json.loads(json.dumps(patients[0][1]))
     base["id"] = patient_id
-    identifiers = list(base.get("identifier") or [])
+    identifiers = _dicts(base.get("identifier"))
     seen = {(i.get("system"), i.get("value")) for i in identifiers}
     for batch, other in patients[1:]:
-        other_ids = {(i.get("system"), i.get("value")) for i in other.get("identifier") or []}
+        other_ids = {(i.get("system"), i.get("value")) for i in _dicts(other.get("identifier"))}
         if not other_ids & seen:
             issues.append(
                 _issue(
@@ -236,7 +248,7 @@ def _case_patient(
                     "Patient.identifier",
                 )
             )
-        for ident in other.get("identifier") or []:
+        for ident in _dicts(other.get("identifier")):
             key = (ident.get("system"), ident.get("value"))
             if key not in seen:
                 seen.add(key)
@@ -261,31 +273,43 @@ def _demographic_conflicts(a: Resource, b: Resource) -> list[str]:
     for element in ("gender", "birthDate"):
         if a.get(element) and b.get(element) and a[element] != b[element]:
             out.append(element)
-    fam_a = {str(n.get("family", "")).casefold() for n in a.get("name") or [] if n.get("family")}
-    fam_b = {str(n.get("family", "")).casefold() for n in b.get("name") or [] if n.get("family")}
+    fam_a = {str(n["family"]).casefold() for n in _dicts(a.get("name")) if n.get("family")}
+    fam_b = {str(n["family"]).casefold() for n in _dicts(b.get("name")) if n.get("family")}
     if fam_a and fam_b and not fam_a & fam_b:
         out.append("name")
     return out
 
 
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, dict)]
+
+
 def _identifier_keys(resource: Resource) -> list[tuple[str, str, str]]:
     return [
         (resource["resourceType"], str(i.get("system") or ""), str(i["value"]))
-        for i in resource.get("identifier") or []
-        if isinstance(i, dict) and i.get("value") and i.get("system")
+        for i in _dicts(resource.get("identifier"))
+        if i.get("value") and i.get("system")
     ]
 
 
 def _content_key(resource: Resource, redirect: dict[str, str]) -> tuple[Any, ...] | None:
-    concept = resource.get("code") or resource.get("medicationCodeableConcept") or {}
-    codes = tuple(
-        sorted((c.get("system", ""), c.get("code", "")) for c in concept.get("coding") or [])
+    if resource["resourceType"] not in _CONTENT_DEDUP_TYPES:
+        return None
+    concept = (
+        resource.get("code")
+        or resource.get("medicationCodeableConcept")
+        or resource.get("vaccineCode")
+        or next(iter(_dicts(resource.get("type"))), None)
     )
+    codings = _dicts(concept.get("coding")) if isinstance(concept, dict) else []
+    codes = tuple(sorted((str(c.get("system", "")), str(c.get("code", ""))) for c in codings))
     when = next((resource[k] for k in _EFFECTIVE_KEYS if k in resource), None)
     if not codes or when is None:
         return None
     value = next((resource[k] for k in _VALUE_KEYS if k in resource), None)
-    subject = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
+    who = resource.get("subject") or resource.get("patient")
+    subject = str(who.get("reference", "")) if isinstance(who, dict) else ""
     subject = redirect.get(subject, subject)
     return (
         resource["resourceType"],
@@ -298,38 +322,42 @@ def _content_key(resource: Resource, redirect: dict[str, str]) -> tuple[Any, ...
 
 def _find_duplicate(
     resource: Resource,
+    number: int,
     by_identifier: dict[tuple[str, str, str], str],
-    by_content: dict[tuple[Any, ...], str],
+    by_content: dict[tuple[Any, ...], tuple[str, int]],
     redirect: dict[str, str],
 ) -> str | None:
     for key in _identifier_keys(resource):
         if key in by_identifier:
             return by_identifier[key]
     content = _content_key(resource, redirect)
-    if content is not None:
-        return by_content.get(content)
+    found = by_content.get(content) if content is not None else None
+    # Within one source, distinct ids mean distinct resources: content matches only across.
+    if found is not None and found[1] != number:
+        return found[0]
     return None
 
 
 def _index(
     resource: Resource,
     ref: str,
+    number: int,
     by_identifier: dict[tuple[str, str, str], str],
-    by_content: dict[tuple[Any, ...], str],
+    by_content: dict[tuple[Any, ...], tuple[str, int]],
     redirect: dict[str, str],
 ) -> None:
     for key in _identifier_keys(resource):
         by_identifier.setdefault(key, ref)
     content = _content_key(resource, redirect)
     if content is not None:
-        by_content.setdefault(content, ref)
+        by_content.setdefault(content, (ref, number))
 
 
 def _merge_into(kept: Resource, duplicate: Resource) -> None:
     """Add what the duplicate knows and the kept resource lacks (identifiers, tags)."""
     if duplicate.get("identifier"):
-        have = {(i.get("system"), i.get("value")) for i in kept.get("identifier") or []}
-        for ident in duplicate["identifier"]:
+        have = {(i.get("system"), i.get("value")) for i in _dicts(kept.get("identifier"))}
+        for ident in _dicts(duplicate["identifier"]):
             if (ident.get("system"), ident.get("value")) not in have:
                 kept.setdefault("identifier", []).append(ident)
     meta = kept.setdefault("meta", {})
@@ -359,7 +387,7 @@ def _rewrite_references(
                 node.setdefault("display", "reference to a resource not received")
                 unresolved += 1
         for key, value in node.items():
-            if key != "contained" and isinstance(value, dict | list):
+            if isinstance(value, dict | list):
                 unresolved += _rewrite_references(value, redirect, known, patient_id)
     elif isinstance(node, list):
         for item in node:

@@ -103,11 +103,6 @@ _STU3_CODES = {
         "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
     ),
 }
-# Elements with max cardinality * that some vendors send as a single object (read tolerantly).
-_LISTS = frozenset(
-    {"identifier", "category", "name", "performer", "extension", "contained", "component"}
-    | {"note", "telecom", "address", "bodySite", "result", "basedOn", "focus", "hasMember"}
-)
 # Elements renamed since DSTU2/STU3 that vendors still send (read tolerantly, reported).
 _LEGACY_RENAMES = {
     ("Condition", "patient"): "subject",
@@ -253,8 +248,10 @@ def check_resource(resource: Resource, path: str) -> None:
             raise ValidationError(
                 f"{rtype}.{key} must be an object", expression=[f"{path}.{key}"]
             )
+        if key in _list_elements(rtype) and not isinstance(value, list | dict):
+            raise ValidationError(f"{rtype}.{key} must be a list", expression=[f"{path}.{key}"])
         allowed = _ENUMS.get((rtype, key))
-        if allowed is not None and value not in allowed:
+        if allowed is not None and (not isinstance(value, str) or value not in allowed):
             raise ValidationError(
                 f"{rtype}.{key} {str(value)[:40]!r} is not a valid code",
                 expression=[f"{path}.{key}"],
@@ -270,6 +267,20 @@ def _elements(rtype: str) -> frozenset[str]:
         return frozenset()  # an R4 type R4B dropped: no element check
     names = {n for name, f in model.model_fields.items() for n in (name, f.alias) if n}
     return frozenset(names | {"resourceType", "fhir_comments"})
+
+
+@functools.cache
+def _list_elements(rtype: str) -> frozenset[str]:
+    """Top-level elements with max cardinality * (read tolerantly when sent as one object)."""
+    try:
+        model = get_fhir_model_class(rtype)
+    except (KeyError, ValueError, ImportError, AttributeError):
+        return frozenset()
+    return frozenset(
+        f.alias or name
+        for name, f in model.model_fields.items()
+        if "List[" in str(f.annotation) or "list[" in str(f.annotation)
+    )
 
 
 # --------------------------------------------------------------------------- mapping
@@ -307,9 +318,10 @@ def resources_to_normalised(
         if item.full_url:
             ctx.ids.setdefault(item.full_url, target)
         ctx.ids.setdefault(f"urn:uuid:{src_id}", target)
-        for ident in item.resource.get("identifier") or []:
+        ctx.ids.setdefault(f"id:{src_id}", target)
+        for ident in _dicts(item.resource.get("identifier")):
             if isinstance(ident, dict) and ident.get("value"):
-                ctx.conditional[(rtype, ident.get("system", ""), str(ident["value"]))] = target
+                ctx.conditional[(rtype, str(ident.get("system", "")), str(ident["value"]))] = target
     out: list[Resource] = []
     dropped_profiles = 0
     for item, target in zip(items, targets, strict=True):
@@ -363,7 +375,7 @@ def _resource_to_normalised(
                 )
                 continue
             choices_seen[choice] = key
-        if key in _LISTS and isinstance(value, dict):
+        if key in _list_elements(rtype) and isinstance(value, dict):
             ctx.issues.append(
                 issue("warning", "structure", f"{rtype}.{key} given as an object, read as a list",
                       f"{path}.{key}")
@@ -406,14 +418,18 @@ def _walk(value: Any, ctx: _Context, path: str) -> Any:
             if key == "reference" and isinstance(item, str):
                 _rewrite_reference(item, value, out, ctx, path)
                 continue
-            if key == "contained":  # contained resources keep their local ids
-                out[key] = value[key]
-                continue
             normalised = _walk(item, ctx, f"{path}.{key}")
             if normalised is not None:
                 out[key] = normalised
+        if "system" in out and not isinstance(out["system"], str):
+            raise ValidationError("system must be a string", expression=[path + ".system"])
+        if "system" in out and "code" in out and not isinstance(out["code"], str):
+            raise ValidationError("code must be a string", expression=[path + ".code"])
         if "coding" in out:
-            _add_canonical_codings(out["coding"], ctx.terms)
+            codings = out["coding"]
+            if not isinstance(codings, list) or not all(isinstance(c, dict) for c in codings):
+                raise ValidationError("coding must be a list of Codings", expression=[path + ".coding"])
+            _add_canonical_codings(codings, ctx.terms)
         elif "value" in out and ("unit" in out or "code" in out):
             _normalise_quantity(out, ctx.terms)
         return out or None
@@ -433,6 +449,14 @@ def _rewrite_reference(
         out["reference"] = ref
         return
     target = ctx.ids.get(ref)
+    if target is None and "/" not in ref and "?" not in ref and ":" not in ref:
+        target = ctx.ids.get(f"id:{ref}")  # a bare id: tolerated when it names one resource here
+    if target is None and ("/" in ref or "?" in ref) and not ref.startswith(("urn:", "http")):
+        rtype = re.split(r"[/?]", ref, maxsplit=1)[0]
+        if rtype not in RESOURCE_TYPES:
+            raise ValidationError(
+                f"reference to unknown resource type {rtype[:40]!r}", expression=[path + ".reference"]
+            )
     if target is None and "?" in ref:
         rtype, _, query = ref.partition("?")
         if query.startswith("identifier="):
@@ -561,6 +585,11 @@ def classify(rtype: str, resource: Resource, terms: Terminology | None = None) -
 # --------------------------------------------------------------------------- profiles
 
 
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, dict)]
+
+
 def _has_coding(concepts: Any, system: str, codes: set[str]) -> bool:
     items = concepts if isinstance(concepts, list) else [concepts]
     return any(s == system and c in codes for item in items for s, c in _codings(item))
@@ -575,7 +604,8 @@ def _value(resource: Resource) -> bool:
 
 
 def _subject(resource: Resource) -> bool:
-    ref = resource.get("subject", {}).get("reference", "")
+    subject = resource.get("subject")
+    ref = subject.get("reference", "") if isinstance(subject, dict) else ""
     return isinstance(ref, str) and ref.startswith("Patient/")
 
 
@@ -587,8 +617,8 @@ def conforming_profiles(rtype: str, r: Resource, classes: list[str]) -> list[str
     """
     out: list[str] = []
     if rtype == "Patient":
-        ids_ok = any(i.get("system") and i.get("value") for i in r.get("identifier") or [])
-        name_ok = any(n.get("family") or n.get("given") for n in r.get("name") or [])
+        ids_ok = any(i.get("system") and i.get("value") for i in _dicts(r.get("identifier")))
+        name_ok = any(n.get("family") or n.get("given") for n in _dicts(r.get("name")))
         if ids_ok and name_ok and r.get("gender"):
             out.append(US_CORE + "us-core-patient")
     elif rtype == "Condition":

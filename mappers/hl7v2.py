@@ -546,7 +546,7 @@ def _finish_order(state: _State) -> None:
                 *order.report.get("presentedForm", []),
                 {
                     "contentType": "text/plain; charset=utf-8",
-                    "data": base64.b64encode("\n".join(order.narrative).encode()).decode("ascii"),
+                    "data": base64.b64encode("\n".join(order.narrative).strip().encode()).decode("ascii"),
                 },
             ]
     state.resources.append(order.report)
