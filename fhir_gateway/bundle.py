@@ -190,11 +190,11 @@ def assemble_case_bundle(
                 canonical = redirect.get(ref, ref)
                 targets.append(canonical)
                 continue
-            canonical = _find_duplicate(resource, number, by_identifier, by_content, redirect)
-            if canonical is not None:
-                redirect[ref] = canonical
-                _merge_into(kept[canonical], resource)
-                targets.append(canonical)
+            found = _find_duplicate(resource, number, by_identifier, by_content, redirect)
+            if found is not None:
+                redirect[ref] = found
+                _merge_into(kept[found], resource)
+                targets.append(found)
                 continue
             kept[ref] = resource
             _index(resource, ref, number, by_identifier, by_content, redirect)
@@ -203,7 +203,9 @@ def assemble_case_bundle(
     merged = len(redirect) - len(patient_refs)
     if merged:
         issues.append(
-            _issue("information", "duplicate", f"{merged} duplicate resources merged across sources")
+            _issue(
+                "information", "duplicate", f"{merged} duplicate resources merged across sources"
+            )
         )
     resources: list[Resource] = [patient, *kept.values()]
     known = {_ref(r) for r in resources}
@@ -386,7 +388,7 @@ def _rewrite_references(
                 del node["reference"]
                 node.setdefault("display", "reference to a resource not received")
                 unresolved += 1
-        for key, value in node.items():
+        for _key, value in node.items():
             if isinstance(value, dict | list):
                 unresolved += _rewrite_references(value, redirect, known, patient_id)
     elif isinstance(node, list):

@@ -8,7 +8,11 @@ from lxml import etree
 
 from fhir_gateway.errors import ParseError
 
-NS = {"cda": "urn:hl7-org:v3", "xsi": "http://www.w3.org/2001/XMLSchema-instance", "sdtc": "urn:hl7-org:sdtc"}
+NS = {
+    "cda": "urn:hl7-org:v3",
+    "xsi": "http://www.w3.org/2001/XMLSchema-instance",
+    "sdtc": "urn:hl7-org:sdtc",
+}
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 Element = etree._Element
 
@@ -22,8 +26,9 @@ _DOCTYPE_RE = re.compile(rb"<!DOCTYPE", re.IGNORECASE)
 def parse_xml(data: bytes, source: str) -> Element:
     """Bytes -> root element; a DOCTYPE (the carrier of entity attacks) is refused outright."""
     if _DOCTYPE_RE.search(data[:4096]) or _DOCTYPE_RE.search(data):
-        raise ParseError("XML with a DOCTYPE/DTD is not accepted (entities are never expanded)",
-                         source=source)
+        raise ParseError(
+            "XML with a DOCTYPE/DTD is not accepted (entities are never expanded)", source=source
+        )
     try:
         root = etree.fromstring(data, parser=_PARSER)
     except etree.XMLSyntaxError as exc:
@@ -51,7 +56,7 @@ def attr(element: Element | None, path: str, name: str) -> str:
 def text(element: Element | None) -> str:
     if element is None:
         return ""
-    return " ".join("".join(element.itertext()).split())
+    return " ".join("".join(str(t) for t in element.itertext()).split())
 
 
 def xpath_of(element: Element) -> str:

@@ -53,16 +53,45 @@ CDA_OID_SYSTEMS = {
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 GENDER = {"M": "male", "F": "female", "UN": "other", "U": "unknown"}
-PROCEDURE_STATUS = {"completed": "completed", "active": "in-progress", "aborted": "stopped",
-                    "cancelled": "not-done", "new": "preparation", "held": "on-hold"}
-RESULT_STATUS = {"completed": "final", "active": "preliminary", "aborted": "cancelled",
-                 "cancelled": "cancelled", "held": "registered", "new": "registered"}
-REPORT_STATUS = {"completed": "final", "active": "partial", "aborted": "cancelled",
-                 "cancelled": "cancelled", "held": "registered", "new": "registered"}
-MED_STATUS = {"completed": "completed", "active": "active", "aborted": "stopped",
-              "cancelled": "not-taken", "suspended": "on-hold", "held": "on-hold", "new": "intended"}
-CONCERN_STATUS = {"active": "active", "suspended": "inactive", "completed": "resolved",
-                  "aborted": "inactive"}
+PROCEDURE_STATUS = {
+    "completed": "completed",
+    "active": "in-progress",
+    "aborted": "stopped",
+    "cancelled": "not-done",
+    "new": "preparation",
+    "held": "on-hold",
+}
+RESULT_STATUS = {
+    "completed": "final",
+    "active": "preliminary",
+    "aborted": "cancelled",
+    "cancelled": "cancelled",
+    "held": "registered",
+    "new": "registered",
+}
+REPORT_STATUS = {
+    "completed": "final",
+    "active": "partial",
+    "aborted": "cancelled",
+    "cancelled": "cancelled",
+    "held": "registered",
+    "new": "registered",
+}
+MED_STATUS = {
+    "completed": "completed",
+    "active": "active",
+    "aborted": "stopped",
+    "cancelled": "not-taken",
+    "suspended": "on-hold",
+    "held": "on-hold",
+    "new": "intended",
+}
+CONCERN_STATUS = {
+    "active": "active",
+    "suspended": "inactive",
+    "completed": "resolved",
+    "aborted": "inactive",
+}
 _TS_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?")
 
 
@@ -135,11 +164,12 @@ def value_to_fhir(value: Element | None) -> dict[str, Any]:
     if kind == "PQ":
         raw = value.get("value")
         try:
-            number: float | int = float(raw or "")
+            measured = float(raw or "")
         except ValueError:
             return {"valueString": f"{raw or ''} {value.get('unit') or ''}".strip()} if raw else {}
-        if number.is_integer() and "." not in (raw or ""):
-            number = int(number)
+        number: float | int = measured
+        if measured.is_integer() and "." not in (raw or ""):
+            number = int(measured)
         unit = value.get("unit") or ""
         quantity: dict[str, Any] = {"value": number}
         if unit and unit != "1":
@@ -163,9 +193,11 @@ def value_to_fhir(value: Element | None) -> dict[str, Any]:
         rng = compact(
             {
                 "low": {"value": float(low.get("value") or 0), "unit": low.get("unit")}
-                if low is not None and low.get("value") else None,
+                if low is not None and low.get("value")
+                else None,
                 "high": {"value": float(high.get("value") or 0), "unit": high.get("unit")}
-                if high is not None and high.get("value") else None,
+                if high is not None and high.get("value")
+                else None,
             }
         )
         return {"valueRange": rng} if rng else {}
@@ -210,40 +242,58 @@ class _Doc:
         return deterministic_id(self.source, rtype, self.doc_key, key)
 
 
-def document_to_resources(doc: Element, source: str, raw: bytes = b"") -> tuple[list[Resource], list[Issue]]:
+def document_to_resources(
+    doc: Element, source: str, raw: bytes = b""
+) -> tuple[list[Resource], list[Issue]]:
     """A parsed ClinicalDocument -> resources + issues."""
     issues: list[Issue] = []
     if not any(t.startswith(CCDA_DOCUMENT_PREFIX) for t in template_ids(doc)):
-        issues.append(issue("warning", "not-supported",
-                            "document declares no C-CDA document template",
-                            "/ClinicalDocument/templateId"))
+        issues.append(
+            issue(
+                "warning",
+                "not-supported",
+                "document declares no C-CDA document template",
+                "/ClinicalDocument/templateId",
+            )
+        )
     patient = record_target_to_patient(doc, source, issues)
     ctx = _Doc(source, id_key(doc) or hashlib.sha256(raw).hexdigest(), reference(patient), issues)
     ctx.resources.append(patient)
     narrative_sections: list[tuple[str, str]] = []
     body = first(doc, "cda:component/cda:structuredBody")
     if body is None:
-        issues.append(issue("information", "not-supported",
-                            "document has no structuredBody; kept as the document only",
-                            "/ClinicalDocument/component"))
+        issues.append(
+            issue(
+                "information",
+                "not-supported",
+                "document has no structuredBody; kept as the document only",
+                "/ClinicalDocument/component",
+            )
+        )
     else:
         for section in body.iterfind("cda:component/cda:section", NS):
             entries = section.findall("cda:entry", NS)
             if not entries:
                 narrative = text(first(section, "cda:text"))
                 if narrative:
-                    narrative_sections.append((text(first(section, "cda:title")) or "section", narrative))
+                    narrative_sections.append(
+                        (text(first(section, "cda:title")) or "section", narrative)
+                    )
                 continue
             before = len(ctx.resources)
             for entry in entries:
                 entry_to_resources(entry, ctx)
             narrative = text(first(section, "cda:text"))
             if len(ctx.resources) == before and narrative:  # nothing structured: keep the text
-                narrative_sections.append((text(first(section, "cda:title")) or "section", narrative))
+                narrative_sections.append(
+                    (text(first(section, "cda:title")) or "section", narrative)
+                )
             for sub in section.iterfind("cda:component/cda:section", NS):
                 narrative = text(first(sub, "cda:text"))
                 if narrative:
-                    narrative_sections.append((text(first(sub, "cda:title")) or "section", narrative))
+                    narrative_sections.append(
+                        (text(first(sub, "cda:title")) or "section", narrative)
+                    )
     ctx.resources.append(document_to_document_reference(doc, ctx, raw, narrative_sections))
     for resource in ctx.resources:
         resource.setdefault("meta", {})["source"] = source_uri(source)
@@ -258,8 +308,14 @@ def record_target_to_patient(doc: Element, source: str, issues: list[Issue]) -> 
     name = first(person, "cda:name") if person is not None else None
     key = id_key(role)
     if not key:
-        issues.append(issue("warning", "required", "patientRole has no id",
-                            "/ClinicalDocument/recordTarget/patientRole/id"))
+        issues.append(
+            issue(
+                "warning",
+                "required",
+                "patientRole has no id",
+                "/ClinicalDocument/recordTarget/patientRole/id",
+            )
+        )
     addr = first(role, "cda:addr")
     patient: Resource = compact(
         {
@@ -269,7 +325,9 @@ def record_target_to_patient(doc: Element, source: str, issues: list[Issue]) -> 
             "name": [
                 {
                     "family": text(first(name, "cda:family")) if name is not None else None,
-                    "given": [text(g) for g in name.findall("cda:given", NS)] if name is not None else None,
+                    "given": [text(g) for g in name.findall("cda:given", NS)]
+                    if name is not None
+                    else None,
                 }
             ],
             "gender": GENDER.get(attr(person, "cda:administrativeGenderCode", "code")),
@@ -301,9 +359,13 @@ def entry_to_resources(entry: Element, ctx: _Doc) -> None:
             handler(act, ctx)
             return
     ctx.issues.append(
-        issue("information", "not-supported",
-              f"entry {act.tag.split('}')[-1]} with template "
-              f"{(template_ids(act) or ['none'])[0]} not mapped", xpath_of(act))
+        issue(
+            "information",
+            "not-supported",
+            f"entry {act.tag.split('}')[-1]} with template "
+            f"{(template_ids(act) or ['none'])[0]} not mapped",
+            xpath_of(act),
+        )
     )
 
 
@@ -316,8 +378,14 @@ def problem_act_to_conditions(act: Element, ctx: _Doc) -> None:
         found = True
         code = cd_to_concept(first(obs, "cda:value"))
         if code is None:
-            ctx.issues.append(issue("warning", "required", "problem observation without a coded value; skipped",
-                                    xpath_of(obs)))
+            ctx.issues.append(
+                issue(
+                    "warning",
+                    "required",
+                    "problem observation without a coded value; skipped",
+                    xpath_of(obs),
+                )
+            )
             continue
         negated = obs.get("negationInd") == "true"
         onset = effective(obs)
@@ -328,17 +396,25 @@ def problem_act_to_conditions(act: Element, ctx: _Doc) -> None:
                     "id": ctx.rid("Condition", obs),
                     "identifier": identifier_of(obs),
                     "clinicalStatus": codeable_concept(
-                        coding("http://terminology.hl7.org/CodeSystem/condition-clinical",
-                               "resolved" if attr(obs, "cda:effectiveTime/cda:high", "value") else concern_status)
+                        coding(
+                            "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "resolved"
+                            if attr(obs, "cda:effectiveTime/cda:high", "value")
+                            else concern_status,
+                        )
                     ),
                     "verificationStatus": codeable_concept(
-                        coding("http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                               "refuted" if negated else "confirmed")
+                        coding(
+                            "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                            "refuted" if negated else "confirmed",
+                        )
                     ),
                     "category": [
                         codeable_concept(
-                            coding("http://terminology.hl7.org/CodeSystem/condition-category",
-                                   "problem-list-item")
+                            coding(
+                                "http://terminology.hl7.org/CodeSystem/condition-category",
+                                "problem-list-item",
+                            )
                         )
                     ],
                     "code": code,
@@ -350,8 +426,14 @@ def problem_act_to_conditions(act: Element, ctx: _Doc) -> None:
             )
         )
     if not found:
-        ctx.issues.append(issue("warning", "incomplete", "problem concern without a problem observation",
-                                xpath_of(act)))
+        ctx.issues.append(
+            issue(
+                "warning",
+                "incomplete",
+                "problem concern without a problem observation",
+                xpath_of(act),
+            )
+        )
 
 
 def allergy_act_to_allergies(act: Element, ctx: _Doc) -> None:
@@ -362,8 +444,14 @@ def allergy_act_to_allergies(act: Element, ctx: _Doc) -> None:
             first(obs, "cda:participant/cda:participantRole/cda:playingEntity/cda:code")
         ) or cd_to_concept(first(obs, "cda:value"))
         if obs.get("negationInd") == "true" or substance is None:
-            ctx.issues.append(issue("information", "not-supported",
-                                    "negated or uncoded allergy observation not mapped", xpath_of(obs)))
+            ctx.issues.append(
+                issue(
+                    "information",
+                    "not-supported",
+                    "negated or uncoded allergy observation not mapped",
+                    xpath_of(obs),
+                )
+            )
             continue
         onset = effective(obs)
         ctx.resources.append(
@@ -373,12 +461,18 @@ def allergy_act_to_allergies(act: Element, ctx: _Doc) -> None:
                     "id": ctx.rid("AllergyIntolerance", obs),
                     "identifier": identifier_of(obs),
                     "clinicalStatus": codeable_concept(
-                        coding("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
-                               "resolved" if attr(obs, "cda:effectiveTime/cda:high", "value") else "active")
+                        coding(
+                            "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                            "resolved"
+                            if attr(obs, "cda:effectiveTime/cda:high", "value")
+                            else "active",
+                        )
                     ),
                     "verificationStatus": codeable_concept(
-                        coding("http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
-                               "confirmed")
+                        coding(
+                            "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+                            "confirmed",
+                        )
                     ),
                     "code": substance,
                     "patient": ctx.patient_ref,
@@ -391,7 +485,9 @@ def allergy_act_to_allergies(act: Element, ctx: _Doc) -> None:
 def result_observation_to_observation(obs: Element, ctx: _Doc, category: str) -> Resource | None:
     code = cd_to_concept(first(obs, "cda:code"))
     if code is None:
-        ctx.issues.append(issue("warning", "required", "observation without a code; skipped", xpath_of(obs)))
+        ctx.issues.append(
+            issue("warning", "required", "observation without a code; skipped", xpath_of(obs))
+        )
         return None
     when = effective(obs)
     value = value_to_fhir(first(obs, "cda:value"))
@@ -407,7 +503,9 @@ def result_observation_to_observation(obs: Element, ctx: _Doc, category: str) ->
             "effectiveDateTime": when.get("dateTime"),
             "effectivePeriod": when.get("period"),
             **value,
-            "interpretation": [c for c in [cd_to_concept(first(obs, "cda:interpretationCode"))] if c],
+            "interpretation": [
+                c for c in [cd_to_concept(first(obs, "cda:interpretationCode"))] if c
+            ],
             "referenceRange": [
                 {"text": text(rr)}
                 for rr in obs.iterfind("cda:referenceRange/cda:observationRange", NS)
@@ -456,7 +554,9 @@ def organizer_to_report(organizer: Element, ctx: _Doc, category: str = "laborato
 def procedure_to_procedure(act: Element, ctx: _Doc) -> None:
     code = cd_to_concept(first(act, "cda:code"))
     if code is None:
-        ctx.issues.append(issue("warning", "required", "procedure without a code; skipped", xpath_of(act)))
+        ctx.issues.append(
+            issue("warning", "required", "procedure without a code; skipped", xpath_of(act))
+        )
         return
     when = effective(act)
     ctx.resources.append(
@@ -481,8 +581,14 @@ def medication_activity_to_statement(act: Element, ctx: _Doc) -> None:
         first(act, "cda:consumable/cda:manufacturedProduct/cda:manufacturedMaterial/cda:code")
     )
     if med is None:
-        ctx.issues.append(issue("warning", "required", "medication activity without a drug code; skipped",
-                                xpath_of(act)))
+        ctx.issues.append(
+            issue(
+                "warning",
+                "required",
+                "medication activity without a drug code; skipped",
+                xpath_of(act),
+            )
+        )
         return
     period: dict[str, Any] = {}
     for et in act.findall("cda:effectiveTime", NS):
@@ -522,11 +628,15 @@ def document_to_document_reference(
                     "contentType": "application/xml",
                     "title": text(first(doc, "cda:title")) or None,
                     "size": len(raw) if raw else None,
-                    "hash": base64.b64encode(hashlib.sha1(raw).digest()).decode("ascii") if raw else None,
+                    "hash": base64.b64encode(hashlib.sha1(raw).digest()).decode("ascii")
+                    if raw
+                    else None,
                 }
             ),
-            "format": {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
-                       "code": "urn:hl7-org:sdwg:ccda-structuredBody:2.1"},
+            "format": {
+                "system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
+                "code": "urn:hl7-org:sdwg:ccda-structuredBody:2.1",
+            },
         }
     ]
     for title, body in narrative:
@@ -547,7 +657,14 @@ def document_to_document_reference(
             "identifier": identifier_of(doc),
             "status": "current",
             "type": cd_to_concept(first(doc, "cda:code")),
-            "category": [codeable_concept(coding("http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category", "clinical-note"))],
+            "category": [
+                codeable_concept(
+                    coding(
+                        "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
+                        "clinical-note",
+                    )
+                )
+            ],
             "subject": ctx.patient_ref,
             "date": date if date and "T" in date else None,
             "description": text(first(doc, "cda:title")) or None,

@@ -57,7 +57,10 @@ def map_document(data: bytes, filename: str, source: str) -> MapResult:
             path=filename or "$",
         ) from exc
     log.info(
-        "mappers.map.ok", kind=result.kind, resources=len(result.resources), issues=len(result.issues)
+        "mappers.map.ok",
+        kind=result.kind,
+        resources=len(result.resources),
+        issues=len(result.issues),
     )
     return result
 

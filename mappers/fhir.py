@@ -36,33 +36,154 @@ US_CORE_CONDITION_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/condition-c
 
 # FHIR R4 resource types (http://hl7.org/fhir/R4/resourcelist.html).
 RESOURCE_TYPES = frozenset(
-    """Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse
-    AuditEvent Basic Binary BiologicallyDerivedProduct BodyStructure Bundle CapabilityStatement
-    CarePlan CareTeam CatalogEntry ChargeItem ChargeItemDefinition Claim ClaimResponse
-    ClinicalImpression CodeSystem Communication CommunicationRequest CompartmentDefinition
-    Composition ConceptMap Condition Consent Contract Coverage CoverageEligibilityRequest
-    CoverageEligibilityResponse DetectedIssue Device DeviceDefinition DeviceMetric DeviceRequest
-    DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference EffectEvidenceSynthesis
-    Encounter Endpoint EnrollmentRequest EnrollmentResponse EpisodeOfCare EventDefinition Evidence
-    EvidenceVariable ExampleScenario ExplanationOfBenefit FamilyMemberHistory Flag Goal
-    GraphDefinition Group GuidanceResponse HealthcareService ImagingStudy Immunization
-    ImmunizationEvaluation ImmunizationRecommendation ImplementationGuide InsurancePlan Invoice
-    Library Linkage List Location Measure MeasureReport Media Medication MedicationAdministration
-    MedicationDispense MedicationKnowledge MedicationRequest MedicationStatement MedicinalProduct
-    MedicinalProductAuthorization MedicinalProductContraindication MedicinalProductIndication
-    MedicinalProductIngredient MedicinalProductInteraction MedicinalProductManufactured
-    MedicinalProductPackaged MedicinalProductPharmaceutical MedicinalProductUndesirableEffect
-    MessageDefinition MessageHeader MolecularSequence NamingSystem NutritionOrder Observation
-    ObservationDefinition OperationDefinition OperationOutcome Organization OrganizationAffiliation
-    Parameters Patient PaymentNotice PaymentReconciliation Person PlanDefinition Practitioner
-    PractitionerRole Procedure Provenance Questionnaire QuestionnaireResponse RelatedPerson
-    RequestGroup ResearchDefinition ResearchElementDefinition ResearchStudy ResearchSubject
-    RiskAssessment RiskEvidenceSynthesis Schedule SearchParameter ServiceRequest Slot Specimen
-    SpecimenDefinition StructureDefinition StructureMap Subscription Substance
-    SubstanceNucleicAcid SubstancePolymer SubstanceProtein SubstanceReferenceInformation
-    SubstanceSourceMaterial SubstanceSpecification SupplyDelivery SupplyRequest Task
-    TerminologyCapabilities TestReport TestScript ValueSet VerificationResult
-    VisionPrescription""".split()
+    [
+        "Account",
+        "ActivityDefinition",
+        "AdverseEvent",
+        "AllergyIntolerance",
+        "Appointment",
+        "AppointmentResponse",
+        "AuditEvent",
+        "Basic",
+        "Binary",
+        "BiologicallyDerivedProduct",
+        "BodyStructure",
+        "Bundle",
+        "CapabilityStatement",
+        "CarePlan",
+        "CareTeam",
+        "CatalogEntry",
+        "ChargeItem",
+        "ChargeItemDefinition",
+        "Claim",
+        "ClaimResponse",
+        "ClinicalImpression",
+        "CodeSystem",
+        "Communication",
+        "CommunicationRequest",
+        "CompartmentDefinition",
+        "Composition",
+        "ConceptMap",
+        "Condition",
+        "Consent",
+        "Contract",
+        "Coverage",
+        "CoverageEligibilityRequest",
+        "CoverageEligibilityResponse",
+        "DetectedIssue",
+        "Device",
+        "DeviceDefinition",
+        "DeviceMetric",
+        "DeviceRequest",
+        "DeviceUseStatement",
+        "DiagnosticReport",
+        "DocumentManifest",
+        "DocumentReference",
+        "EffectEvidenceSynthesis",
+        "Encounter",
+        "Endpoint",
+        "EnrollmentRequest",
+        "EnrollmentResponse",
+        "EpisodeOfCare",
+        "EventDefinition",
+        "Evidence",
+        "EvidenceVariable",
+        "ExampleScenario",
+        "ExplanationOfBenefit",
+        "FamilyMemberHistory",
+        "Flag",
+        "Goal",
+        "GraphDefinition",
+        "Group",
+        "GuidanceResponse",
+        "HealthcareService",
+        "ImagingStudy",
+        "Immunization",
+        "ImmunizationEvaluation",
+        "ImmunizationRecommendation",
+        "ImplementationGuide",
+        "InsurancePlan",
+        "Invoice",
+        "Library",
+        "Linkage",
+        "List",
+        "Location",
+        "Measure",
+        "MeasureReport",
+        "Media",
+        "Medication",
+        "MedicationAdministration",
+        "MedicationDispense",
+        "MedicationKnowledge",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicinalProduct",
+        "MedicinalProductAuthorization",
+        "MedicinalProductContraindication",
+        "MedicinalProductIndication",
+        "MedicinalProductIngredient",
+        "MedicinalProductInteraction",
+        "MedicinalProductManufactured",
+        "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical",
+        "MedicinalProductUndesirableEffect",
+        "MessageDefinition",
+        "MessageHeader",
+        "MolecularSequence",
+        "NamingSystem",
+        "NutritionOrder",
+        "Observation",
+        "ObservationDefinition",
+        "OperationDefinition",
+        "OperationOutcome",
+        "Organization",
+        "OrganizationAffiliation",
+        "Parameters",
+        "Patient",
+        "PaymentNotice",
+        "PaymentReconciliation",
+        "Person",
+        "PlanDefinition",
+        "Practitioner",
+        "PractitionerRole",
+        "Procedure",
+        "Provenance",
+        "Questionnaire",
+        "QuestionnaireResponse",
+        "RelatedPerson",
+        "RequestGroup",
+        "ResearchDefinition",
+        "ResearchElementDefinition",
+        "ResearchStudy",
+        "ResearchSubject",
+        "RiskAssessment",
+        "RiskEvidenceSynthesis",
+        "Schedule",
+        "SearchParameter",
+        "ServiceRequest",
+        "Slot",
+        "Specimen",
+        "SpecimenDefinition",
+        "StructureDefinition",
+        "StructureMap",
+        "Subscription",
+        "Substance",
+        "SubstanceNucleicAcid",
+        "SubstancePolymer",
+        "SubstanceProtein",
+        "SubstanceReferenceInformation",
+        "SubstanceSourceMaterial",
+        "SubstanceSpecification",
+        "SupplyDelivery",
+        "SupplyRequest",
+        "Task",
+        "TerminologyCapabilities",
+        "TestReport",
+        "TestScript",
+        "ValueSet",
+        "VerificationResult",
+        "VisionPrescription",
+    ]
 )
 
 # Required bindings we check on input (FHIR R4 value sets of the same names).
@@ -98,7 +219,10 @@ _OBJECTS = frozenset(
 # FHIR STU3 sent these as codes; R4 made them CodeableConcepts (read tolerantly).
 _STU3_CODES = {
     ("Condition", "clinicalStatus"): "http://terminology.hl7.org/CodeSystem/condition-clinical",
-    ("Condition", "verificationStatus"): "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+    (
+        "Condition",
+        "verificationStatus",
+    ): "http://terminology.hl7.org/CodeSystem/condition-ver-status",
     ("AllergyIntolerance", "clinicalStatus"): (
         "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
     ),
@@ -152,9 +276,7 @@ def parse_json(data: bytes) -> Any:
         raise ParseError("JSON string holds an illegal control character", source="fhir")
     try:
         text = data.decode("utf-8")
-        return json.loads(
-            text, object_pairs_hook=_no_duplicate_keys, parse_float=_checked_float
-        )
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_float=_checked_float)
     except UnicodeDecodeError as exc:
         raise ParseError(f"FHIR JSON is not UTF-8 ({exc.reason})", source="fhir") from exc
     except RecursionError as exc:
@@ -241,13 +363,9 @@ def check_resource(resource: Resource, path: str) -> None:
                 f"{rtype} has no element {key[:40]!r}", expression=[f"{path}.{key[:40]}"]
             )
         if key in _PRIMITIVES and not isinstance(value, str):
-            raise ValidationError(
-                f"{rtype}.{key} must be a string", expression=[f"{path}.{key}"]
-            )
+            raise ValidationError(f"{rtype}.{key} must be a string", expression=[f"{path}.{key}"])
         if key in _OBJECTS and not isinstance(value, dict):
-            raise ValidationError(
-                f"{rtype}.{key} must be an object", expression=[f"{path}.{key}"]
-            )
+            raise ValidationError(f"{rtype}.{key} must be an object", expression=[f"{path}.{key}"])
         if key in _list_elements(rtype) and not isinstance(value, list | dict):
             raise ValidationError(f"{rtype}.{key} must be a list", expression=[f"{path}.{key}"])
         allowed = _ENUMS.get((rtype, key))
@@ -308,8 +426,12 @@ def resources_to_normalised(
         key = f"{rtype}/{src_id}"
         if key in ctx.ids:
             ctx.issues.append(
-                issue("warning", "duplicate", f"second {rtype} with the same id; given its own id",
-                      item.path + ".id")
+                issue(
+                    "warning",
+                    "duplicate",
+                    f"second {rtype} with the same id; given its own id",
+                    item.path + ".id",
+                )
             )
             src_id = f"{src_id}|{item.path}"
         target = f"{rtype}/{deterministic_id(source, rtype, src_id)}"
@@ -360,32 +482,51 @@ def _resource_to_normalised(
         renamed = _LEGACY_RENAMES.get((rtype, key))
         if renamed is not None and renamed != key:
             ctx.issues.append(
-                issue("warning", "structure", f"{rtype}.{key} is a pre-R4 element; read as "
-                      f"{rtype}.{renamed}", f"{path}.{key}")
+                issue(
+                    "warning",
+                    "structure",
+                    f"{rtype}.{key} is a pre-R4 element; read as {rtype}.{renamed}",
+                    f"{path}.{key}",
+                )
             )
             if renamed in src:
                 continue
             key = renamed
-        choice = next((c for c in _CHOICES if key.startswith(c) and key[len(c):][:1].isupper()), None)
+        choice = next(
+            (c for c in _CHOICES if key.startswith(c) and key[len(c) :][:1].isupper()), None
+        )
         if choice is not None:
             if choice in choices_seen:
                 ctx.issues.append(
-                    issue("error", "structure", f"{rtype}.{choice}[x] given twice; kept "
-                          f"{choices_seen[choice]}, dropped {key}", f"{path}.{key}")
+                    issue(
+                        "error",
+                        "structure",
+                        f"{rtype}.{choice}[x] given twice; kept "
+                        f"{choices_seen[choice]}, dropped {key}",
+                        f"{path}.{key}",
+                    )
                 )
                 continue
             choices_seen[choice] = key
         if key in _list_elements(rtype) and isinstance(value, dict):
             ctx.issues.append(
-                issue("warning", "structure", f"{rtype}.{key} given as an object, read as a list",
-                      f"{path}.{key}")
+                issue(
+                    "warning",
+                    "structure",
+                    f"{rtype}.{key} given as an object, read as a list",
+                    f"{path}.{key}",
+                )
             )
             value = [value]
         stu3_system = _STU3_CODES.get((rtype, key))
         if stu3_system and isinstance(value, str):
             ctx.issues.append(
-                issue("warning", "structure", f"{rtype}.{key} given as a code (STU3), read as "
-                      "a CodeableConcept", f"{path}.{key}")
+                issue(
+                    "warning",
+                    "structure",
+                    f"{rtype}.{key} given as a code (STU3), read as a CodeableConcept",
+                    f"{path}.{key}",
+                )
             )
             value = {"coding": [{"system": stu3_system, "code": value}]}
         normalised = _walk(value, ctx, f"{path}.{key}")
@@ -394,10 +535,14 @@ def _resource_to_normalised(
     classes = classify(rtype, out, ctx.terms)
     if "cancer-disease-status" in classes:
         _add_disease_status_code(out, ctx.terms)
-    meta_in = src.get("meta") if isinstance(src.get("meta"), dict) else {}
+    meta_in: dict[str, Any] = src["meta"] if isinstance(src.get("meta"), dict) else {}
     profiles = conforming_profiles(rtype, out, classes)
     dropped = len([p for p in meta_in.get("profile") or [] if p not in profiles])
-    tags = [t for t in meta_in.get("tag") or [] if isinstance(t, dict) and t.get("system") != CLASS_SYSTEM]
+    tags = [
+        t
+        for t in meta_in.get("tag") or []
+        if isinstance(t, dict) and t.get("system") != CLASS_SYSTEM
+    ]
     tags += [{"system": CLASS_SYSTEM, "code": cls} for cls in classes]
     meta: dict[str, Any] = {"source": source_uri(ctx.source)}
     if profiles:
@@ -428,7 +573,9 @@ def _walk(value: Any, ctx: _Context, path: str) -> Any:
         if "coding" in out:
             codings = out["coding"]
             if not isinstance(codings, list) or not all(isinstance(c, dict) for c in codings):
-                raise ValidationError("coding must be a list of Codings", expression=[path + ".coding"])
+                raise ValidationError(
+                    "coding must be a list of Codings", expression=[path + ".coding"]
+                )
             _add_canonical_codings(codings, ctx.terms)
         elif "value" in out and ("unit" in out or "code" in out):
             _normalise_quantity(out, ctx.terms)
@@ -455,12 +602,13 @@ def _rewrite_reference(
         rtype = re.split(r"[/?]", ref, maxsplit=1)[0]
         if rtype not in RESOURCE_TYPES:
             raise ValidationError(
-                f"reference to unknown resource type {rtype[:40]!r}", expression=[path + ".reference"]
+                f"reference to unknown resource type {rtype[:40]!r}",
+                expression=[path + ".reference"],
             )
     if target is None and "?" in ref:
         rtype, _, query = ref.partition("?")
         if query.startswith("identifier="):
-            system, _, value = query[len("identifier="):].rpartition("|")
+            system, _, value = query[len("identifier=") :].rpartition("|")
             target = ctx.conditional.get((rtype, system, value))
     if target is None and not ref.startswith("urn:") and "?" not in ref:
         parts = ref.split("/_history/")[0].rstrip("/").split("/")
@@ -474,8 +622,12 @@ def _rewrite_reference(
         out["reference"] = target
         return
     ctx.issues.append(
-        issue("warning", "not-found", "reference does not resolve in its source; kept as display",
-              path + ".reference")
+        issue(
+            "warning",
+            "not-found",
+            "reference does not resolve in its source; kept as display",
+            path + ".reference",
+        )
     )
     if "display" not in source:
         out["display"] = "unresolved reference"
@@ -640,14 +792,14 @@ def conforming_profiles(rtype: str, r: Resource, classes: list[str]) -> list[str
             out.append(US_CORE + "us-core-observation-lab")
             if "tumor-marker" in classes:
                 out.append(MCODE + "mcode-tumor-marker-test")
-        if basic and "cancer-disease-status" in classes and r.get("focus") and _effective(r):
-            if "valueCodeableConcept" in r:
-                out.append(MCODE + "mcode-cancer-disease-status")
+        status_ok = "cancer-disease-status" in classes and "valueCodeableConcept" in r
+        if basic and status_ok and r.get("focus") and _effective(r):
+            out.append(MCODE + "mcode-cancer-disease-status")
     elif rtype == "DiagnosticReport":
         lab = _has_coding(r.get("category") or [], V2_0074, {"LAB"})
-        if lab and r.get("status") and r.get("code") and _subject(r) and _effective(r):
-            if r.get("issued"):
-                out.append(US_CORE + "us-core-diagnosticreport-lab")
+        required = r.get("status") and r.get("code") and r.get("issued")
+        if lab and required and _subject(r) and _effective(r):
+            out.append(US_CORE + "us-core-diagnosticreport-lab")
     elif rtype == "Procedure":
         performed = any(k.startswith("performed") for k in r)
         if r.get("status") and r.get("code") and _subject(r) and performed:

@@ -132,12 +132,13 @@ def parse_message(data: bytes) -> list[Message]:
     if separator.isalnum() or separator.isspace():
         raise ParseError("MSH-1 field separator is not a delimiter", source="hl7v2")
     chunks: list[list[str]] = []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         if line.startswith("MSH"):
             chunks.append([])
         if len(line) < 3 or not line[:3].isalnum() or (len(line) > 3 and line[3] != separator):
             raise ParseError(
-                f"line {len(sum(chunks, [])) + 1} is not an HL7 v2 segment", source="hl7v2"
+                f"line {number} is not an HL7 v2 segment",
+                source="hl7v2",
             )
         chunks[-1].append(line)
     return [_parse_one(chunk) for chunk in chunks]
@@ -147,7 +148,9 @@ def _parse_one(lines: list[str]) -> Message:
     try:
         parsed = hl7.parse("\r".join(lines))
     except Exception as exc:  # the hl7 package raises bare exceptions on malformed MSH
-        raise ParseError(f"HL7 v2 message not parseable: {type(exc).__name__}", source="hl7v2") from exc
+        raise ParseError(
+            f"HL7 v2 message not parseable: {type(exc).__name__}", source="hl7v2"
+        ) from exc
     escape = lines[0][6] if len(lines[0]) > 6 else "\\"
     counts: dict[str, int] = {}
     segments: list[_Segment] = []
@@ -237,15 +240,22 @@ def message_to_resources(message: Message, source: str) -> tuple[list[Resource],
     state = _State(source, message, [])
     if message.version not in SUPPORTED_VERSIONS:
         state.issues.append(
-            issue("warning", "not-supported",
-                  f"HL7 v2 version {message.version or 'missing'} outside 2.3-2.5.1; mapped as 2.5.1",
-                  "MSH[1].12")
+            issue(
+                "warning",
+                "not-supported",
+                f"HL7 v2 version {message.version or 'missing'} outside 2.3-2.5.1; mapped as 2.5.1",
+                "MSH[1].12",
+            )
         )
     if message.message_type != "ORU^R01":
         state.issues.append(
-            issue("warning", "not-supported",
-                  f"message type {message.message_type or 'missing'} is not ORU^R01; only "
-                  "PID/OBR/OBX/SPM/NTE segments are mapped", "MSH[1].9")
+            issue(
+                "warning",
+                "not-supported",
+                f"message type {message.message_type or 'missing'} is not ORU^R01; only "
+                "PID/OBR/OBX/SPM/NTE segments are mapped",
+                "MSH[1].9",
+            )
         )
     for seg in message.segments:
         handler = _HANDLERS.get(seg.name)
@@ -283,7 +293,10 @@ def pid_to_patient(seg: _Segment, state: _State) -> None:
             "id": deterministic_id(state.source, "Patient", key),
             "identifier": identifiers,
             "name": [
-                {"family": seg.text(5, 1), "given": [g for g in (seg.text(5, 2), seg.text(5, 3)) if g]}
+                {
+                    "family": seg.text(5, 1),
+                    "given": [g for g in (seg.text(5, 2), seg.text(5, 3)) if g],
+                }
             ],
             "gender": GENDER.get(seg.get(8)),
             "birthDate": birth[:10] if birth else None,
@@ -313,12 +326,18 @@ def obr_to_diagnostic_report(seg: _Segment, state: _State) -> None:
     status = OBR_STATUS.get(seg.get(25))
     if status is None:
         state.issues.append(
-            issue("warning", "code-invalid", f"OBR-25 {seg.get(25) or 'empty'!r} mapped to unknown",
-                  seg.path + ".25")
+            issue(
+                "warning",
+                "code-invalid",
+                f"OBR-25 {seg.get(25) or 'empty'!r} mapped to unknown",
+                seg.path + ".25",
+            )
         )
     code = cwe_to_concept(seg, 4)
     if code is None:
-        state.issues.append(issue("error", "required", "OBR-4 has no service code", seg.path + ".4"))
+        state.issues.append(
+            issue("error", "required", "OBR-4 has no service code", seg.path + ".4")
+        )
         code = {"text": "unknown"}
     effective = _ts(seg, 7, state)
     issued = _ts(seg, 22, state)
@@ -347,8 +366,12 @@ def _ts(seg: _Segment, f: int, state: _State) -> str | None:
     value, lost = ts_to_datetime(seg.get(f))
     if lost:
         state.issues.append(
-            issue("information", "value",
-                  f"{seg.name}-{f} time without zone kept to date precision", f"{seg.path}.{f}")
+            issue(
+                "information",
+                "value",
+                f"{seg.name}-{f} time without zone kept to date precision",
+                f"{seg.path}.{f}",
+            )
         )
     return value
 
@@ -368,8 +391,9 @@ def obx_to_observation(seg: _Segment, state: _State) -> None:
             state.last = None
             return  # report text only: kept in the DiagnosticReport narrative
     if code is None:
-        state.issues.append(issue("error", "required", "OBX-3 has no observation code; skipped",
-                                  seg.path + ".3"))
+        state.issues.append(
+            issue("error", "required", "OBX-3 has no observation code; skipped", seg.path + ".3")
+        )
         return
     report_key = order.report["id"] if order else state.message.control_id
     obs: Resource = {
@@ -378,9 +402,7 @@ def obx_to_observation(seg: _Segment, state: _State) -> None:
             state.source, "Observation", report_key, seg.get(1) or seg.path, seg.get(3), seg.get(4)
         ),
         "status": OBX_STATUS.get(seg.get(11), "unknown"),
-        "category": [
-            codeable_concept(coding(OBS_CATEGORY, _obs_category(order)))
-        ],
+        "category": [codeable_concept(coding(OBS_CATEGORY, _obs_category(order)))],
         "code": code,
     }
     if state.patient:
@@ -405,7 +427,11 @@ def obx_to_observation(seg: _Segment, state: _State) -> None:
 
 
 def _obs_category(order: _Order | None) -> str:
-    sections = {c["code"] for cat in (order.report.get("category") or []) for c in cat["coding"]} if order else set()
+    sections = (
+        {c["code"] for cat in (order.report.get("category") or []) for c in cat["coding"]}
+        if order
+        else set()
+    )
     if sections & {"RAD", "CT", "NMR", "RUS", "RX", "US", "NMS"}:
         return "imaging"
     return "laboratory"
@@ -415,7 +441,9 @@ def _obx_value(seg: _Segment, value_type: str, obs: Resource, state: _State) -> 
     raw = seg.get(5)
     if seg.repetitions(5) > 1 and value_type not in ("TX", "FT"):
         state.issues.append(
-            issue("warning", "multiple-matches", "OBX-5 repeats; first value mapped", seg.path + ".5")
+            issue(
+                "warning", "multiple-matches", "OBX-5 repeats; first value mapped", seg.path + ".5"
+            )
         )
     if not raw and value_type != "SN":
         obs["dataAbsentReason"] = codeable_concept(coding(DATA_ABSENT, "unknown"))
@@ -425,10 +453,13 @@ def _obx_value(seg: _Segment, value_type: str, obs: Resource, state: _State) -> 
             number = float(raw)
         except ValueError:
             obs["valueString"] = seg.text(5)
-            state.issues.append(issue("warning", "value", "NM value is not a number; kept as text",
-                                      seg.path + ".5"))
+            state.issues.append(
+                issue("warning", "value", "NM value is not a number; kept as text", seg.path + ".5")
+            )
             return
-        quantity: dict[str, Any] = {"value": int(number) if number.is_integer() and "." not in raw else number}
+        quantity: dict[str, Any] = {
+            "value": int(number) if number.is_integer() and "." not in raw else number
+        }
         unit = seg.get(6) or ""
         if unit:
             # OBX-6 is CWE: when its coding system is UCUM the identifier is the UCUM code.
@@ -451,9 +482,9 @@ def _obx_value(seg: _Segment, value_type: str, obs: Resource, state: _State) -> 
         else:
             obs["valueString"] = raw
     elif value_type == "SN":
-        comparator, number = seg.get(5, 1), seg.get(5, 2)
+        comparator, figure = seg.get(5, 1), seg.get(5, 2)
         try:
-            q: dict[str, Any] = {"value": float(number)}
+            q: dict[str, Any] = {"value": float(figure)}
         except ValueError:
             obs["valueString"] = "".join(seg.get(5, c) for c in range(1, 5))
             return
@@ -465,8 +496,12 @@ def _obx_value(seg: _Segment, value_type: str, obs: Resource, state: _State) -> 
     else:
         obs["valueString"] = seg.text(5)
         state.issues.append(
-            issue("information", "not-supported", f"OBX-2 {value_type or 'empty'} kept as text",
-                  seg.path + ".5")
+            issue(
+                "information",
+                "not-supported",
+                f"OBX-2 {value_type or 'empty'} kept as text",
+                seg.path + ".5",
+            )
         )
 
 
@@ -474,23 +509,37 @@ def _ed_to_attachment(seg: _Segment, state: _State) -> None:
     """ED OBX (e.g. an embedded PDF report) -> DiagnosticReport.presentedForm."""
     subtype, encoding, data = seg.get(5, 3), seg.get(5, 4), seg.get(5, 5)
     if not data or state.order is None:
-        state.issues.append(issue("warning", "incomplete", "ED OBX without data or OBR; skipped",
-                                  seg.path + ".5"))
+        state.issues.append(
+            issue("warning", "incomplete", "ED OBX without data or OBR; skipped", seg.path + ".5")
+        )
         return
-    media = {"PDF": "application/pdf", "RTF": "application/rtf", "HTML": "text/html",
-             "XML": "text/xml", "JPEG": "image/jpeg", "PNG": "image/png"}.get(subtype.upper())
+    media = {
+        "PDF": "application/pdf",
+        "RTF": "application/rtf",
+        "HTML": "text/html",
+        "XML": "text/xml",
+        "JPEG": "image/jpeg",
+        "PNG": "image/png",
+    }.get(subtype.upper())
     if encoding.upper() == "BASE64":
         try:
             base64.b64decode(data, validate=True)
         except ValueError:
-            state.issues.append(issue("error", "value", "ED data is not valid Base64", seg.path + ".5"))
+            state.issues.append(
+                issue("error", "value", "ED data is not valid Base64", seg.path + ".5")
+            )
             return
         payload = data
     else:
         payload = base64.b64encode(data.encode("utf-8")).decode("ascii")
     state.order.report.setdefault("presentedForm", []).append(
-        compact({"contentType": media or "application/octet-stream", "data": payload,
-                 "title": seg.text(3, 2) or None})
+        compact(
+            {
+                "contentType": media or "application/octet-stream",
+                "data": payload,
+                "title": seg.text(3, 2) or None,
+            }
+        )
     )
     state.last = None
 
@@ -546,7 +595,9 @@ def _finish_order(state: _State) -> None:
                 *order.report.get("presentedForm", []),
                 {
                     "contentType": "text/plain; charset=utf-8",
-                    "data": base64.b64encode("\n".join(order.narrative).strip().encode()).decode("ascii"),
+                    "data": base64.b64encode("\n".join(order.narrative).strip().encode()).decode(
+                        "ascii"
+                    ),
                 },
             ]
     state.resources.append(order.report)

@@ -73,7 +73,9 @@ def terminology() -> Terminology:
     units = _load("units.json")
     classes = _load("classes.json")
     category_classes = {
-        (system, code): cls for cls, pairs in classes["categories"].items() for system, code in pairs
+        (system, code): cls
+        for cls, pairs in classes["categories"].items()
+        for system, code in pairs
     }
     code_classes: dict[tuple[str, str], str] = {}
     icd10: list[tuple[str, str]] = []

@@ -35,7 +35,9 @@ def case_of(paths: list[Path]) -> CaseBundle:
     batches = []
     for path in paths:
         resources, issues, kind = map_one(path)
-        batches.append(SourceBatch(f"file:{path.name}", resources, issues, kind, path.name, RECEIVED))
+        batches.append(
+            SourceBatch(f"file:{path.name}", resources, issues, kind, path.name, RECEIVED)
+        )
     patient_id = next(
         (r["id"] for b in batches for r in b.resources if r["resourceType"] == "Patient"),
         "no-patient",

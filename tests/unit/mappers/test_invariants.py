@@ -56,7 +56,8 @@ def test_case_bundle_invariants(paths: list[Path]) -> None:
     assert bundle["type"] == "collection"
     resources = [entry["resource"] for entry in bundle["entry"]]
     patients = [r for r in resources if r["resourceType"] == "Patient"]
-    assert len(patients) == 1 and patients[0]["id"] == bundle["id"]
+    assert len(patients) == 1
+    assert patients[0]["id"] == bundle["id"]
 
     refs = [f"{r['resourceType']}/{r['id']}" for r in resources]
     assert len(refs) == len(set(refs)), "duplicate resource ids"

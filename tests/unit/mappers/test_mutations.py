@@ -19,9 +19,7 @@ from mappers import ccda, fhir, hl7v2
 from mappers._common import MapResult
 from tests.unit.mappers._helpers import FIXTURES
 
-SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SAMPLES: dict[str, tuple[bytes, Callable[[bytes, str], MapResult]]] = {
     "fhir": (
         (FIXTURES / "fhir" / "Observation-mCODETNMClinicalStageGroupExample01.json").read_bytes(),
@@ -35,7 +33,9 @@ SAMPLES: dict[str, tuple[bytes, Callable[[bytes, str], MapResult]]] = {
 }
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -55,7 +55,8 @@ def _only_input_errors(mapper: Callable[[bytes, str], MapResult], data: bytes) -
     try:
         mapper(data, "src")
     except InputError as exc:
-        assert exc.message
+        message = exc.message
+        assert message
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))
@@ -102,8 +103,10 @@ def test_json_structure_mutations_raise_only_input_errors(choice: int, value: An
 
 
 @SETTINGS
-@given(segment=st.sampled_from(["OBX", "OBR", "PID", "SPM", "NTE", "ZZZ"]), fields=st.lists(
-    st.text(alphabet="abc123^~&\\|.-+ ", max_size=12), max_size=26))
+@given(
+    segment=st.sampled_from(["OBX", "OBR", "PID", "SPM", "NTE", "ZZZ"]),
+    fields=st.lists(st.text(alphabet="abc123^~&\\|.-+ ", max_size=12), max_size=26),
+)
 def test_random_hl7_segments_raise_only_input_errors(segment: str, fields: list[str]) -> None:
     data, _ = SAMPLES["hl7v2"]
     extra = (segment + "|" + "|".join(fields)).encode()
