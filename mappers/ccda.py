@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from fhir_gateway.resources import (
     deterministic_id,
     reference,
 )
-from mappers._common import Issue, MapResult, issue, source_uri
+from mappers._common import Issue, MapResult, hl7_ts_to_datetime, issue, source_uri
 from mappers._xml import NS, XSI_TYPE, Element, attr, first, parse_xml, template_ids, text, xpath_of
 from mappers.terminology import terminology
 
@@ -92,7 +91,6 @@ CONCERN_STATUS = {
     "completed": "resolved",
     "aborted": "inactive",
 }
-_TS_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?")
 
 
 def parse_document(data: bytes) -> Element:
@@ -107,15 +105,7 @@ def parse_document(data: bytes) -> Element:
 
 def ts(element: Element | None, path: str = ".") -> str | None:
     """CDA TS (value attribute) -> FHIR dateTime; times without a zone keep date precision."""
-    value = attr(element, path, "value")
-    m = _TS_RE.fullmatch(value)
-    if not m:
-        return None
-    year, month, day, hour, minute, second, zone = m.groups()
-    date = "-".join(p for p in (year, month, day) if p)
-    if hour and zone and day:
-        return f"{date}T{hour}:{minute or '00'}:{second or '00'}{zone[:3]}:{zone[3:]}"
-    return date
+    return hl7_ts_to_datetime(attr(element, path, "value"))[0]
 
 
 def effective(element: Element) -> dict[str, Any]:

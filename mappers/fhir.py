@@ -537,20 +537,19 @@ def _resource_to_normalised(
         _add_disease_status_code(out, ctx.terms)
     meta_in: dict[str, Any] = src["meta"] if isinstance(src.get("meta"), dict) else {}
     profiles = conforming_profiles(rtype, out, classes)
-    dropped = len([p for p in meta_in.get("profile") or [] if p not in profiles])
-    tags = [
-        t
-        for t in meta_in.get("tag") or []
-        if isinstance(t, dict) and t.get("system") != CLASS_SYSTEM
-    ]
+    claimed = meta_in.get("profile") if isinstance(meta_in.get("profile"), list) else []
+    dropped = len([p for p in claimed if p not in profiles])
+    tags = [t for t in _dicts(meta_in.get("tag")) if t.get("system") != CLASS_SYSTEM]
     tags += [{"system": CLASS_SYSTEM, "code": cls} for cls in classes]
     meta: dict[str, Any] = {"source": source_uri(ctx.source)}
     if profiles:
         meta["profile"] = profiles
     if tags:
         meta["tag"] = tags
-    for key in ("security", "lastUpdated", "versionId"):
-        if meta_in.get(key):
+    if _dicts(meta_in.get("security")):
+        meta["security"] = _dicts(meta_in["security"])
+    for key in ("lastUpdated", "versionId"):
+        if isinstance(meta_in.get(key), str) and meta_in[key]:
             meta[key] = meta_in[key]
     return {"resourceType": rtype, "id": new_id, "meta": meta, **out}, dropped
 

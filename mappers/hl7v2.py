@@ -28,7 +28,7 @@ from fhir_gateway.resources import (
     deterministic_id,
     reference,
 )
-from mappers._common import Issue, MapResult, issue, source_uri
+from mappers._common import Issue, MapResult, hl7_ts_to_datetime, issue, source_uri
 from mappers.terminology import terminology
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -53,7 +53,6 @@ OBX_STATUS = {
 GENDER = {"M": "male", "F": "female", "O": "other", "A": "other", "U": "unknown", "N": "unknown"}
 # HL7 table 0396 names -> FHIR system (only the ones a result message uses).
 V2_SYSTEMS = {"LN": LOINC, "SCT": SNOMED, "SNM": SNOMED}
-_TS_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?")
 _MAPPED = {"MSH", "PID", "OBR", "OBX", "NTE", "SPM"}
 
 
@@ -167,20 +166,8 @@ def _parse_one(lines: list[str]) -> Message:
 
 
 def ts_to_datetime(value: str) -> tuple[str | None, bool]:
-    """v2 TS/DTM -> FHIR dateTime; (value, precision_lost). Time needs a zone in FHIR."""
-    m = _TS_RE.fullmatch(value.strip())
-    if not m:
-        return None, bool(value)
-    year, month, day, hour, minute, second, zone = m.groups()
-    date = "-".join(p for p in (year, month, day) if p)
-    if not hour:
-        return date, False
-    if not zone:
-        return date if day else None, True
-    return (
-        f"{date}T{hour}:{minute or '00'}:{second or '00'}{zone[:3]}:{zone[3:]}",
-        False,
-    )
+    """v2 TS/DTM -> FHIR dateTime; (value, precision_lost)."""
+    return hl7_ts_to_datetime(value)
 
 
 def cwe_to_concept(seg: _Segment, f: int, rep: int = 1) -> dict[str, Any] | None:

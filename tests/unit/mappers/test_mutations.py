@@ -7,6 +7,7 @@ a mapper bug into a MappingError and hide it).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -14,12 +15,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fhir_gateway.bundle import SourceBatch, assemble_case_bundle
 from fhir_gateway.errors import InputError
 from mappers import ccda, fhir, hl7v2
 from mappers._common import MapResult
 from tests.unit.mappers._helpers import FIXTURES
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# More examples for a deeper run: FHIR_GATEWAY_HYPOTHESIS_EXAMPLES=2000 pytest ...
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FHIR_GATEWAY_HYPOTHESIS_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 SAMPLES: dict[str, tuple[bytes, Callable[[bytes, str], MapResult]]] = {
     "fhir": (
         (FIXTURES / "fhir" / "Observation-mCODETNMClinicalStageGroupExample01.json").read_bytes(),
@@ -53,10 +60,15 @@ def _mutate(data: bytes, position: int, action: int, byte: int) -> bytes:
 
 def _only_input_errors(mapper: Callable[[bytes, str], MapResult], data: bytes) -> None:
     try:
-        mapper(data, "src")
+        result = mapper(data, "src")
     except InputError as exc:
         message = exc.message
         assert message
+        return
+    # What a mapper accepted, the case bundle assembles without error.
+    batch = SourceBatch("src", result.resources, result.issues, result.kind, "doc", "2026-01-01Z")
+    bundle = assemble_case_bundle("p", [batch]).as_dict()
+    assert sum(e["resource"]["resourceType"] == "Patient" for e in bundle["entry"]) == 1
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))
