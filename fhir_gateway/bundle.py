@@ -237,9 +237,9 @@ def _case_patient(
     base = json.loads(json.dumps(patients[0][1]))
     base["id"] = patient_id
     identifiers = _dicts(base.get("identifier"))
-    seen = {(i.get("system"), i.get("value")) for i in identifiers}
+    seen = {_ident_key(i) for i in identifiers}
     for batch, other in patients[1:]:
-        other_ids = {(i.get("system"), i.get("value")) for i in _dicts(other.get("identifier"))}
+        other_ids = {_ident_key(i) for i in _dicts(other.get("identifier"))}
         if not other_ids & seen:
             issues.append(
                 _issue(
@@ -251,7 +251,7 @@ def _case_patient(
                 )
             )
         for ident in _dicts(other.get("identifier")):
-            key = (ident.get("system"), ident.get("value"))
+            key = _ident_key(ident)
             if key not in seen:
                 seen.add(key)
                 identifiers.append(ident)
@@ -285,6 +285,10 @@ def _demographic_conflicts(a: Resource, b: Resource) -> list[str]:
 def _dicts(value: Any) -> list[dict[str, Any]]:
     items = value if isinstance(value, list) else [value]
     return [item for item in items if isinstance(item, dict)]
+
+
+def _ident_key(identifier: dict[str, Any]) -> tuple[str, str]:
+    return str(identifier.get("system", "")), str(identifier.get("value", ""))
 
 
 def _identifier_keys(resource: Resource) -> list[tuple[str, str, str]]:
@@ -358,9 +362,9 @@ def _index(
 def _merge_into(kept: Resource, duplicate: Resource) -> None:
     """Add what the duplicate knows and the kept resource lacks (identifiers, tags)."""
     if duplicate.get("identifier"):
-        have = {(i.get("system"), i.get("value")) for i in _dicts(kept.get("identifier"))}
+        have = {_ident_key(i) for i in _dicts(kept.get("identifier"))}
         for ident in _dicts(duplicate["identifier"]):
-            if (ident.get("system"), ident.get("value")) not in have:
+            if _ident_key(ident) not in have:
                 kept.setdefault("identifier", []).append(ident)
     meta = kept.setdefault("meta", {})
     tags = meta.get("tag") or []

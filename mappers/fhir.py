@@ -537,7 +537,7 @@ def _resource_to_normalised(
         _add_disease_status_code(out, ctx.terms)
     meta_in: dict[str, Any] = src["meta"] if isinstance(src.get("meta"), dict) else {}
     profiles = conforming_profiles(rtype, out, classes)
-    claimed = meta_in.get("profile") if isinstance(meta_in.get("profile"), list) else []
+    claimed: list[Any] = meta_in["profile"] if isinstance(meta_in.get("profile"), list) else []
     dropped = len([p for p in claimed if p not in profiles])
     tags = [t for t in _dicts(meta_in.get("tag")) if t.get("system") != CLASS_SYSTEM]
     tags += [{"system": CLASS_SYSTEM, "code": cls} for cls in classes]
