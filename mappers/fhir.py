@@ -532,6 +532,16 @@ def _resource_to_normalised(
         normalised = _walk(value, ctx, f"{path}.{key}")
         if normalised is not None:
             out[key] = normalised
+    if "text" in out and not out["text"].get("div"):
+        ctx.issues.append(
+            issue(
+                "warning",
+                "structure",
+                f"{rtype}.text has no div; narrative dropped",
+                path + ".text",
+            )
+        )
+        del out["text"]
     classes = classify(rtype, out, ctx.terms)
     if "cancer-disease-status" in classes:
         _add_disease_status_code(out, ctx.terms)

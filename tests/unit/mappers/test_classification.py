@@ -210,3 +210,12 @@ def test_v2_status_maps(table: dict[str, str], code: str, status: str) -> None:
 
 def test_terminology_loaded_once() -> None:
     assert terminology() is terminology()
+
+
+def test_empty_narrative_is_dropped_with_an_issue() -> None:
+    patient = {"resourceType": "Patient", "id": "p", "text": {"status": "generated", "div": ""}}
+    resources, issues = fhir.resources_to_normalised(
+        fhir.parse_fhir(json.dumps(patient).encode()), "s"
+    )
+    assert "text" not in resources[0]
+    assert issues[0]["expression"] == ["Patient.text"]
