@@ -85,6 +85,11 @@ MED_STATUS = {
     "held": "on-hold",
     "new": "intended",
 }
+# substanceAdministration moodCode (HL7 v3 ActMood) -> MedicationRequest.intent; EVN = statement.
+MED_INTENT = {"INT": "plan", "RQO": "order", "PRP": "proposal", "PRMS": "plan"}
+MED_REQUEST_STATUS = {"active": "active", "completed": "completed", "aborted": "stopped",
+                      "cancelled": "cancelled", "suspended": "on-hold", "held": "on-hold",
+                      "new": "draft"}  # fmt: skip
 CONCERN_STATUS = {
     "active": "active",
     "suspended": "inactive",
@@ -586,6 +591,31 @@ def medication_activity_to_statement(act: Element, ctx: _Doc) -> None:
             period = compact({"start": ts(et, "cda:low"), "end": ts(et, "cda:high")})
             break
     dosage = text(first(act, "cda:text"))
+    dosage_list = [{"text": dosage}] if dosage and not dosage.startswith("#") else None
+    intent = MED_INTENT.get(act.get("moodCode") or "EVN")
+    if intent is not None:  # a planned/ordered medication: MedicationRequest
+        ctx.resources.append(
+            compact(
+                {
+                    "resourceType": "MedicationRequest",
+                    "id": ctx.rid("MedicationRequest", act),
+                    "identifier": identifier_of(act),
+                    "status": MED_REQUEST_STATUS.get(
+                        attr(act, "cda:statusCode", "code"), "unknown"
+                    ),
+                    "intent": intent,
+                    "medicationCodeableConcept": med,
+                    "subject": ctx.patient_ref,
+                    "dosageInstruction": [
+                        {
+                            **(dosage_list[0] if dosage_list else {}),
+                            "timing": {"repeat": {"boundsPeriod": period}} if period else None,
+                        }
+                    ],
+                }
+            )
+        )
+        return
     ctx.resources.append(
         compact(
             {
@@ -596,7 +626,7 @@ def medication_activity_to_statement(act: Element, ctx: _Doc) -> None:
                 "medicationCodeableConcept": med,
                 "subject": ctx.patient_ref,
                 "effectivePeriod": period or None,
-                "dosage": [{"text": dosage}] if dosage and not dosage.startswith("#") else None,
+                "dosage": dosage_list,
             }
         )
     )
