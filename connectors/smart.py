@@ -22,7 +22,7 @@ from urllib.parse import urljoin
 import jwt
 import requests
 import structlog
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
@@ -75,7 +75,9 @@ class SmartConfiguration:
             token_endpoint=urljoin(base_url.rstrip("/") + "/", doc["token_endpoint"]),
             grant_types_supported=grants,
             capabilities=frozenset(_strings(doc.get("capabilities"))),
-            signing_algs=tuple(_strings(doc.get("token_endpoint_auth_signing_alg_values_supported"))),
+            signing_algs=tuple(
+                _strings(doc.get("token_endpoint_auth_signing_alg_values_supported"))
+            ),
             auth_methods=tuple(_strings(doc.get("token_endpoint_auth_methods_supported"))),
             scopes_supported=tuple(_strings(doc.get("scopes_supported"))),
         )
@@ -224,15 +226,6 @@ def client_assertion(
         "jti": uuid.uuid4().hex,
     }
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": "JWT"})
-
-
-def _key_fingerprint(key: PrivateKey) -> bytes:
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(der)
-    return digest.finalize()
 
 
 # --- tokens (SM-08..SM-12) -----------------------------------------------------------------

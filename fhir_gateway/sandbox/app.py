@@ -163,9 +163,7 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
                 response = _fhir(operation_outcome(issue), faults.burst_status)
             elif faults.throttle_every and n % faults.throttle_every == 0:
                 issue = {"severity": "error", "code": "throttled", "diagnostics": "slow down"}
-                response = _fhir(
-                    operation_outcome(issue), 429, {"Retry-After": faults.retry_after}
-                )
+                response = _fhir(operation_outcome(issue), 429, {"Retry-After": faults.retry_after})
         if response is None:
             response = await call_next(request)
         state.log.append(
@@ -500,9 +498,7 @@ def _capability_statement(state: SandboxState, origin: str) -> Resource:
     for t in types:
         entry: Resource = {
             "type": t,
-            "interaction": [
-                {"code": c} for c in ("read", "search-type", "create", "update")
-            ],
+            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update")],
             "searchParam": search_params,
         }
         if t == "Patient" and state.config.everything:

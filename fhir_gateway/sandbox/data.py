@@ -143,7 +143,9 @@ class ResourceStore:
                 out.append(resource)
         return out
 
-    def create(self, resource: Resource, if_none_exist: list[tuple[str, str]] | None) -> WriteResult:
+    def create(
+        self, resource: Resource, if_none_exist: list[tuple[str, str]] | None
+    ) -> WriteResult:
         """POST, with conditional create (RS-05: 0 -> 201, 1 -> 200, more -> 412)."""
         with self._lock:
             if if_none_exist is not None:
@@ -222,13 +224,16 @@ def _refers_to_patient(resource: Resource, patient_id: str) -> bool:
         return resource.get("id") == patient_id
     for field_name in REFERENCE_FIELDS:
         ref = (resource.get(field_name) or {}).get("reference")
-        if isinstance(ref, str) and (ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")):
+        wanted = f"Patient/{patient_id}"
+        if isinstance(ref, str) and (ref == wanted or ref.endswith(f"/{wanted}")):
             return True
     return False
 
 
 def _date_matches(instant: str, value: str) -> bool:
-    prefix, when = (value[:2], value[2:]) if value[:2] in ("ge", "gt", "le", "lt", "eq") else ("eq", value)
+    prefix, when = ("eq", value)
+    if value[:2] in ("ge", "gt", "le", "lt", "eq"):
+        prefix, when = value[:2], value[2:]
     try:
         have = _parse_instant(instant)
         want = _parse_instant(when)

@@ -1,0 +1,349 @@
+"""Pull a patient's records from a referring EHR over FHIR, and store them for the case.
+
+Plain functions a job can call: `pull_patient_records` (network: `$everything` when the server
+offers it, else per-type searches in parallel, then attachments) and `save_pull` (database:
+upsert `StoredResource` rows tagged with source and fetch time). Classification (staging, tumour
+markers, ...) is the mappers' job, not the pull's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select
+
+from connectors.fhir_client import FhirEhrClient, SearchResult
+from fhir_gateway.errors import UpstreamError, UpstreamRejectedError
+from fhir_gateway.resources import Resource
+from fhir_gateway.store import Store, models
+
+log = structlog.get_logger(__name__)
+
+# What a second opinion needs (STANDARDS.md §1.2/§1.3), Patient first.
+PULL_TYPES = (
+    "Patient",
+    "Condition",
+    "DiagnosticReport",
+    "Observation",
+    "Specimen",
+    "Procedure",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "ImagingStudy",
+    "DocumentReference",
+)
+PAGE_SIZE = 200
+
+ProgressCallback = Callable[[str, int, int], None]  # (resource type, resources so far, pages)
+
+
+@dataclass(frozen=True)
+class PulledBinary:
+    sha256: str
+    size: int
+    content_type: str
+    resource: str  # "Type/id" of the resource whose attachment it is
+
+
+@dataclass
+class PullResult:
+    source: str
+    resources: list[Resource] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    partial_types: list[str] = field(default_factory=list)
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    binaries: list[PulledBinary] = field(default_factory=list)
+    used_everything: bool = False
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.partial_types)
+
+
+@dataclass(frozen=True)
+class SaveCounts:
+    added: int
+    updated: int
+    unchanged: int
+
+
+def patient_id_of(patient_ref: str) -> str:
+    """`Patient/123`, `https://ehr/fhir/Patient/123` or `123` -> `123`."""
+    return patient_ref.rstrip("/").split("/")[-1]
+
+
+def pull_patient_records(
+    client: FhirEhrClient,
+    patient_ref: str,
+    *,
+    since: str | None = None,
+    max_parallel: int = 4,
+    progress_cb: ProgressCallback | None = None,
+    binary_dir: Path | None = None,
+    types: Iterable[str] = PULL_TYPES,
+) -> PullResult:
+    """Everything the EHR holds for the patient that a second opinion needs.
+
+    `since` (a FHIR instant) restricts each search to `_lastUpdated=ge<since>` for re-pulls.
+
+    Raises:
+        UpstreamUnavailableError: the server kept failing after retries (the job retries later).
+        UpstreamRejectedError: refused, paging loop, bad responses (the job is dead, with reason).
+    """
+    started = time.monotonic()
+    patient_id = patient_id_of(patient_ref)
+    result = PullResult(source=client.base_url)
+    searchable, everything = _server_offers(client.capabilities())
+    wanted = [t for t in dict.fromkeys(types) if not searchable or t in searchable]
+    report = _Progress(progress_cb)
+    if everything and since is None:
+        result.used_everything = True
+        found = client.everything(patient_id)
+        report(found, "$everything")
+        _merge(result, "$everything", found)
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
+            futures = {
+                t: pool.submit(_search_type, client, t, patient_id, since, report) for t in wanted
+            }
+            for resource_type, future in futures.items():
+                try:
+                    found = future.result()
+                except UpstreamRejectedError as exc:
+                    if exc.status != 403:
+                        raise
+                    # SM-14: a type outside our authorisation is withheld, not a failed pull.
+                    result.partial_types.append(resource_type)
+                    result.issues.append(exc.to_issue())
+                    continue
+                _merge(result, resource_type, found)
+    if binary_dir is not None:
+        _pull_attachments(client, result, binary_dir)
+    result.counts = _count_types(result.resources)
+    log.info(
+        "pull.patient.done",
+        types=len(result.counts),
+        resources=len(result.resources),
+        binaries=len(result.binaries),
+        partial=result.partial,
+        everything=result.used_everything,
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    return result
+
+
+def _server_offers(capabilities: Resource) -> tuple[set[str], bool]:
+    """From the CapabilityStatement: types with search-type, and whether $everything is offered."""
+    searchable: set[str] = set()
+    everything = False
+    for rest in capabilities.get("rest") or []:
+        if rest.get("mode", "server") != "server":
+            continue
+        for entry in rest.get("resource") or []:
+            codes = {i.get("code") for i in entry.get("interaction") or []}
+            if "search-type" in codes:
+                searchable.add(str(entry.get("type")))
+            if entry.get("type") == "Patient" and any(
+                op.get("name") in ("everything", "patient-everything")
+                or str(op.get("definition", "")).endswith("Patient-everything")
+                for op in entry.get("operation") or []
+            ):
+                everything = True
+    return searchable, everything
+
+
+def _search_type(
+    client: FhirEhrClient,
+    resource_type: str,
+    patient_id: str,
+    since: str | None,
+    report: _Progress,
+) -> SearchResult:
+    params: dict[str, str] = {"_count": str(PAGE_SIZE)}
+    if resource_type == "Patient":
+        params["_id"] = patient_id
+    else:
+        params["patient"] = f"Patient/{patient_id}"
+    if since is not None:
+        params["_lastUpdated"] = f"ge{since}"
+    started = time.monotonic()
+    result = SearchResult()
+    for page in client.iter_pages(resource_type, params):
+        result.add(page)
+        report(result, resource_type)
+    log.info(
+        "pull.type.done",
+        resource_type=resource_type,
+        count=len(result.resources),
+        pages=result.pages,
+        partial=result.partial,
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    return result
+
+
+class _Progress:
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, result: SearchResult, label: str) -> None:
+        if self._callback is not None:
+            with self._lock:
+                self._callback(label, len(result.resources), result.pages)
+
+
+def _merge(result: PullResult, label: str, found: SearchResult) -> None:
+    seen = {(r["resourceType"], r.get("id")) for r in result.resources}
+    for resource in found.resources:
+        key = (resource["resourceType"], resource.get("id"))
+        if key not in seen:
+            seen.add(key)
+            result.resources.append(resource)
+    result.issues += found.issues
+    if found.partial:
+        result.partial_types.append(label)
+
+
+def _count_types(resources: Iterable[Resource]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in resources:
+        counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
+    return counts
+
+
+# --- attachments --------------------------------------------------------------------------
+
+
+def _attachments(resource: Resource) -> Iterator[dict[str, Any]]:
+    if resource["resourceType"] == "DocumentReference":
+        for content in resource.get("content") or []:
+            if isinstance(content.get("attachment"), dict):
+                yield content["attachment"]
+    elif resource["resourceType"] == "DiagnosticReport":
+        yield from (a for a in resource.get("presentedForm") or [] if isinstance(a, dict))
+    elif resource["resourceType"] == "Media" and isinstance(resource.get("content"), dict):
+        yield resource["content"]
+
+
+def _pull_attachments(client: FhirEhrClient, result: PullResult, binary_dir: Path) -> None:
+    """Inline data decoded, same-server URLs downloaded; both stored by SHA-256."""
+    for resource in result.resources:
+        where = f"{resource['resourceType']}/{resource.get('id')}"
+        for attachment in _attachments(resource):
+            content_type = str(attachment.get("contentType") or "application/octet-stream")
+            try:
+                if attachment.get("data"):
+                    pulled = _store_inline(str(attachment["data"]), content_type, binary_dir)
+                elif attachment.get("url"):
+                    got = client.fetch_binary(str(attachment["url"]), binary_dir, content_type)
+                    pulled = (got.sha256, got.size, got.content_type)
+                else:
+                    continue
+            except UpstreamError as exc:
+                if isinstance(exc, UpstreamRejectedError) and exc.status in (None, 403, 404, 410):
+                    result.issues.append(
+                        {
+                            "severity": "warning",
+                            "code": "incomplete",
+                            "diagnostics": f"attachment of {where} not fetched: {exc.message}",
+                        }
+                    )
+                    continue
+                raise
+            result.binaries.append(PulledBinary(*pulled, resource=where))
+
+
+def _store_inline(data: str, content_type: str, binary_dir: Path) -> tuple[str, int, str]:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise UpstreamRejectedError("attachment data is not base64", system="fhir") from exc
+    sha = hashlib.sha256(raw).hexdigest()
+    binary_dir.mkdir(parents=True, exist_ok=True)
+    final = binary_dir / sha
+    if not final.exists():
+        fd, tmp = tempfile.mkstemp(dir=binary_dir, prefix=".part-")
+        with os.fdopen(fd, "wb") as out:
+            out.write(raw)
+        os.replace(tmp, final)
+    return sha, len(raw), content_type
+
+
+# --- storing ------------------------------------------------------------------------------
+
+
+def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> SaveCounts:
+    """Upsert the pulled resources as `StoredResource` rows (one per source id) and binaries.
+
+    Re-pulls only add or update: nothing stored earlier is removed. Idempotent.
+    """
+    now = datetime.now(UTC)
+    added = updated = unchanged = 0
+    with store.session() as session:
+        existing = {
+            (row.resource_type, row.source_id): row
+            for row in session.scalars(
+                select(models.StoredResource).where(
+                    models.StoredResource.case_id == case_id,
+                    models.StoredResource.source == source,
+                )
+            )
+        }
+        for resource in result.resources:
+            key = (resource["resourceType"], str(resource.get("id")))
+            last_updated = (resource.get("meta") or {}).get("lastUpdated")
+            row = existing.get(key)
+            if row is None:
+                row = models.StoredResource(
+                    case_id=case_id,
+                    source=source,
+                    resource_type=key[0],
+                    source_id=key[1],
+                    fetched_at=now,
+                    last_updated=last_updated,
+                    body=resource,
+                )
+                session.add(row)
+                existing[key] = row
+                added += 1
+            elif row.body != resource:
+                row.body, row.last_updated, row.fetched_at = resource, last_updated, now
+                updated += 1
+            else:
+                row.fetched_at = now
+                unchanged += 1
+        for binary in result.binaries:
+            if session.get(models.Binary, binary.sha256) is None:
+                session.add(
+                    models.Binary(
+                        sha256=binary.sha256, size=binary.size, content_type=binary.content_type
+                    )
+                )
+    log.info("pull.save.done", added=added, updated=updated, unchanged=unchanged)
+    return SaveCounts(added, updated, unchanged)
+
+
+def last_updated_since(store: Store, case_id: str, source: str) -> str | None:
+    """The newest source `meta.lastUpdated` stored for the case: the `since` of a re-pull."""
+    with store.session() as session:
+        value: str | None = session.scalar(
+            select(func.max(models.StoredResource.last_updated)).where(
+                models.StoredResource.case_id == case_id,
+                models.StoredResource.source == source,
+            )
+        )
+    return value
