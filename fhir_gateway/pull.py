@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,23 +112,31 @@ def pull_patient_records(
     if everything and since is None:
         result.used_everything = True
         found = client.everything(patient_id)
+        # Keep what a second opinion needs; the rest of the compartment (claims, ...) is not ours.
+        found.resources = [r for r in found.resources if r.get("resourceType") in wanted]
         report(found, "$everything")
         _merge(result, "$everything", found)
     else:
         with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
+            stop = threading.Event()
             futures = {
-                t: pool.submit(_search_type, client, t, patient_id, since, report) for t in wanted
+                t: pool.submit(_search_type, client, t, patient_id, since, report, stop)
+                for t in wanted
             }
             for resource_type, future in futures.items():
                 try:
                     found = future.result()
                 except UpstreamRejectedError as exc:
                     if exc.status != 403:
+                        _cancel(futures.values())
                         raise
                     # SM-14: a type outside our authorisation is withheld, not a failed pull.
                     result.partial_types.append(resource_type)
                     result.issues.append(exc.to_issue())
                     continue
+                except BaseException:
+                    _cancel(futures.values())
+                    raise
                 _merge(result, resource_type, found)
     if binary_dir is not None:
         _pull_attachments(client, result, binary_dir)
@@ -143,6 +151,12 @@ def pull_patient_records(
         elapsed_ms=round((time.monotonic() - started) * 1000),
     )
     return result
+
+
+def _cancel(futures: Iterable[Future[SearchResult]]) -> None:
+    """One type failed: the pull fails, so do not start the searches still queued."""
+    for future in futures:
+        future.cancel()
 
 
 def _server_offers(capabilities: Resource) -> tuple[set[str], bool]:
@@ -166,6 +180,28 @@ def _server_offers(capabilities: Resource) -> tuple[set[str], bool]:
 
 
 def _search_type(
+    client: FhirEhrClient,
+    resource_type: str,
+    patient_id: str,
+    since: str | None,
+    report: _Progress,
+    stop: threading.Event,
+) -> SearchResult:
+    """All pages of one type; once any type has failed, the searches not yet begun are skipped."""
+    if stop.is_set():
+        return SearchResult()
+    try:
+        return _search_pages(client, resource_type, patient_id, since, report)
+    except UpstreamRejectedError as exc:
+        if exc.status != 403:
+            stop.set()
+        raise
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _search_pages(
     client: FhirEhrClient,
     resource_type: str,
     patient_id: str,

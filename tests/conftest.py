@@ -42,11 +42,15 @@ def sandbox(rsa_key: PrivateKey, ec_key: PrivateKey, synthea_dir: Path) -> Itera
     started: list[SandboxServer] = []
 
     def start(
-        data_dir: Path | None = None, scopes: tuple[str, ...] = ("system/*.cruds",), **kwargs: object
+        data_dir: Path | None = None,
+        scopes: tuple[str, ...] = ("system/*.cruds",),
+        **kwargs: object,
     ) -> SandboxServer:
         client = SandboxClient(CLIENT_ID, jwks([rsa_key, ec_key]), scopes)
         config = SandboxConfig(
-            data_dir=data_dir or synthea_dir, clients={CLIENT_ID: client}, **kwargs  # type: ignore[arg-type]
+            data_dir=data_dir or synthea_dir,
+            clients={CLIENT_ID: client},
+            **kwargs,  # type: ignore[arg-type]
         )
         server = SandboxServer(config).start()
         started.append(server)

@@ -1,4 +1,4 @@
-"""Retry, Retry-After and error translation in connectors/_http.py (STANDARDS RS-09, RS-40, RS-41)."""
+"""Retry, Retry-After and error translation in connectors/_http.py (RS-09, RS-40, RS-41)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_429_with_seconds_then_date_honoured():
     http, sleeps = make_http()
     assert http.request("GET", URL).json() == {"resourceType": "Bundle"}
     assert sleeps == [7.0, 2.0]
-    assert all(c.request.req_kwargs["timeout"] == 3 for c in responses.calls)
+    assert all(c.request.req_kwargs["timeout"] == 3 for c in responses.calls)  # type: ignore[attr-defined]
 
 
 @responses.activate
@@ -67,7 +67,7 @@ def test_5xx_without_retry_after_backs_off_exponentially_then_gives_up():
     for _ in range(4):
         responses.get(URL, status=500, json=outcome("exception", "database down"))
     http, sleeps = make_http(max_attempts=4, backoff_base_s=1.0)
-    with pytest.raises(UpstreamUnavailableError, match="HTTP 500.*database down") as caught:
+    with pytest.raises(UpstreamUnavailableError, match=r"HTTP 500.*database down") as caught:
         http.request("GET", URL)
     assert sleeps == [1.0, 2.0, 4.0]  # rand=1.0: the top of each jitter window
     assert len(responses.calls) == 4

@@ -1,4 +1,4 @@
-"""SMART Backend Services client: discovery, scopes, JWT assertions, token cache (STANDARDS §4.1)."""
+"""SMART Backend Services client: discovery, scopes, JWT assertions, token cache (SM-01..12)."""
 
 from __future__ import annotations
 
