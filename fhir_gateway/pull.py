@@ -26,7 +26,7 @@ import structlog
 from sqlalchemy import func, select
 
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from fhir_gateway.errors import UpstreamError, UpstreamRejectedError
+from fhir_gateway.errors import UpstreamError, UpstreamNotFoundError, UpstreamRejectedError
 from fhir_gateway.resources import Resource
 from fhir_gateway.store import Store, models
 
@@ -106,7 +106,7 @@ def pull_patient_records(
     started = time.monotonic()
     patient_id = patient_id_of(patient_ref)
     result = PullResult(source=client.base_url)
-    searchable, everything = _server_offers(client.capabilities())
+    searchable, everything = _server_offers(_capabilities(client))
     wanted = [t for t in dict.fromkeys(types) if not searchable or t in searchable]
     report = _Progress(progress_cb)
     if everything and since is None:
@@ -151,6 +151,18 @@ def pull_patient_records(
         elapsed_ms=round((time.monotonic() - started) * 1000),
     )
     return result
+
+
+def _capabilities(client: FhirEhrClient) -> Resource:
+    """The CapabilityStatement, or {} when the server has none (then: search every type)."""
+    try:
+        found = client.capabilities()
+    except UpstreamNotFoundError:
+        found = {}
+    if found.get("resourceType") != "CapabilityStatement":
+        log.info("pull.capabilities.missing", got=found.get("resourceType"))
+        return {}
+    return found
 
 
 def _cancel(futures: Iterable[Future[SearchResult]]) -> None:

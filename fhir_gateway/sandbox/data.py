@@ -31,13 +31,15 @@ def now_instant() -> str:
 
 
 def load_folder(data_dir: Path) -> list[Resource]:
-    """Every resource in `data_dir` (*.json bundles or resources, *.ndjson), references resolved.
+    """Every resource in `data_dir` (*.json bundles or resources, *.ndjson; or that one file),
+    with `urn:uuid:` references resolved.
 
     Raises:
         InputError: a file is not JSON or holds something that is not a resource.
     """
     resources: list[Resource] = []
-    for path in sorted(data_dir.rglob("*")):
+    paths = [data_dir] if data_dir.is_file() else sorted(data_dir.rglob("*"))
+    for path in paths:
         if path.suffix == ".ndjson":
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
                 if line.strip():
