@@ -21,8 +21,13 @@ def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "IN
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if fmt == "json":
+        shared.append(structlog.processors.format_exc_info)
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=False)
+        # Plain tracebacks: rich's would print local variables, which can hold PHI.
+        structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )

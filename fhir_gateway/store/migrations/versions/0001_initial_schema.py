@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-24 22:05:50.987508
+Create Date: 2026-11-24 22:14:11.271487
 """
 
 from collections.abc import Sequence
@@ -71,6 +71,15 @@ def upgrade() -> None:
     with op.batch_alter_table('resource_identifiers', schema=None) as batch_op:
         batch_op.create_index('ix_resource_identifiers_lookup', ['resource_type', 'value', 'system'], unique=False)
 
+    op.create_table('assignments',
+    sa.Column('case_id', sa.String(length=36), nullable=False),
+    sa.Column('reviewer', sa.String(length=256), nullable=False),
+    sa.Column('assigned_by', sa.String(length=256), nullable=False),
+    sa.Column('assigned_at', fhir_gateway.store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', fhir_gateway.store.models.UTCDateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['case_id'], ['cases.id'], ),
+    sa.PrimaryKeyConstraint('case_id', 'reviewer')
+    )
     op.create_table('fhir_resources',
     sa.Column('resource_type', sa.String(length=64), nullable=False),
     sa.Column('id', sa.String(length=64), nullable=False),
@@ -146,6 +155,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_fhir_resources_case_id'))
 
     op.drop_table('fhir_resources')
+    op.drop_table('assignments')
     with op.batch_alter_table('resource_identifiers', schema=None) as batch_op:
         batch_op.drop_index('ix_resource_identifiers_lookup')
 

@@ -1,0 +1,101 @@
+"""The console commands as a user runs them: token, cases, jobs, demo; one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fhir_gateway.auth import TokenValidator
+from fhir_gateway.settings import AuthSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(
+    *args: str, data_dir: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    if data_dir is not None:
+        env["FHIR_GATEWAY_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "fhir_gateway.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_token_prints_the_token_alone(tmp_path) -> None:
+    r = cli("token", "--role", "reviewer", "--sub", "alice", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip()
+    assert r.stdout == token + "\n"
+    assert token.count(".") == 2
+    who = TokenValidator(AuthSettings(), tmp_path).validate(token)
+    assert (who.sub, who.role) == ("alice", "reviewer")
+
+
+def test_bad_role_is_one_line_exit_2(tmp_path) -> None:
+    r = cli("token", "--role", "root", "--sub", "x", "--data-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "unknown role" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_partners_file_is_one_line_exit_2(tmp_path) -> None:
+    (tmp_path / "partners.toml").write_text("[[partners]\n")
+    r = cli("serve", "--data-dir", str(tmp_path), "--port", "1")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: partners file")
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_refuses_public_bind_with_dev_issuer(tmp_path) -> None:
+    r = cli("serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "dev token issuer" in r.stderr
+
+
+def test_demo_pushes_a_referral_and_shows_queued_work() -> None:
+    r = cli("demo", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "Task.status = received" in out
+    assert "no second case" in out
+    assert "(1 case)" in out
+    assert "pull_fhir" in out
+    assert "queued" in out
+    assert "service stopped cleanly" in out
+
+
+def test_cases_and_jobs_tables(tmp_path) -> None:
+    import json
+
+    from fhir_gateway import cases
+    from fhir_gateway.cases import Principal
+    from fhir_gateway.settings import load_partners
+    from fhir_gateway.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    bundle = json.loads((ROOT / "fixtures/referrals/referral-transaction.json").read_text())
+    with store.session() as s:
+        result = cases.intake_transaction(
+            s,
+            bundle,
+            Principal("e", "ehr", "st-elsewhere"),
+            load_partners(ROOT / "fixtures/partners/partners.toml"),
+        )
+    store.dispose()
+    r = cli("cases", data_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert result.case_id is not None
+    assert result.case_id in r.stdout
+    assert "received" in r.stdout
+    assert "pull_fhir:queued" in r.stdout
+    r = cli("jobs", "--state", "queued", data_dir=tmp_path)
+    assert r.stdout.count("queued") == 2

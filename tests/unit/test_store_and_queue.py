@@ -1,0 +1,181 @@
+"""Store and job queue on both engines (SQLite and a real PostgreSQL): migrations, outbox
+enqueue, leases, fencing, retries with backoff and Retry-After, dead letters."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, select, update
+
+from fhir_gateway import audit, jobs
+from fhir_gateway.audit import Actor
+from fhir_gateway.errors import UpstreamRejectedError, UpstreamUnavailableError
+from fhir_gateway.settings import JobSettings
+from fhir_gateway.store.models import AuditRow, Base, Job, utcnow
+
+CFG = JobSettings(lease_s=30, backoff_base_s=10, backoff_cap_s=100, max_attempts=3)
+
+
+def test_migrations_match_models(store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_migrate_is_idempotent(store) -> None:
+    store.migrate()
+    store.migrate()
+
+
+def test_enqueue_rolls_back_with_the_transaction(store) -> None:
+    def change_that_fails() -> None:
+        with store.session() as s:
+            jobs.enqueue(s, "k")
+            raise RuntimeError("state change failed")
+
+    with pytest.raises(RuntimeError):
+        change_that_fails()
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_dedup_key_makes_one_job(store) -> None:
+    with store.session() as s:
+        a = jobs.enqueue(s, "k", dedup_key="x")
+        b = jobs.enqueue(s, "k", dedup_key="x")
+        assert a.id == b.id
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_claim_complete_and_only_due_kinds(store) -> None:
+    q = jobs.Queue(store, CFG)
+    with store.session() as s:
+        jobs.enqueue(s, "other")
+        later = jobs.enqueue(s, "k", run_at=utcnow() + timedelta(hours=1))
+        now = jobs.enqueue(s, "k")
+    claimed = q.claim("w1", ["k"])
+    assert claimed is not None
+    assert claimed.id == now.id
+    assert claimed.attempt == 1
+    assert q.claim("w2", ["k"]) is None  # `later` not due, `now` leased, `other` not ours
+    assert q.complete(claimed)
+    with store.session() as s:
+        job = s.get(Job, now.id)
+        assert (job.state, job.lease_owner, job.finished_at is not None) == ("done", None, True)
+        assert s.get(Job, later.id).state == "queued"
+
+
+def test_expired_lease_is_taken_over_and_old_owner_is_fenced(store) -> None:
+    q = jobs.Queue(store, CFG)
+    with store.session() as s:
+        job = jobs.enqueue(s, "k")
+    first = q.claim("w1", ["k"])
+    assert first is not None
+    assert q.claim("w2", ["k"]) is None
+    with store.session() as s:  # the lease runs out (w1 died)
+        s.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    second = q.claim("w2", ["k"])
+    assert second is not None
+    assert second.id == job.id
+    assert second.attempt == 2
+    assert not q.complete(first)  # w1 comes back: its result is not recorded
+    assert not q.heartbeat(first)
+    assert q.complete(second)
+
+
+def claim(q: jobs.Queue) -> jobs.Claimed:
+    c = q.claim("w", ["k"])
+    assert c is not None
+    return c
+
+
+def test_retry_backoff_honours_retry_after_then_dead(store) -> None:
+    q = jobs.Queue(store, CFG)
+    with store.session() as s:
+        job = jobs.enqueue(s, "k", max_attempts=3)
+    c = claim(q)
+    assert q.fail(c, "boom", permanent=False, retry_after=500) == "queued"
+    with store.session() as s:
+        row = s.get(Job, job.id)
+        wait = (row.run_at - utcnow()).total_seconds()
+        assert 490 < wait <= 500  # Retry-After beats the (smaller) backoff
+        assert row.last_error == "boom"
+        row.run_at = utcnow()
+    c = claim(q)
+    assert q.fail(c, "boom 2", permanent=False) == "queued"
+    with store.session() as s:
+        row = s.get(Job, job.id)
+        assert 0 <= (row.run_at - utcnow()).total_seconds() <= 20  # base 10 * 2**1
+        row.run_at = utcnow()
+    c = claim(q)
+    assert c.attempt == 3
+    assert q.fail(c, "boom 3", permanent=False) == "dead"
+    with store.session() as s:
+        row = s.get(Job, job.id)
+        assert (row.state, row.last_error, row.attempts) == ("dead", "boom 3", 3)
+    assert q.requeue(job.id)
+    with store.session() as s:
+        assert s.get(Job, job.id).state == "queued"
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    rng = random.Random(1)
+    cfg = JobSettings(backoff_base_s=2, backoff_cap_s=60)
+    samples = {a: [jobs.backoff_s(a, cfg, rng) for _ in range(500)] for a in (1, 3, 10)}
+    assert max(samples[1]) <= 2
+    assert max(samples[3]) <= 8
+    assert max(samples[10]) <= 60
+    assert max(samples[10]) > 50
+    assert min(samples[10]) < 10
+
+
+def test_worker_maps_errors_to_retry_or_dead(store, settings) -> None:
+    calls: list[str] = []
+
+    @jobs.job_handler("test.flaky")
+    def flaky(ctx: jobs.JobContext) -> None:
+        calls.append(ctx.payload["mode"])
+        ctx.progress({"step": len(calls)})
+        if ctx.payload["mode"] == "unavailable":
+            raise UpstreamUnavailableError("EHR down", retry_after=120)
+        if ctx.payload["mode"] == "rejected":
+            raise UpstreamRejectedError("EHR said 422")
+
+    try:
+        with store.session() as s:
+            a = jobs.enqueue(s, "test.flaky", payload={"mode": "unavailable"})
+            b = jobs.enqueue(s, "test.flaky", payload={"mode": "rejected"})
+            c = jobs.enqueue(s, "test.flaky", payload={"mode": "ok"})
+        worker = jobs.Worker(store, settings, name="t")
+        while worker.run_once():
+            pass
+        with store.session() as s:
+            ja, jb, jc = s.get(Job, a.id), s.get(Job, b.id), s.get(Job, c.id)
+            assert ja.state == "queued"
+            assert (ja.run_at - utcnow()).total_seconds() > 100
+            assert "EHR down" in ja.last_error
+            assert jb.state == "dead"
+            assert "EHR said 422" in jb.last_error
+            assert jc.state == "done"
+            assert jc.progress == {"step": 3}
+        assert sorted(calls) == ["ok", "rejected", "unavailable"]
+    finally:
+        jobs._HANDLERS.pop("test.flaky", None)
+
+
+def test_audit_chain_detects_tampering(store) -> None:
+    with store.session() as s:
+        for i in range(5):
+            audit.record(s, "case.read", Actor("alice", "reviewer"), case_id=f"c{i}")
+    with store.session() as s:
+        assert audit.verify_chain(s) == (5, None)
+        third = s.scalars(select(AuditRow).order_by(AuditRow.id)).all()[2]
+        third.agent = "mallory"
+    with store.session() as s:
+        _count, bad = audit.verify_chain(s)
+        assert bad == third.id
