@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import urljoin
 
 import jwt
@@ -256,6 +256,7 @@ class SmartTokenProvider:
         kid: str | None = None,
         token_endpoint: str | None = None,
         access: str = "rs",
+        scopes: Iterable[str] = (),
         renew_margin_s: float = RENEW_MARGIN_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -267,6 +268,7 @@ class SmartTokenProvider:
         self._types = list(resource_types)
         self._token_endpoint = token_endpoint
         self._access = access
+        self._scopes = " ".join(scopes)  # registered scopes; empty: built from resource_types
         self._renew_margin_s = renew_margin_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -308,7 +310,7 @@ class SmartTokenProvider:
         config = self.configuration
         endpoint = self._token_endpoint or config.token_endpoint
         alg = choose_alg(self._key, config.signing_algs)
-        scope = build_scopes(self._types, config.capabilities, self._access)
+        scope = self._scopes or build_scopes(self._types, config.capabilities, self._access)
         now = self._clock()
         assertion = client_assertion(
             self._key,
@@ -360,6 +362,26 @@ class SmartTokenProvider:
         return AccessToken(str(body["access_token"]), now + expires_in, granted)
 
 
+class _HasToken(Protocol):
+    def token(self) -> str: ...
+
+
+class StaticTokenProvider:
+    """A fixed bearer token (partner auth `bearer`), with the same origin-bound auth hook."""
+
+    def __init__(self, token: str, base_url: str) -> None:
+        self._token, self.base_url = token, base_url
+
+    def token(self) -> str:
+        return self._token
+
+    def invalidate(self) -> None:
+        """Nothing to renew: a 401 is retried once with the same token, then surfaces."""
+
+    def auth(self) -> SmartBearerAuth:
+        return SmartBearerAuth(self, self.base_url)
+
+
 class SmartBearerAuth(requests.auth.AuthBase):
     """SM-12: adds `Authorization: Bearer` only for requests to the token's own origin.
 
@@ -367,7 +389,7 @@ class SmartBearerAuth(requests.auth.AuthBase):
     a caller may have set), so a resource naming a foreign server never receives our token.
     """
 
-    def __init__(self, provider: SmartTokenProvider, base_url: str) -> None:
+    def __init__(self, provider: _HasToken, base_url: str) -> None:
         self._provider = provider
         self._origin = origin(base_url)
 

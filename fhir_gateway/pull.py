@@ -22,12 +22,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import requests
 import structlog
 from sqlalchemy import func, select
 
+from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from fhir_gateway.errors import UpstreamError, UpstreamNotFoundError, UpstreamRejectedError
-from fhir_gateway.resources import Resource
+from connectors.smart import SmartTokenProvider, StaticTokenProvider, load_private_key
+from fhir_gateway.errors import (
+    InputError,
+    NotFoundError,
+    UpstreamError,
+    UpstreamNotFoundError,
+    UpstreamRejectedError,
+)
+from fhir_gateway.jobs import JobContext, job_handler
+from fhir_gateway.resources import Resource, identifiers_of
+from fhir_gateway.settings import BasicAuth, BearerAuth, Partner, Settings, SmartAuth
 from fhir_gateway.store import Store, models
 
 log = structlog.get_logger(__name__)
@@ -395,3 +406,131 @@ def last_updated_since(store: Store, case_id: str, source: str) -> str | None:
             )
         )
     return value
+
+
+# --- the job ------------------------------------------------------------------------------
+
+
+def client_for(partner: Partner, system: str | None = None) -> FhirEhrClient:
+    """A FhirEhrClient for a partner's FHIR endpoint, with its auth (SMART, bearer, basic)."""
+    endpoint = partner.fhir
+    if endpoint is None:
+        raise InputError(f"partner {partner.id} has no FHIR endpoint to pull from")
+    session = requests.Session()
+    http = Http(session, system=system or f"fhir:{partner.id}", timeout_s=endpoint.timeout_s)
+    auth = endpoint.auth
+    tokens: SmartTokenProvider | StaticTokenProvider | None = None
+    if isinstance(auth, SmartAuth):
+        tokens = SmartTokenProvider(
+            http,
+            endpoint.base_url,
+            client_id=auth.client_id,
+            key=load_private_key(auth.key_file),
+            kid=auth.kid,
+            token_endpoint=auth.token_url,
+            resource_types=[*PULL_TYPES, "Binary"],
+            scopes=auth.scopes,
+        )
+    elif isinstance(auth, BearerAuth):
+        tokens = StaticTokenProvider(auth.token().get_secret_value(), endpoint.base_url)
+    elif isinstance(auth, BasicAuth):
+        session.auth = (auth.username, auth.password().get_secret_value())
+    return FhirEhrClient(http, endpoint.base_url, tokens=tokens)
+
+
+def source_patient_id(client: FhirEhrClient, store: Store, case: models.Case) -> str:
+    """The patient's id in the referring EHR, from the referral's subject.
+
+    An absolute reference on the EHR's base gives the id; `identifier:system|value` and the
+    identifiers of the Patient the partner sent us are searched in the EHR (one match needed);
+    otherwise the referral's own `Patient/<id>` is taken to be the EHR's id.
+
+    Raises:
+        InputError: an identifier search found no patient or several.
+    """
+    ref = case.patient_ref
+    if ref.startswith(client.base_url + "/Patient/"):
+        return patient_id_of(ref)
+    tokens: list[str] = []
+    if ref.startswith("identifier:"):
+        tokens.append(ref.removeprefix("identifier:"))
+    elif ref.startswith("Patient/"):
+        with store.session() as session:
+            hosted = session.get(models.FhirResource, ("Patient", patient_id_of(ref)))
+            body = hosted.body if hosted is not None else {}
+        tokens += [f"{s}|{v}" for s, v in identifiers_of(body) if s]
+    for token in tokens:
+        found = client.search("Patient", {"identifier": token}).resources
+        if len(found) == 1:
+            return str(found[0]["id"])
+        if len(found) > 1:
+            raise InputError(f"{len(found)} patients in the source EHR match the referral")
+    if ref.startswith("identifier:"):
+        raise InputError("no patient in the source EHR matches the referral's identifier")
+    return patient_id_of(ref)
+
+
+def pull_case(
+    store: Store,
+    settings: Settings,
+    partner: Partner,
+    case_id: str,
+    *,
+    refresh: bool = False,
+    progress_cb: ProgressCallback | None = None,
+) -> tuple[PullResult, SaveCounts]:
+    """Pull the case's patient from the partner's EHR and store it (job and CLI share this).
+
+    `refresh`: a re-pull of what changed since the newest `meta.lastUpdated` already stored.
+    """
+    with store.session() as session:
+        case = session.get(models.Case, case_id)
+    if case is None:
+        raise NotFoundError(f"case {case_id} does not exist")
+    client = client_for(partner)
+    patient_id = source_patient_id(client, store, case)
+    since = last_updated_since(store, case_id, client.base_url) if refresh else None
+    endpoint = partner.fhir
+    result = pull_patient_records(
+        client,
+        f"Patient/{patient_id}",
+        since=since,
+        max_parallel=endpoint.max_parallel if endpoint else 4,
+        progress_cb=progress_cb,
+        binary_dir=settings.data_dir / "binaries",
+    )
+    return result, save_pull(store, case_id, client.base_url, result)
+
+
+@job_handler("pull_fhir")
+def run_pull_fhir(ctx: JobContext) -> None:
+    """Job `pull_fhir`: pull the case's records from its partner's EHR; progress per type.
+
+    Idempotent (upserts by source id). Retryable failures propagate as UpstreamUnavailableError.
+    """
+    if ctx.case_id is None or ctx.partner is None:
+        raise InputError("pull_fhir job needs a case with a partner")
+
+    def progress(resource_type: str, done: int, pages: int) -> None:
+        ctx.progress({resource_type: {"done": done, "pages": pages}})
+
+    result, saved = pull_case(
+        ctx.store,
+        ctx.settings,
+        ctx.partner,
+        ctx.case_id,
+        refresh=bool(ctx.payload.get("refresh")),
+        progress_cb=progress,
+    )
+    ctx.progress(
+        {
+            "summary": {
+                "counts": result.counts,
+                "binaries": len(result.binaries),
+                "partial_types": result.partial_types,
+                "added": saved.added,
+                "updated": saved.updated,
+                "unchanged": saved.unchanged,
+            }
+        }
+    )
