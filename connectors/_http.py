@@ -108,21 +108,13 @@ class Http:
                 error = error_from_response(response, self.system, self.wall_clock())
                 response.close()
             wait = self._wait_before_retry(error, attempt, waited, idempotent)
+            fields = {"system": self.system, "method": method, "path": _path(url)}
             if wait is None:
-                log.info(
-                    "http.request.failed",
-                    system=self.system,
-                    method=method,
-                    path=_path(url),
-                    status=error.status,
-                    attempts=attempt,
-                )
+                log.info("http.request.failed", **fields, status=error.status, attempts=attempt)
                 raise error
             log.info(
                 "http.request.retry",
-                system=self.system,
-                method=method,
-                path=_path(url),
+                **fields,
                 status=error.status,
                 attempt=attempt,
                 wait_s=round(wait, 3),

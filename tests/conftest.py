@@ -153,3 +153,20 @@ def sandbox(rsa_key: PrivateKey, ec_key: PrivateKey, synthea_dir: Path) -> Itera
     yield start
     for server in started:
         server.stop()
+
+
+def add_case(store: Store, case_id: str, patient_ref: str, partner_id: str = "p1") -> None:
+    """A referral case row, as intake would have made it (for tests of what follows intake)."""
+    from fhir_gateway.store.models import Case
+
+    with store.session() as s:
+        s.add(
+            Case(
+                id=case_id,
+                partner_id=partner_id,
+                status="received",
+                task_id=f"task-{case_id}",
+                service_request_id=f"sr-{case_id}",
+                patient_ref=patient_ref,
+            )
+        )

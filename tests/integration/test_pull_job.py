@@ -15,8 +15,8 @@ from fhir_gateway.pull import PULL_TYPES
 from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store, open_store
-from fhir_gateway.store.models import Case, FhirResource, Job, StoredResource
-from tests.conftest import SYNTHEA
+from fhir_gateway.store.models import FhirResource, Job, StoredResource
+from tests.conftest import SYNTHEA, add_case
 
 FIXTURE = SYNTHEA / "colon_Lourdes_Alcantar.json"
 
@@ -75,18 +75,8 @@ auth = {{ type = "smart", client_id = "fhir-gateway", key_file = "keys/ehr.pem",
         patient, _ = ehr_patient()
         # The partner sent us its Patient with its identifiers; our id differs from the EHR's.
         hosted = {"resourceType": "Patient", "id": "local-1", "identifier": patient["identifier"]}
+        add_case(store, "case-1", "Patient/local-1", partner_id="st-elsewhere")
         with store.session() as s:
-            s.add(
-                Case(
-                    id="case-1",
-                    partner_id="st-elsewhere",
-                    status="received",
-                    task_id="t1",
-                    service_request_id="sr1",
-                    patient_ref="Patient/local-1",
-                )
-            )
-            s.flush()
             s.add(
                 FhirResource(
                     resource_type="Patient",

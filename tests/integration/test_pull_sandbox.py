@@ -27,8 +27,8 @@ from fhir_gateway.pull import (
 )
 from fhir_gateway.sandbox import Faults, SandboxServer
 from fhir_gateway.store import open_store
-from fhir_gateway.store.models import Binary, Case, StoredResource
-from tests.conftest import CLIENT_ID, SYNTHEA
+from fhir_gateway.store.models import Binary, StoredResource
+from tests.conftest import CLIENT_ID, SYNTHEA, add_case
 
 PATIENT_FIXTURES = sorted(p.name for p in SYNTHEA.glob("*.json"))
 
@@ -97,17 +97,7 @@ def test_full_pull_stores_exactly_what_the_ehr_holds(name, everything, sandbox, 
     assert all(e.authorized for e in data_requests)
 
     store = open_store(f"sqlite:///{tmp_path}/gw.db")
-    with store.session() as s:
-        s.add(
-            Case(
-                id="case-1",
-                partner_id="p1",
-                status="received",
-                task_id="t1",
-                service_request_id="sr1",
-                patient_ref=f"Patient/{patient['id']}",
-            )
-        )
+    add_case(store, "case-1", f"Patient/{patient['id']}")
     saved = save_pull(store, "case-1", server.base_url, result)
     assert (saved.added, saved.updated) == (sum(result.counts.values()), 0)
     with store.session() as s:
@@ -124,17 +114,7 @@ def test_repull_since_only_adds_or_updates(sandbox, rsa_key, tmp_path):
     server = sandbox(everything=False)
     client, _ = gateway_client(server, rsa_key)
     store = open_store(f"sqlite:///{tmp_path}/gw.db")
-    with store.session() as s:
-        s.add(
-            Case(
-                id="c",
-                partner_id="p",
-                status="received",
-                task_id="t",
-                service_request_id="s",
-                patient_ref="Patient/x",
-            )
-        )
+    add_case(store, "c", "Patient/x")
     first = pull_patient_records(client, f"Patient/{patient['id']}")
     save_pull(store, "c", server.base_url, first)
     since = last_updated_since(store, "c", server.base_url)
@@ -283,17 +263,7 @@ def test_attachments_inline_and_binary_stored_by_hash(sandbox, rsa_key, tmp_path
     assert binary_reads
     assert all(e.authorized for e in binary_reads)
     store = open_store(f"sqlite:///{tmp_path}/gw.db")
-    with store.session() as s:
-        s.add(
-            Case(
-                id="c",
-                partner_id="p",
-                status="received",
-                task_id="t",
-                service_request_id="s",
-                patient_ref="Patient/p1",
-            )
-        )
+    add_case(store, "c", "Patient/p1")
     save_pull(store, "c", server.base_url, result)
     with store.session() as s:
         assert s.query(Binary).count() == 2
