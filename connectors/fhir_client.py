@@ -116,10 +116,14 @@ class FhirEhrClient:
     def everything(self, patient_id: str) -> SearchResult:
         """`Patient/[id]/$everything`, all pages."""
         result = SearchResult()
-        url = f"{self.base_url}/Patient/{patient_id}/$everything"
-        for page in self._follow(self._send("GET", url)):
+        for page in self.iter_everything(patient_id):
             result.add(page)
         return result
+
+    def iter_everything(self, patient_id: str) -> Iterator[Page]:
+        """`Patient/[id]/$everything`, page by page."""
+        url = f"{self.base_url}/Patient/{patient_id}/$everything"
+        yield from self._follow(self._send("GET", url))
 
     def iter_pages(
         self, resource_type: str, params: Mapping[str, str | Sequence[str]] | None = None

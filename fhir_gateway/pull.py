@@ -122,10 +122,12 @@ def pull_patient_records(
     report = _Progress(progress_cb)
     if everything and since is None:
         result.used_everything = True
-        found = client.everything(patient_id)
-        # Keep what a second opinion needs; the rest of the compartment (claims, ...) is not ours.
-        found.resources = [r for r in found.resources if r.get("resourceType") in wanted]
-        report(found, "$everything")
+        found = SearchResult()
+        for page in client.iter_everything(patient_id):
+            # Keep what a second opinion needs; the rest of the compartment (claims, ...) is not.
+            page.matches = [r for r in page.matches if r.get("resourceType") in wanted]
+            found.add(page)
+            report.by_type(found)
         _merge(result, "$everything", found)
     else:
         with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
@@ -263,6 +265,13 @@ class _Progress:
         if self._callback is not None:
             with self._lock:
                 self._callback(label, len(result.resources), result.pages)
+
+    def by_type(self, result: SearchResult) -> None:
+        """Progress of a mixed-type search ($everything), one call per resource type."""
+        if self._callback is not None:
+            with self._lock:
+                for resource_type, count in _count_types(result.resources).items():
+                    self._callback(resource_type, count, result.pages)
 
 
 def _merge(result: PullResult, label: str, found: SearchResult) -> None:

@@ -33,7 +33,7 @@ from fhir_gateway.errors import (
     operation_outcome,
 )
 from fhir_gateway.resources import Resource
-from fhir_gateway.sandbox.data import ResourceStore, load_folder
+from fhir_gateway.sandbox.repository import ResourceStore, load_folder
 
 FHIR_JSON = "application/fhir+json"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

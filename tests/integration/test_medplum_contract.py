@@ -22,7 +22,7 @@ from connectors._http import FHIR_JSON, Http, RetryPolicy
 from connectors.fhir_client import FhirEhrClient
 from fhir_gateway.errors import UpstreamRejectedError
 from fhir_gateway.pull import PULL_TYPES, pull_patient_records
-from fhir_gateway.sandbox.data import load_folder
+from fhir_gateway.sandbox.repository import load_folder
 from tests.conftest import SYNTHEA
 
 MEDPLUM = Path(__file__).resolve().parent.parent / "servers" / "medplum"
