@@ -236,6 +236,7 @@ class AccessToken:
     value: str
     expires_at: float  # on the provider's clock
     scope: frozenset[str]
+    lifetime_s: float = MAX_ASSERTION_LIFETIME_S
 
 
 class SmartTokenProvider:
@@ -303,8 +304,9 @@ class SmartTokenProvider:
         return SmartBearerAuth(self, self.base_url)
 
     def _expiring(self, token: AccessToken) -> bool:
-        lifetime_left = token.expires_at - self._clock()
-        return lifetime_left <= self._renew_margin_s
+        # A short-lived token is renewed at half its life, not on every call.
+        margin = min(self._renew_margin_s, token.lifetime_s / 2)
+        return token.expires_at - self._clock() <= margin
 
     def _fetch(self) -> AccessToken:
         config = self.configuration
@@ -359,7 +361,7 @@ class SmartTokenProvider:
         granted = frozenset(str(body.get("scope") or scope).split())
         self.tokens_issued += 1
         log.info("smart.token.issued", expires_in=expires_in, scopes=len(granted))
-        return AccessToken(str(body["access_token"]), now + expires_in, granted)
+        return AccessToken(str(body["access_token"]), now + expires_in, granted, expires_in)
 
 
 class _HasToken(Protocol):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -237,8 +239,9 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
     def read(resource_type: str, resource_id: str, request: Request) -> Response:
         _authorize(state, request, resource_type, "r")
         resource = state.store.get(resource_type, resource_id)
-        accept = request.headers.get("accept", "")
-        if resource_type == "Binary" and "json" not in accept:
+        # Content negotiation as servers do it: the client's first choice wins.
+        first_choice = request.headers.get("accept", "*/*").split(",")[0].split(";")[0].strip()
+        if resource_type == "Binary" and "json" not in first_choice:
             data = base64.b64decode(resource.get("data") or "")
             return Response(data, media_type=resource.get("contentType"))
         return _fhir(resource, 200, {"ETag": f'W/"{resource["meta"]["versionId"]}"'})
@@ -554,7 +557,10 @@ def _written(request: Request, resource: Resource, status: int) -> Response:
     headers = {
         "Location": f"{location}/_history/{version}",
         "ETag": f'W/"{version}"',
-        "Last-Modified": str(resource["meta"]["lastUpdated"]),
+        "Last-Modified": email.utils.format_datetime(
+            datetime.fromisoformat(str(resource["meta"]["lastUpdated"]).replace("Z", "+00:00")),
+            usegmt=True,
+        ),
     }
     return _fhir(resource, status, headers)
 

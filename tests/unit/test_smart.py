@@ -201,6 +201,21 @@ def test_sm08_sm10_token_request_cached_and_renewed_before_expiry(ec_key):
 
 
 @responses.activate
+def test_short_lived_token_renewed_at_half_life_not_every_call(ec_key):
+    responses.get(smart_configuration_url(BASE), json=DISCOVERY)
+    responses.post(TOKEN_URL, json=token_reply("t1", expires_in=30))
+    responses.post(TOKEN_URL, json=token_reply("t2", expires_in=30))
+    clock = Clock()
+    tokens = provider(ec_key, clock)
+    assert tokens.token() == "t1"
+    clock.now += 14
+    assert tokens.token() == "t1"
+    clock.now += 2
+    assert tokens.token() == "t2"
+    assert tokens.tokens_issued == 2
+
+
+@responses.activate
 def test_invalidate_forces_a_new_token(ec_key):
     responses.get(smart_configuration_url(BASE), json=DISCOVERY)
     responses.post(TOKEN_URL, json=token_reply("t1"))
