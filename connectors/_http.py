@@ -107,7 +107,7 @@ class Http:
                     return response
                 error = error_from_response(response, self.system, self.wall_clock())
                 response.close()
-            wait = self._wait_before_retry(error, attempt, waited, idempotent)
+            wait = self.retry_wait(error, attempt, waited, idempotent)
             fields = {"system": self.system, "method": method, "path": _path(url)}
             if wait is None:
                 log.info("http.request.failed", **fields, status=error.status, attempts=attempt)
@@ -122,9 +122,10 @@ class Http:
             self.sleep(wait)
             waited += wait
 
-    def _wait_before_retry(
-        self, error: UpstreamError, attempt: int, waited: float, idempotent: bool
+    def retry_wait(
+        self, error: UpstreamError, attempt: int, waited: float, idempotent: bool = True
     ) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up (raise `error`)."""
         if not isinstance(error, UpstreamUnavailableError) or not idempotent:
             return None
         if attempt >= self.retry.max_attempts:

@@ -27,7 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from connectors._http import Http, origin
-from fhir_gateway.errors import ConfigError, TokenError, UpstreamRejectedError
+from fhir_gateway.errors import (
+    ConfigError,
+    TokenError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -313,28 +318,40 @@ class SmartTokenProvider:
         endpoint = self._token_endpoint or config.token_endpoint
         alg = choose_alg(self._key, config.signing_algs)
         scope = self._scopes or build_scopes(self._types, config.capabilities, self._access)
-        now = self._clock()
-        assertion = client_assertion(
-            self._key,
-            client_id=self.client_id,
-            token_endpoint=endpoint,
-            alg=alg,
-            kid=self._kid,
-            now=now,
-        )
-        response = self._http.request(
-            "POST",
-            endpoint,
-            data={
-                "grant_type": "client_credentials",
-                "scope": scope,
-                "client_assertion_type": CLIENT_ASSERTION_TYPE,
-                "client_assertion": assertion,
-            },
-            headers={"Accept": "application/json"},
-            idempotent=False,  # a retry needs a new assertion (new jti), so none here
-            accept_status=(400, 401, 403),
-        )
+        attempt, waited = 0, 0.0
+        while True:
+            attempt += 1
+            now = self._clock()
+            # Each attempt signs a new assertion: a resent one would be a replayed jti (SM-21).
+            assertion = client_assertion(
+                self._key,
+                client_id=self.client_id,
+                token_endpoint=endpoint,
+                alg=alg,
+                kid=self._kid,
+                now=now,
+            )
+            try:
+                response = self._http.request(
+                    "POST",
+                    endpoint,
+                    data={
+                        "grant_type": "client_credentials",
+                        "scope": scope,
+                        "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                        "client_assertion": assertion,
+                    },
+                    headers={"Accept": "application/json"},
+                    idempotent=False,  # retried here, with a new assertion
+                    accept_status=(400, 401, 403),
+                )
+                break
+            except UpstreamUnavailableError as exc:
+                wait = self._http.retry_wait(exc, attempt, waited)
+                if wait is None:
+                    raise
+                self._http.sleep(wait)
+                waited += wait
         body = _json_object(response)
         if response.status_code >= 400 or "access_token" not in body:
             error = str(body.get("error") or "invalid_response")

@@ -216,6 +216,28 @@ def test_short_lived_token_renewed_at_half_life_not_every_call(ec_key):
 
 
 @responses.activate
+def test_token_endpoint_503_retried_with_a_new_assertion(ec_key):
+    responses.get(smart_configuration_url(BASE), json=DISCOVERY)
+    responses.post(TOKEN_URL, status=503, headers={"Retry-After": "2"})
+    responses.post(TOKEN_URL, json=token_reply("t1"))
+    sleeps: list[float] = []
+    http = Http(requests.Session(), system="ehr", sleep=sleeps.append)
+    tokens = SmartTokenProvider(
+        http, BASE, client_id="gw", key=ec_key, resource_types=["Observation"], clock=Clock()
+    )
+    assert tokens.token() == "t1"
+    assert sleeps == [2.0]
+    posts = [c.request for c in responses.calls if c.request.method == "POST"]
+    jtis = {
+        jwt.decode(
+            parse_qs(str(p.body))["client_assertion"][0], options={"verify_signature": False}
+        )["jti"]
+        for p in posts
+    }
+    assert len(jtis) == 2
+
+
+@responses.activate
 def test_invalidate_forces_a_new_token(ec_key):
     responses.get(smart_configuration_url(BASE), json=DISCOVERY)
     responses.post(TOKEN_URL, json=token_reply("t1"))
