@@ -170,3 +170,25 @@ def add_case(store: Store, case_id: str, patient_ref: str, partner_id: str = "p1
                 patient_ref=patient_ref,
             )
         )
+
+
+def partner_toml(
+    partner_id: str, base_url: str, key_file: str, kid: str, *, destination: bool = False
+) -> str:
+    """One `[[partners]]` entry whose FHIR endpoint (and destination) uses SMART with `key_file`."""
+    auth = (
+        f'{{ type = "smart", client_id = "fhir-gateway", key_file = "{key_file}", kid = "{kid}" }}'
+    )
+    text = f"""
+[[partners]]
+id = "{partner_id}"
+name = "Partner {partner_id}"
+identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "{partner_id}" }}
+
+[partners.fhir]
+base_url = "{base_url}"
+auth = {auth}
+"""
+    if destination:
+        text += f'\n[partners.destination]\nbase_url = "{base_url}"\nauth = {auth}\n'
+    return text

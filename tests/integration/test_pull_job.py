@@ -16,7 +16,7 @@ from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxSe
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store, open_store
 from fhir_gateway.store.models import FhirResource, Job, StoredResource
-from tests.conftest import SYNTHEA, add_case
+from tests.conftest import SYNTHEA, add_case, partner_toml
 
 FIXTURE = SYNTHEA / "colon_Lourdes_Alcantar.json"
 
@@ -55,16 +55,7 @@ def world(tmp_path: Path):
         ).start()
         servers.append(server)
         (data_dir / "partners.toml").write_text(
-            f"""
-[[partners]]
-id = "st-elsewhere"
-name = "St Elsewhere"
-identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhere" }}
-
-[partners.fhir]
-base_url = "{server.base_url}"
-auth = {{ type = "smart", client_id = "fhir-gateway", key_file = "keys/ehr.pem", kid = "gw-1" }}
-"""
+            partner_toml("st-elsewhere", server.base_url, "keys/ehr.pem", "gw-1")
         )
         settings = Settings(
             data_dir=data_dir,

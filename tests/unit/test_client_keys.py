@@ -10,27 +10,13 @@ import pytest
 from fhir_gateway.client_keys import new_key, published_jwks
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.settings import load_partners
+from tests.conftest import partner_toml
 
-PARTNERS = """
-[[partners]]
-id = "a"
-name = "A"
-identifier = {{ system = "urn:x", value = "a" }}
-[partners.fhir]
-base_url = "http://127.0.0.1:1/fhir"
-auth = {{ type = "smart", client_id = "gw", key_file = "keys/a.pem", kid = "{kid_a}" }}
-[partners.destination]
-base_url = "http://127.0.0.1:1/fhir"
-auth = {{ type = "smart", client_id = "gw", key_file = "keys/a.pem", kid = "{kid_a}" }}
 
-[[partners]]
-id = "b"
-name = "B"
-identifier = {{ system = "urn:x", value = "b" }}
-[partners.fhir]
-base_url = "http://127.0.0.1:2/fhir"
-auth = {{ type = "smart", client_id = "gw", key_file = "keys/b.pem", kid = "{kid_b}" }}
-"""
+def partners(kid_a: str, kid_b: str) -> str:
+    return partner_toml(
+        "a", "http://127.0.0.1:1/fhir", "keys/a.pem", kid_a, destination=True
+    ) + partner_toml("b", "http://127.0.0.1:2/fhir", "keys/b.pem", kid_b)
 
 
 def test_new_key_is_private_to_owner_and_never_overwritten(tmp_path: Path):
@@ -47,10 +33,10 @@ def test_published_jwks_has_each_partner_key_once_with_its_kid(tmp_path: Path):
     new_key(tmp_path / "keys" / "a.pem", "EC")
     new_key(tmp_path / "keys" / "b.pem", "RSA")
     path = tmp_path / "partners.toml"
-    path.write_text(PARTNERS.format(kid_a="gw-a", kid_b="gw-b"))
+    path.write_text(partners("gw-a", "gw-b"))
     keys = published_jwks(load_partners(path))["keys"]
     assert [(k["kid"], k["kty"]) for k in keys] == [("gw-a", "EC"), ("gw-b", "RSA")]
     assert all(not {"d", "p", "q"} & set(k) for k in keys)
-    path.write_text(PARTNERS.format(kid_a="same", kid_b="same"))
+    path.write_text(partners("same", "same"))
     with pytest.raises(ConfigError, match="two different keys"):
         published_jwks(load_partners(path))
