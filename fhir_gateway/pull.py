@@ -32,6 +32,7 @@ from connectors.smart import SmartTokenProvider, StaticTokenProvider, load_priva
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
+    UnknownPartnerError,
     UpstreamError,
     UpstreamNotFoundError,
     UpstreamRejectedError,
@@ -482,20 +483,27 @@ def source_patient_id(client: FhirEhrClient, store: Store, case: models.Case) ->
 def pull_case(
     store: Store,
     settings: Settings,
-    partner: Partner,
     case_id: str,
     *,
+    partner: Partner | None = None,
     refresh: bool = False,
     progress_cb: ProgressCallback | None = None,
 ) -> tuple[PullResult, SaveCounts]:
-    """Pull the case's patient from the partner's EHR and store it (job and CLI share this).
+    """Pull the case's patient from its partner's EHR and store it (the job and the CLI's
+    `fhir-gateway pull CASE_ID [--refresh]` share this). The partner defaults to the case's.
 
     `refresh`: a re-pull of what changed since the newest `meta.lastUpdated` already stored.
+
+    Raises:
+        NotFoundError: no such case. UnknownPartnerError: its partner is not configured.
     """
     with store.session() as session:
         case = session.get(models.Case, case_id)
     if case is None:
         raise NotFoundError(f"case {case_id} does not exist")
+    partner = partner or settings.partners.by_id(case.partner_id)
+    if partner is None:
+        raise UnknownPartnerError(f"partner {case.partner_id} is not in the partners file")
     client = client_for(partner)
     patient_id = source_patient_id(client, store, case)
     since = last_updated_since(store, case_id, client.base_url) if refresh else None
@@ -526,8 +534,8 @@ def run_pull_fhir(ctx: JobContext) -> None:
     result, saved = pull_case(
         ctx.store,
         ctx.settings,
-        ctx.partner,
         ctx.case_id,
+        partner=ctx.partner,
         refresh=bool(ctx.payload.get("refresh")),
         progress_cb=progress,
     )

@@ -11,7 +11,8 @@ import pytest
 
 from connectors.smart import public_jwk, write_private_key
 from fhir_gateway import jobs
-from fhir_gateway.pull import PULL_TYPES
+from fhir_gateway.errors import NotFoundError
+from fhir_gateway.pull import PULL_TYPES, pull_case
 from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store, open_store
@@ -129,4 +130,22 @@ def test_paging_loop_makes_the_job_dead_with_reason(world):
     job = job_row(store)
     assert job.state == "dead"
     assert "paging loop" in (job.last_error or "")
+    store.dispose()
+
+
+def test_pull_case_for_the_cli_resolves_the_partner_and_refreshes(world):
+    settings, store, server = world(Faults())
+    seen: list[tuple[str, int, int]] = []
+    result, saved = pull_case(store, settings, "case-1", progress_cb=lambda *a: seen.append(a))
+    _, expected = ehr_patient()
+    assert result.counts == dict(expected)
+    assert saved.added == sum(expected.values())
+    assert {t for t, _, _ in seen} == set(expected)
+    _, resaved = pull_case(store, settings, "case-1", refresh=True)
+    assert (resaved.added, resaved.updated) == (0, 0)
+    assert "_lastUpdated=ge" in next(
+        e.query for e in reversed(server.state.log) if e.path == "/fhir/Observation"
+    )
+    with pytest.raises(NotFoundError):
+        pull_case(store, settings, "no-such-case")
     store.dispose()
