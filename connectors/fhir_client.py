@@ -106,10 +106,16 @@ class FhirEhrClient:
         return self._json(self._send("GET", f"{self.base_url}/{resource_type}/{resource_id}"))
 
     def search(
-        self, resource_type: str, params: Mapping[str, str | Sequence[str]] | None = None
+        self,
+        resource_type: str,
+        params: Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        post: bool = False,
     ) -> SearchResult:
+        """All pages of a search. `post=True` keeps the parameters out of the URL (identifiers
+        then never reach access logs), as `POST [type]/_search` (RS-22)."""
         result = SearchResult()
-        for page in self.iter_pages(resource_type, params):
+        for page in self.iter_pages(resource_type, params, post=post):
             result.add(page)
         return result
 
@@ -126,13 +132,17 @@ class FhirEhrClient:
         yield from self._follow(self._send("GET", url))
 
     def iter_pages(
-        self, resource_type: str, params: Mapping[str, str | Sequence[str]] | None = None
+        self,
+        resource_type: str,
+        params: Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        post: bool = False,
     ) -> Iterator[Page]:
-        """Search pages in order; GET, or POST `_search` when the URL would be too long."""
+        """Search pages in order; GET, or POST `_search` when asked or the URL would be long."""
         url = f"{self.base_url}/{resource_type}"
         query = _items(params or {})
         prepared = requests.Request("GET", url, params=query).prepare()
-        if len(prepared.url or "") > self._max_get_url:
+        if post or len(prepared.url or "") > self._max_get_url:
             first = self._send(
                 "POST",
                 f"{url}/_search",

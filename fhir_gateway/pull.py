@@ -470,7 +470,7 @@ def source_patient_id(client: FhirEhrClient, store: Store, case: models.Case) ->
             body = hosted.body if hosted is not None else {}
         tokens += [f"{s}|{v}" for s, v in identifiers_of(body) if s]
     for token in tokens:
-        found = client.search("Patient", {"identifier": token}).resources
+        found = client.search("Patient", {"identifier": token}, post=True).resources
         if len(found) == 1:
             return str(found[0]["id"])
         if len(found) > 1:

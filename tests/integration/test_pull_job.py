@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from connectors.smart import public_jwk, write_private_key
 from fhir_gateway import jobs
@@ -106,7 +108,9 @@ def test_pull_job_stores_the_patient_and_reports_progress(world):
         assert {r.source for r in rows} == {server.base_url}
     assert job.progress["Observation"]["done"] == expected["Observation"]
     assert job.progress["summary"]["added"] == sum(expected.values())
-    assert any("identifier=" in e.query for e in server.state.log if e.path == "/fhir/Patient")
+    # the patient was found by identifier, with the identifier in the body, not the URL
+    assert any(e.method == "POST" for e in server.state.log if e.path == "/fhir/Patient/_search")
+    assert not any("identifier" in e.query for e in server.state.log)
     store.dispose()
 
 
@@ -148,4 +152,21 @@ def test_pull_case_for_the_cli_resolves_the_partner_and_refreshes(world):
     )
     with pytest.raises(NotFoundError):
         pull_case(store, settings, "no-such-case")
+    store.dispose()
+
+
+def test_no_identifier_or_name_in_logs_of_the_job(world, caplog):
+    settings, store, _ = world(Faults(throttle_every=7, retry_after="0"))
+    patient, _ = ehr_patient()
+    phi = {patient["birthDate"], *(i["value"] for i in patient["identifier"])}
+    for name in patient["name"]:
+        phi.update([name["family"], *name["given"]])
+    caplog.set_level(logging.DEBUG)  # urllib3 logs request lines (with query strings) at DEBUG
+    with structlog.testing.capture_logs() as events:
+        jobs.load_handler_modules()
+        jobs.Worker(store, settings).run_once()
+    assert job_row(store).state == "done"
+    text = json.dumps(events, default=str) + "\n".join(r.getMessage() for r in caplog.records)
+    assert "pull.patient.done" in text
+    assert sorted(p for p in phi if p in text) == []
     store.dispose()
