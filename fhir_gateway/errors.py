@@ -18,7 +18,8 @@ GatewayError                      base; status_code + FHIR issue code
 ├── UpstreamError                 remote system failed; carries system, url, status, outcome
 │   ├── UpstreamUnavailableError  timeout / connection / 5xx / 429 - retryable
 │   ├── UpstreamRejectedError     4xx, often with an OperationOutcome
-│   └── UpstreamNotFoundError     404/410 from the remote system
+│   ├── UpstreamNotFoundError     404/410 from the remote system
+│   └── TokenError                an OAuth token endpoint refused us; carries the OAuth `error`
 └── DeliveryError                 the DiagnosticReport could not be delivered
 ```
 
@@ -182,3 +183,22 @@ class DeliveryError(GatewayError):
 def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:
     """An OperationOutcome resource holding `issues`."""
     return {"resourceType": "OperationOutcome", "issue": list(issues)}
+
+
+class TokenError(UpstreamRejectedError):
+    """An OAuth 2.0 token endpoint refused us (RFC 6749 §5.2); `error` is its OAuth error code."""
+
+    issue_code = "login"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str,
+        description: str | None = None,
+        system: str = "",
+        url: str = "",
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, system=system, url=url, status=status)
+        self.error, self.description = error, description

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from connectors.smart import PrivateKey, generate_private_key, jwks
 from fhir_gateway.app import create_app
 from fhir_gateway.auth import mint_dev_token
+from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store, open_store
 from tests.servers.postgres import postgres_cluster
@@ -139,3 +141,93 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(f"  PHI in log of {name}: {term!r} in {text!r}")
     if hits:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- FHIR pull: SMART client keys and a sandbox EHR on a loopback port ---
+
+SYNTHEA = FIXTURES / "synthea"
+CLIENT_ID = "fhir-gateway-test"
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> PrivateKey:
+    return generate_private_key("RSA")
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> PrivateKey:
+    return generate_private_key("EC")
+
+
+@pytest.fixture
+def synthea_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "ehr-data"
+    shutil.copytree(SYNTHEA, data)
+    return data
+
+
+SandboxFactory = Callable[..., SandboxServer]
+
+
+@pytest.fixture
+def sandbox(rsa_key: PrivateKey, ec_key: PrivateKey, synthea_dir: Path) -> Iterator[SandboxFactory]:
+    """Start sandboxes (SMART enforced, our test client registered) and stop them afterwards."""
+    started: list[SandboxServer] = []
+
+    def start(
+        data_dir: Path | None = None,
+        scopes: tuple[str, ...] = ("system/*.cruds",),
+        **kwargs: object,
+    ) -> SandboxServer:
+        client = SandboxClient(CLIENT_ID, jwks([rsa_key, ec_key]), scopes)
+        config = SandboxConfig(
+            data_dir=data_dir or synthea_dir,
+            clients={CLIENT_ID: client},
+            **kwargs,  # type: ignore[arg-type]
+        )
+        server = SandboxServer(config).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def add_case(store: Store, case_id: str, patient_ref: str, partner_id: str = "p1") -> None:
+    """A referral case row, as intake would have made it (for tests of what follows intake)."""
+    from fhir_gateway.store.models import Case
+
+    with store.session() as s:
+        s.add(
+            Case(
+                id=case_id,
+                partner_id=partner_id,
+                status="received",
+                task_id=f"task-{case_id}",
+                service_request_id=f"sr-{case_id}",
+                patient_ref=patient_ref,
+            )
+        )
+
+
+def partner_toml(
+    partner_id: str, base_url: str, key_file: str, kid: str, *, destination: bool = False
+) -> str:
+    """One `[[partners]]` entry whose FHIR endpoint (and destination) uses SMART with `key_file`."""
+    auth = (
+        f'{{ type = "smart", client_id = "fhir-gateway", key_file = "{key_file}", kid = "{kid}" }}'
+    )
+    text = f"""
+[[partners]]
+id = "{partner_id}"
+name = "Partner {partner_id}"
+identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "{partner_id}" }}
+
+[partners.fhir]
+base_url = "{base_url}"
+auth = {auth}
+"""
+    if destination:
+        text += f'\n[partners.destination]\nbase_url = "{base_url}"\nauth = {auth}\n'
+    return text

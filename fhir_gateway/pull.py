@@ -1,0 +1,553 @@
+"""Pull a patient's records from a referring EHR over FHIR, and store them for the case.
+
+Plain functions a job can call: `pull_patient_records` (network: `$everything` when the server
+offers it, else per-type searches in parallel, then attachments) and `save_pull` (database:
+upsert `StoredResource` rows tagged with source and fetch time). Classification (staging, tumour
+markers, ...) is the mappers' job, not the pull's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+import structlog
+from sqlalchemy import func, select
+
+from connectors._http import Http
+from connectors.fhir_client import FhirEhrClient, SearchResult
+from connectors.smart import SmartTokenProvider, StaticTokenProvider, load_private_key
+from fhir_gateway.errors import (
+    InputError,
+    NotFoundError,
+    UnknownPartnerError,
+    UpstreamError,
+    UpstreamNotFoundError,
+    UpstreamRejectedError,
+)
+from fhir_gateway.jobs import JobContext, job_handler
+from fhir_gateway.resources import Resource, identifiers_of
+from fhir_gateway.settings import BasicAuth, BearerAuth, Partner, Settings, SmartAuth
+from fhir_gateway.store import Store, models
+
+log = structlog.get_logger(__name__)
+
+# What a second opinion needs (STANDARDS.md §1.2/§1.3), Patient first.
+PULL_TYPES = (
+    "Patient",
+    "Condition",
+    "DiagnosticReport",
+    "Observation",
+    "Specimen",
+    "Procedure",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "ImagingStudy",
+    "DocumentReference",
+)
+PAGE_SIZE = 200
+
+ProgressCallback = Callable[[str, int, int], None]  # (resource type, resources so far, pages)
+
+
+@dataclass(frozen=True)
+class PulledBinary:
+    sha256: str
+    size: int
+    content_type: str
+    resource: str  # "Type/id" of the resource whose attachment it is
+
+
+@dataclass
+class PullResult:
+    source: str
+    resources: list[Resource] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    partial_types: list[str] = field(default_factory=list)
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    binaries: list[PulledBinary] = field(default_factory=list)
+    used_everything: bool = False
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.partial_types)
+
+
+@dataclass(frozen=True)
+class SaveCounts:
+    added: int
+    updated: int
+    unchanged: int
+
+
+def patient_id_of(patient_ref: str) -> str:
+    """`Patient/123`, `https://ehr/fhir/Patient/123` or `123` -> `123`."""
+    return patient_ref.rstrip("/").split("/")[-1]
+
+
+def pull_patient_records(
+    client: FhirEhrClient,
+    patient_ref: str,
+    *,
+    since: str | None = None,
+    max_parallel: int = 4,
+    progress_cb: ProgressCallback | None = None,
+    binary_dir: Path | None = None,
+    types: Iterable[str] = PULL_TYPES,
+) -> PullResult:
+    """Everything the EHR holds for the patient that a second opinion needs.
+
+    `since` (a FHIR instant) restricts each search to `_lastUpdated=ge<since>` for re-pulls.
+
+    Raises:
+        UpstreamUnavailableError: the server kept failing after retries (the job retries later).
+        UpstreamRejectedError: refused, paging loop, bad responses (the job is dead, with reason).
+    """
+    started = time.monotonic()
+    patient_id = patient_id_of(patient_ref)
+    result = PullResult(source=client.base_url)
+    searchable, everything = _server_offers(_capabilities(client))
+    wanted = [t for t in dict.fromkeys(types) if not searchable or t in searchable]
+    report = _Progress(progress_cb)
+    if everything and since is None:
+        result.used_everything = True
+        found = SearchResult()
+        for page in client.iter_everything(patient_id):
+            # Keep what a second opinion needs; the rest of the compartment (claims, ...) is not.
+            page.matches = [r for r in page.matches if r.get("resourceType") in wanted]
+            found.add(page)
+            report.by_type(found)
+        _merge(result, "$everything", found)
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
+            stop = threading.Event()
+            futures = {
+                t: pool.submit(_search_type, client, t, patient_id, since, report, stop)
+                for t in wanted
+            }
+            for resource_type, future in futures.items():
+                try:
+                    found = future.result()
+                except UpstreamRejectedError as exc:
+                    if exc.status != 403:
+                        _cancel(futures.values())
+                        raise
+                    # SM-14: a type outside our authorisation is withheld, not a failed pull.
+                    result.partial_types.append(resource_type)
+                    result.issues.append(exc.to_issue())
+                    continue
+                except BaseException:
+                    _cancel(futures.values())
+                    raise
+                _merge(result, resource_type, found)
+    if binary_dir is not None:
+        _pull_attachments(client, result, binary_dir)
+    result.counts = _count_types(result.resources)
+    log.info(
+        "pull.patient.done",
+        types=len(result.counts),
+        resources=len(result.resources),
+        binaries=len(result.binaries),
+        partial=result.partial,
+        everything=result.used_everything,
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    return result
+
+
+def _capabilities(client: FhirEhrClient) -> Resource:
+    """The CapabilityStatement, or {} when the server has none (then: search every type)."""
+    try:
+        found = client.capabilities()
+    except UpstreamNotFoundError:
+        found = {}
+    if found.get("resourceType") != "CapabilityStatement":
+        log.info("pull.capabilities.missing", got=found.get("resourceType"))
+        return {}
+    return found
+
+
+def _cancel(futures: Iterable[Future[SearchResult]]) -> None:
+    """One type failed: the pull fails, so do not start the searches still queued."""
+    for future in futures:
+        future.cancel()
+
+
+def _server_offers(capabilities: Resource) -> tuple[set[str], bool]:
+    """From the CapabilityStatement: types with search-type, and whether $everything is offered."""
+    searchable: set[str] = set()
+    everything = False
+    for rest in capabilities.get("rest") or []:
+        if rest.get("mode", "server") != "server":
+            continue
+        for entry in rest.get("resource") or []:
+            codes = {i.get("code") for i in entry.get("interaction") or []}
+            if "search-type" in codes:
+                searchable.add(str(entry.get("type")))
+            if entry.get("type") == "Patient" and any(
+                op.get("name") in ("everything", "patient-everything")
+                or str(op.get("definition", "")).endswith("Patient-everything")
+                for op in entry.get("operation") or []
+            ):
+                everything = True
+    return searchable, everything
+
+
+def _search_type(
+    client: FhirEhrClient,
+    resource_type: str,
+    patient_id: str,
+    since: str | None,
+    report: _Progress,
+    stop: threading.Event,
+) -> SearchResult:
+    """All pages of one type; once any type has failed, the searches not yet begun are skipped."""
+    if stop.is_set():
+        return SearchResult()
+    try:
+        return _search_pages(client, resource_type, patient_id, since, report)
+    except UpstreamRejectedError as exc:
+        if exc.status != 403:
+            stop.set()
+        raise
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _search_pages(
+    client: FhirEhrClient,
+    resource_type: str,
+    patient_id: str,
+    since: str | None,
+    report: _Progress,
+) -> SearchResult:
+    params: dict[str, str] = {"_count": str(PAGE_SIZE)}
+    if resource_type == "Patient":
+        params["_id"] = patient_id
+    else:
+        params["patient"] = f"Patient/{patient_id}"
+    if since is not None:
+        params["_lastUpdated"] = f"ge{since}"
+    started = time.monotonic()
+    result = SearchResult()
+    for page in client.iter_pages(resource_type, params):
+        result.add(page)
+        report(result, resource_type)
+    log.info(
+        "pull.type.done",
+        resource_type=resource_type,
+        count=len(result.resources),
+        pages=result.pages,
+        partial=result.partial,
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    return result
+
+
+class _Progress:
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, result: SearchResult, label: str) -> None:
+        if self._callback is not None:
+            with self._lock:
+                self._callback(label, len(result.resources), result.pages)
+
+    def by_type(self, result: SearchResult) -> None:
+        """Progress of a mixed-type search ($everything), one call per resource type."""
+        if self._callback is not None:
+            with self._lock:
+                for resource_type, count in _count_types(result.resources).items():
+                    self._callback(resource_type, count, result.pages)
+
+
+def _merge(result: PullResult, label: str, found: SearchResult) -> None:
+    seen = {(r["resourceType"], r.get("id")) for r in result.resources}
+    for resource in found.resources:
+        key = (resource["resourceType"], resource.get("id"))
+        if key not in seen:
+            seen.add(key)
+            result.resources.append(resource)
+    result.issues += found.issues
+    if found.partial:
+        result.partial_types.append(label)
+
+
+def _count_types(resources: Iterable[Resource]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in resources:
+        counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
+    return counts
+
+
+# --- attachments --------------------------------------------------------------------------
+
+
+def _attachments(resource: Resource) -> Iterator[dict[str, Any]]:
+    if resource["resourceType"] == "DocumentReference":
+        for content in resource.get("content") or []:
+            if isinstance(content.get("attachment"), dict):
+                yield content["attachment"]
+    elif resource["resourceType"] == "DiagnosticReport":
+        yield from (a for a in resource.get("presentedForm") or [] if isinstance(a, dict))
+    elif resource["resourceType"] == "Media" and isinstance(resource.get("content"), dict):
+        yield resource["content"]
+
+
+def _pull_attachments(client: FhirEhrClient, result: PullResult, binary_dir: Path) -> None:
+    """Inline data decoded, same-server URLs downloaded; both stored by SHA-256."""
+    for resource in result.resources:
+        where = f"{resource['resourceType']}/{resource.get('id')}"
+        for attachment in _attachments(resource):
+            content_type = str(attachment.get("contentType") or "application/octet-stream")
+            try:
+                if attachment.get("data"):
+                    pulled = _store_inline(str(attachment["data"]), content_type, binary_dir)
+                elif attachment.get("url"):
+                    got = client.fetch_binary(str(attachment["url"]), binary_dir, content_type)
+                    pulled = (got.sha256, got.size, got.content_type)
+                else:
+                    continue
+            except UpstreamError as exc:
+                if isinstance(exc, UpstreamRejectedError) and exc.status in (None, 403, 404, 410):
+                    result.issues.append(
+                        {
+                            "severity": "warning",
+                            "code": "incomplete",
+                            "diagnostics": f"attachment of {where} not fetched: {exc.message}",
+                        }
+                    )
+                    continue
+                raise
+            result.binaries.append(PulledBinary(*pulled, resource=where))
+
+
+def _store_inline(data: str, content_type: str, binary_dir: Path) -> tuple[str, int, str]:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise UpstreamRejectedError("attachment data is not base64", system="fhir") from exc
+    sha = hashlib.sha256(raw).hexdigest()
+    binary_dir.mkdir(parents=True, exist_ok=True)
+    final = binary_dir / sha
+    if not final.exists():
+        fd, tmp = tempfile.mkstemp(dir=binary_dir, prefix=".part-")
+        with os.fdopen(fd, "wb") as out:
+            out.write(raw)
+        os.replace(tmp, final)
+    return sha, len(raw), content_type
+
+
+# --- storing ------------------------------------------------------------------------------
+
+
+def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> SaveCounts:
+    """Upsert the pulled resources as `StoredResource` rows (one per source id) and binaries.
+
+    Re-pulls only add or update: nothing stored earlier is removed. Idempotent.
+    """
+    now = datetime.now(UTC)
+    added = updated = unchanged = 0
+    with store.session() as session:
+        existing = {
+            (row.resource_type, row.source_id): row
+            for row in session.scalars(
+                select(models.StoredResource).where(
+                    models.StoredResource.case_id == case_id,
+                    models.StoredResource.source == source,
+                )
+            )
+        }
+        for resource in result.resources:
+            key = (resource["resourceType"], str(resource.get("id")))
+            last_updated = (resource.get("meta") or {}).get("lastUpdated")
+            row = existing.get(key)
+            if row is None:
+                row = models.StoredResource(
+                    case_id=case_id,
+                    source=source,
+                    resource_type=key[0],
+                    source_id=key[1],
+                    fetched_at=now,
+                    last_updated=last_updated,
+                    body=resource,
+                )
+                session.add(row)
+                existing[key] = row
+                added += 1
+            elif row.body != resource:
+                row.body, row.last_updated, row.fetched_at = resource, last_updated, now
+                updated += 1
+            else:
+                row.fetched_at = now
+                unchanged += 1
+        for binary in result.binaries:
+            if session.get(models.Binary, binary.sha256) is None:
+                session.add(
+                    models.Binary(
+                        sha256=binary.sha256, size=binary.size, content_type=binary.content_type
+                    )
+                )
+    log.info("pull.save.done", added=added, updated=updated, unchanged=unchanged)
+    return SaveCounts(added, updated, unchanged)
+
+
+def last_updated_since(store: Store, case_id: str, source: str) -> str | None:
+    """The newest source `meta.lastUpdated` stored for the case: the `since` of a re-pull."""
+    with store.session() as session:
+        value: str | None = session.scalar(
+            select(func.max(models.StoredResource.last_updated)).where(
+                models.StoredResource.case_id == case_id,
+                models.StoredResource.source == source,
+            )
+        )
+    return value
+
+
+# --- the job ------------------------------------------------------------------------------
+
+
+def client_for(partner: Partner, system: str | None = None) -> FhirEhrClient:
+    """A FhirEhrClient for a partner's FHIR endpoint, with its auth (SMART, bearer, basic)."""
+    endpoint = partner.fhir
+    if endpoint is None:
+        raise InputError(f"partner {partner.id} has no FHIR endpoint to pull from")
+    session = requests.Session()
+    http = Http(session, system=system or f"fhir:{partner.id}", timeout_s=endpoint.timeout_s)
+    auth = endpoint.auth
+    tokens: SmartTokenProvider | StaticTokenProvider | None = None
+    if isinstance(auth, SmartAuth):
+        tokens = SmartTokenProvider(
+            http,
+            endpoint.base_url,
+            client_id=auth.client_id,
+            key=load_private_key(auth.key_file),
+            kid=auth.kid,
+            token_endpoint=auth.token_url,
+            resource_types=[*PULL_TYPES, "Binary"],
+            scopes=auth.scopes,
+        )
+    elif isinstance(auth, BearerAuth):
+        tokens = StaticTokenProvider(auth.token().get_secret_value(), endpoint.base_url)
+    elif isinstance(auth, BasicAuth):
+        session.auth = (auth.username, auth.password().get_secret_value())
+    return FhirEhrClient(http, endpoint.base_url, tokens=tokens)
+
+
+def source_patient_id(client: FhirEhrClient, store: Store, case: models.Case) -> str:
+    """The patient's id in the referring EHR, from the referral's subject.
+
+    An absolute reference on the EHR's base gives the id; `identifier:system|value` and the
+    identifiers of the Patient the partner sent us are searched in the EHR (one match needed);
+    otherwise the referral's own `Patient/<id>` is taken to be the EHR's id.
+
+    Raises:
+        InputError: an identifier search found no patient or several.
+    """
+    ref = case.patient_ref
+    if ref.startswith(client.base_url + "/Patient/"):
+        return patient_id_of(ref)
+    tokens: list[str] = []
+    if ref.startswith("identifier:"):
+        tokens.append(ref.removeprefix("identifier:"))
+    elif ref.startswith("Patient/"):
+        with store.session() as session:
+            hosted = session.get(models.FhirResource, ("Patient", patient_id_of(ref)))
+            body = hosted.body if hosted is not None else {}
+        tokens += [f"{s}|{v}" for s, v in identifiers_of(body) if s]
+    for token in tokens:
+        found = client.search("Patient", {"identifier": token}, post=True).resources
+        if len(found) == 1:
+            return str(found[0]["id"])
+        if len(found) > 1:
+            raise InputError(f"{len(found)} patients in the source EHR match the referral")
+    if ref.startswith("identifier:"):
+        raise InputError("no patient in the source EHR matches the referral's identifier")
+    return patient_id_of(ref)
+
+
+def pull_case(
+    store: Store,
+    settings: Settings,
+    case_id: str,
+    *,
+    partner: Partner | None = None,
+    refresh: bool = False,
+    progress_cb: ProgressCallback | None = None,
+) -> tuple[PullResult, SaveCounts]:
+    """Pull the case's patient from its partner's EHR and store it (the job and the CLI's
+    `fhir-gateway pull CASE_ID [--refresh]` share this). The partner defaults to the case's.
+
+    `refresh`: a re-pull of what changed since the newest `meta.lastUpdated` already stored.
+
+    Raises:
+        NotFoundError: no such case. UnknownPartnerError: its partner is not configured.
+    """
+    with store.session() as session:
+        case = session.get(models.Case, case_id)
+    if case is None:
+        raise NotFoundError(f"case {case_id} does not exist")
+    partner = partner or settings.partners.by_id(case.partner_id)
+    if partner is None:
+        raise UnknownPartnerError(f"partner {case.partner_id} is not in the partners file")
+    client = client_for(partner)
+    patient_id = source_patient_id(client, store, case)
+    since = last_updated_since(store, case_id, client.base_url) if refresh else None
+    endpoint = partner.fhir
+    result = pull_patient_records(
+        client,
+        f"Patient/{patient_id}",
+        since=since,
+        max_parallel=endpoint.max_parallel if endpoint else 4,
+        progress_cb=progress_cb,
+        binary_dir=settings.data_dir / "binaries",
+    )
+    return result, save_pull(store, case_id, client.base_url, result)
+
+
+@job_handler("pull_fhir")
+def run_pull_fhir(ctx: JobContext) -> None:
+    """Job `pull_fhir`: pull the case's records from its partner's EHR; progress per type.
+
+    Idempotent (upserts by source id). Retryable failures propagate as UpstreamUnavailableError.
+    """
+    if ctx.case_id is None or ctx.partner is None:
+        raise InputError("pull_fhir job needs a case with a partner")
+
+    def progress(resource_type: str, done: int, pages: int) -> None:
+        ctx.progress({resource_type: {"done": done, "pages": pages}})
+
+    result, saved = pull_case(
+        ctx.store,
+        ctx.settings,
+        ctx.case_id,
+        partner=ctx.partner,
+        refresh=bool(ctx.payload.get("refresh")),
+        progress_cb=progress,
+    )
+    ctx.progress(
+        {
+            "summary": {
+                "counts": result.counts,
+                "binaries": len(result.binaries),
+                "partial_types": result.partial_types,
+                "added": saved.added,
+                "updated": saved.updated,
+                "unchanged": saved.unchanged,
+            }
+        }
+    )

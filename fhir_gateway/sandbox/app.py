@@ -1,0 +1,578 @@
+"""A sandbox EHR: a FHIR R4 server with SMART Backend Services auth and fault injection.
+
+It behaves like the real servers it stands in for (Epic, HAPI), not like our client hopes:
+opaque `next` links backed by server-side state, `Bundle.total` sometimes absent, 400 for
+unknown search parameters, 401/403 with OperationOutcome, tokens that expire, 429 with
+`Retry-After`, 5xx bursts, conditional create (201/200/412) and If-Match updates (412).
+Every request is recorded in `SandboxState.log` so tests can assert what was really sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import jwt
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fhir_gateway.errors import (
+    AuthError,
+    ForbiddenError,
+    GatewayError,
+    InputError,
+    operation_outcome,
+)
+from fhir_gateway.resources import Resource
+from fhir_gateway.sandbox.repository import ResourceStore, load_folder
+
+FHIR_JSON = "application/fhir+json"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ALG_KTY = {"RS384": "RSA", "ES384": "EC"}
+V1_LETTERS = {"read": "rs", "write": "cud", "*": "cruds"}
+
+
+@dataclass
+class SandboxClient:
+    """A registered backend-services client: its public JWKS and pre-authorised scopes."""
+
+    client_id: str
+    jwks: dict[str, Any]
+    scopes: tuple[str, ...] = ("system/*.cruds",)
+
+
+@dataclass
+class Faults:
+    """Fault injection; counters are over FHIR data requests (not discovery/token/metadata)."""
+
+    latency_s: float = 0.0
+    throttle_every: int = 0  # every Nth request answers 429
+    retry_after: str = "1"  # seconds or an HTTP-date
+    burst_start: int = 0  # first request number (1-based) of a 5xx burst; 0 = none
+    burst_count: int = 0
+    burst_status: int = 500
+    paging_loop: bool = False  # the 2nd page's next link points back to the 1st page
+    omit_total_every: int = 2  # Bundle.total absent on every Nth search (0 = always present)
+
+
+@dataclass
+class SandboxConfig:
+    data_dir: Path | None = None
+    clients: dict[str, SandboxClient] = field(default_factory=dict)
+    require_auth: bool = True
+    token_lifetime_s: int = 300
+    page_size: int = 50
+    max_page_size: int = 200
+    everything: bool = True
+    advertise_algs: tuple[str, ...] = ("RS384", "ES384")
+    capabilities: tuple[str, ...] = (
+        "client-confidential-asymmetric",
+        "permission-v2",
+        "permission-v1",
+    )
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    t: float
+    method: str
+    path: str
+    query: str
+    status: int
+    retry_after: str | None
+    authorized: bool
+
+
+@dataclass
+class Grant:
+    client_id: str
+    scopes: frozenset[str]
+    expires_at: float
+
+
+class SandboxState:
+    """Everything the sandbox holds: data, paging state, tokens, seen jtis, the request log."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.store = ResourceStore(load_folder(config.data_dir) if config.data_dir else [])
+        self.log: list[LogEntry] = []
+        self.lock = threading.Lock()
+        self.counter = 0
+        self.searches = 0
+        self.pages: dict[str, tuple[list[tuple[str, str]], int, int]] = {}  # token -> state
+        self.page_tokens: dict[tuple[str, int], str] = {}
+        self.results: dict[str, list[tuple[str, str]]] = {}  # state id -> (type, id) list
+        self.tokens: dict[str, Grant] = {}
+        self.seen_jti: dict[tuple[str, str], float] = {}
+
+    def register(self, client: SandboxClient) -> None:
+        self.config.clients[client.client_id] = client
+
+    def next_request_number(self) -> int:
+        with self.lock:
+            self.counter += 1
+            return self.counter
+
+
+def create_sandbox_app(config: SandboxConfig) -> FastAPI:
+    """The sandbox EHR as an ASGI app; FHIR base at `/fhir`, token endpoint at `/auth/token`."""
+    state = SandboxState(config)
+    app = FastAPI(title="fhir-gateway sandbox EHR", docs_url=None, redoc_url=None)
+    app.state.sandbox = state
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> Response:
+        headers = {"WWW-Authenticate": 'Bearer realm="sandbox"'} if exc.status_code == 401 else {}
+        return _fhir(operation_outcome(exc.to_issue()), exc.status_code, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        issue = {"severity": "error", "code": "not-supported", "diagnostics": str(exc.detail)}
+        return _fhir(operation_outcome(issue), exc.status_code)
+
+    @app.middleware("http")
+    async def faults_and_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        faults = state.config.faults
+        path = request.url.path
+        counted = path.startswith("/fhir") and not (
+            path.endswith("/metadata") or "/.well-known/" in path
+        )
+        response: Response | None = None
+        if counted:
+            if faults.latency_s:
+                await asyncio.sleep(faults.latency_s)
+            n = state.next_request_number()
+            in_burst = faults.burst_start and (
+                faults.burst_start <= n < faults.burst_start + faults.burst_count
+            )
+            if in_burst:
+                issue = {"severity": "error", "code": "exception", "diagnostics": "injected fault"}
+                response = _fhir(operation_outcome(issue), faults.burst_status)
+            elif faults.throttle_every and n % faults.throttle_every == 0:
+                issue = {"severity": "error", "code": "throttled", "diagnostics": "slow down"}
+                response = _fhir(operation_outcome(issue), 429, {"Retry-After": faults.retry_after})
+        if response is None:
+            response = await call_next(request)
+        state.log.append(
+            LogEntry(
+                t=time.time(),
+                method=request.method,
+                path=path,
+                query=request.url.query,
+                status=response.status_code,
+                retry_after=response.headers.get("Retry-After"),
+                authorized="authorization" in request.headers,
+            )
+        )
+        return response
+
+    @app.get("/fhir/.well-known/smart-configuration")
+    def smart_configuration(request: Request) -> Response:
+        origin = _origin(request)
+        return JSONResponse(
+            {
+                "issuer": origin,
+                "token_endpoint": f"{origin}/auth/token",
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": list(config.advertise_algs),
+                "scopes_supported": ["system/*.rs", "system/*.read"],
+                "capabilities": list(config.capabilities),
+                "code_challenge_methods_supported": ["S256"],
+            }
+        )
+
+    @app.post("/auth/token")
+    async def token(request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode()))
+        return _issue_token(state, form, f"{_origin(request)}/auth/token")
+
+    @app.get("/fhir/metadata")
+    def metadata(request: Request) -> Response:
+        return _fhir(_capability_statement(state, _origin(request)))
+
+    @app.get("/fhir")
+    def get_pages(request: Request) -> Response:
+        _authorize(state, request, None, "s")
+        token = request.query_params.get("_getpages")
+        if token is None or token not in state.pages:
+            raise InputError("unknown or expired paging state")
+        return _fhir(_render_page(state, request, token))
+
+    @app.get("/fhir/Patient/{patient_id}/$everything")
+    def everything(patient_id: str, request: Request) -> Response:
+        if not config.everything:
+            raise InputError("operation $everything is not supported")
+        grant = _authorize(state, request, "Patient", "r")
+        found = state.store.compartment(patient_id)
+        allowed = [r for r in found if _permits(grant, r["resourceType"], "s")]
+        withheld = len(found) - len(allowed)
+        return _fhir(_start_search(state, request, allowed, _count(request, config), withheld))
+
+    @app.get("/fhir/{resource_type}")
+    def search_get(resource_type: str, request: Request) -> Response:
+        params = list(request.query_params.multi_items())
+        return _fhir(_search(state, request, resource_type, params))
+
+    @app.post("/fhir/{resource_type}/_search")
+    async def search_post(resource_type: str, request: Request) -> Response:
+        params = parse_qsl((await request.body()).decode())
+        params += list(request.query_params.multi_items())
+        return _fhir(_search(state, request, resource_type, params))
+
+    @app.get("/fhir/{resource_type}/{resource_id}")
+    def read(resource_type: str, resource_id: str, request: Request) -> Response:
+        _authorize(state, request, resource_type, "r")
+        resource = state.store.get(resource_type, resource_id)
+        # Content negotiation as servers do it: the client's first choice wins.
+        first_choice = request.headers.get("accept", "*/*").split(",")[0].split(";")[0].strip()
+        if resource_type == "Binary" and "json" not in first_choice:
+            data = base64.b64decode(resource.get("data") or "")
+            return Response(data, media_type=resource.get("contentType"))
+        return _fhir(resource, 200, {"ETag": f'W/"{resource["meta"]["versionId"]}"'})
+
+    @app.post("/fhir/{resource_type}")
+    async def create(resource_type: str, request: Request) -> Response:
+        _authorize(state, request, resource_type, "c")
+        resource = await _body_resource(request, resource_type)
+        cond = request.headers.get("if-none-exist")
+        result = state.store.create(resource, parse_qsl(cond) if cond is not None else None)
+        return _written(request, result.resource, result.status)
+
+    @app.put("/fhir/{resource_type}/{resource_id}")
+    async def update(resource_type: str, resource_id: str, request: Request) -> Response:
+        _authorize(state, request, resource_type, "u")
+        resource = await _body_resource(request, resource_type)
+        if resource.get("id") != resource_id:
+            raise InputError("resource id in the body does not match the URL")
+        result = state.store.update(resource, request.headers.get("if-match"))
+        return _written(request, result.resource, result.status)
+
+    return app
+
+
+# --- SMART token endpoint (SM-20..SM-23) --------------------------------------------------
+
+
+def _issue_token(state: SandboxState, form: dict[str, str], token_url: str) -> Response:
+    if form.get("grant_type") != "client_credentials":
+        return _oauth_error("unsupported_grant_type", "only client_credentials")
+    if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_assertion"):
+        return _oauth_error("invalid_request", "client_assertion (jwt-bearer) required")
+    assertion = form["client_assertion"]
+    try:
+        header = jwt.get_unverified_header(assertion)
+        unverified = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return _oauth_error("invalid_client", "client_assertion is not a JWT", 401)
+    alg, kid, iss = header.get("alg"), header.get("kid"), unverified.get("iss")
+    client = state.config.clients.get(str(iss))
+    if client is None:
+        return _oauth_error("invalid_client", "unknown client", 401)
+    if alg not in ALG_KTY or alg not in state.config.advertise_algs:
+        return _oauth_error("invalid_client", f"alg {alg} not accepted", 401)
+    keys = [
+        k
+        for k in client.jwks.get("keys", [])
+        if k.get("kid") == kid and k.get("kty") == ALG_KTY[alg]
+    ]
+    if len(keys) != 1:
+        return _oauth_error("invalid_client", "no single registered key matches kid", 401)
+    try:
+        claims = jwt.decode(
+            assertion,
+            jwt.PyJWK(keys[0], algorithm=alg).key,
+            algorithms=[alg],
+            audience=token_url,
+            issuer=client.client_id,
+            options={"require": ["iss", "sub", "aud", "exp", "jti"]},
+        )
+    except jwt.PyJWTError as exc:
+        return _oauth_error("invalid_client", f"client_assertion rejected: {exc}", 401)
+    now = time.time()
+    if claims["sub"] != client.client_id:
+        return _oauth_error("invalid_client", "sub must equal iss", 401)
+    if claims["exp"] - now > 300 + 5:
+        return _oauth_error("invalid_client", "exp more than 5 minutes ahead", 401)
+    with state.lock:
+        state.seen_jti = {k: v for k, v in state.seen_jti.items() if v > now}
+        if (client.client_id, str(claims["jti"])) in state.seen_jti:
+            return _oauth_error("invalid_client", "jti replayed", 401)
+        state.seen_jti[(client.client_id, str(claims["jti"]))] = float(claims["exp"])
+    requested = form.get("scope", "").split()
+    granted = [s for s in requested if _scope_allowed(s, client.scopes)]
+    if not granted:
+        return _oauth_error("invalid_scope", "none of the requested scopes is authorised")
+    value = secrets.token_urlsafe(32)
+    lifetime = state.config.token_lifetime_s
+    state.tokens[value] = Grant(client.client_id, frozenset(granted), now + lifetime)
+    return JSONResponse(
+        {
+            "access_token": value,
+            "token_type": "bearer",
+            "expires_in": lifetime,
+            "scope": " ".join(granted),
+        },
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+    )
+
+
+def _oauth_error(error: str, description: str, status: int = 400) -> Response:
+    return JSONResponse(
+        {"error": error, "error_description": description},
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _parse_scope(scope: str) -> tuple[str, str] | None:
+    """`system/Type.rs` or v1 `system/Type.read` -> (Type, letters); None if not a system scope."""
+    if not scope.startswith("system/") or "." not in scope:
+        return None
+    resource_type, perm = scope[len("system/") :].split("?")[0].rsplit(".", 1)
+    letters = V1_LETTERS.get(perm, perm)
+    if not letters or any(ch not in "cruds" for ch in letters):
+        return None
+    return resource_type, letters
+
+
+def _scope_allowed(scope: str, allowed: tuple[str, ...]) -> bool:
+    want = _parse_scope(scope)
+    if want is None:
+        return False
+    for a in allowed:
+        have = _parse_scope(a)
+        if have and have[0] in ("*", want[0]) and set(want[1]) <= set(have[1]):
+            return True
+    return False
+
+
+def _permits(grant: Grant | None, resource_type: str, letter: str) -> bool:
+    if grant is None:
+        return True
+    for scope in grant.scopes:
+        parsed = _parse_scope(scope)
+        if parsed and parsed[0] in ("*", resource_type) and letter in parsed[1]:
+            return True
+    return False
+
+
+def _authorize(
+    state: SandboxState, request: Request, resource_type: str | None, letter: str
+) -> Grant | None:
+    """Check the bearer token and its scopes (401 without/expired, 403 outside scopes)."""
+    if not state.config.require_auth:
+        return None
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        raise AuthError("bearer token required")
+    grant = state.tokens.get(header[7:].strip())
+    if grant is None or grant.expires_at <= time.time():
+        raise AuthError("access token invalid or expired")
+    if resource_type is not None and not _permits(grant, resource_type, letter):
+        raise ForbiddenError(f"token scopes do not permit {letter} on {resource_type}")
+    return grant
+
+
+# --- search and paging (RS-20, RS-21) -----------------------------------------------------
+
+
+def _search(
+    state: SandboxState, request: Request, resource_type: str, params: list[tuple[str, str]]
+) -> Resource:
+    _authorize(state, request, resource_type, "s")
+    found = state.store.search(resource_type, [(k, v) for k, v in params if k != "_count"])
+    count = _count_of(dict(params).get("_count"), state.config)
+    return _start_search(state, request, found, count, 0)
+
+
+def _start_search(
+    state: SandboxState, request: Request, found: list[Resource], count: int, withheld: int
+) -> Resource:
+    state_id = secrets.token_hex(12)
+    with state.lock:
+        state.searches += 1
+        every = state.config.faults.omit_total_every
+        omit_total = bool(every) and state.searches % every == 0
+        state.results[state_id] = [(r["resourceType"], r["id"]) for r in found]
+    token = _page_token(state, state_id, 0, count, omit_total, withheld)
+    return _render_page(state, request, token, self_url=str(request.url))
+
+
+def _page_token(
+    state: SandboxState, state_id: str, offset: int, count: int, omit_total: bool, withheld: int
+) -> str:
+    with state.lock:
+        token = state.page_tokens.get((state_id, offset))
+        if token is None:
+            token = secrets.token_urlsafe(16)
+            state.page_tokens[(state_id, offset)] = token
+            flags = [("omit_total", "1" if omit_total else "0"), ("withheld", str(withheld))]
+            state.pages[token] = ([("state", state_id), *flags], offset, count)
+        return token
+
+
+def _render_page(
+    state: SandboxState, request: Request, token: str, self_url: str | None = None
+) -> Resource:
+    meta, offset, count = state.pages[token]
+    info = dict(meta)
+    state_id, omit_total, withheld = info["state"], info["omit_total"] == "1", int(info["withheld"])
+    ids = state.results[state_id]
+    origin = _origin(request)
+    base = f"{origin}/fhir"
+    entries: list[Resource] = []
+    for resource_type, resource_id in ids[offset : offset + count]:
+        try:
+            resource = state.store.get(resource_type, resource_id)
+        except GatewayError:
+            continue  # deleted since the search ran
+        entries.append(
+            {
+                "fullUrl": f"{base}/{resource_type}/{resource_id}",
+                "resource": resource,
+                "search": {"mode": "match"},
+            }
+        )
+    if withheld and offset == 0:
+        issue = {
+            "severity": "information",
+            "code": "suppressed",
+            "diagnostics": f"{withheld} resources withheld by access policy",
+        }
+        entries.append({"resource": operation_outcome(issue), "search": {"mode": "outcome"}})
+    links = [{"relation": "self", "url": self_url or f"{base}?_getpages={token}"}]
+    if offset + count < len(ids):
+        nxt = _page_token(state, state_id, offset + count, count, omit_total, withheld)
+        if state.config.faults.paging_loop and offset > 0:
+            nxt = _page_token(state, state_id, 0, count, omit_total, withheld)
+        links.append({"relation": "next", "url": f"{base}?_getpages={nxt}"})
+    bundle: Resource = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if not omit_total:
+        bundle["total"] = len(ids)
+    bundle["entry"] = entries
+    return bundle
+
+
+def _count(request: Request, config: SandboxConfig) -> int:
+    return _count_of(request.query_params.get("_count"), config)
+
+
+def _count_of(value: str | None, config: SandboxConfig) -> int:
+    if value is None:
+        return config.page_size
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"_count must be a positive integer, got {value!r}")
+    return min(int(value), config.max_page_size)
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def _capability_statement(state: SandboxState, origin: str) -> Resource:
+    search_params = [
+        {"name": n, "type": t}
+        for n, t in (
+            ("patient", "reference"),
+            ("subject", "reference"),
+            ("category", "token"),
+            ("code", "token"),
+            ("identifier", "token"),
+            ("_lastUpdated", "date"),
+        )
+    ]
+    types = sorted({*state.store.types(), "Patient", "Binary", "Task", "DiagnosticReport"})
+    resources = []
+    for t in types:
+        entry: Resource = {
+            "type": t,
+            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update")],
+            "searchParam": search_params,
+        }
+        if t == "Patient" and state.config.everything:
+            entry["operation"] = [
+                {
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                }
+            ]
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-01-01",
+        "kind": "instance",
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "implementation": {"description": "fhir-gateway sandbox EHR", "url": f"{origin}/fhir"},
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ]
+                },
+                "resource": resources,
+            }
+        ],
+    }
+
+
+async def _body_resource(request: Request, resource_type: str) -> Resource:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InputError("request body is not JSON") from exc
+    if not isinstance(body, dict) or body.get("resourceType") != resource_type:
+        raise InputError(f"request body is not a {resource_type}")
+    return body
+
+
+def _written(request: Request, resource: Resource, status: int) -> Response:
+    version = resource["meta"]["versionId"]
+    location = f"{_origin(request)}/fhir/{resource['resourceType']}/{resource['id']}"
+    headers = {
+        "Location": f"{location}/_history/{version}",
+        "ETag": f'W/"{version}"',
+        "Last-Modified": email.utils.format_datetime(
+            datetime.fromisoformat(str(resource["meta"]["lastUpdated"]).replace("Z", "+00:00")),
+            usegmt=True,
+        ),
+    }
+    return _fhir(resource, status, headers)
+
+
+def _fhir(body: Resource, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(
+        body,
+        status_code=status,
+        headers=headers,
+        media_type=f"{FHIR_JSON}; charset=utf-8",
+    )
+
+
+def _origin(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
