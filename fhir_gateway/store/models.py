@@ -166,6 +166,18 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_claim", "state", "kind", "run_at"),)
 
 
+class Assignment(Base):
+    """A reviewer assigned to a case, optionally until a given time."""
+
+    __tablename__ = "assignments"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    reviewer: Mapped[str] = mapped_column(String(256), primary_key=True)  # the token's subject
+    assigned_by: Mapped[str] = mapped_column(String(256))
+    assigned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AuditRow(Base):
     """Append-only audit log; each row carries the hash of the previous one."""
 

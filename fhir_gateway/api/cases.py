@@ -1,0 +1,81 @@
+"""Cases API for reviewers and operators: list, read, assign reviewers, move the Task."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from fhir_gateway import audit, cases, hosted
+from fhir_gateway.api.deps import ADMIN, STAFF, StoreDep
+from fhir_gateway.cases import Principal
+from fhir_gateway.store.models import Case
+
+router = APIRouter(prefix="/cases", tags=["cases"])
+
+
+class AssignmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reviewer: str = Field(min_length=1, max_length=256)
+    expires_at: datetime | None = None
+
+
+class StatusIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: str = Field(min_length=1, max_length=32)
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+@router.get("")
+def list_cases(
+    store: StoreDep, status: str | None = None, who: Principal = STAFF
+) -> list[dict[str, Any]]:
+    """Cases the caller may see (admin: all; reviewer: the ones assigned to them)."""
+    with store.session() as s:
+        visible = cases.visible_case_ids(s, who)
+        stmt = select(Case).order_by(Case.created_at.desc())
+        if visible is not None:
+            stmt = stmt.where(Case.id.in_(visible))
+        if status:
+            stmt = stmt.where(Case.status == status)
+        return [cases.case_summary(c) for c in s.scalars(stmt)]
+
+
+@router.get("/{case_id}")
+def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
+    """Status, the referral, and the case's jobs with their state, attempts and progress."""
+    with store.session() as s:
+        case = cases.get_case(s, case_id, who)
+        view = cases.case_view(s, case)
+        audit.record(s, "case.read", who.actor, case_id=case.id, entity=[f"Task/{case.task_id}"])
+        return view
+
+
+@router.post("/{case_id}/assignments", status_code=201)
+def assign(
+    case_id: str, body: AssignmentIn, store: StoreDep, who: Principal = ADMIN
+) -> dict[str, Any]:
+    """Assign a reviewer (by token subject) to the case, optionally until `expires_at`."""
+    with store.session() as s:
+        row = cases.assign(s, case_id, body.reviewer, who, body.expires_at)
+        return {
+            "case": case_id,
+            "reviewer": row.reviewer,
+            "expiresAt": hosted.fhir_instant(row.expires_at) if row.expires_at else None,
+        }
+
+
+@router.post("/{case_id}/status")
+def move_status(
+    case_id: str, body: StatusIn, store: StoreDep, who: Principal = ADMIN
+) -> dict[str, Any]:
+    """Move the referral Task (accepted, in-progress, rejected, failed, ...); 409 if illegal."""
+    with store.session() as s:
+        case = cases.get_case(s, case_id, who)
+        task = hosted.read(s, "Task", case.task_id)
+        cases.transition_task(s, task, body.status, body.reason)
+        audit.record(s, "task.update", who.actor, case_id=case.id, entity=[f"Task/{task.id}"])
+        return cases.case_summary(case)

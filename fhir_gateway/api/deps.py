@@ -1,0 +1,83 @@
+"""FastAPI dependencies: settings, store, the caller, and size-limited FHIR JSON bodies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from fhir_gateway.auth import TokenValidator
+from fhir_gateway.cases import Principal
+from fhir_gateway.errors import (
+    AuthError,
+    ForbiddenError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from fhir_gateway.settings import Settings
+from fhir_gateway.store import Store
+from fhir_gateway.validation import parse_json
+
+JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def get_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("a bearer token is required")
+    validator: TokenValidator = request.app.state.tokens
+    who = validator.validate(token.strip())
+    request.state.principal = who
+    return who
+
+
+def role(*roles: str) -> Any:
+    """Dependency: the caller, who must hold one of `roles`."""
+
+    def check(who: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        if who.role not in roles:
+            raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
+        return who
+
+    return Depends(check)
+
+
+async def fhir_json_body(request: Request) -> Any:
+    """The request body as parsed JSON, after content-type and size checks."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype not in JSON_TYPES:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/fhir+json, got {ctype or 'none'!r}"
+        )
+    settings: Settings = request.app.state.settings
+    limit = settings.limits.max_json_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks), max_depth=settings.limits.max_json_depth)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[Store, Depends(get_store)]
+Body = Annotated[Any, Depends(fhir_json_body)]
+EHR_OR_ADMIN = role("ehr", "admin")
+ANY_ROLE = role("ehr", "reviewer", "admin")
+STAFF = role("reviewer", "admin")
+ADMIN = role("admin")

@@ -1,0 +1,67 @@
+"""The FastAPI application: routers, error handling, store and (optionally) worker threads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from fhir_gateway import jobs
+from fhir_gateway.api import cases, fhir
+from fhir_gateway.api.deps import StoreDep
+from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
+from fhir_gateway.auth import TokenValidator
+from fhir_gateway.logging import configure_logging
+from fhir_gateway.settings import Settings
+from fhir_gateway.store import Store, open_store
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    workers: int = 0,
+    configure_logs: bool = True,
+) -> FastAPI:
+    """Build the service. `workers` > 0 runs that many job worker threads beside the API."""
+    settings = settings or Settings()
+    if configure_logs:
+        configure_logging(settings.log_format, settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _ = settings.partners  # fail at startup, not on the first request, if the file is bad
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_store = store is None
+        app.state.store = store or open_store(settings.db_url)
+        running: list[jobs.Worker] = []
+        if workers:
+            jobs.load_handler_modules(settings.jobs.extra_modules)
+            running = jobs.start_worker_threads(app.state.store, settings, workers)
+        try:
+            yield
+        finally:
+            jobs.stop_workers(running)
+            if own_store:
+                app.state.store.dispose()
+
+    app = FastAPI(title="fhir-gateway", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.tokens = TokenValidator(settings.auth, settings.data_dir)
+    if store is not None:
+        app.state.store = store
+    app.middleware("http")(request_id_middleware)
+    add_error_handlers(app)
+    app.include_router(fhir.router)
+    app.include_router(cases.router)
+
+    @app.get("/health", tags=["ops"])
+    def health(db: StoreDep) -> dict[str, str]:
+        """Liveness and database reachability; no auth, no PHI."""
+        with db.session() as s:
+            s.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    return app

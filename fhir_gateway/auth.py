@@ -1,0 +1,124 @@
+"""Bearer JWTs for callers: the embedded dev issuer (HS256, key in the data dir) and, for
+production, an external issuer validated against its JWKS.
+
+Roles: `ehr` (partner systems pushing referrals; the token names its partner), `reviewer`,
+`admin`. The dev key is generated on first use with mode 0600 and never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from fhir_gateway.cases import Principal
+from fhir_gateway.errors import AuthError, ConfigError
+from fhir_gateway.settings import AuthSettings
+
+ROLES = ("ehr", "reviewer", "admin")
+DEV_ISSUER = "urn:fhir-gateway:dev-issuer"
+DEV_KEY_FILE = Path("keys") / "dev-jwt.key"
+
+
+def dev_key(data_dir: Path) -> bytes:
+    """The dev issuer's HS256 key, created (0600) on first use."""
+    path = data_dir / DEV_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def mint_dev_token(
+    data_dir: Path,
+    *,
+    role: str,
+    sub: str,
+    partner: str | None = None,
+    ttl_s: int = 3600,
+    audience: str = "fhir-gateway",
+) -> str:
+    """A token from the embedded dev issuer (for the demo, tests and local use)."""
+    if role not in ROLES:
+        raise ConfigError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    if role == "ehr" and not partner:
+        raise ConfigError("an ehr token must name its partner (--partner)")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": DEV_ISSUER,
+        "sub": sub,
+        "aud": audience,
+        "role": role,
+        "iat": now,
+        "exp": now + ttl_s,
+        "jti": secrets.token_hex(8),
+    }
+    if partner:
+        claims["partner"] = partner
+    return jwt.encode(claims, dev_key(data_dir), algorithm="HS256")
+
+
+class TokenValidator:
+    """Validates bearer tokens into a `Principal`."""
+
+    def __init__(self, cfg: AuthSettings, data_dir: Path) -> None:
+        self.cfg = cfg
+        self._dev_key = dev_key(data_dir) if cfg.dev_issuer else None
+        self._jwks = jwt.PyJWKClient(cfg.jwks_url, cache_keys=True) if cfg.jwks_url else None
+        if cfg.jwks_url and not cfg.issuer:
+            raise ConfigError("auth.jwks_url needs auth.issuer")
+
+    def validate(self, token: str) -> Principal:
+        """Raises AuthError (401) for any bad token; the reason names no token content."""
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise AuthError("bearer token is not a JWT") from exc
+        issuer = unverified.get("iss")
+        try:
+            if issuer == DEV_ISSUER and self._dev_key is not None:
+                if header.get("alg") != "HS256":
+                    raise AuthError("dev tokens are HS256")
+                claims = jwt.decode(
+                    token,
+                    self._dev_key,
+                    algorithms=["HS256"],
+                    audience=self.cfg.audience,
+                    issuer=DEV_ISSUER,
+                    options={"require": ["exp", "sub", "iss", "aud"]},
+                )
+            elif self._jwks is not None and issuer == self.cfg.issuer:
+                key = self._jwks.get_signing_key_from_jwt(token)
+                claims = jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=["RS256", "RS384", "ES256", "ES384", "PS256"],
+                    audience=self.cfg.audience,
+                    issuer=self.cfg.issuer,
+                    options={"require": ["exp", "sub", "iss"]},
+                )
+            else:
+                raise AuthError("token issuer is not trusted")
+        except jwt.ExpiredSignatureError as exc:
+            raise AuthError("bearer token has expired") from exc
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"bearer token rejected: {type(exc).__name__}") from exc
+        role = claims.get(self.cfg.role_claim)
+        if isinstance(role, list):
+            role = next((r for r in ("admin", "reviewer", "ehr") if r in role), None)
+        if role not in ROLES:
+            raise AuthError("token carries no known role")
+        sub = claims.get(self.cfg.subject_claim)
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("token carries no subject")
+        partner = claims.get(self.cfg.partner_claim)
+        if role == "ehr" and not isinstance(partner, str):
+            raise AuthError("ehr token names no partner")
+        return Principal(sub=sub, role=role, partner_id=partner if role == "ehr" else None)

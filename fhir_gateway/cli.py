@@ -1,0 +1,218 @@
+"""The `fhir-gateway` command line (typer + rich): serve, worker, token, cases, jobs, demo.
+
+Data goes to stdout, logs to stderr. Errors end with a one-line reason and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from fhir_gateway import jobs
+from fhir_gateway.errors import GatewayError
+from fhir_gateway.logging import configure_logging
+from fhir_gateway.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="fhir-gateway: cancer second-opinion records in, reports out.",
+)
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="data directory (default ./data or FHIR_GATEWAY_DATA_DIR)"),
+]
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8080,
+    data_dir: DataDir = None,
+    workers: Annotated[
+        int | None, typer.Option(help="job worker threads (default from settings)")
+    ] = None,
+) -> None:
+    """Run the API and job workers."""
+    import uvicorn
+
+    from fhir_gateway.app import create_app
+
+    settings = _settings(data_dir)
+    if (
+        settings.auth.dev_issuer
+        and not _is_loopback(host)
+        and not (settings.auth.allow_dev_issuer_on_public_bind)
+    ):
+        _fail(
+            f"refusing to bind {host} with the embedded dev token issuer on; configure "
+            "FHIR_GATEWAY_AUTH__ISSUER/JWKS_URL and FHIR_GATEWAY_AUTH__DEV_ISSUER=false"
+        )
+    count = settings.jobs.workers if workers is None else workers
+    application = create_app(settings, workers=count)
+    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    threads: Annotated[int, typer.Option(help="worker threads in this process")] = 1,
+) -> None:
+    """Run job workers alone (scale-out on PostgreSQL: run several on several hosts)."""
+    from fhir_gateway.store import open_store
+
+    settings = _settings(data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    store = open_store(settings.db_url)
+    jobs.load_handler_modules(settings.jobs.extra_modules)
+    running = jobs.start_worker_threads(store, settings, threads)
+    done = threading.Event()
+
+    def stop(_sig: int, _frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    done.wait()
+    jobs.stop_workers(running)
+    store.dispose()
+
+
+@app.command()
+def token(
+    role: Annotated[str, typer.Option(help="ehr, reviewer or admin")],
+    sub: Annotated[str, typer.Option(help="subject (user or system name)")],
+    partner: Annotated[str | None, typer.Option(help="partner id (ehr tokens)")] = None,
+    ttl: Annotated[int, typer.Option(help="lifetime in seconds")] = 3600,
+    data_dir: DataDir = None,
+) -> None:
+    """Mint a token from the embedded dev issuer; prints the token alone."""
+    from fhir_gateway.auth import mint_dev_token
+
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        mint_dev_token(
+            settings.data_dir,
+            role=role,
+            sub=sub,
+            partner=partner,
+            ttl_s=ttl,
+            audience=settings.auth.audience,
+        )
+    )
+
+
+@app.command("cases")
+def list_cases(
+    data_dir: DataDir = None,
+    status: Annotated[str | None, typer.Option(help="only cases in this status")] = None,
+) -> None:
+    """List cases (reads the database directly; for operators on the gateway host)."""
+    from fhir_gateway.store import open_store
+    from fhir_gateway.store.models import Case, Job
+
+    settings = _settings(data_dir)
+    store = open_store(settings.db_url)
+    table = Table(title="cases")
+    for col in ("case", "status", "partner", "created", "jobs"):
+        table.add_column(col)
+    with store.session() as s:
+        stmt = select(Case).order_by(Case.created_at.desc())
+        if status:
+            stmt = stmt.where(Case.status == status)
+        for case in s.scalars(stmt):
+            states = [
+                f"{j.kind}:{j.state}"
+                for j in s.scalars(
+                    select(Job).where(Job.case_id == case.id).order_by(Job.created_at)
+                )
+            ]
+            table.add_row(
+                case.id,
+                case.status,
+                case.partner_id,
+                case.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                ", ".join(states),
+            )
+    store.dispose()
+    out.print(table)
+
+
+@app.command("jobs")
+def list_jobs(
+    data_dir: DataDir = None,
+    state: Annotated[str | None, typer.Option(help="queued, running, done or dead")] = None,
+) -> None:
+    """List jobs with their state, attempts and last error."""
+    from fhir_gateway.store import open_store
+    from fhir_gateway.store.models import Job
+
+    settings = _settings(data_dir)
+    store = open_store(settings.db_url)
+    table = Table(title="jobs")
+    for col in ("job", "kind", "case", "state", "attempts", "last error"):
+        table.add_column(col)
+    with store.session() as s:
+        stmt = select(Job).order_by(Job.created_at)
+        if state:
+            stmt = stmt.where(Job.state == state)
+        for j in s.scalars(stmt):
+            table.add_row(
+                j.id, j.kind, j.case_id or "", j.state, str(j.attempts), (j.last_error or "")[:80]
+            )
+    store.dispose()
+    out.print(table)
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="keep the temporary data directory")] = False,
+) -> None:
+    """Run the main job on embedded defaults: start the service, push a referral, show the case."""
+    from fhir_gateway.demo import run_demo
+
+    run_demo(out, keep=keep)
+
+
+def main() -> None:
+    """Console entry point: our errors become a one-line reason and exit code 2."""
+    try:
+        app()
+    except GatewayError as exc:
+        err.print(f"error: {exc.message}", markup=False, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

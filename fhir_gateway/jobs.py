@@ -1,0 +1,424 @@
+"""Durable job queue in the gateway's database (transactional outbox), leased workers, retries.
+
+A job is written by `enqueue()` inside the caller's transaction, so a state change and the work it
+causes commit together or not at all. Workers claim due jobs with a lease (PostgreSQL:
+`FOR UPDATE SKIP LOCKED`; SQLite: `BEGIN IMMEDIATE` serialises claimers). A worker that dies
+leaves its lease to expire; another worker then takes the job over. Completion and failure are
+fenced by the lease owner, so a worker whose lease was taken over cannot overwrite the new
+owner's result.
+
+Failures retry with exponential backoff and full jitter, honouring a `retry_after` the handler
+reports (`UpstreamError.retry_after`, e.g. from `Retry-After`); `InputError` and
+`UpstreamRejectedError` are permanent and make the job `dead` at once; after `max_attempts` the
+job is `dead` with its last error visible.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from fhir_gateway.errors import InputError, UpstreamError, UpstreamRejectedError
+from fhir_gateway.settings import JobSettings, Partner, Settings
+from fhir_gateway.store import Store
+from fhir_gateway.store.models import Job, utcnow
+
+log = structlog.get_logger(__name__)
+
+QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
+
+# Modules that register handlers; each is imported when present (capabilities land one by one).
+HANDLER_MODULES = ("fhir_gateway.pull", "fhir_gateway.imaging", "fhir_gateway.reports")
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the job's identity and payload, and the service's store and settings."""
+
+    job_id: str
+    kind: str
+    case_id: str | None
+    payload: dict[str, Any]
+    attempt: int
+    store: Store
+    settings: Settings
+    partner: Partner | None
+    _progress: Callable[[dict[str, Any]], None] = field(repr=False)
+
+    def progress(self, update_: dict[str, Any]) -> None:
+        """Merge `update_` into the job's progress and commit it at once (shown in the case)."""
+        self._progress(update_)
+
+
+Handler = Callable[[JobContext], None]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def job_handler(kind: str) -> Callable[[Handler], Handler]:
+    """Register `fn` as the handler of jobs of `kind`."""
+
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+def handlers() -> dict[str, Handler]:
+    return dict(_HANDLERS)
+
+
+def load_handler_modules(extra: Iterable[str] = ()) -> None:
+    """Import the modules that register handlers (the built-in ones that exist, plus `extra`)."""
+    for name in (*HANDLER_MODULES, *extra):
+        if name in HANDLER_MODULES and importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name)
+
+
+def enqueue(
+    session: Session,
+    kind: str,
+    *,
+    case_id: str | None = None,
+    payload: dict[str, Any] | None = None,
+    dedup_key: str | None = None,
+    max_attempts: int = 8,
+    run_at: datetime | None = None,
+) -> Job:
+    """Add a job in the caller's transaction. With `dedup_key`, an existing job is returned."""
+    if dedup_key is not None:
+        existing = session.scalar(select(Job).where(Job.dedup_key == dedup_key))
+        if existing is not None:
+            return existing
+    job = Job(
+        id=str(uuid.uuid4()),
+        kind=kind,
+        case_id=case_id,
+        payload=payload or {},
+        dedup_key=dedup_key,
+        state=QUEUED,
+        attempts=0,
+        max_attempts=max_attempts,
+        run_at=run_at or utcnow(),
+        progress={},
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def backoff_s(attempt: int, cfg: JobSettings, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
+    ceiling = min(cfg.backoff_cap_s, cfg.backoff_base_s * (2 ** max(attempt - 1, 0)))
+    return (rng or random).uniform(0, ceiling)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    kind: str
+    case_id: str | None
+    payload: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    lease_owner: str
+
+
+class Queue:
+    """Claim, complete and fail jobs of the given kinds on a store."""
+
+    def __init__(self, store: Store, cfg: JobSettings) -> None:
+        self.store = store
+        self.cfg = cfg
+
+    def claim(self, owner: str, kinds: Iterable[str]) -> Claimed | None:
+        """Lease one due job (queued and due, or running with an expired lease), or None."""
+        kinds = list(kinds)
+        if not kinds:
+            return None
+        now = utcnow()
+        with self.store.session() as s:
+            due = or_(
+                (Job.state == QUEUED) & (Job.run_at <= now),
+                (Job.state == RUNNING) & (Job.lease_expires_at < now),
+            )
+            stmt = select(Job).where(due, Job.kind.in_(kinds)).order_by(Job.run_at).limit(1)
+            if self.store.is_postgres:
+                stmt = stmt.with_for_update(skip_locked=True)
+            job = s.scalar(stmt)
+            if job is None:
+                return None
+            if job.state == RUNNING:
+                log.warning(
+                    "job.lease.expired",
+                    job_id=job.id,
+                    kind=job.kind,
+                    previous_owner=job.lease_owner,
+                )
+            job.state = RUNNING
+            job.attempts += 1
+            job.lease_owner = owner
+            job.lease_expires_at = now + timedelta(seconds=self.cfg.lease_s)
+            return Claimed(
+                job.id,
+                job.kind,
+                job.case_id,
+                dict(job.payload or {}),
+                job.attempts,
+                job.max_attempts,
+                owner,
+            )
+
+    def _fenced(self, claimed: Claimed, **values: Any) -> bool:
+        with self.store.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(
+                    Job.id == claimed.id,
+                    Job.lease_owner == claimed.lease_owner,
+                    Job.state == RUNNING,
+                )
+                .values(**values, updated_at=utcnow())
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    def heartbeat(self, claimed: Claimed) -> bool:
+        expires = utcnow() + timedelta(seconds=self.cfg.lease_s)
+        return self._fenced(claimed, lease_expires_at=expires)
+
+    def complete(self, claimed: Claimed) -> bool:
+        now = utcnow()
+        return self._fenced(
+            claimed,
+            state=DONE,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=None,
+        )
+
+    def fail(
+        self, claimed: Claimed, error: str, *, permanent: bool, retry_after: float | None = None
+    ) -> str:
+        """Record a failure: requeue with backoff, or dead. Returns the new state."""
+        now = utcnow()
+        if permanent or claimed.attempt >= claimed.max_attempts:
+            self._fenced(
+                claimed,
+                state=DEAD,
+                finished_at=now,
+                last_error=error[:4000],
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            return DEAD
+        delay = max(backoff_s(claimed.attempt, self.cfg), retry_after or 0.0)
+        self._fenced(
+            claimed,
+            state=QUEUED,
+            run_at=now + timedelta(seconds=delay),
+            last_error=error[:4000],
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        return QUEUED
+
+    def merge_progress(self, claimed: Claimed, update_: dict[str, Any]) -> None:
+        with self.store.session() as s:
+            job = s.get(Job, claimed.id)
+            if job is not None and job.lease_owner == claimed.lease_owner:
+                job.progress = {**(job.progress or {}), **update_}
+
+    def requeue(self, job_id: str) -> bool:
+        """Put a dead (or done) job back in the queue with fresh attempts (operator action)."""
+        with self.store.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state not in (DEAD, DONE):
+                return False
+            job.state, job.attempts, job.run_at, job.finished_at = QUEUED, 0, utcnow(), None
+            return True
+
+
+class Worker:
+    """Runs handlers for claimed jobs until stopped. Several may run, in threads or processes."""
+
+    def __init__(self, store: Store, settings: Settings, *, name: str | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.queue = Queue(store, settings.jobs)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        log.info("worker.start", worker=self.name, kinds=sorted(_HANDLERS))
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the loop must survive a database hiccup
+                log.exception("worker.loop.error", worker=self.name)
+                ran = False
+            if not ran:
+                self._stop.wait(self.settings.jobs.poll_s)
+        log.info("worker.stop", worker=self.name)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when nothing was due."""
+        claimed = self.queue.claim(self.name, _HANDLERS)
+        if claimed is None:
+            return False
+        self._run(claimed)
+        return True
+
+    def _run(self, claimed: Claimed) -> None:
+        handler = _HANDLERS[claimed.kind]
+        ctx = JobContext(
+            job_id=claimed.id,
+            kind=claimed.kind,
+            case_id=claimed.case_id,
+            payload=claimed.payload,
+            attempt=claimed.attempt,
+            store=self.store,
+            settings=self.settings,
+            partner=self._partner_of(claimed.case_id),
+            _progress=lambda u: self.queue.merge_progress(claimed, u),
+        )
+        beat = _Heartbeat(self.queue, claimed, self.settings.jobs.lease_s / 3)
+        started = time.monotonic()
+        structlog.contextvars.bind_contextvars(job_id=claimed.id, case_id=claimed.case_id)
+        try:
+            beat.start()
+            handler(ctx)
+        except (InputError, UpstreamRejectedError) as exc:
+            state = self.queue.fail(claimed, _describe(exc), permanent=True)
+            log.warning(
+                "job.run.failed",
+                kind=claimed.kind,
+                attempt=claimed.attempt,
+                state=state,
+                error=type(exc).__name__,
+            )
+        except UpstreamError as exc:
+            state = self.queue.fail(
+                claimed, _describe(exc), permanent=False, retry_after=exc.retry_after
+            )
+            log.warning(
+                "job.run.failed",
+                kind=claimed.kind,
+                attempt=claimed.attempt,
+                state=state,
+                error=type(exc).__name__,
+            )
+        except Exception as exc:
+            state = self.queue.fail(claimed, _describe(exc), permanent=False)
+            log.exception(
+                "job.run.error",
+                kind=claimed.kind,
+                attempt=claimed.attempt,
+                state=state,
+                error=type(exc).__name__,
+            )
+        else:
+            if self.queue.complete(claimed):
+                log.info(
+                    "job.run.done",
+                    kind=claimed.kind,
+                    attempt=claimed.attempt,
+                    elapsed_ms=round((time.monotonic() - started) * 1000),
+                )
+            else:
+                log.warning("job.run.lease_lost", kind=claimed.kind)
+        finally:
+            beat.stop()
+            structlog.contextvars.unbind_contextvars("job_id", "case_id")
+
+    def _partner_of(self, case_id: str | None) -> Partner | None:
+        if case_id is None:
+            return None
+        from fhir_gateway.store.models import Case
+
+        with self.store.session() as s:
+            case = s.get(Case, case_id)
+            partner_id = case.partner_id if case else None
+        return self.settings.partners.by_id(partner_id) if partner_id else None
+
+
+class _Heartbeat:
+    """Extends a job's lease while its handler runs, so long jobs are not taken over."""
+
+    def __init__(self, queue: Queue, claimed: Claimed, every_s: float) -> None:
+        self._queue, self._claimed, self._every = queue, claimed, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="job-heartbeat")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._queue.heartbeat(self._claimed)
+            except Exception:
+                log.warning("job.heartbeat.error", job_id=self._claimed.id)
+
+
+def _describe(exc: BaseException) -> str:
+    """Error text kept on the job: the class and our message (our messages carry no PHI)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def start_worker_threads(store: Store, settings: Settings, count: int) -> list[Worker]:
+    """Start `count` workers in daemon threads; call `.stop()` on each to end them."""
+    workers = [Worker(store, settings) for _ in range(count)]
+    for w in workers:
+        w.thread = threading.Thread(target=w.run_forever, daemon=True, name=f"worker-{w.name}")
+        w.thread.start()
+    return workers
+
+
+def stop_workers(workers: list[Worker], timeout_s: float = 30.0) -> None:
+    """Ask workers to stop and wait for their current job to finish."""
+    for w in workers:
+        w.stop()
+    for w in workers:
+        if w.thread is not None:
+            w.thread.join(timeout_s)
+
+
+__all__ = [
+    "DEAD",
+    "DONE",
+    "QUEUED",
+    "RUNNING",
+    "JobContext",
+    "Queue",
+    "Worker",
+    "enqueue",
+    "job_handler",
+    "load_handler_modules",
+    "start_worker_threads",
+    "stop_workers",
+]

@@ -1,0 +1,110 @@
+"""Inbound FHIR validation with the fhir.resources R4B models (R4B equals R4 for what we host).
+
+Validation runs once at ingest; errors come back as OperationOutcome issues whose `expression`
+is a FHIRPath to the element (e.g. `Bundle.entry[1].resource.code`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+import pydantic
+
+from fhir_gateway.errors import ParseError, ValidationError
+from fhir_gateway.resources import Resource
+
+
+def parse_json(data: bytes, *, max_depth: int = 64) -> Any:
+    """Parse a JSON request body.
+
+    Raises:
+        ParseError: not UTF-8, not JSON, or nested deeper than `max_depth`.
+    """
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"body is not UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise ParseError(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    if _depth(value) > max_depth:
+        raise ParseError(f"JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        nxt: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = nxt
+    return depth - 1
+
+
+def _model(resource_type: str) -> type[pydantic.BaseModel]:
+    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
+    model: type[pydantic.BaseModel] = getattr(module, resource_type)
+    return model
+
+
+def validate_resource(
+    resource: Any, *, path: str | None = None, allowed: frozenset[str] | None = None
+) -> Resource:
+    """Check `resource` is a FHIR R4 resource of an allowed type; return it unchanged.
+
+    Raises:
+        ValidationError: 400 for an unknown/unsupported type or structural errors, with paths.
+    """
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        where = path or "resource"
+        raise ValidationError(
+            "not a FHIR resource: resourceType missing", expression=[where], status_code=400
+        )
+    rtype: str = resource["resourceType"]
+    where = path or rtype
+    if allowed is not None and rtype not in allowed:
+        raise ValidationError(
+            f"resource type {rtype} is not accepted here", expression=[where], status_code=400
+        )
+    try:
+        model = _model(rtype)
+    except (ImportError, AttributeError) as exc:
+        raise ValidationError(
+            f"unknown resource type {rtype}", expression=[where], status_code=400
+        ) from exc
+    try:
+        model.model_validate(resource)
+    except pydantic.ValidationError as exc:
+        issues = [_issue(err, where) for err in exc.errors()[:20]]
+        first = issues[0]
+        raise ValidationError(
+            f"{rtype} is not valid FHIR R4: {first['diagnostics']}",
+            expression=first["expression"],
+            issues=issues,
+            status_code=400,
+        ) from exc
+    except (TypeError, ValueError) as exc:  # validators that raise outside pydantic
+        raise ValidationError(
+            f"{rtype} is not valid FHIR R4: {exc}", expression=[where], status_code=400
+        ) from exc
+    return resource
+
+
+def _issue(err: Any, prefix: str) -> dict[str, Any]:
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid"))
+    code = "required" if err.get("type") == "missing" else "structure"
+    return {
+        "severity": "error",
+        "code": code,
+        "diagnostics": f"{prefix}{loc}: {msg}",
+        "expression": [f"{prefix}{loc}"],
+    }
