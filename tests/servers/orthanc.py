@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import requests
+
+from tests.servers.postgres import skip_or_fail
 
 ORTHANC_BIN = os.environ.get("FHIR_GATEWAY_ORTHANC_BIN", "/usr/sbin/Orthanc")
 PLUGIN_DIR = Path(os.environ.get("FHIR_GATEWAY_ORTHANC_PLUGINS", "/usr/share/orthanc/plugins"))
@@ -38,10 +39,7 @@ def require_orthanc() -> None:
     missing = [p for p in (Path(ORTHANC_BIN), DICOMWEB_PLUGIN) if not p.exists()]
     if not missing:
         return
-    reason = f"Orthanc not installed (missing {', '.join(map(str, missing))})"
-    if os.environ.get("FHIR_GATEWAY_REQUIRE_SERVERS") == "1":
-        pytest.fail(reason + " and FHIR_GATEWAY_REQUIRE_SERVERS=1")
-    pytest.skip(reason)
+    skip_or_fail(f"Orthanc not installed (missing {', '.join(map(str, missing))})")
 
 
 @dataclass
