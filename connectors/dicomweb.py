@@ -246,7 +246,9 @@ class DicomwebClient:
         mods = list(modalities)
         if mods:
             params["ModalitiesInStudy"] = ",".join(mods)
-        params["includefield"] = ["00081030", "00201206", "00201208", "00100010", "00080005"]
+        # Not 00080005: Orthanc 1.10's plugin answers 400 to `includefield=00080005` for studies
+        # in ISO 2022 character sets (seen with the corpus chrH31/chrI2 files); it sends it anyway.
+        params["includefield"] = ["00081030", "00201206", "00201208", "00100010"]
         params.update(extra or {})
         return self._search("studies", params)
 
@@ -383,7 +385,7 @@ class DicomwebClient:
         }
         r = self._request("POST", url, data=body, headers=headers)
         answer: Json = r.json() if r.content else {}
-        if "00081198" in answer:  # FailedSOPSequence
+        if (answer.get("00081198") or {}).get("Value"):  # FailedSOPSequence with items
             raise UpstreamRejectedError(
                 f"{self._system} STOW-RS refused the instance", system=self._system, url=url
             )

@@ -87,10 +87,10 @@ class OrthancServer:
         self.storage.mkdir(parents=True, exist_ok=True)
         cfg = self.storage / "orthanc.json"
         cfg.write_text(json.dumps(self.config()), encoding="utf-8")
-        log = (self.storage / "orthanc.log").open("wb")
-        self.process = subprocess.Popen(
-            [ORTHANC_BIN, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=self.storage
-        )
+        with (self.storage / "orthanc.log").open("wb") as log:  # the child keeps its own fd
+            self.process = subprocess.Popen(
+                [ORTHANC_BIN, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=self.storage
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
