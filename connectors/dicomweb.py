@@ -537,12 +537,18 @@ def verify_part10(path: Path) -> dict[str, str]:
             sop, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
             ts = ds.file_meta.get("TransferSyntaxUID")
             pixel_len = _native_pixel_shortfall(ds, ts)
+            is_image = "Rows" in ds or "Image Storage" in UID(str(sop_class or "")).name
+            pixels_missing = is_image and not any(
+                k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+            )
     except InvalidDicomError as exc:
         raise ParseError(f"not DICOM Part 10 (no preamble/DICM header): {exc}") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ParseError(f"DICOM unparsable: {type(exc).__name__}: {exc}") from exc
     if end is not None and end != size:
         raise ParseError(f"DICOM truncated: elements end at byte {end}, file has {size}")
+    if pixels_missing:
+        raise ParseError("DICOM truncated: an image without Pixel Data")
     if pixel_len:
         raise ParseError(f"DICOM Pixel Data truncated: {pixel_len} bytes short")
     if not (study and series and sop and sop_class):
@@ -558,15 +564,14 @@ def verify_part10(path: Path) -> dict[str, str]:
 
 def _dataset_end(ds: pydicom.Dataset) -> int | None:
     """File offset where the last top-level element's value ends (None if not knowable)."""
-    last: int | None = None
-    for tag in sorted(ds._dict):
-        elem = ds._dict[tag]
-        if not isinstance(elem, RawDataElement) or elem.value_tell is None:
-            return None  # already converted (e.g. deflated): no offsets to check
-        if elem.length == 0xFFFFFFFF:
-            return None  # undefined length: pydicom has read up to its delimiter
-        last = elem.value_tell + elem.length
-    return last
+    if not ds._dict:
+        return None
+    elem = ds._dict[max(ds._dict)]
+    if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+        return None  # already converted (e.g. deflated): no offsets to check
+    if elem.length == 0xFFFFFFFF:
+        return None  # undefined length: pydicom has read up to its delimiter
+    return int(elem.value_tell) + int(elem.length)
 
 
 def _native_pixel_shortfall(ds: pydicom.Dataset, ts: Any) -> int:
