@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import struct
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -518,6 +520,9 @@ def _sop_from_location(headers: Mapping[str, str]) -> str:
     return loc.rsplit("/instances/", 1)[1].split("/")[0] if "/instances/" in loc else ""
 
 
+_VERIFY_LOCK = threading.Lock()
+
+
 def verify_part10(path: Path) -> dict[str, str]:
     """Check that `path` is a complete DICOM Part 10 file; return its identifying UIDs.
 
@@ -529,8 +534,11 @@ def verify_part10(path: Path) -> dict[str, str]:
         ParseError: header-less, unparsable, truncated, or missing an identifying UID.
     """
     size = path.stat().st_size
+    # pydicom warns about invalid values (a cut UID...); the checks below decide instead. The
+    # lock makes catch_warnings (process-global) safe across the retrieval threads.
     try:
-        with path.open("rb") as fh:
+        with _VERIFY_LOCK, warnings.catch_warnings(), path.open("rb") as fh:
+            warnings.simplefilter("ignore")
             ds = pydicom.dcmread(fh, defer_size=256)
             end = _dataset_end(ds)
             study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
@@ -543,7 +551,15 @@ def verify_part10(path: Path) -> dict[str, str]:
             )
     except InvalidDicomError as exc:
         raise ParseError(f"not DICOM Part 10 (no preamble/DICM header): {exc}") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        struct.error,
+    ) as exc:
         raise ParseError(f"DICOM unparsable: {type(exc).__name__}: {exc}") from exc
     if end is not None and end != size:
         raise ParseError(f"DICOM truncated: elements end at byte {end}, file has {size}")
