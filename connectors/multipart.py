@@ -23,7 +23,7 @@ class PartStart:
 
 @dataclass(frozen=True)
 class PartData:
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,15 @@ _PREAMBLE, _AFTER_DELIM, _HEADERS, _BODY, _DONE = range(5)
 
 @dataclass
 class MultipartReader:
-    """Feed bytes with `feed()`, then call `close()`; both return the events seen so far."""
+    """Feed bytes with `feed()`, then call `close()`; both return the events seen so far.
+
+    Body bytes are handed on as `memoryview` slices of the fed chunk (no copy): a consumer
+    must use them before the next `feed()` (writing and hashing them, as the WADO-RS reader
+    does). Only a short tail that may start a delimiter is kept between chunks.
+    """
 
     boundary: bytes
-    _buf: bytearray = field(default_factory=bytearray)
+    _tail: bytes = b""
     _state: int = _PREAMBLE
     _headers: dict[str, str] = field(default_factory=dict)
     _dropped: bool = False
@@ -58,92 +63,101 @@ class MultipartReader:
             raise ValueError("empty multipart boundary")
         self._delim = b"--" + self.boundary
         self._body_delim = b"\n" + self._delim
-        self._keep = len(self._body_delim) + 1  # tail kept back: a delimiter may be split
 
     def feed(self, chunk: bytes) -> list[Event]:
-        self._buf += chunk
+        data = self._tail + chunk if self._tail else chunk
+        self._tail = b""
         events: list[Event] = []
-        while self._step(events):
-            pass
+        pos = 0
+        while True:
+            new_pos = self._step(data, pos, events)
+            if new_pos is None:
+                break
+            pos = new_pos
         return events
 
     def close(self) -> list[Event]:
         """End of input: an unfinished part is reported as `PartTruncated`."""
         events: list[Event] = []
-        while self._step(events):
-            pass
+        if self._state == _BODY and self._tail:
+            events.append(PartData(memoryview(self._tail)))
         if self._state in (_HEADERS, _BODY):
             events.append(PartTruncated())
         elif self._state == _PREAMBLE:
             raise ParseError("multipart body has no delimiter", source="multipart")
-        self._state = _DONE
+        self._state, self._tail = _DONE, b""
         return events
 
-    def _step(self, events: list[Event]) -> bool:
-        buf = self._buf
+    def _keep(self, data: bytes, pos: int) -> None:
+        self._tail = bytes(data[pos:])
+
+    def _step(self, data: bytes, pos: int, events: list[Event]) -> int | None:
+        """Advance one state transition from `pos`; None when `data` is used up."""
         if self._state == _PREAMBLE:
-            pos = 0
+            search = pos
             while True:
-                idx = buf.find(self._delim, pos)
+                idx = data.find(self._delim, search)
                 if idx < 0:
-                    # Drop what cannot start a delimiter any more.
-                    drop = max(0, len(buf) - len(self._delim) - 1)
-                    if drop:
-                        del buf[:drop]
-                        self._dropped = True
-                    return False
-                if (idx == 0 and not self._dropped) or (idx > 0 and buf[idx - 1] == 0x0A):
-                    del buf[: idx + len(self._delim)]
+                    keep_from = max(pos, len(data) - len(self._delim) - 1)
+                    self._dropped = self._dropped or keep_from > 0
+                    self._keep(data, keep_from)
+                    return None
+                at_start = idx == 0 and not self._dropped
+                if at_start or (idx > 0 and data[idx - 1] == 0x0A):
                     self._state = _AFTER_DELIM
-                    return True
-                pos = idx + 1
+                    return idx + len(self._delim)
+                search = idx + 1
         if self._state == _AFTER_DELIM:
             # After "--boundary": "--" closes; else transport padding, then a line end.
-            if len(buf) < 2:
-                return False
-            if buf[:2] == b"--":
+            if len(data) - pos < 2:
+                self._keep(data, pos)
+                return None
+            if data[pos : pos + 2] == b"--":
                 self._state = _DONE
-                buf.clear()
-                return False
-            nl = buf.find(b"\n")
+                return None
+            nl = data.find(b"\n", pos)
             if nl < 0:
-                return False
-            if buf[:nl].strip(b" \t\r"):
+                self._keep(data, pos)
+                return None
+            if data[pos:nl].strip(b" \t\r"):
                 raise ParseError("garbage after multipart delimiter", source="multipart")
-            del buf[: nl + 1]
             self._state, self._headers = _HEADERS, {}
-            return True
+            return nl + 1
         if self._state == _HEADERS:
-            nl = buf.find(b"\n")
+            nl = data.find(b"\n", pos)
             if nl < 0:
-                return False
-            line = bytes(buf[:nl]).rstrip(b"\r")
-            del buf[: nl + 1]
+                self._keep(data, pos)
+                return None
+            line = data[pos:nl].rstrip(b"\r")
             if not line:
                 events.append(PartStart(self._headers))
                 self._state = _BODY
-                return True
+                return nl + 1
             name, sep, value = line.decode("latin-1").partition(":")
             if sep:
                 self._headers[name.strip().lower()] = value.strip()
-            return True
+            return nl + 1
         if self._state == _BODY:
-            idx = buf.find(self._body_delim)
+            idx = data.find(self._body_delim, pos)
+            view = memoryview(data)
             if idx < 0:
-                if len(buf) > self._keep:
-                    n = len(buf) - self._keep
-                    events.append(PartData(bytes(buf[:n])))
-                    del buf[:n]
-                return False
-            end = idx - 1 if idx > 0 and buf[idx - 1] == 0x0D else idx
-            if end:
-                events.append(PartData(bytes(buf[:end])))
+                # Keep back only what could start a delimiter: from a LF (and its CR) near the end.
+                nl = data.rfind(b"\n", max(pos, len(data) - len(self._body_delim) + 1))
+                if nl < 0:  # a final CR may be the start of a CRLF delimiter
+                    cut = len(data) - 1 if data.endswith(b"\r") else len(data)
+                else:
+                    cut = nl - 1 if nl > pos and data[nl - 1] == 0x0D else nl
+                if cut > pos:
+                    events.append(PartData(view[pos:cut]))
+                self._keep(data, cut)
+                return None
+            end = idx - 1 if idx > pos and data[idx - 1] == 0x0D else idx
+            if end > pos:
+                events.append(PartData(view[pos:end]))
             events.append(PartEnd())
-            del buf[: idx + len(self._body_delim)]
             self._state = _AFTER_DELIM
-            return True
-        buf.clear()  # _DONE: an epilogue is ignored
-        return False
+            return idx + len(self._body_delim)
+        return None  # _DONE: an epilogue is ignored
 
 
 def iter_events(chunks: Iterable[bytes], boundary: bytes) -> Iterator[Event]:

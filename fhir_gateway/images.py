@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -56,6 +56,12 @@ class ImageStore(Protocol):
 
     def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
         """Take over the verified temp file `item.path` (moved or uploaded, then removed)."""
+        ...
+
+    def add_batch(
+        self, case_id: str, items: Sequence[RetrievedInstance], source: str
+    ) -> list[InstanceRef]:
+        """`add` for several instances, indexed in one transaction."""
         ...
 
     def iter_instances(
@@ -122,21 +128,37 @@ class _IndexedStore:
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         raise NotImplementedError
 
+    def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
+        return self.add_batch(case_id, [item], source)[0]
+
+    def add_batch(
+        self, case_id: str, items: Sequence[RetrievedInstance], source: str
+    ) -> list[InstanceRef]:
+        placed = [(item, self._place(item)) for item in items]
+        return self._index(case_id, placed, source)
+
+    def _place(self, item: RetrievedInstance) -> str | None:
+        """Put the bytes in the backend; returns the backend's id (if it has one)."""
+        raise NotImplementedError
+
     def _index(
-        self, case_id: str, item: RetrievedInstance, source: str, orthanc_id: str | None
-    ) -> InstanceRef:
+        self, case_id: str, placed: Sequence[tuple[RetrievedInstance, str | None]], source: str
+    ) -> list[InstanceRef]:
+        refs = []
         with self._store.session() as s:
-            row = s.get(ImageInstance, (case_id, item.sop_uid))
-            if row is None:
-                row = ImageInstance(case_id=case_id, sop_uid=item.sop_uid)
-                s.add(row)
-            row.study_uid, row.series_uid = item.study_uid, item.series_uid
-            row.sop_class_uid = item.sop_class_uid
-            row.transfer_syntax_uid = item.transfer_syntax_uid
-            row.sha256, row.size, row.source = item.sha256, item.size, source
-            row.backend, row.orthanc_id = self.backend, orthanc_id
+            for item, orthanc_id in placed:
+                row = s.get(ImageInstance, (case_id, item.sop_uid))
+                if row is None:
+                    row = ImageInstance(case_id=case_id, sop_uid=item.sop_uid)
+                    s.add(row)
+                row.study_uid, row.series_uid = item.study_uid, item.series_uid
+                row.sop_class_uid = item.sop_class_uid
+                row.transfer_syntax_uid = item.transfer_syntax_uid
+                row.sha256, row.size, row.source = item.sha256, item.size, source
+                row.backend, row.orthanc_id = self.backend, orthanc_id
+                refs.append(row)
             s.flush()
-            return _ref(row)
+            return [_ref(r) for r in refs]
 
 
 def _no_bulk(_elem: Any) -> str:
@@ -169,7 +191,7 @@ class FileImageStore(_IndexedStore):
     def blob_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:]
 
-    def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
+    def _place(self, item: RetrievedInstance) -> str | None:
         target = self.blob_path(item.sha256)
         if target.exists():
             item.path.unlink(missing_ok=True)  # same bytes already held (another case, a retry)
@@ -179,7 +201,7 @@ class FileImageStore(_IndexedStore):
                 os.replace(item.path, target)  # atomic on one filesystem: staging is in data_dir
             except OSError:
                 shutil.move(str(item.path), target)
-        return self._index(case_id, item, source, None)
+        return None
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         try:
@@ -215,12 +237,11 @@ class OrthancImageStore(_IndexedStore):
         super().__init__(store, data_dir)
         self.orthanc = orthanc
 
-    def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
+    def _place(self, item: RetrievedInstance) -> str | None:
         try:
-            orthanc_id = self.orthanc.store_file(item.path, item.sop_uid)
+            return self.orthanc.store_file(item.path, item.sop_uid)
         finally:
             item.path.unlink(missing_ok=True)
-        return self._index(case_id, item, source, orthanc_id)
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         return self.orthanc.open_file(ref.orthanc_id or self.orthanc.lookup(ref.sop_uid))

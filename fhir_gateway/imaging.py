@@ -180,10 +180,12 @@ def pull_case_images(
     progress_cb: ProgressCallback | None = None,
     *,
     progress_every_s: float = 1.0,
+    batch_size: int = 32,
 ) -> PullCounts:
     """Fetch every selected study into `image_store` for the case; idempotent and resumable.
 
     Instances already held are skipped (per series; per instance when a series is partly held).
+    Index rows are written `batch_size` at a time (one transaction each).
     A part that is not valid DICOM is rejected with its reason; the others are kept.
 
     Raises:
@@ -199,6 +201,16 @@ def pull_case_images(
             last_report[0] = now
             progress_cb({"imaging": counts.as_progress()})
 
+    pending: list[RetrievedInstance] = []
+
+    def flush() -> None:
+        if pending:
+            image_store.add_batch(case_id, pending, client.base_url)
+            counts.instances += len(pending)
+            counts.bytes += sum(p.size for p in pending)
+            pending.clear()
+            report()
+
     def sink(result: Retrieved) -> None:
         if isinstance(result, RejectedPart):
             counts.rejected.append(
@@ -208,20 +220,22 @@ def pull_case_images(
                     "reason": result.reason,
                 }
             )
-        else:
-            image_store.add(case_id, result, client.base_url)
-            counts.instances += 1
-            counts.bytes += result.size
-        report()
+            return
+        pending.append(result)
+        if len(pending) >= batch_size:
+            flush()
 
     study_uids = resolve_studies(client, study_selectors)
     counts.studies = len(study_uids)
     staging = image_store.staging_dir()
-    for study_uid in study_uids:
-        held = image_store.held_sop_uids(case_id, study_uid)
-        counts.skipped += len(held)
-        plans = client.plan_study(study_uid, held)
-        client.pull_plans(plans, staging, sink)
+    try:
+        for study_uid in study_uids:
+            held = image_store.held_sop_uids(case_id, study_uid)
+            counts.skipped += len(held)
+            plans = client.plan_study(study_uid, held)
+            client.pull_plans(plans, staging, sink)
+    finally:
+        flush()  # what arrived before a failure is kept: a retry resumes from it
     report(force=True)
     log.info(
         "imaging.pull.done",

@@ -5,7 +5,8 @@ DICOM PS3.18: QIDO-RS (10.6), WADO-RS RetrieveSeries/Instance (10.4), STOW-RS (1
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from typing import Any
 
 import pydicom
 import pytest
@@ -27,21 +28,14 @@ from fhir_gateway.settings import DicomwebEndpoint, Partner, PartnerIdentifier, 
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import ImageInstance, StoredResource
 from mappers.dicom import dataset_patient_name
-from tests.integration.imaging.conftest import make_case, study_ref
+from tests.integration.imaging.conftest import DICOM, make_case, study_ref
 from tests.servers.orthanc import OrthancServer, run_orthanc
 
 pytestmark = pytest.mark.server
 
-NAMES = {  # corpus README: PatientName of each charset file
-    "chrArab.dcm": "قباني^لنزار",
-    "chrGreek.dcm": "Διονυσιος",
-    "chrH31.dcm": "Yamada^Tarou=山田^太郎=やまだ^たろう",
-    "chrI2.dcm": "Hong^Gildong=洪^吉洞=홍^길동",
-    "chrJapMulti.dcm": "やまだ^たろう",
-    "chrRuss.dcm": "Люкceмбypг",
-    "chrX1.dcm": "Wang^XiaoDong=王^小東",
-    "chrGerm.dcm": "Äneas^Rüdiger",
-}
+NAMES: dict[str, str] = json.loads(
+    (DICOM / "charsets" / "expected_names.json").read_text(encoding="utf-8")
+)["names"]
 
 
 def all_selectors(corpus_studies) -> list[StudySelector]:
@@ -49,9 +43,7 @@ def all_selectors(corpus_studies) -> list[StudySelector]:
 
 
 def orthanc_file(orthanc: OrthancServer, sop_uid: str) -> bytes:
-    ids = requests.post(
-        f"{orthanc.url}/tools/lookup", data=sop_uid, timeout=10
-    ).json()
+    ids = requests.post(f"{orthanc.url}/tools/lookup", data=sop_uid, timeout=10).json()
     (inst,) = [i for i in ids if i["Type"] == "Instance"]
     r = requests.get(f"{orthanc.url}/instances/{inst['ID']}/file", timeout=30)
     r.raise_for_status()
@@ -82,7 +74,7 @@ def test_pull_case_byte_identical_and_counts_match_qido(
 ):
     case_id = make_case(gw_store)
     client = DicomwebClient(http, orthanc.dicomweb_url, max_parallel=3)
-    progress: list[dict] = []
+    progress: list[dict[str, Any]] = []
     counts = pull_case_images(
         gw_store, case_id, client, file_store, all_selectors(corpus_studies), progress.append
     )
@@ -112,9 +104,11 @@ def test_pull_case_byte_identical_and_counts_match_qido(
 def test_non_ascii_names_come_out_as_unicode(orthanc, http, gw_store, file_store):
     case_id = make_case(gw_store)
     client = DicomwebClient(http, orthanc.dicomweb_url)
-    charsets = Path(__file__).resolve().parents[3] / "fixtures" / "dicom" / "charsets"
+    charsets = DICOM / "charsets"
     selectors = [
-        StudySelector(study_uid=str(pydicom.dcmread(charsets / n, stop_before_pixels=True).StudyInstanceUID))
+        StudySelector(
+            study_uid=str(pydicom.dcmread(charsets / n, stop_before_pixels=True).StudyInstanceUID)
+        )
         for n in NAMES
     ]
     pull_case_images(gw_store, case_id, client, file_store, selectors)
@@ -179,7 +173,9 @@ def test_pull_for_partner_uses_referral_and_patient_search(
     orthanc, gw_store, settings: Settings, corpus_studies
 ):
     ct_study = next(u for u, files in corpus_studies.items() if len(files) == 4)
-    mr_file = next(f for files in corpus_studies.values() for f in files if f.name == "MR_small.dcm")
+    mr_file = next(
+        f for files in corpus_studies.values() for f in files if f.name == "MR_small.dcm"
+    )
     mr = pydicom.dcmread(mr_file, stop_before_pixels=True)
     case_id = make_case(
         gw_store,
@@ -203,8 +199,12 @@ def test_pull_for_partner_uses_referral_and_patient_search(
     partner = partner.model_copy(update={"dicomweb": endpoint})
     counts = pull_for_partner(settings, gw_store, case_id, partner)
     patient_studies = {
-        u for u, files in corpus_studies.items()
-        if any(str(pydicom.dcmread(f, stop_before_pixels=True).PatientID) == str(mr.PatientID) for f in files)
+        u
+        for u, files in corpus_studies.items()
+        if any(
+            str(pydicom.dcmread(f, stop_before_pixels=True).PatientID) == str(mr.PatientID)
+            for f in files
+        )
     }
     expected = {ct_study} | patient_studies
     assert counts.studies == len(expected)

@@ -26,9 +26,10 @@ CT = sorted((DICOM / "series_77654033_CT2").glob("*.dcm"))
 @pytest.fixture(scope="module")
 def pacs_and_bridge(tmp_path_factory) -> Iterator[tuple[OrthancServer, OrthancServer]]:
     base = tmp_path_factory.mktemp("dimse")
-    with run_orthanc(base / "pacs", aet="LEGACYPACS") as pacs, run_orthanc(
-        base / "bridge", aet="GWBRIDGE"
-    ) as bridge:
+    with (
+        run_orthanc(base / "pacs", aet="LEGACYPACS") as pacs,
+        run_orthanc(base / "bridge", aet="GWBRIDGE") as bridge,
+    ):
         bridge.add_modality("pacs", pacs)
         pacs.add_modality("gateway", bridge)  # the PACS must know where C-MOVE sends to
         for path in CT:
@@ -37,7 +38,7 @@ def pacs_and_bridge(tmp_path_factory) -> Iterator[tuple[OrthancServer, OrthancSe
 
 
 def test_cfind_then_cmove_brings_the_study_to_the_bridge(pacs_and_bridge, http):
-    pacs, bridge = pacs_and_bridge
+    _pacs, bridge = pacs_and_bridge
     study_uid = str(pydicom.dcmread(CT[0], stop_before_pixels=True).StudyInstanceUID)
     dimse = OrthancDimse(http, bridge.url, "pacs")
     query_id, answers = dimse.find_studies({"StudyInstanceUID": study_uid})
@@ -68,10 +69,7 @@ def test_pull_for_dimse_partner(pacs_and_bridge, gw_store, settings, file_store)
     counts = pull_for_partner(settings, gw_store, case_id, partner)
     assert counts.instances + counts.skipped == len(CT)
     assert counts.rejected == []
-    originals = {
-        str(ds.SOPInstanceUID): ds
-        for ds in (pydicom.dcmread(p) for p in CT)
-    }
+    originals = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in CT)}
     refs = list(file_store.iter_instances(case_id))
     assert {r.sop_uid for r in refs} == set(originals)
     for ref in refs:

@@ -9,7 +9,7 @@ import requests
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from connectors.dicomweb import DicomwebClient, RejectedPart, RetrievedInstance
+from connectors.dicomweb import DicomwebClient, RejectedPart, Retrieved, RetrievedInstance
 from fhir_gateway.errors import UpstreamRejectedError
 
 DICOM = Path(__file__).resolve().parents[3] / "fixtures" / "dicom"
@@ -37,7 +37,7 @@ def serve(httpserver: HTTPServer, body: bytes, chunk: int = 777) -> None:
     httpserver.expect_request("/dicom-web/studies/s/series/x").respond_with_handler(handler)
 
 
-def fetch(httpserver: HTTPServer, tmp_path: Path) -> list:
+def fetch(httpserver: HTTPServer, tmp_path: Path) -> list[Retrieved]:
     client = DicomwebClient(requests.Session(), httpserver.url_for("/dicom-web"))
     return list(client.retrieve_series("s", "x", tmp_path / "staging"))
 
@@ -45,7 +45,7 @@ def fetch(httpserver: HTTPServer, tmp_path: Path) -> list:
 def test_truncated_and_header_less_parts_rejected_for_that_instance_only(httpserver, tmp_path):
     good = [p.read_bytes() for p in CT]
     header_less = (DICOM / "bad" / "no_meta.dcm").read_bytes()
-    truncated = good[1][: len(good[1]) // 2]
+    truncated = good[1][: len(good[1]) // 2 | 1]  # odd: mid-element
     serve(httpserver, multipart([good[0], header_less, truncated, good[2], good[3]]))
     results = fetch(httpserver, tmp_path)
     kept = [r for r in results if isinstance(r, RetrievedInstance)]
@@ -55,7 +55,9 @@ def test_truncated_and_header_less_parts_rejected_for_that_instance_only(httpser
     assert "no preamble/DICM" in rejected[0].reason
     assert "truncated" in rejected[1].reason
     # Rejected parts leave no temp file behind.
-    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == sorted(k.path.name for k in kept)
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == sorted(
+        k.path.name for k in kept
+    )
 
 
 def test_stream_cut_mid_part_keeps_earlier_instances(httpserver, tmp_path):

@@ -26,17 +26,9 @@ SUBJECT = {"reference": "Patient/p1"}
 URL = "https://gw.example/cases/c1/dicom-web"
 
 # Expected Unicode of Patient's Name, from the corpus README (pydicom charset_files).
-NAMES = {
-    "chrArab.dcm": "قباني^لنزار",
-    "chrFren.dcm": "Buc^Jérôme",
-    "chrGerm.dcm": "Äneas^Rüdiger",
-    "chrGreek.dcm": "Διονυσιος",
-    "chrH31.dcm": "Yamada^Tarou=山田^太郎=やまだ^たろう",
-    "chrI2.dcm": "Hong^Gildong=洪^吉洞=홍^길동",
-    "chrJapMulti.dcm": "やまだ^たろう",
-    "chrRuss.dcm": "Люкceмбypг",
-    "chrX1.dcm": "Wang^XiaoDong=王^小東",
-}
+NAMES: dict[str, str] = json.loads(
+    (DICOM / "charsets" / "expected_names.json").read_text(encoding="utf-8")
+)["names"]
 
 
 def read(rel: str) -> pydicom.Dataset:
@@ -66,7 +58,9 @@ def test_ct_series_to_imaging_study_validates_and_counts():
     assert study["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}
     assert study["numberOfSeries"] == 1
     assert study["numberOfInstances"] == 4 == len(study["series"][0]["instance"])
-    assert study["modality"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}]
+    assert study["modality"] == [
+        {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}
+    ]
     assert study["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
     assert endpoint["connectionType"]["code"] == "dicom-wado-rs"
     assert endpoint["address"] == URL
@@ -108,7 +102,11 @@ def test_whole_slide_microscopy_series_described_by_image_type():
 
 
 def test_several_studies_split():
-    datasets = [read("ct/CT_small.dcm"), read("mr/MR_small.dcm"), read("series_77654033_CR1/6154.dcm")]
+    datasets = [
+        read("ct/CT_small.dcm"),
+        read("mr/MR_small.dcm"),
+        read("series_77654033_CR1/6154.dcm"),
+    ]
     out = datasets_to_imaging_studies(datasets, SUBJECT, URL)
     assert [r["resourceType"] for r in out] == ["Endpoint"] + ["ImagingStudy"] * 3
     with pytest.raises(MappingError):

@@ -19,7 +19,9 @@ from fhir_gateway.errors import ParseError
 B = b"xYz-boundary.123"
 
 
-def body(parts: list[bytes], nl: bytes = b"\r\n", preamble: bytes = b"", epilogue: bytes = b"") -> bytes:
+def body(
+    parts: list[bytes], nl: bytes = b"\r\n", preamble: bytes = b"", epilogue: bytes = b""
+) -> bytes:
     out = preamble
     for p in parts:
         out += b"--" + B + nl + b"Content-Type: application/dicom" + nl + nl + p + nl
@@ -53,7 +55,14 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-PAYLOADS = [b"", b"\r\n", b"--" + B[:-1], b"\n--" + B[:5] + b"\r", b"DICM" * 50, bytes(range(256)) * 3]
+PAYLOADS = [
+    b"",
+    b"\r\n",
+    b"--" + B[:-1],
+    b"\n--" + B[:5] + b"\r",
+    b"DICM" * 50,
+    bytes(range(256)) * 3,
+]
 
 
 def test_parts_with_headers_crlf():
