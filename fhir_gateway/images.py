@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Protocol
 import pydicom
 import structlog
 from sqlalchemy import select
+from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
 from connectors.orthanc import OrthancStorage
@@ -128,6 +129,22 @@ class _IndexedStore:
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         raise NotImplementedError
 
+    def delete_case(self, case_id: str) -> int:
+        raise NotImplementedError
+
+    def _drop_rows(
+        self, case_id: str, key: InstrumentedAttribute[str] | InstrumentedAttribute[str | None]
+    ) -> tuple[int, set[str]]:
+        """Delete the case's rows; return their count and the `key` values no row uses now."""
+        with self._store.session() as s:
+            rows = list(s.scalars(select(ImageInstance).where(ImageInstance.case_id == case_id)))
+            keys = {getattr(r, key.key) for r in rows} - {None}
+            for r in rows:
+                s.delete(r)
+            s.flush()
+            still_used = set(s.scalars(select(key).where(key.in_(keys))))
+        return len(rows), keys - still_used
+
     def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
         return self.add_batch(case_id, [item], source)[0]
 
@@ -211,18 +228,10 @@ class FileImageStore(_IndexedStore):
 
     def delete_case(self, case_id: str) -> int:
         """Drop the case's index rows and the files no other case uses."""
-        with self._store.session() as s:
-            rows = list(s.scalars(select(ImageInstance).where(ImageInstance.case_id == case_id)))
-            hashes = {r.sha256 for r in rows}
-            for r in rows:
-                s.delete(r)
-            s.flush()
-            still_used = set(
-                s.scalars(select(ImageInstance.sha256).where(ImageInstance.sha256.in_(hashes)))
-            )
-        for sha in hashes - still_used:
+        count, freed = self._drop_rows(case_id, ImageInstance.sha256)
+        for sha in freed:
             self.blob_path(sha).unlink(missing_ok=True)
-        return len(rows)
+        return count
 
 
 class OrthancImageStore(_IndexedStore):
@@ -247,15 +256,8 @@ class OrthancImageStore(_IndexedStore):
         return self.orthanc.open_file(ref.orthanc_id or self.orthanc.lookup(ref.sop_uid))
 
     def delete_case(self, case_id: str) -> int:
-        with self._store.session() as s:
-            rows = list(s.scalars(select(ImageInstance).where(ImageInstance.case_id == case_id)))
-            ids = {r.orthanc_id for r in rows if r.orthanc_id}
-            for r in rows:
-                s.delete(r)
-            s.flush()
-            still_used = set(
-                s.scalars(select(ImageInstance.orthanc_id).where(ImageInstance.orthanc_id.in_(ids)))
-            )
-        for orthanc_id in ids - still_used:
+        """Drop the case's index rows and the Orthanc instances no other case uses."""
+        count, freed = self._drop_rows(case_id, ImageInstance.orthanc_id)
+        for orthanc_id in freed:
             self.orthanc.delete(orthanc_id)
-        return len(rows)
+        return count

@@ -12,7 +12,6 @@ import requests
 from fhir_gateway.images import FileImageStore
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
-from fhir_gateway.store.models import Case, FhirResource
 from tests.servers.orthanc import OrthancServer, run_orthanc
 
 DICOM = Path(__file__).resolve().parents[3] / "fixtures" / "dicom"
@@ -60,61 +59,3 @@ def file_store(gw_store: Store, settings: Settings) -> FileImageStore:
 def http() -> Iterator[requests.Session]:
     with requests.Session() as s:
         yield s
-
-
-def make_case(
-    store: Store,
-    case_id: str = "case-1",
-    *,
-    patient_identifiers: list[dict[str, object]] | None = None,
-    supporting_info: list[dict[str, object]] | None = None,
-) -> str:
-    """A case as intake leaves it: Case + Patient + ServiceRequest rows."""
-    with store.session() as s:
-        s.add(
-            Case(
-                id=case_id,
-                partner_id="st-elsewhere",
-                status="received",
-                task_id=f"task-{case_id}",
-                service_request_id=f"sr-{case_id}",
-                patient_ref=f"Patient/pat-{case_id}",
-            )
-        )
-        s.flush()
-        s.add(
-            FhirResource(
-                resource_type="Patient",
-                id=f"pat-{case_id}",
-                case_id=case_id,
-                body={
-                    "resourceType": "Patient",
-                    "id": f"pat-{case_id}",
-                    "identifier": patient_identifiers or [],
-                },
-            )
-        )
-        s.add(
-            FhirResource(
-                resource_type="ServiceRequest",
-                id=f"sr-{case_id}",
-                case_id=case_id,
-                body={
-                    "resourceType": "ServiceRequest",
-                    "id": f"sr-{case_id}",
-                    "status": "active",
-                    "intent": "order",
-                    "subject": {"reference": f"Patient/pat-{case_id}"},
-                    "supportingInfo": supporting_info or [],
-                },
-            )
-        )
-    return case_id
-
-
-def study_ref(study_uid: str) -> dict[str, object]:
-    """ServiceRequest.supportingInfo naming an ImagingStudy by its DICOM UID (FHIR R4)."""
-    return {
-        "type": "ImagingStudy",
-        "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"},
-    }

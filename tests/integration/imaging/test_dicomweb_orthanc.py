@@ -28,7 +28,8 @@ from fhir_gateway.settings import DicomwebEndpoint, Partner, PartnerIdentifier, 
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import ImageInstance, StoredResource
 from mappers.dicom import dataset_patient_name
-from tests.integration.imaging.conftest import DICOM, make_case, study_ref
+from tests.integration.imaging.cases import make_case, study_ref
+from tests.integration.imaging.conftest import DICOM
 from tests.servers.orthanc import OrthancServer, run_orthanc
 
 pytestmark = pytest.mark.server
