@@ -28,6 +28,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from connectors._http import send
 from connectors.multipart import (
     MultipartReader,
     PartData,
@@ -38,8 +39,6 @@ from connectors.multipart import (
 )
 from fhir_gateway.errors import (
     ParseError,
-    UpstreamError,
-    UpstreamNotFoundError,
     UpstreamRejectedError,
     UpstreamUnavailableError,
 )
@@ -164,32 +163,16 @@ class DicomwebClient:
     def _request(
         self, method: str, url: str, *, stream: bool = False, **kwargs: Any
     ) -> requests.Response:
-        try:
-            r = self._session.request(
-                method, url, timeout=self._timeout, auth=self._auth, stream=stream, **kwargs
-            )
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise UpstreamUnavailableError(
-                f"{self._system} unreachable: {type(exc).__name__}", system=self._system, url=url
-            ) from exc
-        except requests.RequestException as exc:
-            raise UpstreamError(
-                f"{self._system} request failed: {type(exc).__name__}", system=self._system, url=url
-            ) from exc
-        if r.status_code < 400:
-            return r
-        status, text = r.status_code, r.text[:200]
-        r.close()
-        message = f"{self._system} answered {status} to {method} {url.split('?')[0]}"
-        if status in (404, 410):
-            raise UpstreamNotFoundError(message, system=self._system, url=url, status=status)
-        if status == 429 or status >= 500:
-            retry_after = _retry_after(r.headers.get("Retry-After"))
-            raise UpstreamUnavailableError(
-                message, system=self._system, url=url, status=status, retry_after=retry_after
-            )
-        log.warning("dicomweb.request.rejected", status=status, body_chars=len(text))
-        raise UpstreamRejectedError(message, system=self._system, url=url, status=status)
+        return send(
+            self._session,
+            method,
+            url,
+            system=self._system,
+            timeout=self._timeout,
+            auth=self._auth,
+            stream=stream,
+            **kwargs,
+        )
 
     # -- QIDO-RS -------------------------------------------------------------------------------
 
@@ -404,13 +387,6 @@ def _query(params: Mapping[str, str | Iterable[str]]) -> str:
         values = [value] if isinstance(value, str) else list(value)
         parts += [f"{quote(key, safe='')}={quote(v, safe=_QIDO_SAFE)}" for v in values]
     return "&".join(parts)
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
 
 
 def _iter_raw(r: requests.Response, system: str, url: str) -> Iterator[bytes]:

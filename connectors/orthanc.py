@@ -15,9 +15,9 @@ import structlog
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client import exceptions as orthanc_exc
 
+from connectors._http import send
 from connectors.dicomweb import DicomwebClient
 from fhir_gateway.errors import (
-    UpstreamError,
     UpstreamNotFoundError,
     UpstreamRejectedError,
     UpstreamUnavailableError,
@@ -119,24 +119,16 @@ class OrthancDimse:
         self._timeout = timeout_s
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
-        url = f"{self.url}/{path}"
-        try:
-            r = self._session.request(
-                method, url, json=body, auth=self._auth, timeout=self._timeout
-            )
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise UpstreamUnavailableError(
-                "orthanc unreachable", system="orthanc", url=url
-            ) from exc
-        except requests.RequestException as exc:
-            raise UpstreamError("orthanc request failed", system="orthanc", url=url) from exc
-        if r.status_code >= 400:
-            message = f"orthanc answered {r.status_code} to {method} /{path.split('?')[0]}"
-            if r.status_code == 404:
-                raise UpstreamNotFoundError(message, system="orthanc", url=url, status=404)
-            # Orthanc reports a failed C-FIND/C-MOVE to the remote PACS as 500: retryable.
-            cls = UpstreamUnavailableError if r.status_code >= 500 else UpstreamRejectedError
-            raise cls(message, system="orthanc", url=url, status=r.status_code)
+        # Orthanc reports a failed C-FIND/C-MOVE to the remote PACS as 500: retryable.
+        r = send(
+            self._session,
+            method,
+            f"{self.url}/{path}",
+            system="orthanc",
+            timeout=self._timeout,
+            auth=self._auth,
+            json=body,
+        )
         return r.json() if r.content else None
 
     def find_studies(self, query: Mapping[str, str]) -> tuple[str, list[dict[str, Any]]]:
