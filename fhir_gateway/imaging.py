@@ -100,15 +100,16 @@ def study_selectors_for_case(
     for info in sr.get("supportingInfo") or []:
         if not isinstance(info, dict):
             continue
-        target = contained.get(str(info.get("reference"))) or by_ref.get(str(info.get("reference")))
-        idents = [info["identifier"]] if isinstance(info.get("identifier"), dict) else []
-        if target and target.get("resourceType") == "ImagingStudy":
-            idents += [i for i in target.get("identifier") or [] if isinstance(i, dict)]
-        elif target is not None or (
-            info.get("type") not in (None, "ImagingStudy")
-            and "ImagingStudy" not in str(info.get("reference"))
-        ):
+        ref = str(info.get("reference") or "")
+        target = contained.get(ref) or by_ref.get(ref)
+        is_study = (target or {}).get("resourceType") == "ImagingStudy" or (
+            target is None and (info.get("type") == "ImagingStudy" or "ImagingStudy/" in ref)
+        )
+        if not is_study:
             continue
+        idents = [info["identifier"]] if isinstance(info.get("identifier"), dict) else []
+        if target is not None:
+            idents += [i for i in target.get("identifier") or [] if isinstance(i, dict)]
         out += [sel for sel in map(_selector_of_identifier, idents) if sel is not None]
     for ident in sr.get("identifier") or []:
         if _is_accession(ident):
