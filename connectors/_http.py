@@ -240,3 +240,20 @@ def origin(url: str) -> tuple[str, str, int | None]:
     scheme = parts.scheme.lower()
     port = parts.port or {"http": 80, "https": 443}.get(scheme)
     return scheme, (parts.hostname or "").lower(), port
+
+
+def send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    system: str,
+    timeout: float,
+    auth: requests.auth.AuthBase | None = None,
+    stream: bool = False,
+    **kwargs: Any,
+) -> requests.Response:
+    """One attempt, no retry: the imaging pull resumes per instance and the job queue retries
+    the job, so a retry here would only multiply waits. Errors are typed as in `Http`."""
+    http = Http(session, system=system, timeout_s=timeout, retry=RetryPolicy(max_attempts=1))
+    return http.request(method, url, auth=auth, stream=stream, **kwargs)

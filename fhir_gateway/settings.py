@@ -262,6 +262,17 @@ class Limits(BaseModel):
     max_json_depth: int = 64
 
 
+class ImageSettings(BaseModel):
+    """Where pulled DICOM is kept: files under the data dir (default) or an Orthanc."""
+
+    backend: Literal["file", "orthanc"] = "file"
+    orthanc_url: str = "http://127.0.0.1:8042"
+    orthanc_username: str | None = None
+    orthanc_password_env: str | None = None  # name of the env var holding the password
+    max_parallel_series: int = 4
+    timeout_s: float = 120.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FHIR_GATEWAY_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -275,6 +286,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     auth: AuthSettings = AuthSettings()
     jobs: JobSettings = JobSettings()
+    images: ImageSettings = ImageSettings()
     limits: Limits = Limits()
     reports: ReportSettings = ReportSettings()
 

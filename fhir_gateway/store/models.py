@@ -250,3 +250,28 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("report_id", "report_version", name="uq_deliveries_report_version"),
     )
+
+
+class ImageInstance(Base):
+    """One DICOM instance held for a case: where its bytes are and what it is (index row).
+
+    `sha256` addresses the file in the file image store (`<data_dir>/blobs/sha256/ab/cdef...`);
+    the Orthanc backend keeps its own copy and records `orthanc_id` instead.
+    """
+
+    __tablename__ = "image_instances"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    backend: Mapped[str] = mapped_column(String(16))  # file | orthanc
+    orthanc_id: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(512))  # e.g. the partner's DICOMweb base URL
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_image_instances_series", "case_id", "study_uid", "series_uid"),)

@@ -1,7 +1,7 @@
 """reports and deliveries
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-24 22:20:00
 """
 
@@ -14,7 +14,7 @@ import fhir_gateway.store.models
 
 
 revision: str = '0003'
-down_revision: str | None = '0001'
+down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,263 @@
+"""Image store: DICOM instances held per case, as content-addressed files or in an Orthanc.
+
+Both backends keep one `ImageInstance` index row per (case, SOP Instance UID), so the per-case
+DICOMweb (`/cases/{id}/dicom-web`) lists and serves a case's images the same way whichever
+backend holds the bytes: `iter_instances()` for QIDO-like listings, `open_instance()` for
+WADO-RS bodies, `metadata()` for WADO-RS metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import pydicom
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from connectors.dicomweb import RetrievedInstance
+from connectors.orthanc import OrthancStorage
+from fhir_gateway.errors import NotFoundError
+from fhir_gateway.store.db import Store
+from fhir_gateway.store.models import ImageInstance
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One stored instance of a case (what the index row says)."""
+
+    case_id: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    sha256: str
+    size: int
+    orthanc_id: str | None = None
+
+
+class ImageStore(Protocol):
+    """Where a case's DICOM instances are kept."""
+
+    backend: str
+
+    def staging_dir(self) -> Path:
+        """A directory on the same filesystem as the store, for WADO-RS temp files."""
+        ...
+
+    def held_sop_uids(self, case_id: str, study_uid: str | None = None) -> set[str]: ...
+
+    def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
+        """Take over the verified temp file `item.path` (moved or uploaded, then removed)."""
+        ...
+
+    def add_batch(
+        self, case_id: str, items: Sequence[RetrievedInstance], source: str
+    ) -> list[InstanceRef]:
+        """`add` for several instances, indexed in one transaction."""
+        ...
+
+    def iter_instances(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[InstanceRef]: ...
+
+    def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
+
+    def metadata(self, ref: InstanceRef) -> dict[str, Any]: ...
+
+    def delete_case(self, case_id: str) -> int: ...
+
+
+class _IndexedStore:
+    """Index rows shared by both backends."""
+
+    backend = "?"
+
+    def __init__(self, store: Store, data_dir: Path) -> None:
+        self._store = store
+        self._staging = data_dir / "tmp" / "wado"
+
+    def staging_dir(self) -> Path:
+        self._staging.mkdir(parents=True, exist_ok=True)
+        return self._staging
+
+    def held_sop_uids(self, case_id: str, study_uid: str | None = None) -> set[str]:
+        q = select(ImageInstance.sop_uid).where(ImageInstance.case_id == case_id)
+        if study_uid:
+            q = q.where(ImageInstance.study_uid == study_uid)
+        with self._store.session() as s:
+            return set(s.scalars(q))
+
+    def iter_instances(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[InstanceRef]:
+        q = select(ImageInstance).where(ImageInstance.case_id == case_id)
+        if study_uid:
+            q = q.where(ImageInstance.study_uid == study_uid)
+        if series_uid:
+            q = q.where(ImageInstance.series_uid == series_uid)
+        q = q.order_by(ImageInstance.study_uid, ImageInstance.series_uid, ImageInstance.sop_uid)
+        with self._store.session() as s:
+            rows = list(s.scalars(q))
+        for row in rows:
+            yield _ref(row)
+
+    def get(self, case_id: str, sop_uid: str) -> InstanceRef:
+        with self._store.session() as s:
+            row = s.get(ImageInstance, (case_id, sop_uid))
+            if row is None:
+                raise NotFoundError(f"instance {sop_uid} is not part of case {case_id}")
+            return _ref(row)
+
+    def metadata(self, ref: InstanceRef) -> dict[str, Any]:
+        """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out."""
+        with self.open_instance(ref) as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        out: dict[str, Any] = ds.to_json_dict(
+            bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
+        )
+        return out
+
+    def open_instance(self, ref: InstanceRef) -> BinaryIO:
+        raise NotImplementedError
+
+    def delete_case(self, case_id: str) -> int:
+        raise NotImplementedError
+
+    def _drop_rows(
+        self, case_id: str, key: InstrumentedAttribute[str] | InstrumentedAttribute[str | None]
+    ) -> tuple[int, set[str]]:
+        """Delete the case's rows; return their count and the `key` values no row uses now."""
+        with self._store.session() as s:
+            rows = list(s.scalars(select(ImageInstance).where(ImageInstance.case_id == case_id)))
+            keys = {getattr(r, key.key) for r in rows} - {None}
+            for r in rows:
+                s.delete(r)
+            s.flush()
+            still_used = set(s.scalars(select(key).where(key.in_(keys))))
+        return len(rows), keys - still_used
+
+    def add(self, case_id: str, item: RetrievedInstance, source: str) -> InstanceRef:
+        return self.add_batch(case_id, [item], source)[0]
+
+    def add_batch(
+        self, case_id: str, items: Sequence[RetrievedInstance], source: str
+    ) -> list[InstanceRef]:
+        placed = [(item, self._place(item)) for item in items]
+        return self._index(case_id, placed, source)
+
+    def _place(self, item: RetrievedInstance) -> str | None:
+        """Put the bytes in the backend; returns the backend's id (if it has one)."""
+        raise NotImplementedError
+
+    def _index(
+        self, case_id: str, placed: Sequence[tuple[RetrievedInstance, str | None]], source: str
+    ) -> list[InstanceRef]:
+        refs = []
+        with self._store.session() as s:
+            for item, orthanc_id in placed:
+                row = s.get(ImageInstance, (case_id, item.sop_uid))
+                if row is None:
+                    row = ImageInstance(case_id=case_id, sop_uid=item.sop_uid)
+                    s.add(row)
+                row.study_uid, row.series_uid = item.study_uid, item.series_uid
+                row.sop_class_uid = item.sop_class_uid
+                row.transfer_syntax_uid = item.transfer_syntax_uid
+                row.sha256, row.size, row.source = item.sha256, item.size, source
+                row.backend, row.orthanc_id = self.backend, orthanc_id
+                refs.append(row)
+            s.flush()
+            return [_ref(r) for r in refs]
+
+
+def _no_bulk(_elem: Any) -> str:
+    return ""
+
+
+def _ref(row: ImageInstance) -> InstanceRef:
+    return InstanceRef(
+        case_id=row.case_id,
+        study_uid=row.study_uid,
+        series_uid=row.series_uid,
+        sop_uid=row.sop_uid,
+        sop_class_uid=row.sop_class_uid,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        sha256=row.sha256,
+        size=row.size,
+        orthanc_id=row.orthanc_id,
+    )
+
+
+class FileImageStore(_IndexedStore):
+    """Files under `<data_dir>/blobs/sha256/ab/cdef...` (content-addressed; shared across cases)."""
+
+    backend = "file"
+
+    def __init__(self, store: Store, data_dir: Path) -> None:
+        super().__init__(store, data_dir)
+        self.root = data_dir / "blobs" / "sha256"
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256[2:]
+
+    def _place(self, item: RetrievedInstance) -> str | None:
+        target = self.blob_path(item.sha256)
+        if target.exists():
+            item.path.unlink(missing_ok=True)  # same bytes already held (another case, a retry)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(item.path, target)  # atomic on one filesystem: staging is in data_dir
+            except OSError:
+                shutil.move(str(item.path), target)
+        return None
+
+    def open_instance(self, ref: InstanceRef) -> BinaryIO:
+        try:
+            return self.blob_path(ref.sha256).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"image file of instance {ref.sop_uid} is missing") from exc
+
+    def delete_case(self, case_id: str) -> int:
+        """Drop the case's index rows and the files no other case uses."""
+        count, freed = self._drop_rows(case_id, ImageInstance.sha256)
+        for sha in freed:
+            self.blob_path(sha).unlink(missing_ok=True)
+        return count
+
+
+class OrthancImageStore(_IndexedStore):
+    """Instances STOW-RS'd into an Orthanc (whose DICOMweb then serves viewers); rows index them.
+
+    The I/O is `connectors.orthanc.OrthancStorage`; this class only adds the per-case index.
+    """
+
+    backend = "orthanc"
+
+    def __init__(self, store: Store, data_dir: Path, orthanc: OrthancStorage) -> None:
+        super().__init__(store, data_dir)
+        self.orthanc = orthanc
+
+    def _place(self, item: RetrievedInstance) -> str | None:
+        try:
+            return self.orthanc.store_file(item.path, item.sop_uid)
+        finally:
+            item.path.unlink(missing_ok=True)
+
+    def open_instance(self, ref: InstanceRef) -> BinaryIO:
+        return self.orthanc.open_file(ref.orthanc_id or self.orthanc.lookup(ref.sop_uid))
+
+    def delete_case(self, case_id: str) -> int:
+        """Drop the case's index rows and the Orthanc instances no other case uses."""
+        count, freed = self._drop_rows(case_id, ImageInstance.orthanc_id)
+        for orthanc_id in freed:
+            self.orthanc.delete(orthanc_id)
+        return count

@@ -1,0 +1,253 @@
+"""WADO-RS retrieval benchmark against one real Orthanc + DICOMweb plugin, in one run.
+
+Generates synthetic CT studies (uncompressed 512x512x16 bit, ~0.5 MB per instance), uploads them,
+then retrieves each study with:
+  (a) curl to /dev/null (the ceiling; `curl_file` also writes it to disk, the disk-bound
+  anchor), (b) our streaming pull into the file image store,
+  (c) dicomweb-client iter_study saving each instance, (d) dicomweb-client retrieve_study.
+Each variant runs in its own subprocess; its peak RSS is VmHWM from /proc (see _rss_mb).
+Ratios are against curl measured in the same run (DESIGN.md performance targets).
+
+    python tests/benchmarks/bench_wado.py --sizes 500,2000 --large-variants curl,ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+# --- synthetic data -------------------------------------------------------------------------
+
+
+def synthetic_ct(study_uid: str, series_uid: str, number: int, rows: int, cols: int) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientID, ds.PatientName = "BENCH-1", "Bench^Synthetic"
+    ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "CT", "20260101", 1, number
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = os.urandom(rows * cols * 2)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def upload_study(url: str, instances: int, series: int, rows: int, cols: int) -> tuple[str, int]:
+    import requests
+    from pydicom.uid import generate_uid
+
+    study_uid = generate_uid()
+    series_uids = [generate_uid() for _ in range(series)]
+    session = requests.Session()
+
+    def one(i: int) -> int:
+        data = synthetic_ct(study_uid, series_uids[i % series], i + 1, rows, cols)
+        session.post(f"{url}/instances", data=data, timeout=120).raise_for_status()
+        return len(data)
+
+    with ThreadPoolExecutor(4) as pool:
+        total = sum(pool.map(one, range(instances)))
+    return study_uid, total
+
+
+# --- variants (run in child processes) --------------------------------------------------------
+
+
+def child(variant: str, dicomweb: str, study_uid: str, out: Path) -> dict[str, float]:
+    """Run one variant; returns wall time of the transfer, bytes kept and RSS before it."""
+    if variant == "ours":
+        import requests
+
+        from connectors.dicomweb import DicomwebClient
+        from fhir_gateway.images import FileImageStore
+        from fhir_gateway.imaging import StudySelector, pull_case_images
+        from fhir_gateway.store import open_store
+        from fhir_gateway.store.models import Case
+
+        store = open_store(f"sqlite:///{out / 'gw.db'}")
+        with store.session() as s:
+            s.add(
+                Case(
+                    id="bench",
+                    partner_id="bench",
+                    status="received",
+                    task_id="t",
+                    service_request_id="sr",
+                    patient_ref="Patient/p",
+                )
+            )
+        image_store = FileImageStore(store, out)
+        client = DicomwebClient(requests.Session(), dicomweb, max_parallel=4)
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        counts = pull_case_images(
+            store, "bench", client, image_store, [StudySelector(study_uid=study_uid)]
+        )
+        wall = time.perf_counter() - t0
+        return {"wall_s": wall, "bytes": counts.bytes, "base_rss_mb": base, "peak_mb": _rss_mb()}
+    if variant in ("iter_study", "retrieve_study"):
+        from dicomweb_client.api import DICOMwebClient
+
+        client_ = DICOMwebClient(dicomweb)
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        n = 0
+        datasets = (
+            client_.iter_study(study_uid)
+            if variant == "iter_study"
+            else client_.retrieve_study(study_uid)
+        )
+        for i, ds in enumerate(datasets):
+            path = out / f"{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            n += path.stat().st_size
+        wall = time.perf_counter() - t0
+        return {"wall_s": wall, "bytes": n, "base_rss_mb": base, "peak_mb": _rss_mb()}
+    raise SystemExit(f"unknown variant {variant}")
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM, per address space).
+
+    Not ru_maxrss: after fork/vfork + exec it still carries the parent's high-water mark, so a
+    child of a big parent would look big (we saw curl "use" the parent's 57 MB).
+    """
+    return _hwm_mb("self") or 0.0
+
+
+def _hwm_mb(pid: str) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_variant(variant: str, dicomweb: str, study_uid: str, work: Path) -> dict[str, float]:
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-", dir=work))
+    try:
+        if variant in ("curl", "curl_file"):
+            target = "/dev/null" if variant == "curl" else str(out / "study.multipart")
+            cmd = [
+                "curl", "-s", "-o", target, "-w", "%{size_download}",
+                "-H", f"Accept: {ACCEPT}", f"{dicomweb}/studies/{study_uid}",
+            ]  # fmt: skip
+        else:
+            cmd = [sys.executable, __file__, "--child", variant, dicomweb, study_uid, str(out)]
+        t0 = time.perf_counter()
+        with tempfile.TemporaryFile() as sink:
+            proc = subprocess.Popen(cmd, stdout=sink, cwd=ROOT)
+            peak = 0.0
+            while proc.poll() is None:  # VmHWM of the child's own address space
+                peak = max(peak, _hwm_mb(str(proc.pid)) or 0.0)
+                time.sleep(0.01)
+            wall = time.perf_counter() - t0
+            sink.seek(0)
+            stdout = sink.read()
+        if proc.returncode != 0:
+            raise SystemExit(f"{variant} failed with {proc.returncode}")
+        if variant in ("curl", "curl_file"):
+            return {"wall_s": wall, "bytes": float(stdout), "base_rss_mb": 0.0, "peak_mb": peak}
+        result: dict[str, float] = json.loads(stdout.decode().strip().splitlines()[-1])
+        return {**result, "peak_mb": max(peak, result["peak_mb"])}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="500,2000", help="instances per study, comma list")
+    parser.add_argument("--series", type=int, default=4, help="series per study")
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--cols", type=int, default=512)
+    parser.add_argument("--variants", default="curl,curl_file,ours,iter_study,retrieve_study")
+    parser.add_argument(
+        "--large-variants", default="curl,curl_file,ours", help="variants for sizes after the first"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=ROOT / ".bench",
+        help="where Orthanc's storage and every variant's output go (one filesystem for all; "
+        "on our VM /tmp creates files 60x slower than /work)",
+    )
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "URL", "STUDY", "OUT"))
+    args = parser.parse_args()
+    if args.child:
+        variant, url, study, out = args.child
+        result = child(variant, url, study, Path(out))
+        print(json.dumps(result))
+        return
+
+    from tests.servers.orthanc import run_orthanc
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    work: Path = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    with run_orthanc(Path(tempfile.mkdtemp(prefix="bench-orthanc-", dir=work)), aet="BENCH") as o:
+        for k, n in enumerate(sizes):
+            t0 = time.perf_counter()
+            study, total = upload_study(o.url, n, args.series, args.rows, args.cols)
+            took = time.perf_counter() - t0
+            print(f"# uploaded {n} instances, {total / 1e6:.0f} MB in {took:.1f}s", file=sys.stderr)
+            variants = (args.variants if k == 0 else args.large_variants).split(",")
+            run_variant("curl", o.dicomweb_url, study, work)  # warm Orthanc's caches
+            for v in variants:
+                r = run_variant(v, o.dicomweb_url, study, work)
+                rows.append((f"{total / 1e6:.0f} MB / {n}", v, r))
+                print(f"# {v}: {r}", file=sys.stderr)
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
+    curl = {size: r for size, v, r in rows if v == "curl"}
+    iter_ = {size: r for size, v, r in rows if v == "iter_study"}
+    print(
+        f"{'study':>16} {'variant':>15} {'wall s':>8} {'MB/s':>8} {'x curl':>7} "
+        f"{'x iter':>7} {'peak RSS MB':>12} {'base RSS MB':>12}"
+    )
+    for size, v, r in rows:
+        mbps = r["bytes"] / 1e6 / r["wall_s"]
+        c = curl[size]["bytes"] / 1e6 / curl[size]["wall_s"] if size in curl else float("nan")
+        it = iter_[size]["bytes"] / 1e6 / iter_[size]["wall_s"] if size in iter_ else float("nan")
+        print(
+            f"{size:>16} {v:>15} {r['wall_s']:8.2f} {mbps:8.1f} {mbps / c:7.2f} "
+            f"{mbps / it:7.2f} {r['peak_mb']:12.1f} {r['base_rss_mb']:12.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
