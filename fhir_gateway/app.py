@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from fhir_gateway import jobs
@@ -13,6 +14,7 @@ from fhir_gateway.api import audit, cases, fhir, reports
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
 from fhir_gateway.auth import TokenValidator
+from fhir_gateway.client_keys import JWKS_CACHE_CONTROL, published_jwks
 from fhir_gateway.logging import configure_logging
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
@@ -58,6 +60,13 @@ def create_app(
     app.include_router(fhir.router)
     app.include_router(cases.router)
     app.include_router(reports.router)
+
+    @app.get("/.well-known/jwks.json", tags=["ops"])
+    def jwks() -> JSONResponse:
+        """Public keys of our SMART client keys, for partners to register (SM-04)."""
+        return JSONResponse(
+            published_jwks(settings.partners), headers={"Cache-Control": JWKS_CACHE_CONTROL}
+        )
 
     @app.get("/health", tags=["ops"])
     def health(db: StoreDep) -> dict[str, str]:

@@ -195,6 +195,98 @@ def list_jobs(
     out.print(table)
 
 
+@app.command()
+def pull(
+    case_id: Annotated[str, typer.Argument(help="the case to pull records for")],
+    refresh: Annotated[bool, typer.Option(help="only what changed since the last pull")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Pull a case's records from its partner's EHR now, with a progress bar per type."""
+    from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn
+
+    from fhir_gateway.pull import pull_case
+    from fhir_gateway.store import open_store
+
+    settings = _settings(data_dir)
+    configure_logging(settings.log_format, "WARNING")
+    store = open_store(settings.db_url)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed} resources"),
+        console=err,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(resource_type: str, done: int, pages: int) -> None:
+            if resource_type not in tasks:
+                tasks[resource_type] = bar.add_task(resource_type, total=None)
+            bar.update(
+                tasks[resource_type], completed=done, description=f"{resource_type} ({pages} pages)"
+            )
+
+        result, saved = pull_case(store, settings, case_id, refresh=refresh, progress_cb=progress)
+    store.dispose()
+    table = Table(title=f"pulled for case {case_id}")
+    table.add_column("resource type")
+    table.add_column("count", justify="right")
+    for rtype, count in sorted(result.counts.items()):
+        table.add_row(rtype, str(count))
+    out.print(table)
+    out.print(
+        f"added {saved.added}, updated {saved.updated}, unchanged {saved.unchanged}, "
+        f"binaries {len(result.binaries)}"
+        + (f"; partial: {', '.join(result.partial_types)}" if result.partial_types else "")
+    )
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8181,
+    data: Annotated[Path, typer.Option(help="folder of FHIR resources (bundles, NDJSON)")] = Path(
+        "fixtures/synthea"
+    ),
+    clients: Annotated[
+        Path | None, typer.Option(help="JSON list of SMART clients (client_id, jwks, scopes)")
+    ] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="serve without SMART")] = False,
+) -> None:
+    """Run the sandbox EHR (a FHIR R4 server with SMART backend auth) on loopback."""
+    from fhir_gateway.sandbox import run_sandbox
+
+    if not data.is_dir():
+        _fail(f"sandbox data folder {data} does not exist")
+    out.print(f"sandbox EHR on http://127.0.0.1:{port}/fhir (data {data})")
+    run_sandbox(port, data, clients_file=clients, require_auth=not no_auth)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Our SMART client keys.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="file name under <data dir>/keys/ (.pem added)")],
+    kind: Annotated[str, typer.Option(help="EC (ES384) or RSA (RS384)")] = "EC",
+    kid: Annotated[str | None, typer.Option(help="key id to publish")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Write a new private key (mode 0600) and print its public JWK (register it, or the
+    gateway's /.well-known/jwks.json, with the partner's EHR)."""
+    import json
+
+    from fhir_gateway.client_keys import new_key
+
+    if kind.upper() not in ("EC", "RSA"):
+        _fail("--kind must be EC or RSA")
+    settings = _settings(data_dir)
+    path = settings.data_dir / "keys" / f"{name}.pem"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jwk = new_key(path, "EC" if kind.upper() == "EC" else "RSA", kid or name)
+    err.print(f"private key written to {path}")
+    print(json.dumps(jwk, indent=2))
+
+
 audit_app = typer.Typer(no_args_is_help=True, help="The audit log.")
 app.add_typer(audit_app, name="audit")
 

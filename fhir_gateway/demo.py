@@ -1,19 +1,20 @@
 """`fhir-gateway demo`: the main job on embedded defaults, end to end over real HTTP on loopback.
 
-Starts the service (SQLite + file store in a temporary data dir) on a free loopback port, pushes
-a sample referral as a partner EHR would, polls the Task, and shows the case and its work.
+Starts a sandbox EHR (FHIR R4 + SMART Backend Services) holding a Synthea cancer patient and the
+gateway (SQLite, file image store, job workers) in a temporary data directory; pushes a referral
+as the hospital's EHR would; the workers pull the records; the case and its work are shown; all
+servers are shut down cleanly.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,35 @@ from rich.table import Table
 
 from fhir_gateway.app import create_app
 from fhir_gateway.auth import mint_dev_token
+from fhir_gateway.client_keys import new_key
+from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.settings import Settings
 
 DEMO_DATA = resources.files("fhir_gateway.sandbox") / "data"
 FHIR_JSON = "application/fhir+json"
+PARTNER = "demo-hospital"
+CLIENT_ID = "fhir-gateway-demo"
+KID = "demo-gw-1"
+
+PARTNERS_TOML = """\
+# Written by `fhir-gateway demo`: one hospital whose EHR is the sandbox on loopback.
+[organization]
+name = "fhir-gateway demo second-opinion service"
+identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "second-opinion" }}
+
+[[partners]]
+id = "{partner}"
+name = "Demo Hospital (sandbox)"
+identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "{partner}" }}
+
+[partners.fhir]
+base_url = "{ehr}"
+auth = {{ type = "smart", client_id = "{client}", key_file = "keys/{partner}.pem", kid = "{kid}" }}
+
+[partners.destination]
+base_url = "{ehr}"
+auth = {{ type = "smart", client_id = "{client}", key_file = "keys/{partner}.pem", kid = "{kid}" }}
+"""
 
 
 def free_port() -> int:
@@ -59,26 +85,47 @@ def serve_in_thread(app: Any, port: int) -> Iterator[str]:
         thread.join(15)
 
 
+def _copy_tree(src: Any, dest: Path) -> Path:
+    """Copy a package data folder (a Traversable) to a real directory."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file():
+            (dest / item.name).write_bytes(item.read_bytes())
+    return dest
+
+
 def run_demo(out: Console, *, keep: bool = False) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fhir-gateway-demo-"))
     data_dir = tmp / "data"
-    data_dir.mkdir()
-    (data_dir / "partners.toml").write_text((DEMO_DATA / "partners.toml").read_text())
-    port = free_port()
-    settings = Settings(
-        data_dir=data_dir,
-        public_base_url=f"http://127.0.0.1:{port}",
-        log_format="console",
-        log_level="WARNING",
-    )
     out.rule("fhir-gateway demo")
     out.print(f"data directory: {data_dir} (SQLite, file image store)")
     try:
-        app = create_app(settings, workers=0)
-        with serve_in_thread(app, port) as base:
-            out.print(f"service listening on {base}")
-            _push_referral(out, base, data_dir)
-        out.print("service stopped cleanly")
+        with ExitStack() as stack:
+            # Our SMART client key, registered with the sandbox EHR as a partner would.
+            jwk = new_key(data_dir / "keys" / f"{PARTNER}.pem", "EC", KID)
+            ehr = stack.enter_context(
+                SandboxServer(
+                    SandboxConfig(
+                        data_dir=_copy_tree(DEMO_DATA / "ehr", tmp / "ehr"),
+                        clients={CLIENT_ID: SandboxClient(CLIENT_ID, {"keys": [jwk]})},
+                    )
+                )
+            )
+            out.print(f"sandbox EHR (FHIR R4, SMART Backend Services, ES384) at {ehr.base_url}")
+            (data_dir / "partners.toml").write_text(
+                PARTNERS_TOML.format(partner=PARTNER, ehr=ehr.base_url, client=CLIENT_ID, kid=KID)
+            )
+            port = free_port()
+            settings = Settings(
+                data_dir=data_dir,
+                public_base_url=f"http://127.0.0.1:{port}",
+                log_format="console",
+                log_level="WARNING",
+            )
+            base = stack.enter_context(serve_in_thread(create_app(settings, workers=2), port))
+            out.print(f"gateway listening on {base} with 2 job workers")
+            Demo(out, base, data_dir).run()
+        out.print("all servers stopped cleanly")
     finally:
         if keep:
             out.print(f"kept {tmp}")
@@ -86,62 +133,101 @@ def run_demo(out: Console, *, keep: bool = False) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _push_referral(out: Console, base: str, data_dir: Path) -> None:
-    http = requests.Session()
-    ehr = {
-        "Authorization": "Bearer "
-        + mint_dev_token(data_dir, role="ehr", sub="demo-ehr", partner="demo-hospital")
-    }
-    admin = {
-        "Authorization": "Bearer " + mint_dev_token(data_dir, role="admin", sub="demo-operator")
-    }
-    meta = http.get(f"{base}/fhir/metadata", timeout=10)
-    meta.raise_for_status()
-    out.print(
-        f"GET /fhir/metadata -> {meta.status_code} CapabilityStatement "
-        f"(FHIR {meta.json()['fhirVersion']})"
-    )
+class Demo:
+    """The steps, as the partner EHR, an operator and a reviewer would take them over HTTP."""
 
-    bundle = json.loads((DEMO_DATA / "referral-transaction.json").read_text())
-    resp = http.post(
-        f"{base}/fhir",
-        data=json.dumps(bundle),
-        timeout=30,
-        headers={**ehr, "Content-Type": FHIR_JSON},
-    )
-    resp.raise_for_status()
-    table = Table(title=f"POST /fhir (referral transaction) -> {resp.status_code}")
-    table.add_column("entry")
-    table.add_column("status")
-    table.add_column("location")
-    for i, e in enumerate(resp.json()["entry"]):
-        table.add_row(str(i), e["response"]["status"], e["response"]["location"])
-    out.print(table)
-    task_loc = resp.json()["entry"][-1]["response"]["location"].split("/_history")[0]
+    def __init__(self, out: Console, base: str, data_dir: Path) -> None:
+        self.out, self.base = out, base
+        self.http = requests.Session()
 
-    task = http.get(f"{base}/fhir/{task_loc}", headers=ehr, timeout=10)
-    task.raise_for_status()
-    out.print(
-        f"GET /fhir/{task_loc} -> {task.status_code}, ETag {task.headers['ETag']}, "
-        f"Task.status = [bold]{task.json()['status']}[/bold]"
-    )
+        def bearer(role: str, sub: str, partner: str | None = None) -> dict[str, str]:
+            token = mint_dev_token(data_dir, role=role, sub=sub, partner=partner)
+            return {"Authorization": f"Bearer {token}"}
 
-    again = http.post(
-        f"{base}/fhir",
-        data=json.dumps(bundle),
-        timeout=30,
-        headers={**ehr, "Content-Type": FHIR_JSON},
-    )
-    statuses = [e["response"]["status"] for e in again.json()["entry"]]
-    out.print(
-        f"same referral pushed again -> {again.status_code}, entries {statuses} (no second case)"
-    )
+        self.ehr = bearer("ehr", "demo-ehr", PARTNER)
+        self.admin = bearer("admin", "demo-operator")
 
-    cases = http.get(f"{base}/cases", headers=admin, timeout=10).json()
-    case = http.get(f"{base}/cases/{cases[0]['id']}", headers=admin, timeout=10).json()
-    table = Table(title=f"case {case['id']} - status {case['status']} ({len(cases)} case)")
-    for col in ("job", "kind", "state", "attempts"):
-        table.add_column(col)
-    for j in case["jobs"]:
-        table.add_row(j["id"][:8], j["kind"], j["state"], str(j["attempts"]))
-    out.print(table)
+    def get(self, path: str, headers: dict[str, str]) -> Any:
+        resp = self.http.get(f"{self.base}{path}", headers=headers, timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
+    def run(self) -> None:
+        case_id = self.push_referral()
+        self.wait_for_jobs(case_id, ("pull_fhir",))
+        self.show_pull(case_id)
+
+    def push_referral(self) -> str:
+        out = self.out
+        meta = self.get("/fhir/metadata", {})
+        out.print(f"GET /fhir/metadata -> CapabilityStatement (FHIR {meta['fhirVersion']})")
+        bundle = (DEMO_DATA / "referral-transaction.json").read_text()
+        resp = self.http.post(
+            f"{self.base}/fhir",
+            data=bundle.encode(),
+            timeout=30,
+            headers={**self.ehr, "Content-Type": FHIR_JSON},
+        )
+        resp.raise_for_status()
+        table = Table(title=f"partner EHR: POST /fhir (referral transaction) -> {resp.status_code}")
+        table.add_column("status")
+        table.add_column("location")
+        for e in resp.json()["entry"]:
+            table.add_row(e["response"]["status"], e["response"]["location"])
+        out.print(table)
+        task_loc = resp.json()["entry"][-1]["response"]["location"].split("/_history")[0]
+        task = self.get(f"/fhir/{task_loc}", self.ehr)
+        out.print(
+            f"partner EHR polls GET /fhir/{task_loc}: Task.status = [bold]{task['status']}[/bold]"
+        )
+        again = self.http.post(
+            f"{self.base}/fhir",
+            data=bundle.encode(),
+            timeout=30,
+            headers={**self.ehr, "Content-Type": FHIR_JSON},
+        )
+        statuses = {e["response"]["status"] for e in again.json()["entry"]}
+        cases = self.get("/cases", self.admin)
+        out.print(
+            f"same referral pushed again -> {again.status_code} {sorted(statuses)}; "
+            f"cases: {len(cases)} (no second case)"
+        )
+        return str(cases[0]["id"])
+
+    def wait_for_jobs(self, case_id: str, kinds: tuple[str, ...], timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.out.status(f"workers running {', '.join(kinds)} ..."):
+            while True:
+                jobs = {j["kind"]: j for j in self.get(f"/cases/{case_id}", self.admin)["jobs"]}
+                states = {k: jobs.get(k, {}).get("state") for k in kinds}
+                if all(s in ("done", "dead") for s in states.values()):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"jobs did not finish in {timeout_s:.0f} s: {states}")
+                time.sleep(0.2)
+        for kind in kinds:
+            if jobs[kind]["state"] == "dead":
+                raise RuntimeError(f"job {kind} failed: {jobs[kind]['lastError']}")
+
+    def show_pull(self, case_id: str) -> None:
+        case = self.get(f"/cases/{case_id}", self.admin)
+        job = next(j for j in case["jobs"] if j["kind"] == "pull_fhir")
+        summary = job["progress"].get("summary", {})
+        table = Table(
+            title=f"case {case_id}: records pulled from the EHR "
+            f"(job {job['state']}, attempt {job['attempts']})"
+        )
+        table.add_column("resource type")
+        table.add_column("count", justify="right")
+        for rtype, count in sorted(summary.get("counts", {}).items()):
+            table.add_row(rtype, str(count))
+        self.out.print(table)
+        self.out.print(
+            f"stored: {summary.get('added', 0)} resources, {summary.get('binaries', 0)} attachments"
+        )
+        others = [f"{j['kind']}: {j['state']}" for j in case["jobs"] if j["kind"] != "pull_fhir"]
+        if others:
+            self.out.print("other jobs: " + ", ".join(others))
+
+
+__all__ = ["run_demo", "serve_in_thread"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,16 +62,17 @@ def test_serve_refuses_public_bind_with_dev_issuer(tmp_path) -> None:
     assert "dev token issuer" in r.stderr
 
 
-def test_demo_pushes_a_referral_and_shows_queued_work() -> None:
+def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     r = cli("demo", timeout=300)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "Task.status = received" in out
-    assert "no second case" in out
-    assert "(1 case)" in out
-    assert "pull_fhir" in out
-    assert "queued" in out
-    assert "service stopped cleanly" in out
+    assert "cases: 1 (no second case)" in out
+    # the records of the Synthea patient in the sandbox EHR were pulled over SMART
+    assert re.search(r"Observation\s+│\s+74 │", out), out
+    assert re.search(r"Procedure\s+│\s+10 │", out), out
+    assert "job done" in out
+    assert "all servers stopped cleanly" in out
 
 
 def test_cases_and_jobs_tables(tmp_path) -> None:
