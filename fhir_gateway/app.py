@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from fhir_gateway import jobs
-from fhir_gateway.api import audit, cases, fhir, reports
+from fhir_gateway.api import audit, cases, fhir, reports, smart
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
 from fhir_gateway.auth import TokenValidator
@@ -56,7 +56,8 @@ def create_app(
         app.state.store = store
     app.middleware("http")(request_id_middleware)
     add_error_handlers(app)
-    app.include_router(audit.router)  # before /fhir/{type}
+    app.include_router(smart.router)  # before /fhir/{type}
+    app.include_router(audit.router)
     app.include_router(fhir.router)
     app.include_router(cases.router)
     app.include_router(reports.router)

@@ -22,16 +22,56 @@ from fhir_gateway.settings import AuthSettings
 ROLES = ("ehr", "reviewer", "admin")
 DEV_ISSUER = "urn:fhir-gateway:dev-issuer"
 DEV_KEY_FILE = Path("keys") / "dev-jwt.key"
+SMART_ISSUER = "urn:fhir-gateway:smart"  # access tokens our token endpoint issues to partners
+SMART_KEY_FILE = Path("keys") / "access-token.key"
+SMART_CLAIMS = ["exp", "sub", "iss", "aud", "scope", "partner"]
 
 
 def dev_key(data_dir: Path) -> bytes:
     """The dev issuer's HS256 key, created (0600) on first use."""
-    path = data_dir / DEV_KEY_FILE
+    return _secret_key(data_dir / DEV_KEY_FILE)
+
+
+def smart_key(data_dir: Path) -> bytes:
+    """The key our token endpoint signs partners' access tokens with (HS256, 0600)."""
+    return _secret_key(data_dir / SMART_KEY_FILE)
+
+
+def issue_access_token(
+    data_dir: Path,
+    *,
+    client_id: str,
+    partner_id: str,
+    scopes: list[str],
+    lifetime_s: int,
+    audience: str,
+) -> str:
+    """A short-lived access token for a partner's backend client (SM-22; no refresh token)."""
+    now = int(time.time())
+    claims = {
+        "iss": SMART_ISSUER,
+        "sub": client_id,
+        "aud": audience,
+        "role": "ehr",
+        "partner": partner_id,
+        "scope": " ".join(scopes),
+        "iat": now,
+        "exp": now + lifetime_s,
+        "jti": secrets.token_hex(12),
+    }
+    return jwt.encode(claims, smart_key(data_dir), algorithm="HS256")
+
+
+def _secret_key(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            time.sleep(0.05)
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
     return path.read_text().strip().encode()
 
 
@@ -70,9 +110,32 @@ class TokenValidator:
     def __init__(self, cfg: AuthSettings, data_dir: Path) -> None:
         self.cfg = cfg
         self._dev_key = dev_key(data_dir) if cfg.dev_issuer else None
+        self._smart_key = smart_key(data_dir)
         self._jwks = jwt.PyJWKClient(cfg.jwks_url, cache_keys=True) if cfg.jwks_url else None
         if cfg.jwks_url and not cfg.issuer:
             raise ConfigError("auth.jwks_url needs auth.issuer")
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662 view of a token: `{"active": false}` for any token we would refuse."""
+        try:
+            who = self.validate(token)
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except AuthError:
+            return {"active": False}
+        out: dict[str, Any] = {
+            "active": True,
+            "sub": who.sub,
+            "exp": claims.get("exp"),
+            "iss": claims.get("iss"),
+            "token_type": "bearer",
+            "role": who.role,
+        }
+        if who.scopes is not None:
+            out["scope"] = " ".join(sorted(who.scopes))
+            out["client_id"] = who.sub
+        if who.partner_id:
+            out["partner"] = who.partner_id
+        return out
 
     def validate(self, token: str) -> Principal:
         """Raises AuthError (401) for any bad token; the reason names no token content."""
@@ -83,6 +146,21 @@ class TokenValidator:
             raise AuthError("bearer token is not a JWT") from exc
         issuer = unverified.get("iss")
         try:
+            if issuer == SMART_ISSUER:
+                claims = jwt.decode(
+                    token,
+                    self._smart_key,
+                    algorithms=["HS256"],
+                    audience=self.cfg.audience,
+                    issuer=SMART_ISSUER,
+                    options={"require": ["exp", "sub", "iss", "aud", "scope", "partner"]},
+                )
+                return Principal(
+                    sub=claims["sub"],
+                    role="ehr",
+                    partner_id=claims["partner"],
+                    scopes=frozenset(str(claims["scope"]).split()),
+                )
             if issuer == DEV_ISSUER and self._dev_key is not None:
                 if header.get("alg") != "HS256":
                     raise AuthError("dev tokens are HS256")

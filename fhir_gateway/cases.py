@@ -56,6 +56,7 @@ class Principal:
     sub: str
     role: str  # ehr | reviewer | admin
     partner_id: str | None = None
+    scopes: frozenset[str] | None = None  # SMART system scopes; None: the role decides alone
 
     @property
     def actor(self) -> Actor:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from connectors.smart import KeyKind, load_private_key, public_jwk, write_private_key
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.settings import PartnersFile, SmartAuth
 
+log = structlog.get_logger(__name__)
 JWKS_CACHE_CONTROL = "public, max-age=3600"  # SM-04: the client SHOULD send Cache-Control
 
 
@@ -33,7 +36,8 @@ def published_jwks(partners: PartnersFile) -> dict[str, Any]:
     """The public JWK Set of every SMART key named in the partners file (one per kid).
 
     Raises:
-        ConfigError: a key file is unreadable, or one kid names two different keys.
+        ConfigError: one kid names two different keys. An unreadable key file is logged and
+        left out.
     """
     keys: dict[str, dict[str, Any]] = {}
     for partner in partners.partners:
@@ -41,7 +45,12 @@ def published_jwks(partners: PartnersFile) -> dict[str, Any]:
             auth = endpoint.auth if endpoint is not None else None
             if not isinstance(auth, SmartAuth):
                 continue
-            jwk = public_jwk(load_private_key(auth.key_file), auth.kid)
+            try:
+                jwk = public_jwk(load_private_key(auth.key_file), auth.kid)
+            except ConfigError:
+                # One partner's missing key must not hide the others' (the operator is told).
+                log.warning("jwks.key.unreadable", partner=partner.id, kid=auth.kid)
+                continue
             if keys.setdefault(auth.kid, jwk) != jwk:
                 raise ConfigError(f"kid {auth.kid} names two different keys")
     return {"keys": list(keys.values())}

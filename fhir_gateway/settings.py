@@ -109,6 +109,36 @@ class DestinationEndpoint(FhirEndpoint):
     task_on_destination: bool = False
 
 
+class PartnerClient(_Strict):
+    """How the partner's own systems authenticate to us: SMART Backend Services with the
+    partner's registered public keys (a JWKS URL, or a JWKS file) and its pre-authorised scopes."""
+
+    client_id: str
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    scopes: list[str] = Field(
+        default_factory=lambda: [
+            "system/Task.cruds",
+            "system/ServiceRequest.crs",
+            "system/Patient.crs",
+            "system/Organization.c",
+            "system/Practitioner.c",
+            "system/PractitionerRole.c",
+            "system/DocumentReference.c",
+            "system/ImagingStudy.c",
+            "system/Condition.c",
+            "system/DiagnosticReport.c",
+            "system/Observation.c",
+        ]
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PartnerClient:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("a partner client needs exactly one of jwks_url or jwks_file")
+        return self
+
+
 class PartnerIdentifier(_Strict):
     system: str
     value: str
@@ -128,6 +158,7 @@ class Partner(_Strict):
     dicomweb: DicomwebEndpoint | None = None
     dimse: DimseEndpoint | None = None
     destination: DestinationEndpoint | None = None
+    client: PartnerClient | None = None  # the partner's systems calling us (SMART)
 
 
 class OurOrganization(_Strict):
@@ -203,6 +234,9 @@ def _resolve_paths(partner: Partner, base: Path) -> Partner:
         return auth
 
     updates: dict[str, object] = {}
+    client = partner.client
+    if client is not None and client.jwks_file and not client.jwks_file.is_absolute():
+        updates["client"] = client.model_copy(update={"jwks_file": base / client.jwks_file})
     for name in ("fhir", "dicomweb", "dimse", "destination"):
         endpoint = getattr(partner, name)
         if endpoint is not None:
@@ -234,6 +268,7 @@ class AuthSettings(BaseModel):
     role_claim: str = "role"
     subject_claim: str = "sub"
     partner_claim: str = "partner"
+    access_token_lifetime_s: int = Field(default=300, ge=30, le=300)  # SM-22: at most 300 s
 
 
 class JobSettings(BaseModel):

@@ -22,6 +22,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.resources import Resource
 from fhir_gateway.settings import Settings
+from fhir_gateway.smart_server import permits
 from fhir_gateway.store.models import FhirResource
 from fhir_gateway.validation import validate_resource
 
@@ -69,6 +70,12 @@ def _our_org(settings: Settings) -> Resource:
         "identifier": {"system": ident.system, "value": ident.value},
         "display": settings.partners.organization.name,
     }
+
+
+def _require_scope(who: Principal, resource_type: str, letter: str) -> None:
+    """SMART scopes of a partner's access token, per interaction (SM-23): c r u d s."""
+    if who.scopes is not None and not permits(who.scopes, resource_type, letter):
+        raise ForbiddenError(f"token scopes do not permit '{letter}' on {resource_type}")
 
 
 def _check_access(row: FhirResource, who: Principal, store_session: Any) -> None:
@@ -152,6 +159,13 @@ async def transaction(
 ) -> FhirResponse:
     """POST a referral transaction Bundle (RS-30); answered with a transaction-response."""
 
+    for entry in bundle.get("entry") or [] if isinstance(bundle, dict) else []:
+        rtype = (
+            (entry.get("resource") or {}).get("resourceType") if isinstance(entry, dict) else None
+        )
+        if isinstance(rtype, str):
+            _require_scope(who, rtype, "c")  # authorised per inner request (RS-32)
+
     def run() -> Resource:
         with store.session() as s:
             result = cases.intake_transaction(s, bundle, who, settings.partners, _our_org(settings))
@@ -189,6 +203,7 @@ async def create(
     """Create one resource, with conditional create (RS-05: 0 -> 201, 1 -> 200, >1 -> 412)."""
     if resource_type not in hosted.HOSTED_TYPES:
         raise NotFoundError(f"resource type {resource_type} is not supported here")
+    _require_scope(who, resource_type, "c")
     if not isinstance(body, dict) or body.get("resourceType") != resource_type:
         raise ValidationError(
             f"body must be a {resource_type} resource", expression=[resource_type], status_code=400
@@ -224,6 +239,7 @@ def read(
 ) -> Response:
     if resource_type not in hosted.HOSTED_TYPES:
         raise NotFoundError(f"resource type {resource_type} is not supported here")
+    _require_scope(who, resource_type, "r")
     with store.session() as s:
         row = hosted.read(s, resource_type, rid)
         _check_access(row, who, s)
@@ -253,6 +269,7 @@ def search(
     """Search by `identifier` (token). Other parameters are refused, not silently ignored."""
     if resource_type not in SEARCHABLE:
         raise NotFoundError(f"search on {resource_type} is not supported here")
+    _require_scope(who, resource_type, "s")
     unknown = [k for k in request.query_params if k not in ("identifier", "_format")]
     if unknown:
         raise ValidationError(
@@ -310,6 +327,7 @@ async def update_task(
     Only `status`, `statusReason` and `businessStatus` are taken from the body; the state
     machine decides whether the move is legal (409 otherwise).
     """
+    _require_scope(who, "Task", "u")
     task = validate_resource(body, allowed=frozenset({"Task"}))
     if task.get("id") not in (None, rid):
         raise ValidationError(

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fhir_gateway.errors import AuthError, GatewayError, operation_outcome
+from fhir_gateway.errors import AuthError, GatewayError, UpstreamError, operation_outcome
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 log = structlog.get_logger(__name__)
@@ -53,6 +53,12 @@ def add_error_handlers(app: FastAPI) -> None:
         )
         if exc.status_code >= 500:
             log.error("request.failed", error=type(exc).__name__, status=exc.status_code)
+            if not isinstance(exc, UpstreamError):  # internal detail (paths, config) stays here
+                return outcome_response(
+                    exc.status_code,
+                    exc.issue_code,
+                    "internal error; see the gateway log for the request id in X-Request-ID",
+                )
         return FhirResponse(
             operation_outcome(*issues), status_code=exc.status_code, headers=headers
         )

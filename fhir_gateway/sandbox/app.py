@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import jwt
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,11 +35,16 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.resources import Resource
 from fhir_gateway.sandbox.repository import ResourceStore, load_folder
+from fhir_gateway.smart_server import (
+    OAuthError,
+    RegisteredClient,
+    ReplayCache,
+    grant,
+    permits,
+    verify_client_assertion,
+)
 
 FHIR_JSON = "application/fhir+json"
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ALG_KTY = {"RS384": "RSA", "ES384": "EC"}
-V1_LETTERS = {"read": "rs", "write": "cud", "*": "cruds"}
 
 
 @dataclass
@@ -116,7 +120,7 @@ class SandboxState:
         self.page_tokens: dict[tuple[str, int], str] = {}
         self.results: dict[str, list[tuple[str, str]]] = {}  # state id -> (type, id) list
         self.tokens: dict[str, Grant] = {}
-        self.seen_jti: dict[tuple[str, str], float] = {}
+        self.replay = ReplayCache()
 
     def register(self, client: SandboxClient) -> None:
         self.config.clients[client.client_id] = client
@@ -270,57 +274,20 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
 
 
 def _issue_token(state: SandboxState, form: dict[str, str], token_url: str) -> Response:
-    if form.get("grant_type") != "client_credentials":
-        return _oauth_error("unsupported_grant_type", "only client_credentials")
-    if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_assertion"):
-        return _oauth_error("invalid_request", "client_assertion (jwt-bearer) required")
-    assertion = form["client_assertion"]
+    clients = {
+        c.client_id: RegisteredClient(c.client_id, jwks=c.jwks, scopes=c.scopes)
+        for c in state.config.clients.values()
+    }
     try:
-        header = jwt.get_unverified_header(assertion)
-        unverified = jwt.decode(assertion, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return _oauth_error("invalid_client", "client_assertion is not a JWT", 401)
-    alg, kid, iss = header.get("alg"), header.get("kid"), unverified.get("iss")
-    client = state.config.clients.get(str(iss))
-    if client is None:
-        return _oauth_error("invalid_client", "unknown client", 401)
-    if alg not in ALG_KTY or alg not in state.config.advertise_algs:
-        return _oauth_error("invalid_client", f"alg {alg} not accepted", 401)
-    keys = [
-        k
-        for k in client.jwks.get("keys", [])
-        if k.get("kid") == kid and k.get("kty") == ALG_KTY[alg]
-    ]
-    if len(keys) != 1:
-        return _oauth_error("invalid_client", "no single registered key matches kid", 401)
-    try:
-        claims = jwt.decode(
-            assertion,
-            jwt.PyJWK(keys[0], algorithm=alg).key,
-            algorithms=[alg],
-            audience=token_url,
-            issuer=client.client_id,
-            options={"require": ["iss", "sub", "aud", "exp", "jti"]},
+        client = verify_client_assertion(
+            form, clients, token_url, replay=state.replay, algs=state.config.advertise_algs
         )
-    except jwt.PyJWTError as exc:
-        return _oauth_error("invalid_client", f"client_assertion rejected: {exc}", 401)
-    now = time.time()
-    if claims["sub"] != client.client_id:
-        return _oauth_error("invalid_client", "sub must equal iss", 401)
-    if claims["exp"] - now > 300 + 5:
-        return _oauth_error("invalid_client", "exp more than 5 minutes ahead", 401)
-    with state.lock:
-        state.seen_jti = {k: v for k, v in state.seen_jti.items() if v > now}
-        if (client.client_id, str(claims["jti"])) in state.seen_jti:
-            return _oauth_error("invalid_client", "jti replayed", 401)
-        state.seen_jti[(client.client_id, str(claims["jti"]))] = float(claims["exp"])
-    requested = form.get("scope", "").split()
-    granted = [s for s in requested if _scope_allowed(s, client.scopes)]
-    if not granted:
-        return _oauth_error("invalid_scope", "none of the requested scopes is authorised")
+        granted = grant(form.get("scope", ""), client.scopes)
+    except OAuthError as exc:
+        return _oauth_error(exc.error, exc.description, exc.status)
     value = secrets.token_urlsafe(32)
     lifetime = state.config.token_lifetime_s
-    state.tokens[value] = Grant(client.client_id, frozenset(granted), now + lifetime)
+    state.tokens[value] = Grant(client.client_id, frozenset(granted), time.time() + lifetime)
     return JSONResponse(
         {
             "access_token": value,
@@ -340,36 +307,8 @@ def _oauth_error(error: str, description: str, status: int = 400) -> Response:
     )
 
 
-def _parse_scope(scope: str) -> tuple[str, str] | None:
-    """`system/Type.rs` or v1 `system/Type.read` -> (Type, letters); None if not a system scope."""
-    if not scope.startswith("system/") or "." not in scope:
-        return None
-    resource_type, perm = scope[len("system/") :].split("?")[0].rsplit(".", 1)
-    letters = V1_LETTERS.get(perm, perm)
-    if not letters or any(ch not in "cruds" for ch in letters):
-        return None
-    return resource_type, letters
-
-
-def _scope_allowed(scope: str, allowed: tuple[str, ...]) -> bool:
-    want = _parse_scope(scope)
-    if want is None:
-        return False
-    for a in allowed:
-        have = _parse_scope(a)
-        if have and have[0] in ("*", want[0]) and set(want[1]) <= set(have[1]):
-            return True
-    return False
-
-
 def _permits(grant: Grant | None, resource_type: str, letter: str) -> bool:
-    if grant is None:
-        return True
-    for scope in grant.scopes:
-        parsed = _parse_scope(scope)
-        if parsed and parsed[0] in ("*", resource_type) and letter in parsed[1]:
-            return True
-    return False
+    return grant is None or permits(grant.scopes, resource_type, letter)
 
 
 def _authorize(
