@@ -23,9 +23,11 @@ def parse_json(data: bytes, *, max_depth: int = 64) -> Any:
         ParseError: not UTF-8, not JSON, or nested deeper than `max_depth`.
     """
     try:
-        value = json.loads(data.decode("utf-8-sig"))
+        value = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError as exc:
         raise ParseError(f"body is not UTF-8 (byte {exc.start})") from exc
+    except _DuplicateKey as exc:
+        raise ParseError(f"body is not valid FHIR JSON: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ParseError(
             f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -33,6 +35,20 @@ def parse_json(data: bytes, *, max_depth: int = 64) -> Any:
     if _depth(value) > max_depth:
         raise ParseError(f"JSON nested deeper than {max_depth} levels")
     return value
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with a repeated key are ambiguous (RFC 8259 §4): refuse them."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"property {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 def _depth(value: Any) -> int:
@@ -95,7 +111,103 @@ def validate_resource(
         raise ValidationError(
             f"{rtype} is not valid FHIR R4: {exc}", expression=[where], status_code=400
         ) from exc
+    check_required_codes(resource, where)
     return resource
+
+
+# Top-level `code` elements with a *required* binding in FHIR R4 for the types we host: the
+# R4B models check their pattern only, so values outside the value set are caught here.
+REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
+    ("Patient", "gender"): frozenset({"male", "female", "other", "unknown"}),
+    ("Task", "status"): frozenset(
+        {
+            "draft",
+            "requested",
+            "received",
+            "accepted",
+            "rejected",
+            "ready",
+            "cancelled",
+            "in-progress",
+            "on-hold",
+            "failed",
+            "completed",
+            "entered-in-error",
+        }
+    ),
+    ("Task", "intent"): frozenset(
+        {
+            "unknown",
+            "proposal",
+            "plan",
+            "order",
+            "original-order",
+            "reflex-order",
+            "filler-order",
+            "instance-order",
+            "option",
+        }
+    ),
+    ("ServiceRequest", "status"): frozenset(
+        {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+    ),
+    ("ServiceRequest", "intent"): frozenset(
+        {
+            "proposal",
+            "plan",
+            "directive",
+            "order",
+            "original-order",
+            "reflex-order",
+            "filler-order",
+            "instance-order",
+            "option",
+        }
+    ),
+    ("ServiceRequest", "priority"): frozenset({"routine", "urgent", "asap", "stat"}),
+    ("Observation", "status"): frozenset(
+        {
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    ("DiagnosticReport", "status"): frozenset(
+        {
+            "registered",
+            "partial",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "appended",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    ("DocumentReference", "status"): frozenset({"current", "superseded", "entered-in-error"}),
+    ("ImagingStudy", "status"): frozenset(
+        {"registered", "available", "cancelled", "entered-in-error", "unknown"}
+    ),
+}
+
+
+def check_required_codes(resource: Resource, where: str) -> None:
+    """Raises ValidationError (400) for a code outside its required value set."""
+    rtype = resource.get("resourceType", "")
+    for (type_, element), allowed in REQUIRED_CODES.items():
+        if type_ == rtype and element in resource and resource[element] not in allowed:
+            raise ValidationError(
+                f"{rtype}.{element} {resource[element]!r} is not in its required value set",
+                expression=[f"{where}.{element}"],
+                status_code=400,
+            )
 
 
 def _issue(err: Any, prefix: str) -> dict[str, Any]:

@@ -53,8 +53,11 @@ def role(*roles: str) -> Any:
     return Depends(check)
 
 
-async def fhir_json_body(request: Request) -> Any:
-    """The request body as parsed JSON, after content-type and size checks."""
+async def fhir_json_body(
+    request: Request, _who: Annotated[Principal, Depends(get_principal)]
+) -> Any:
+    """The request body as parsed JSON, after content-type and size checks. The caller is
+    authenticated first: no body of an unauthenticated caller is read."""
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise UnsupportedMediaTypeError(
