@@ -32,7 +32,7 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from fhir_gateway.errors import InputError, UpstreamError, UpstreamRejectedError
+from fhir_gateway.errors import ConfigError, InputError, UpstreamError, UpstreamRejectedError
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Job, utcnow
@@ -315,6 +315,13 @@ class Worker:
                 attempt=claimed.attempt,
                 state=state,
                 error=type(exc).__name__,
+            )
+        except ConfigError as exc:
+            # The operator can fix the settings (a key file, a secret): retry with backoff,
+            # and say what is wrong without a traceback.
+            state = self.queue.fail(claimed, _describe(exc), permanent=False)
+            log.warning(
+                "job.run.config_error", kind=claimed.kind, attempt=claimed.attempt, state=state
             )
         except UpstreamError as exc:
             state = self.queue.fail(
