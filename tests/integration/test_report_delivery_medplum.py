@@ -19,12 +19,18 @@ import pytest
 import requests
 
 from connectors._http import FHIR_JSON
-from fhir_gateway import jobs, reports
+from fhir_gateway import reports
 from fhir_gateway.cases import Principal
-from fhir_gateway.settings import JobSettings, Settings
+from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
 from fhir_gateway.store.models import Case, Delivery, FhirResource, Job, utcnow
-from tests.report_helpers import draft_data, make_case, page1_dark_pixels, report_fonts
+from tests.report_helpers import (
+    draft_data,
+    make_case,
+    page1_dark_pixels,
+    report_settings,
+    run_jobs,
+)
 from tests.servers.medplum_server import medplum_server
 
 pytestmark = pytest.mark.server
@@ -40,36 +46,6 @@ def medplum_base() -> Iterator[str]:
         yield base
 
 
-def make_settings(tmp_path: Path, base: str, extra: str = "") -> Settings:
-    report_fonts()
-    partners = tmp_path / "partners.toml"
-    partners.write_text(
-        f"""
-[organization]
-name = "Second Opinion Service"
-identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "second-opinion" }}
-
-[[partners]]
-id = "st-elsewhere"
-name = "St Elsewhere"
-identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhere" }}
-
-[partners.destination]
-base_url = "{base}"
-timeout_s = 30
-{extra}
-""",
-        encoding="utf-8",
-    )
-    return Settings(
-        data_dir=tmp_path,
-        partners_file=partners,
-        public_base_url="https://gateway.example.org",
-        log_format="console",
-        jobs=JobSettings(lease_s=30, poll_s=0.05, backoff_base_s=0.01, backoff_cap_s=0.05),
-    )
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     s = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
@@ -80,15 +56,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
 @pytest.fixture
 def case_id(store: Store) -> str:
     return make_case(store, reviewer=REVIEWER.sub)
-
-
-def run_jobs(store: Store, settings: Settings, max_runs: int = 10) -> int:
-    jobs.load_handler_modules()
-    worker = jobs.Worker(store, settings, name="test-worker")
-    runs = 0
-    while runs < max_runs and worker.run_once():
-        runs += 1
-    return runs
 
 
 def save(store: Store, settings: Settings, case_id: str, **overrides: Any) -> None:
@@ -132,7 +99,7 @@ def strip_server(resource: dict[str, Any]) -> dict[str, Any]:
 def test_deliver_read_back_amend_retract_on_medplum(
     medplum_base, store, case_id, tmp_path, monkeypatch
 ):
-    settings = make_settings(tmp_path, medplum_base)
+    settings = report_settings(tmp_path, medplum_base)
     save(store, settings, case_id)
     first = submit(store, settings, case_id)
     assert submit(store, settings, case_id) == first  # (c) a second submit: the same delivery
@@ -217,7 +184,7 @@ def test_deliver_read_back_amend_retract_on_medplum(
 
 def test_transaction_and_task_on_medplum(medplum_base, store, case_id, tmp_path):
     """use_transaction + task_on_destination: the Task Medplum holds is completed."""
-    settings = make_settings(
+    settings = report_settings(
         tmp_path, medplum_base, "use_transaction = true\ntask_on_destination = true"
     )
     task = {

@@ -27,15 +27,21 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from connectors.smart import public_jwk, write_private_key
 from fhir_gateway import jobs, pull, reports
 from fhir_gateway.app import create_app
-from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
+from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Case, Delivery, FhirResource, Job, StoredResource, utcnow
-from tests.conftest import FHIR_JSON, SYNTHEA, Tokens, load_fixture
-from tests.report_helpers import draft_data, page1_dark_pixels, pdf_text, report_fonts
+from tests.conftest import FHIR_JSON, SYNTHEA, Tokens, load_fixture, partner_sandbox
+from tests.report_helpers import (
+    draft_data,
+    page1_dark_pixels,
+    pdf_text,
+    report_fonts,
+    run_jobs,
+    time_passes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 REVIEWER = "dr-zolc"
@@ -66,15 +72,7 @@ def configure_partner(settings: Settings, base_url: str, extra_destination: str 
 @pytest.fixture
 def ehr(settings: Settings) -> Iterator[SandboxServer]:
     report_fonts()  # skip early when the fonts are missing
-    key = write_private_key(settings.data_dir / "keys" / "st-elsewhere.pem", "EC")
-    client = SandboxClient("fhir-gateway", {"keys": [public_jwk(key, kid="gw-1")]})
-    server = SandboxServer(
-        SandboxConfig(
-            data_dir=SYNTHEA / "colon_Lourdes_Alcantar.json",
-            clients={"fhir-gateway": client},
-            token_lifetime_s=300,
-        )
-    ).start()
+    server = partner_sandbox(settings, SYNTHEA / "colon_Lourdes_Alcantar.json")
     configure_partner(settings, server.base_url)
     yield server
     server.stop()
@@ -162,11 +160,7 @@ class Flow:
         return body
 
     def run_jobs(self, max_runs: int = 10) -> int:
-        worker = jobs.Worker(self.store, self.settings, name="test-worker")
-        runs = 0
-        while runs < max_runs and worker.run_once():
-            runs += 1
-        return runs
+        return run_jobs(self.store, self.settings, max_runs=max_runs)
 
     def deliveries(self, case_id: str) -> list[dict[str, Any]]:
         resp = self.client.get(f"/cases/{case_id}/deliveries", headers=self.admin())
@@ -181,14 +175,7 @@ class Flow:
         return body
 
     def time_passes(self, delivery_id: str, hours: float = 0) -> None:
-        """Simulated clock: the job is due now, and the delivery started `hours` earlier."""
-        with self.store.session() as s:
-            d = s.get(Delivery, delivery_id)
-            assert d is not None
-            d.created_at = d.created_at - timedelta(hours=hours)
-            job = s.get(Job, d.job_id)
-            assert job is not None
-            job.run_at = utcnow()
+        time_passes(self.store, delivery_id, hours)
 
     def sink(self) -> Any:
         partner = self.settings.partners.by_id("st-elsewhere")
