@@ -25,10 +25,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from rich.console import Console
 from sqlalchemy import select
 
 from fhir_gateway import jobs, pull, reports
 from fhir_gateway.app import create_app
+from fhir_gateway.errors import ConflictError
 from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
@@ -344,12 +346,24 @@ def test_ehr_rejection_is_dead_at_once_with_its_message(flow):
     assert view["nextRetryAt"] is None
     assert flow.run_jobs() == 0
     assert flow.reports_on_server(case_id) == []
+    # `fhir-gateway deliveries --failed` shows it with the EHR's words.
+    console = Console(width=400, record=True)
+    console.print(reports.deliveries_table(flow.settings, failed_only=True))
+    listed = console.export_text()
+    assert view["id"] in listed
+    assert "422" in listed
+    assert message in listed
     # The operator fixes it at the EHR and redelivers.
     flow.ehr.state.config.faults.reject_writes.clear()
     assert view["id"] in reports.redeliver_command(flow.settings, view["id"])
     assert flow.run_jobs() == 1
     assert flow.deliveries(case_id)[0]["status"] == "delivered"
     assert len(flow.reports_on_server(case_id)) == 1
+    console = Console(width=400, record=True)
+    console.print(reports.deliveries_table(flow.settings, failed_only=True))
+    assert view["id"] not in console.export_text()
+    with pytest.raises(ConflictError):  # only a dead delivery can be redelivered
+        reports.redeliver_command(flow.settings, view["id"])
 
 
 def test_revoked_token_is_renewed_once_then_the_write_goes_through(flow):
