@@ -31,12 +31,14 @@ from connectors.orthanc import OrthancDimse, OrthancStorage
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore
 from fhir_gateway.jobs import JobContext, job_handler
+from fhir_gateway.partner_clients import token_provider_for
 from fhir_gateway.resources import DICOM_UID, Resource
 from fhir_gateway.settings import (
     Auth,
     BasicAuth,
     BearerAuth,
     DicomwebEndpoint,
+    DimseEndpoint,
     Partner,
     Settings,
     SmartAuth,
@@ -310,6 +312,14 @@ def requests_auth(
     return None
 
 
+def _smart_token(endpoint: DicomwebEndpoint | DimseEndpoint) -> Callable[[], str] | None:
+    """SMART tokens for an imaging endpoint: the same provider code path as the FHIR pull."""
+    if not isinstance(endpoint.auth, SmartAuth):
+        return None
+    provider = token_provider_for(endpoint, resource_types=("ImagingStudy",), system="imaging")
+    return provider.token if provider is not None else None
+
+
 def build_image_store(settings: Settings, store: Store, session: requests.Session) -> ImageStore:
     """The image store selected in settings (`images.backend`)."""
     cfg = settings.images
@@ -343,6 +353,7 @@ def pull_for_partner(
     image_store = build_image_store(settings, store, session)
     endpoint = partner.dicomweb
     if endpoint is not None:
+        token_provider = token_provider or _smart_token(endpoint)
         client = DicomwebClient(
             session,
             endpoint.base_url,
@@ -353,7 +364,7 @@ def pull_for_partner(
         selectors = study_selectors_for_case(store, case_id, endpoint)
     elif partner.dimse is not None:
         dimse = partner.dimse
-        auth = requests_auth(dimse.auth, token_provider)
+        auth = requests_auth(dimse.auth, token_provider or _smart_token(dimse))
         selectors = study_selectors_for_case(store, case_id, None)
         bridge = OrthancDimse(session, dimse.orthanc_url, dimse.modality, auth=auth)
         moved = move_from_dimse(bridge, selectors)

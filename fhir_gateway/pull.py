@@ -22,13 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import requests
 import structlog
 from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from connectors.smart import SmartTokenProvider, StaticTokenProvider, load_private_key
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -38,8 +36,9 @@ from fhir_gateway.errors import (
     UpstreamRejectedError,
 )
 from fhir_gateway.jobs import JobContext, job_handler
+from fhir_gateway.partner_clients import session_for, token_provider_for
 from fhir_gateway.resources import Resource, identifiers_of
-from fhir_gateway.settings import BasicAuth, BearerAuth, Partner, Settings, SmartAuth
+from fhir_gateway.settings import Partner, Settings
 from fhir_gateway.store import Store, models
 
 log = structlog.get_logger(__name__)
@@ -426,25 +425,10 @@ def client_for(partner: Partner, system: str | None = None) -> FhirEhrClient:
     endpoint = partner.fhir
     if endpoint is None:
         raise InputError(f"partner {partner.id} has no FHIR endpoint to pull from")
-    session = requests.Session()
-    http = Http(session, system=system or f"fhir:{partner.id}", timeout_s=endpoint.timeout_s)
-    auth = endpoint.auth
-    tokens: SmartTokenProvider | StaticTokenProvider | None = None
-    if isinstance(auth, SmartAuth):
-        tokens = SmartTokenProvider(
-            http,
-            endpoint.base_url,
-            client_id=auth.client_id,
-            key=load_private_key(auth.key_file),
-            kid=auth.kid,
-            token_endpoint=auth.token_url,
-            resource_types=[*PULL_TYPES, "Binary"],
-            scopes=auth.scopes,
-        )
-    elif isinstance(auth, BearerAuth):
-        tokens = StaticTokenProvider(auth.token().get_secret_value(), endpoint.base_url)
-    elif isinstance(auth, BasicAuth):
-        session.auth = (auth.username, auth.password().get_secret_value())
+    http = Http(
+        session_for(endpoint), system=system or f"fhir:{partner.id}", timeout_s=endpoint.timeout_s
+    )
+    tokens = token_provider_for(endpoint, resource_types=(*PULL_TYPES, "Binary"))
     return FhirEhrClient(http, endpoint.base_url, tokens=tokens)
 
 

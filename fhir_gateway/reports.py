@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import requests
 import structlog
+from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,8 +26,6 @@ from connectors.delivery import (
     REPORT_OUTPUT_SYSTEM,
     DeliveryReceipt,
     FhirReportSink,
-    NoToken,
-    TokenProvider,
 )
 from fhir_gateway import audit, cases, hosted, jobs
 from fhir_gateway.errors import (
@@ -39,17 +37,11 @@ from fhir_gateway.errors import (
     UpstreamUnavailableError,
     ValidationError,
 )
+from fhir_gateway.partner_clients import session_for, token_provider_for
 from fhir_gateway.report_fonts import find_report_fonts
 from fhir_gateway.resources import Resource, identifiers_of
-from fhir_gateway.settings import (
-    BasicAuth,
-    BearerAuth,
-    DestinationEndpoint,
-    NoAuth,
-    Partner,
-    Settings,
-)
-from fhir_gateway.store import Store
+from fhir_gateway.settings import DestinationEndpoint, Partner, Settings
+from fhir_gateway.store import Store, open_store
 from fhir_gateway.store.models import (
     Case,
     Delivery,
@@ -377,6 +369,58 @@ def redeliver(session: Session, delivery_id: str) -> Delivery:
     return delivery
 
 
+def all_deliveries(session: Session) -> list[dict[str, Any]]:
+    """Every delivery, newest last (operator)."""
+    rows = session.scalars(select(Delivery).order_by(Delivery.created_at))
+    return [delivery_view(session, d) for d in rows]
+
+
+def deliveries_table(settings: Settings, failed_only: bool = False) -> Table:
+    """`fhir-gateway deliveries [--failed]`: one row per delivery with its last status code,
+    the EHR's message and the next retry (reads the database directly, operator only)."""
+    store = open_store(settings.db_url)
+    try:
+        with store.session() as s:
+            rows = failed_deliveries(s) if failed_only else all_deliveries(s)
+    finally:
+        store.dispose()
+    table = Table(title="failed deliveries" if failed_only else "deliveries")
+    for col in ("delivery", "case", "version", "action", "status", "attempts", "HTTP", "next"):
+        table.add_column(col)
+    table.add_column("last error", overflow="fold")
+    for d in rows:
+        table.add_row(
+            d["id"],
+            d["case"],
+            str(d["reportVersion"]),
+            d["action"],
+            d["status"],
+            str(d["attempts"]),
+            str(d["lastStatusCode"] or ""),
+            d["nextRetryAt"] or "",
+            (d["lastError"] or "")[:300],
+        )
+    return table
+
+
+def redeliver_command(settings: Settings, delivery_id: str) -> str:
+    """`fhir-gateway redeliver DELIVERY_ID`: re-queue a dead delivery; returns what was done.
+
+    Raises:
+        NotFoundError: unknown delivery. ConflictError: it is not dead.
+    """
+    store = open_store(settings.db_url)
+    try:
+        with store.session() as s:
+            delivery = redeliver(s, delivery_id)
+            return (
+                f"delivery {delivery.id} (case {delivery.case_id}, version "
+                f"{delivery.report_version}) re-queued; its retry window starts again"
+            )
+    finally:
+        store.dispose()
+
+
 def delivery_view(session: Session, d: Delivery) -> dict[str, Any]:
     next_retry = d.next_retry_at
     if d.status == PENDING and d.job_id:
@@ -410,42 +454,31 @@ def delivery_view(session: Session, d: Delivery) -> dict[str, Any]:
 SinkFactory = Callable[[DestinationEndpoint, Settings], FhirReportSink]
 
 
+# What delivery writes (and reads back): the report or its DocumentReference fallback, their
+# Provenance, the Observations and Practitioner of a transaction, and the referral Task.
+DELIVERY_TYPES = (
+    "DiagnosticReport",
+    "DocumentReference",
+    "Provenance",
+    "Observation",
+    "Practitioner",
+    "Task",
+)
+
+
 def http_sink(dest: DestinationEndpoint, settings: Settings) -> FhirReportSink:
-    """The destination's FHIR client from the partners file (session, auth, timeout)."""
-    session = requests.Session()
-    tokens: TokenProvider
-    auth = dest.auth
-    if isinstance(auth, NoAuth):
-        tokens = NoToken()
-    elif isinstance(auth, BearerAuth):
-        tokens = _StaticToken(auth)
-    elif isinstance(auth, BasicAuth):
-        session.auth = (auth.username, auth.password().get_secret_value())
-        tokens = NoToken()
-    else:
-        tokens = smart_tokens(dest, session)
-    return FhirReportSink(
-        session, dest.base_url, tokens=tokens, timeout_s=dest.timeout_s, system="destination"
+    """The destination's FHIR client from the partners file (session, auth, timeout): the same
+    session and token code path as the FHIR pull (`fhir_gateway.partner_clients`)."""
+    tokens = token_provider_for(
+        dest, resource_types=DELIVERY_TYPES, access="crus", system="destination"
     )
-
-
-def smart_tokens(dest: DestinationEndpoint, session: requests.Session) -> TokenProvider:
-    """SMART Backend Services tokens: provided by `connectors.smart` (wired at merge)."""
-    raise ConfigError("SMART auth for report delivery needs connectors.smart (not wired yet)")
-
-
-class _StaticToken:
-    def __init__(self, auth: BearerAuth) -> None:
-        self._auth = auth
-        self._token: str | None = None
-
-    def token(self) -> str | None:
-        if self._token is None:
-            self._token = self._auth.token().get_secret_value()
-        return self._token
-
-    def invalidate(self) -> None:
-        self._token = None  # re-read: the file or variable may have been rotated
+    return FhirReportSink(
+        session_for(dest),
+        dest.base_url,
+        tokens=tokens,
+        timeout_s=dest.timeout_s,
+        system="destination",
+    )
 
 
 SINK_FACTORY: SinkFactory = http_sink  # tests and the lead may replace it

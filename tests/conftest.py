@@ -231,3 +231,15 @@ auth = {auth}
     if destination:
         text += f'\n[partners.destination]\nbase_url = "{base_url}"\nauth = {auth}\n'
     return text
+
+
+def partner_sandbox(settings: Settings, data: Path, **config: Any) -> SandboxServer:
+    """A started sandbox EHR that knows the gateway as the example partners file names it:
+    client `fhir-gateway`, key `keys/st-elsewhere.pem` (written now, EC) under kid gw-1."""
+    from connectors.smart import public_jwk, write_private_key
+
+    key = write_private_key(settings.data_dir / "keys" / "st-elsewhere.pem", "EC")
+    client = SandboxClient("fhir-gateway", {"keys": [public_jwk(key, kid="gw-1")]})
+    return SandboxServer(
+        SandboxConfig(data_dir=data, clients={"fhir-gateway": client}, **config)
+    ).start()

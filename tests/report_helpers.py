@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fhir_gateway import hosted
+from fhir_gateway import hosted, jobs
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.report_fonts import find_report_fonts
+from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import Assignment, Case, StoredResource
+from fhir_gateway.store.models import Assignment, Case, Delivery, Job, StoredResource, utcnow
 from mappers.report import ReportContext
 from mappers.report_pdf import PdfFonts
 
@@ -212,3 +213,56 @@ def make_case(store: Store, *, reviewer: str) -> str:
             )
         s.add(Assignment(case_id=case.id, reviewer=reviewer, assigned_by="admin-1"))
     return case.id
+
+
+def report_settings(tmp_path: Path, base_url: str, extra: str = "") -> Settings:
+    """Settings whose one partner (st-elsewhere) delivers to `base_url` without auth;
+    `extra` adds destination keys (use_transaction, task_on_destination, ...)."""
+    report_fonts()  # skip early when the fonts are missing
+    partners = tmp_path / "partners.toml"
+    partners.write_text(
+        f"""
+[organization]
+name = "Second Opinion Service"
+identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "second-opinion" }}
+
+[[partners]]
+id = "st-elsewhere"
+name = "St Elsewhere"
+identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhere" }}
+
+[partners.destination]
+base_url = "{base_url}"
+timeout_s = 5
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return Settings(
+        data_dir=tmp_path,
+        partners_file=partners,
+        public_base_url="https://gateway.example.org",
+        log_format="console",
+        jobs=JobSettings(lease_s=5, poll_s=0.05, backoff_base_s=0.01, backoff_cap_s=0.05),
+    )
+
+
+def run_jobs(store: Store, settings: Settings, *, max_runs: int = 10) -> int:
+    """Run due jobs in process with the real worker; how many ran."""
+    jobs.load_handler_modules()
+    worker = jobs.Worker(store, settings, name="test-worker")
+    runs = 0
+    while runs < max_runs and worker.run_once():
+        runs += 1
+    return runs
+
+
+def time_passes(store: Store, delivery_id: str, hours: float = 0) -> None:
+    """Simulated clock: the delivery's job is due now, and the delivery started `hours` earlier."""
+    with store.session() as s:
+        d = s.get(Delivery, delivery_id)
+        assert d is not None
+        d.created_at = d.created_at - timedelta(hours=hours)
+        job = s.get(Job, d.job_id)
+        assert job is not None
+        job.run_at = utcnow()

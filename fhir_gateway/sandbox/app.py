@@ -68,6 +68,13 @@ class Faults:
     burst_status: int = 500
     paging_loop: bool = False  # the 2nd page's next link points back to the 1st page
     omit_total_every: int = 2  # Bundle.total absent on every Nth search (0 = always present)
+    down: bool = False  # every request answers 503 with Retry-After (an outage)
+    # Writes (POST/PUT) of these types answer 422 with this OperationOutcome text (business
+    # rules or profile validation refusing the resource).
+    reject_writes: dict[str, str] = field(default_factory=dict)
+    # A write that succeeded is committed at once but answered this much later (a slow EHR;
+    # lets a test kill the client after the EHR accepted and before it heard back).
+    write_response_delay_s: float = 0.0
 
 
 @dataclass
@@ -125,6 +132,13 @@ class SandboxState:
     def register(self, client: SandboxClient) -> None:
         self.config.clients[client.client_id] = client
 
+    def revoke_tokens(self) -> int:
+        """Revoke every access token issued so far (key rotation, an admin's revocation)."""
+        with self.lock:
+            revoked = len(self.tokens)
+            self.tokens.clear()
+            return revoked
+
     def next_request_number(self) -> int:
         with self.lock:
             self.counter += 1
@@ -164,7 +178,14 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
             in_burst = faults.burst_start and (
                 faults.burst_start <= n < faults.burst_start + faults.burst_count
             )
-            if in_burst:
+            rejected = faults.reject_writes.get(path.removeprefix("/fhir/").split("/")[0])
+            if faults.down:
+                issue = {"severity": "error", "code": "transient", "diagnostics": "unavailable"}
+                response = _fhir(operation_outcome(issue), 503, {"Retry-After": faults.retry_after})
+            elif rejected is not None and request.method in ("POST", "PUT"):
+                issue = {"severity": "error", "code": "business-rule", "diagnostics": rejected}
+                response = _fhir(operation_outcome(issue), 422)
+            elif in_burst:
                 issue = {"severity": "error", "code": "exception", "diagnostics": "injected fault"}
                 response = _fhir(operation_outcome(issue), faults.burst_status)
             elif faults.throttle_every and n % faults.throttle_every == 0:
@@ -172,6 +193,13 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
                 response = _fhir(operation_outcome(issue), 429, {"Retry-After": faults.retry_after})
         if response is None:
             response = await call_next(request)
+            if (
+                counted
+                and faults.write_response_delay_s
+                and request.method in ("POST", "PUT")
+                and response.status_code < 300
+            ):
+                await asyncio.sleep(faults.write_response_delay_s)
         state.log.append(
             LogEntry(
                 t=time.time(),

@@ -20,7 +20,7 @@ from fhir_gateway.errors import InputError, NotFoundError, PreconditionFailedErr
 from fhir_gateway.resources import Resource, split_token
 
 # Search parameters the sandbox understands, besides _count/_format (others get a 400, as HAPI).
-COMMON_PARAMS = frozenset({"_id", "_lastUpdated", "identifier"})
+COMMON_PARAMS = frozenset({"_id", "_lastUpdated", "identifier", "target"})
 PATIENT_PARAMS = frozenset({"patient", "subject"})
 TOKEN_PARAMS = frozenset({"category", "code", "status", "type"})
 REFERENCE_FIELDS = ("subject", "patient")
@@ -193,6 +193,8 @@ def _matches(resource: Resource, name: str, value: str) -> bool:
         return resource.get("id") in value.split(",")
     if name == "_lastUpdated":
         return _date_matches(str((resource.get("meta") or {}).get("lastUpdated", "")), value)
+    if name == "target":  # Provenance.target (a reference search, exact `Type/id`)
+        return any(t.get("reference") == value for t in resource.get("target") or [])
     if name in PATIENT_PARAMS:
         patient_id = value.split(",")[0].rstrip("/").split("/")[-1]
         return _refers_to_patient(resource, patient_id)

@@ -13,25 +13,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from connectors.smart import public_jwk, write_private_key
 from fhir_gateway import jobs
-from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxServer
+from fhir_gateway.sandbox import Faults, SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import StoredResource
-from tests.conftest import FHIR_JSON, SYNTHEA, Tokens, load_fixture
+from tests.conftest import FHIR_JSON, SYNTHEA, Tokens, load_fixture, partner_sandbox
 
 
 @pytest.fixture
 def ehr(settings: Settings) -> Iterator[SandboxServer]:
-    key = write_private_key(settings.data_dir / "keys" / "st-elsewhere.pem", "EC")
-    client = SandboxClient("fhir-gateway", {"keys": [public_jwk(key, kid="gw-1")]})
-    server = SandboxServer(
-        SandboxConfig(
-            data_dir=SYNTHEA / "colon_Lourdes_Alcantar.json",
-            clients={"fhir-gateway": client},
-            max_page_size=50,
-        )
-    ).start()
+    server = partner_sandbox(settings, SYNTHEA / "colon_Lourdes_Alcantar.json", max_page_size=50)
     partners = settings.data_dir / "partners.toml"
     # the first base_url is the partner's [partners.fhir]; its destination stays as it is
     text = partners.read_text().replace(

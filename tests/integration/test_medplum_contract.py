@@ -7,12 +7,8 @@ npm packages are missing, unless FHIR_GATEWAY_REQUIRE_SERVERS=1.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,51 +20,15 @@ from fhir_gateway.errors import UpstreamRejectedError
 from fhir_gateway.pull import PULL_TYPES, pull_patient_records
 from fhir_gateway.sandbox.repository import load_folder
 from tests.conftest import SYNTHEA
+from tests.servers.medplum_server import medplum_server
 
-MEDPLUM = Path(__file__).resolve().parent.parent / "servers" / "medplum"
 pytestmark = pytest.mark.server
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("FHIR_GATEWAY_REQUIRE_SERVERS") == "1":
-        pytest.fail(f"Medplum contract server required but unavailable: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def medplum_base() -> Iterator[str]:
-    node = shutil.which("node")
-    if node is None:
-        _unavailable("node is not installed")
-        return
-    if not (MEDPLUM / "node_modules" / "@medplum" / "fhir-router").is_dir():
-        if shutil.which("npm") is None:
-            _unavailable("npm packages missing and npm not installed (run install.sh)")
-        done = subprocess.run(
-            ["sh", str(MEDPLUM / "install.sh")], capture_output=True, timeout=600, check=False
-        )
-        if done.returncode != 0:
-            _unavailable(f"install.sh failed: {done.stderr.decode(errors='replace')[-300:]}")
-    proc = subprocess.Popen(
-        [node, "--experimental-websocket", "server.mjs", "0"],
-        cwd=MEDPLUM,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # blocks until "LISTENING <port>" or exit
-        if not line.startswith("LISTENING"):
-            err = proc.stderr.read() if proc.stderr else ""
-            _unavailable(f"Medplum server did not start: {err[-300:]}")
-        yield f"http://127.0.0.1:{int(line.split()[1])}/fhir/R4"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    with medplum_server() as base:
+        yield base
 
 
 def patient_records(name: str) -> tuple[str, list[dict[str, Any]]]:

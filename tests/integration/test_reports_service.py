@@ -17,10 +17,10 @@ import pytest
 from pytest_httpserver import HTTPServer
 from sqlalchemy import select
 
-from fhir_gateway import jobs, reports
+from fhir_gateway import reports
 from fhir_gateway.cases import Principal
 from fhir_gateway.errors import ForbiddenError, NotFoundError, ValidationError
-from fhir_gateway.settings import JobSettings, Settings
+from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
     Case,
@@ -36,7 +36,9 @@ from tests.report_helpers import (
     make_case,
     page1_dark_pixels,
     pdf_text,
-    report_fonts,
+    report_settings,
+    run_jobs,
+    time_passes,
 )
 
 ADMIN = Principal(sub="admin-1", role="admin")
@@ -55,57 +57,12 @@ def rsettings(tmp_path: Path, ehr: LoopbackFhirServer, store: Store) -> Settings
 
 
 def make_settings(tmp_path: Path, ehr: LoopbackFhirServer, extra: str = "") -> Settings:
-    report_fonts()  # skip early when the fonts are missing
-    partners = tmp_path / "partners.toml"
-    partners.write_text(
-        f"""
-[organization]
-name = "Second Opinion Service"
-identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "second-opinion" }}
-
-[[partners]]
-id = "st-elsewhere"
-name = "St Elsewhere"
-identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhere" }}
-
-[partners.destination]
-base_url = "{ehr.base_url}"
-timeout_s = 5
-{extra}
-""",
-        encoding="utf-8",
-    )
-    return Settings(
-        data_dir=tmp_path,
-        partners_file=partners,
-        public_base_url="https://gateway.example.org",
-        log_format="console",
-        jobs=JobSettings(lease_s=5, poll_s=0.05, backoff_base_s=0.01, backoff_cap_s=0.05),
-    )
+    return report_settings(tmp_path, ehr.base_url, extra)
 
 
 @pytest.fixture
 def case_id(store: Store) -> str:
     return make_case(store, reviewer=REVIEWER.sub)
-
-
-def run_jobs(store: Store, settings: Settings, *, max_runs: int = 10) -> int:
-    worker = jobs.Worker(store, settings, name="test-worker")
-    runs = 0
-    while runs < max_runs and worker.run_once():
-        runs += 1
-    return runs
-
-
-def time_passes(store: Store, delivery_id: str, hours: float = 0) -> None:
-    """Simulated clock: the job is due now, and the delivery started `hours` earlier."""
-    with store.session() as s:
-        d = s.get(Delivery, delivery_id)
-        assert d is not None
-        d.created_at = d.created_at - timedelta(hours=hours)
-        job = s.get(Job, d.job_id)
-        assert job is not None
-        job.run_at = utcnow()
 
 
 def deliveries(store: Store, case_id: str) -> list[dict[str, Any]]:
