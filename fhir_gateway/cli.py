@@ -260,6 +260,28 @@ def sandbox(
     run_sandbox(port, data, clients_file=clients, require_auth=not no_auth)
 
 
+@app.command("deliveries")
+def list_deliveries(
+    data_dir: DataDir = None,
+    failed: Annotated[bool, typer.Option("--failed", help="only dead deliveries")] = False,
+) -> None:
+    """Report deliveries: status, attempts, last HTTP status, the EHR's message, next retry."""
+    from fhir_gateway.reports import deliveries_table
+
+    out.print(deliveries_table(_settings(data_dir), failed_only=failed))
+
+
+@app.command("redeliver")
+def redeliver(
+    delivery_id: Annotated[str, typer.Argument(help="the dead delivery to queue again")],
+    data_dir: DataDir = None,
+) -> None:
+    """Re-queue a dead delivery; its retry window starts again."""
+    from fhir_gateway.reports import redeliver_command
+
+    out.print(redeliver_command(_settings(data_dir), delivery_id))
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Our SMART client keys.")
 app.add_typer(keys_app, name="keys")
 
