@@ -8,6 +8,7 @@ servers are shut down cleanly.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import tempfile
@@ -124,7 +125,7 @@ def run_demo(out: Console, *, keep: bool = False) -> None:
             )
             base = stack.enter_context(serve_in_thread(create_app(settings, workers=2), port))
             out.print(f"gateway listening on {base} with 2 job workers")
-            Demo(out, base, data_dir).run()
+            Demo(out, base, data_dir).run(ehr.base_url)
         out.print("all servers stopped cleanly")
     finally:
         if keep:
@@ -146,16 +147,73 @@ class Demo:
 
         self.ehr = bearer("ehr", "demo-ehr", PARTNER)
         self.admin = bearer("admin", "demo-operator")
+        self.reviewer = bearer("reviewer", "dr.demo")
 
     def get(self, path: str, headers: dict[str, str]) -> Any:
         resp = self.http.get(f"{self.base}{path}", headers=headers, timeout=30)
         resp.raise_for_status()
         return resp.json()
 
-    def run(self) -> None:
+    def run(self, ehr_base: str) -> None:
         case_id = self.push_referral()
         self.wait_for_jobs(case_id, ("pull_fhir",))
         self.show_pull(case_id)
+        self.report(case_id)
+        self.wait_for_jobs(case_id, ("deliver_report",))
+        self.show_delivery(case_id, ehr_base)
+
+    def report(self, case_id: str) -> None:
+        """An operator assigns a reviewer; the reviewer writes and submits the second opinion."""
+        resp = self.http.post(
+            f"{self.base}/cases/{case_id}/assignments",
+            timeout=30,
+            headers=self.admin,
+            json={"reviewer": "dr.demo"},
+        )
+        resp.raise_for_status()
+        draft = json.loads((DEMO_DATA / "report-draft.json").read_text())
+        resp = self.http.put(
+            f"{self.base}/cases/{case_id}/report",
+            data=json.dumps(draft),
+            headers={**self.reviewer, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        resp.raise_for_status()
+        resp = self.http.post(
+            f"{self.base}/cases/{case_id}/report/$submit", headers=self.reviewer, timeout=30
+        )
+        resp.raise_for_status()
+        self.out.print(
+            f"reviewer dr.demo (assigned by the operator) saved the report and "
+            f"submitted it -> {resp.status_code}; delivery queued"
+        )
+
+    def show_delivery(self, case_id: str, ehr_base: str) -> None:
+        report = self.get(f"/cases/{case_id}/report", self.reviewer)
+        deliveries = self.get(f"/cases/{case_id}/deliveries", self.reviewer)
+        dest = report.get("destination") or {}
+        table = Table(title="second opinion delivered to the treating EHR")
+        table.add_column("what")
+        table.add_column("value")
+        table.add_row(
+            "DiagnosticReport on the EHR",
+            f"{ehr_base}/{dest.get('type')}/{dest.get('id')} (version {dest.get('version')})",
+        )
+        table.add_row("report status", f"{report.get('fhirStatus')}")
+        for d in deliveries:
+            table.add_row(
+                f"delivery {str(d.get('id', ''))[:8]}",
+                f"{d.get('status')} after {d.get('attempts')} attempt(s), HTTP "
+                f"{d.get('lastStatusCode', d.get('last_status_code'))}",
+            )
+        task_ref = self.get(f"/cases/{case_id}", self.admin)["task"]
+        task = self.get(f"/fhir/{task_ref}", self.ehr)
+        outputs = [o.get("valueReference", {}).get("reference") for o in task.get("output", [])]
+        table.add_row(
+            "referral Task (as the partner EHR polls it)",
+            f"[bold]{task['status']}[/bold], output {outputs}",
+        )
+        self.out.print(table)
 
     def push_referral(self) -> str:
         out = self.out

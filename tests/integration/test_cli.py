@@ -72,6 +72,9 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert re.search(r"Observation\s+│\s+74 │", out), out
     assert re.search(r"Procedure\s+│\s+10 │", out), out
     assert "job done" in out
+    # the second opinion reached the sandbox EHR once and the referral Task is closed
+    assert "delivered after 1 attempt(s), HTTP 201" in out
+    assert re.search(r"referral Task .*\n?.*completed", out), out
     assert "all servers stopped cleanly" in out
 
 
