@@ -42,7 +42,12 @@ log = structlog.get_logger(__name__)
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
 
 # Modules that register handlers; each is imported when present (capabilities land one by one).
-HANDLER_MODULES = ("fhir_gateway.pull", "fhir_gateway.imaging", "fhir_gateway.reports")
+HANDLER_MODULES = (
+    "fhir_gateway.pull",
+    "fhir_gateway.imaging",
+    "fhir_gateway.reports",
+    "fhir_gateway.normalise",
+)
 
 
 @dataclass

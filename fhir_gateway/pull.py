@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
 from connectors.smart import SmartTokenProvider, StaticTokenProvider, load_private_key
+from fhir_gateway import normalise
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -551,3 +552,4 @@ def run_pull_fhir(ctx: JobContext) -> None:
             }
         }
     )
+    normalise.queue_after_pull(ctx)
