@@ -20,13 +20,22 @@ from fhir_gateway.store.models import Case, CaseBundleState, NormalisedResource
 router = APIRouter(prefix="/cases", tags=["bundle"])
 
 
-def _built(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBundleState]:
+def _read_built(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBundleState]:
+    """The case and its stored bundle state, the read audited (409 when nothing is built)."""
     case = cases.get_case(s, case_id, who)
     state = s.get(CaseBundleState, case.id)
     if state is None:
         pending = normalise.bundle_state(s, case.id)["pending"]
         detail = f" ({', '.join(pending)})" if pending else " (no pull or normalise job pending)"
         raise ConflictError(f"case not normalised yet{detail}")
+    audit.record(
+        s,
+        "case.bundle",
+        who.actor,
+        case_id=case.id,
+        patient=case.patient_ref,
+        entity=[f"Bundle/{state.patient_id}"],
+    )
     return case, state
 
 
@@ -41,15 +50,7 @@ def _matches(header: str | None, etag: str) -> bool:
 def get_bundle(case_id: str, request: Request, store: StoreDep, who: Principal = STAFF) -> Response:
     """The case Bundle (collection, id = the patient id); `ETag`, 304 on `If-None-Match`."""
     with store.session() as s:
-        case, state = _built(s, case_id, who)
-        audit.record(
-            s,
-            "case.bundle",
-            who.actor,
-            case_id=case.id,
-            patient=case.patient_ref,
-            entity=[f"Bundle/{state.patient_id}"],
-        )
+        case, state = _read_built(s, case_id, who)
         headers = {"ETag": state.etag, "Cache-Control": "private, no-cache"}
         if _matches(request.headers.get("if-none-match"), state.etag):
             return Response(status_code=304, headers=headers)
@@ -76,15 +77,7 @@ def get_bundle(case_id: str, request: Request, store: StoreDep, who: Principal =
 def get_summary(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
     """Completeness for the reviewer, data-quality issues with source paths, counts per type."""
     with store.session() as s:
-        case, state = _built(s, case_id, who)
-        audit.record(
-            s,
-            "case.bundle",
-            who.actor,
-            case_id=case.id,
-            patient=case.patient_ref,
-            entity=[f"Bundle/{state.patient_id}"],
-        )
+        case, state = _read_built(s, case_id, who)
         return {
             "case": case.id,
             "bundle": f"Bundle/{state.patient_id}",

@@ -30,8 +30,9 @@ from fhir_gateway.auth import mint_dev_token  # noqa: E402
 from fhir_gateway.normalise import normalise_case  # noqa: E402
 from fhir_gateway.settings import Settings  # noqa: E402
 from fhir_gateway.store import open_store  # noqa: E402
-from fhir_gateway.store.models import Case, StoredResource  # noqa: E402
+from fhir_gateway.store.models import StoredResource  # noqa: E402
 from tests.benchmarks.bench_normalise import documents  # noqa: E402
+from tests.conftest import add_case  # noqa: E402
 
 CASE = "bench-case"
 SOURCE = "https://ehr.example/fhir"
@@ -40,19 +41,9 @@ RUNS = 5
 
 def store_case(settings: Settings) -> int:
     store = open_store(settings.db_url)
+    add_case(store, CASE, "Patient/p-bench", partner_id="st-elsewhere")
     count = 0
     with store.session() as s:
-        s.add(
-            Case(
-                id=CASE,
-                partner_id="st-elsewhere",
-                status="received",
-                task_id="t-bench",
-                service_request_id="sr-bench",
-                patient_ref="Patient/p-bench",
-            )
-        )
-        s.flush()
         seen: set[tuple[str, str]] = set()
         for doc in documents():
             for entry in json.loads(doc)["entry"]:
