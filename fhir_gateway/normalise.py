@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from fhir_gateway import hosted, jobs
@@ -199,18 +199,75 @@ def normalise_source(
 def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
     """Build the case bundle from what is stored and replace the stored bundle (one transaction).
 
+    The write checks that the case's inputs did not change while the bundle was being built
+    (another pull saved, the Task moved); if they did, it builds again, so an older build never
+    overwrites a newer one.
+
     Raises:
         NotFoundError: no such case.
     """
     started = time.monotonic()
     base_url = settings.public_base_url.rstrip("/") + "/fhir"
-    with store.session() as s:
-        case = s.get(Case, case_id)
-        if case is None:
-            raise NotFoundError(f"case {case_id} does not exist")
-        batches = [b for b in [_referral_batch(s, case)] if b is not None]
-        batches += _stored_batches(s, case_id)
-        patient_id = case_patient_id(case)
+    for attempt in range(1, MAX_BUILDS + 1):
+        with store.session() as s:
+            case = s.get(Case, case_id)
+            if case is None:
+                raise NotFoundError(f"case {case_id} does not exist")
+            seen = _inputs_mark(s, case_id)
+            batches = [b for b in [_referral_batch(s, case)] if b is not None]
+            batches += _stored_batches(s, case_id)
+            patient_id = case_patient_id(case)
+        built = _build(case_id, patient_id, batches, base_url)
+        with store.session() as s:
+            if _inputs_mark(s, case_id) != seen and attempt < MAX_BUILDS:
+                log.info("normalise.case.inputs_changed", case_id=case_id, attempt=attempt)
+                continue
+            _write(s, built)
+        break
+    log.info(
+        "normalise.case.done",
+        case_id=case_id,
+        sources=len(batches),
+        resources=built.state.resource_count,
+        issues=len(built.state.issues),
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    state = built.state
+    return Built(
+        case_id,
+        state.etag,
+        state.resource_count,
+        len(state.issues),
+        len(batches),
+        state.summary["missing"],
+    )
+
+
+MAX_BUILDS = 3
+
+
+@dataclass
+class _Result:
+    state: CaseBundleState
+    rows: list[dict[str, Any]]
+
+
+def _inputs_mark(session: Session, case_id: str) -> tuple[Any, ...]:
+    """What changes whenever a case's inputs change (rows saved or updated)."""
+    stored = session.execute(
+        select(func.count(), func.max(StoredResource.fetched_at)).where(
+            StoredResource.case_id == case_id
+        )
+    ).one()
+    hosted_rows = session.execute(
+        select(func.count(), func.max(FhirResource.last_updated)).where(
+            FhirResource.case_id == case_id
+        )
+    ).one()
+    return (*stored, *hosted_rows)
+
+
+def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:
     bundle = assemble_case_bundle(patient_id, batches, base_url=base_url)
     rows = [
         {
@@ -229,31 +286,33 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
         base_url=base_url,
     ):
         digest.update(chunk)
-    etag = f'"{digest.hexdigest()[:40]}"'
     counts: dict[str, int] = {}
     for r in bundle.resources:
         counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
-    sources = [{"source": b.source, "kind": b.kind, "resources": len(b.resources)} for b in batches]
-    with store.session() as s:
-        s.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
-        if rows:
-            s.execute(insert(NormalisedResource), rows)
-        state = s.get(CaseBundleState, case_id) or CaseBundleState(case_id=case_id)
-        state.patient_id, state.base_url, state.etag = patient_id, base_url, etag
-        state.resource_count, state.counts, state.summary = len(rows), counts, bundle.summary
-        state.issues, state.sources, state.built_at = bundle.issues, sources, utcnow()
-        s.add(state)
-    log.info(
-        "normalise.case.done",
+    state = CaseBundleState(
         case_id=case_id,
-        sources=len(batches),
-        resources=len(rows),
-        issues=len(bundle.issues),
-        elapsed_ms=round((time.monotonic() - started) * 1000),
+        patient_id=patient_id,
+        base_url=base_url,
+        etag=f'"{digest.hexdigest()[:40]}"',
+        resource_count=len(rows),
+        counts=counts,
+        summary=bundle.summary,
+        issues=bundle.issues,
+        sources=[
+            {"source": b.source, "kind": b.kind, "resources": len(b.resources)} for b in batches
+        ],
     )
-    return Built(
-        case_id, etag, len(rows), len(bundle.issues), len(batches), bundle.summary["missing"]
-    )
+    return _Result(state, rows)
+
+
+def _write(session: Session, built: _Result) -> None:
+    """Replace the case's stored bundle rows and state (the caller's transaction)."""
+    case_id = built.state.case_id
+    session.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
+    if built.rows:
+        session.execute(insert(NormalisedResource), built.rows)
+    built.state.built_at = utcnow()
+    session.merge(built.state)
 
 
 def _dumps(resource: Resource) -> str:

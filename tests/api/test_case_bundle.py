@@ -253,3 +253,44 @@ def test_a_bad_stored_resource_is_reported_not_fatal(
         refused = [i for i in state.issues if "not normalised" in i["diagnostics"]]
         assert [i["expression"] for i in refused] == [[f"{source}#Observation/bad"]]
         assert state.counts == {"Patient": 1, "Observation": 1, "Provenance": 1}
+
+
+def test_a_save_during_the_build_is_not_lost(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull that saves while the bundle is being built: the older build is not written."""
+    store = store_of(client)
+    add_case(store, "c3", "Patient/p3")
+    source = "https://ehr.example/fhir"
+
+    def save(rid: str) -> None:
+        with store.session() as s:
+            body = {"resourceType": "Observation", "id": rid, "status": "final", "code": {}}
+            s.add(
+                StoredResource(
+                    case_id="c3",
+                    source=source,
+                    resource_type="Observation",
+                    source_id=rid,
+                    body=body,
+                )
+            )
+
+    save("first")
+    real_build = normalise._build
+    builds: list[int] = []
+
+    def build_racing_a_pull(*args: Any) -> Any:
+        builds.append(len(args[2][0].resources))
+        if len(builds) == 1:
+            save("second")  # lands after the inputs were read, before the write
+        return real_build(*args)
+
+    monkeypatch.setattr(normalise, "_build", build_racing_a_pull)
+    built = normalise.normalise_case(store, settings, "c3")
+    assert builds == [1, 2]
+    with store.session() as s:
+        state = s.get(CaseBundleState, "c3")
+        assert state is not None
+        assert state.counts["Observation"] == 2
+    assert built.resources == state.resource_count
