@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
+import pydicom
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -13,6 +15,7 @@ from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import select
 
 from fhir_gateway import jobs, normalise
+from fhir_gateway.imaging import save_imaging_studies
 from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
@@ -23,8 +26,9 @@ from fhir_gateway.store.models import (
     NormalisedResource,
     StoredResource,
 )
+from mappers.dicom import datasets_to_imaging_studies
 from tests.api.test_pull_end_to_end import ehr, refer
-from tests.conftest import Tokens, add_case
+from tests.conftest import FIXTURES, Tokens, add_case
 
 __all__ = ["ehr"]  # the sandbox EHR fixture, shared with the pull end-to-end tests
 
@@ -294,3 +298,27 @@ def test_a_save_during_the_build_is_not_lost(
         assert state is not None
         assert state.counts["Observation"] == 2
     assert built.resources == state.resource_count
+
+
+def test_imaging_pull_rows_join_the_case_patient(store: Store, settings: Settings) -> None:
+    """ImagingStudy + Endpoint saved by the imaging pull: linked to the case Patient, tagged."""
+    add_case(store, "c4", "Patient/p4")
+    files = sorted((FIXTURES / "dicom" / "ct").iterdir())[:3]
+    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    mapped = datasets_to_imaging_studies(
+        datasets, {"reference": "Patient/p4"}, "http://127.0.0.1:8080/cases/c4/dicom-web"
+    )
+    save_imaging_studies(store, "c4", "http://pacs.example/dicom-web", mapped)
+    built = normalise.normalise_case(store, settings, "c4")
+    assert "imaging" not in built.missing
+    with store.session() as s:
+        rows = s.scalars(
+            select(NormalisedResource.body).where(NormalisedResource.case_id == "c4")
+        ).all()
+    resources = [json.loads(body) for body in rows]
+    known = {f"{r['resourceType']}/{r['id']}" for r in resources}
+    studies = [r for r in resources if r["resourceType"] == "ImagingStudy"]
+    assert studies
+    for study in studies:
+        assert study["subject"]["reference"] == "Patient/p4"
+        assert {e["reference"] for e in study["endpoint"]} <= known
