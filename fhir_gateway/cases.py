@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fhir_gateway import audit, hosted, jobs
+from fhir_gateway import audit, hosted, jobs, normalise
 from fhir_gateway.audit import Actor
 from fhir_gateway.errors import (
     ConflictError,
@@ -546,6 +546,7 @@ def case_view(session: Session, case: Case) -> dict[str, Any]:
         **case_summary(case),
         "referral": referral,
         "jobs": [job_view(j) for j in case_jobs(session, case.id)],
+        "normalisation": normalise.bundle_state(session, case.id),
     }
 
 

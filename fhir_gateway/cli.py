@@ -260,6 +260,22 @@ def sandbox(
     run_sandbox(port, data, clients_file=clients, require_auth=not no_auth)
 
 
+@app.command("map")
+def map_files(
+    files: Annotated[list[Path], typer.Argument(help="FHIR JSON/NDJSON, C-CDA, HL7 v2 or DICOM")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="write the Bundle here (else stdout)")
+    ] = None,
+) -> None:
+    """Map files offline into one normalised Bundle; data-quality issues go to stderr.
+
+    Exit 0 when it mapped, 2 with a one-line reason per unusable file."""
+    from fhir_gateway import offline_map
+
+    configure_logging("console", "WARNING")
+    raise typer.Exit(offline_map.map_command(files, out_file))
+
+
 @app.command("deliveries")
 def list_deliveries(
     data_dir: DataDir = None,

@@ -28,6 +28,7 @@ from connectors.dicomweb import (
     make_auth,
 )
 from connectors.orthanc import OrthancDimse, OrthancStorage
+from fhir_gateway import normalise
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore
 from fhir_gateway.jobs import JobContext, job_handler
@@ -413,6 +414,7 @@ def run_pull_imaging(ctx: JobContext) -> None:
         return
     counts = pull_for_partner(ctx.settings, ctx.store, ctx.case_id, ctx.partner, ctx.progress)
     ctx.progress({"imaging": {**counts.as_progress(), "rejected_parts": counts.rejected}})
+    normalise.queue_after_pull(ctx)
 
 
 __all__ = [

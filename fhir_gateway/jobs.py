@@ -42,7 +42,12 @@ log = structlog.get_logger(__name__)
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
 
 # Modules that register handlers; each is imported when present (capabilities land one by one).
-HANDLER_MODULES = ("fhir_gateway.pull", "fhir_gateway.imaging", "fhir_gateway.reports")
+HANDLER_MODULES = (
+    "fhir_gateway.pull",
+    "fhir_gateway.imaging",
+    "fhir_gateway.reports",
+    "fhir_gateway.normalise",
+)
 
 
 @dataclass
@@ -60,7 +65,10 @@ class JobContext:
     _progress: Callable[[dict[str, Any]], None] = field(repr=False)
 
     def progress(self, update_: dict[str, Any]) -> None:
-        """Merge `update_` into the job's progress and commit it at once (shown in the case)."""
+        """Merge `update_` into the job's progress and commit it at once (shown in the case).
+
+        It is its own transaction: call it outside any open `store.session()` (on SQLite a
+        second writer inside an open write transaction waits for itself)."""
         self._progress(update_)
 
 

@@ -7,9 +7,10 @@ any, after writing the bundle of the well-formed files).
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 from fhir_gateway.bundle import CaseBundle, SourceBatch, assemble_case_bundle
 from fhir_gateway.errors import InputError
@@ -38,16 +39,17 @@ def map_files(
         except InputError as exc:
             failures.append(f"{path}: {exc.message}")
             continue
-        issues = [_with_file(i, path.name) for i in result.issues]
+        issues = [with_source(i, path.name) for i in result.issues]
         batches.append(SourceBatch(source, result.resources, issues, result.kind, path.name, when))
     patient_id = _patient_id(batches, paths)
     case = assemble_case_bundle(patient_id, batches)
     return case, case.issues, failures
 
 
-def _with_file(issue: Issue, filename: str) -> Issue:
+def with_source(issue: Issue, where: str) -> Issue:
+    """The issue with its expressions prefixed by the document or source they are about."""
     expression = issue.get("expression") or []
-    return {**issue, "expression": [f"{filename}#{e}" for e in expression] or [filename]}
+    return {**issue, "expression": [f"{where}#{e}" for e in expression] or [where]}
 
 
 def _patient_id(batches: list[SourceBatch], paths: list[Path]) -> str:
@@ -68,3 +70,37 @@ def format_issue(issue: Issue) -> str:
     """One stderr line per issue: severity, code, where, what (no payload values)."""
     where = ",".join(issue.get("expression") or [])
     return f"{issue['severity']}: {issue['code']}: {where}: {issue['diagnostics']}"
+
+
+def map_command(
+    files: list[Path],
+    out: Path | None,
+    *,
+    stdout: BinaryIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """`fhir-gateway map FILE... [--out]`: issues to stderr, the bundle to `out` (or stdout).
+
+    Returns the exit code: 0 when every file was mapped, 2 when any was unusable (one line per
+    such file on stderr; the bundle of the usable ones is still written, none when none is).
+    """
+    err = stderr or sys.stderr
+    if not files:
+        print("no files given", file=err)
+        return 2
+    case, issues, failures = map_files(files)
+    if len(failures) < len(files):  # with nothing mapped there is no bundle to have issues
+        for issue in issues:
+            print(format_issue(issue), file=err)
+    for failure in failures:
+        print(failure, file=err)
+    if len(failures) == len(files):
+        return 2
+    if out is not None:
+        write_bundle(case, out)
+    else:
+        sink = stdout or sys.stdout.buffer
+        for chunk in case.iter_json():
+            sink.write(chunk)
+        sink.flush()
+    return 2 if failures else 0

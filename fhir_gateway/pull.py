@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
+from fhir_gateway import normalise
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -535,3 +536,4 @@ def run_pull_fhir(ctx: JobContext) -> None:
             }
         }
     )
+    normalise.queue_after_pull(ctx)

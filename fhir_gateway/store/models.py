@@ -275,3 +275,32 @@ class ImageInstance(Base):
     stored_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_image_instances_series", "case_id", "study_uid", "series_uid"),)
+
+
+class NormalisedResource(Base):
+    """One resource of a case's normalised bundle, as the JSON text served (never re-parsed)."""
+
+    __tablename__ = "normalised_resources"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # order in the Bundle
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)  # compact JSON, written once
+
+
+class CaseBundleState(Base):
+    """The last normalisation of a case: what the bundle endpoints serve."""
+
+    __tablename__ = "case_bundles"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    base_url: Mapped[str] = mapped_column(String(512))  # of the entries' fullUrl
+    etag: Mapped[str] = mapped_column(String(80))
+    resource_count: Mapped[int] = mapped_column(Integer)
+    counts: Mapped[Any] = mapped_column(JsonText)  # resources per type
+    summary: Mapped[Any] = mapped_column(JsonText)  # completeness (bundle.completeness)
+    issues: Mapped[Any] = mapped_column(JsonText)  # data-quality issues with source paths
+    sources: Mapped[Any] = mapped_column(JsonText)  # [{source, kind, resources}]
+    built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

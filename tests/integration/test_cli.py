@@ -104,3 +104,25 @@ def test_cases_and_jobs_tables(tmp_path) -> None:
     assert "pull_fhir:queued" in r.stdout
     r = cli("jobs", "--state", "queued", data_dir=tmp_path)
     assert r.stdout.count("queued") == 2
+
+
+def test_map_maps_good_files_and_names_bad_ones(tmp_path) -> None:
+    out = tmp_path / "bundle.json"
+    r = cli(
+        "map",
+        str(ROOT / "fixtures/hl7v2/LAB-ORU-1.hl7"),
+        str(ROOT / "fixtures/bad/fhir/json-comma-bad-1.json"),
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 2
+    bad_lines = [line for line in r.stderr.splitlines() if "json-comma-bad-1.json" in line]
+    assert len(bad_lines) == 1
+    assert "not well-formed JSON" in bad_lines[0]
+    import json
+
+    bundle = json.loads(out.read_text())
+    assert bundle["type"] == "collection"
+    assert any(e["resource"]["resourceType"] == "Observation" for e in bundle["entry"])
+    ok = cli("map", str(ROOT / "fixtures/hl7v2/LAB-ORU-1.hl7"), "--out", str(out))
+    assert ok.returncode == 0, ok.stderr

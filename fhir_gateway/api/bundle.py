@@ -1,0 +1,90 @@
+"""The normalised case bundle and its summary, served from the stored JSON (never re-serialised)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fhir_gateway import audit, cases, normalise
+from fhir_gateway.api.deps import STAFF, StoreDep
+from fhir_gateway.api.responses import FHIR_JSON
+from fhir_gateway.bundle import iter_bundle_json
+from fhir_gateway.cases import Principal
+from fhir_gateway.errors import ConflictError
+from fhir_gateway.store.models import Case, CaseBundleState, NormalisedResource
+
+router = APIRouter(prefix="/cases", tags=["bundle"])
+
+
+def _read_built(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBundleState]:
+    """The case and its stored bundle state, the read audited (409 when nothing is built)."""
+    case = cases.get_case(s, case_id, who)
+    state = s.get(CaseBundleState, case.id)
+    if state is None:
+        pending = normalise.bundle_state(s, case.id)["pending"]
+        detail = f" ({', '.join(pending)})" if pending else " (no pull or normalise job pending)"
+        raise ConflictError(f"case not normalised yet{detail}")
+    audit.record(
+        s,
+        "case.bundle",
+        who.actor,
+        case_id=case.id,
+        patient=case.patient_ref,
+        entity=[f"Bundle/{state.patient_id}"],
+    )
+    return case, state
+
+
+def _matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.get("/{case_id}/bundle", response_class=Response)
+def get_bundle(case_id: str, request: Request, store: StoreDep, who: Principal = STAFF) -> Response:
+    """The case Bundle (collection, id = the patient id); `ETag`, 304 on `If-None-Match`."""
+    with store.session() as s:
+        case, state = _read_built(s, case_id, who)
+        headers = {"ETag": state.etag, "Cache-Control": "private, no-cache"}
+        if _matches(request.headers.get("if-none-match"), state.etag):
+            return Response(status_code=304, headers=headers)
+        # One query, one short transaction (SQLite: no lock held while the client reads).
+        rows = s.execute(
+            select(
+                NormalisedResource.resource_type,
+                NormalisedResource.resource_id,
+                NormalisedResource.body,
+            )
+            .where(NormalisedResource.case_id == case.id)
+            .order_by(NormalisedResource.position)
+        ).all()
+        patient_id, base_url = state.patient_id, state.base_url
+    entries = ((t, i, b) for t, i, b in rows)
+    return StreamingResponse(
+        iter_bundle_json(patient_id, entries, base_url=base_url),
+        media_type=FHIR_JSON,
+        headers=headers,
+    )
+
+
+@router.get("/{case_id}/summary")
+def get_summary(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
+    """Completeness for the reviewer, data-quality issues with source paths, counts per type."""
+    with store.session() as s:
+        case, state = _read_built(s, case_id, who)
+        return {
+            "case": case.id,
+            "bundle": f"Bundle/{state.patient_id}",
+            "normalisation": normalise.bundle_state(s, case.id),
+            "completeness": state.summary,
+            "counts": state.counts,
+            "resources": state.resource_count,
+            "sources": state.sources,
+            "issues": state.issues,
+        }

@@ -1,0 +1,430 @@
+"""Normalise a case: everything stored for it -> one case bundle, stored as the JSON served.
+
+`normalise_case()` reads the case's raw material (the referral's hosted resources, and the
+`StoredResource` rows of each source: pulled FHIR records, ImagingStudy/Endpoint of the imaging
+pull), maps each source with the pure mappers, assembles the bundle
+(`fhir_gateway.bundle.assemble_case_bundle`) and replaces the case's `NormalisedResource` rows
+and `CaseBundleState` in one transaction (idempotent: re-running gives the same rows and ETag).
+
+The `normalise_case` job is queued by every pull job at its end (`queue_after_pull`). When it runs
+while another pull of the case is still queued or running, it does not build a half bundle: it
+queues itself again a little later and ends, so it re-checks until every pull is done or dead
+(a dead pull never queues a normalise, so waiting on it would lose the update; skipping would
+too when the other pull then fails).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from fhir_gateway import hosted, jobs
+from fhir_gateway.bundle import SourceBatch, assemble_case_bundle, iter_bundle_json
+from fhir_gateway.errors import InputError, NotFoundError
+from fhir_gateway.jobs import JobContext, job_handler
+from fhir_gateway.offline_map import with_source
+from fhir_gateway.resources import Resource, deterministic_id
+from fhir_gateway.settings import Settings
+from fhir_gateway.store import Store
+from fhir_gateway.store.models import (
+    Case,
+    CaseBundleState,
+    FhirResource,
+    Job,
+    NormalisedResource,
+    StoredResource,
+    utcnow,
+)
+from mappers.fhir import InboundResource, check_resource, resources_to_normalised
+
+log = structlog.get_logger(__name__)
+
+KIND = "normalise_case"
+PULL_KINDS = ("pull_fhir", "pull_imaging")
+IMAGING_TYPES = frozenset({"ImagingStudy", "Endpoint"})
+# Hosted resources a referral may point at without being the case's own (never another case's).
+SHARED_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})
+DEFER_MIN_S, DEFER_MAX_S = 1.0, 60.0
+Issue = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Built:
+    case_id: str
+    etag: str
+    resources: int
+    issues: int
+    sources: int
+    missing: list[str]
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def _instant(value: datetime) -> str:
+    return hosted.fhir_instant(value)
+
+
+def case_patient_id(case: Case) -> str:
+    """The bundle's id and its Patient's id: the referral's hosted Patient when there is one."""
+    if case.patient_ref.startswith("Patient/"):
+        return case.patient_ref.split("/", 1)[1]
+    return deterministic_id("case", case.id)
+
+
+def referral_source(case: Case) -> str:
+    return f"urn:fhir-gateway:referral:{case.partner_id}"
+
+
+def _referral_batch(session: Session, case: Case) -> SourceBatch | None:
+    rows = list(
+        session.scalars(
+            select(FhirResource)
+            .where(FhirResource.case_id == case.id)
+            .order_by(FhirResource.resource_type, FhirResource.id)
+        )
+    )
+    seen = {(r.resource_type, r.id) for r in rows}
+    frontier = list(rows)
+    while frontier:  # shared resources the referral points at (its Organization, ...)
+        row = frontier.pop()
+        for ref in _references(row.body):
+            rtype, _, rid = ref.partition("/")
+            if rtype not in SHARED_TYPES or (rtype, rid) in seen:
+                continue
+            seen.add((rtype, rid))
+            target = session.get(FhirResource, (rtype, rid))
+            if target is not None and target.case_id is None:
+                rows.append(target)
+                frontier.append(target)
+    if not rows:
+        return None
+    items = [
+        InboundResource(r.body, f"{r.resource_type}/{r.id}")
+        for r in sorted(rows, key=lambda r: (r.resource_type != "Patient", r.resource_type, r.id))
+    ]
+    source = referral_source(case)
+    received = _instant(max(r.last_updated for r in rows))
+    return _batch(source, items, "referral", f"Task/{case.task_id}", received)
+
+
+def _references(node: Any) -> list[str]:
+    out: list[str] = []
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref.count("/") == 1:
+            out.append(ref)
+        for value in node.values():
+            if isinstance(value, dict | list):
+                out += _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            out += _references(item)
+    return out
+
+
+def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
+    rows = session.scalars(
+        select(StoredResource)
+        .where(StoredResource.case_id == case_id)
+        .order_by(StoredResource.source, StoredResource.resource_type, StoredResource.source_id)
+    )
+    by_source: dict[str, list[StoredResource]] = {}
+    for row in rows:
+        by_source.setdefault(row.source, []).append(row)
+    batches = []
+    for source, found in by_source.items():
+        # Patient first: the first Patient of the first source is the case Patient's base.
+        found.sort(key=lambda r: r.resource_type != "Patient")
+        items = [InboundResource(r.body, f"{r.resource_type}/{r.source_id}") for r in found]
+        kind = "dicom" if all(r.resource_type in IMAGING_TYPES for r in found) else "fhir"
+        received = _instant(max(r.fetched_at for r in found))
+        batches.append(_batch(source, items, kind, source, received))
+    return batches
+
+
+def _batch(
+    source: str, items: list[InboundResource], kind: str, document: str, received: str
+) -> SourceBatch:
+    resources, issues = normalise_source(items, source)
+    issues = [with_source(i, source) for i in issues]
+    return SourceBatch(source, resources, issues, kind, document, received)
+
+
+def normalise_source(
+    items: list[InboundResource], source: str
+) -> tuple[list[Resource], list[Issue]]:
+    """Normalise one source's resources; a resource the mapper refuses is left out and reported
+    (its raw row stays stored) instead of failing the whole case.
+
+    Per-resource normalising gives the same ids as the batch: references of pulled resources are
+    `Type/id`, which the mapper resolves to `deterministic_id(source, Type, id)` either way.
+    """
+    try:
+        return resources_to_normalised(items, source)
+    except InputError:
+        pass
+    good: list[InboundResource] = []
+    refused: list[Issue] = []
+    for item in items:
+        try:
+            check_resource(item.resource, item.path)
+            resources_to_normalised([item], source)
+        except InputError as exc:
+            refused.append(
+                {
+                    "severity": "error",
+                    "code": "invalid",
+                    "diagnostics": f"resource not normalised: {exc.message}",
+                    "expression": [item.path],
+                }
+            )
+            continue
+        good.append(item)
+    resources, issues = resources_to_normalised(good, source)
+    return resources, refused + issues
+
+
+# --------------------------------------------------------------------------- building
+
+
+def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
+    """Build the case bundle from what is stored and replace the stored bundle (one transaction).
+
+    The write checks that the case's inputs did not change while the bundle was being built
+    (another pull saved, the Task moved); if they did, it builds again, so an older build never
+    overwrites a newer one.
+
+    Raises:
+        NotFoundError: no such case.
+    """
+    started = time.monotonic()
+    base_url = settings.public_base_url.rstrip("/") + "/fhir"
+    for attempt in range(1, MAX_BUILDS + 1):
+        with store.session() as s:
+            case = s.get(Case, case_id)
+            if case is None:
+                raise NotFoundError(f"case {case_id} does not exist")
+            seen = _inputs_mark(s, case_id)
+            batches = [b for b in [_referral_batch(s, case)] if b is not None]
+            batches += _stored_batches(s, case_id)
+            patient_id = case_patient_id(case)
+        built = _build(case_id, patient_id, batches, base_url)
+        with store.session() as s:
+            if _inputs_mark(s, case_id) != seen and attempt < MAX_BUILDS:
+                log.info("normalise.case.inputs_changed", case_id=case_id, attempt=attempt)
+                continue
+            _write(s, built)
+        break
+    log.info(
+        "normalise.case.done",
+        case_id=case_id,
+        sources=len(batches),
+        resources=built.state.resource_count,
+        issues=len(built.state.issues),
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    state = built.state
+    return Built(
+        case_id,
+        state.etag,
+        state.resource_count,
+        len(state.issues),
+        len(batches),
+        state.summary["missing"],
+    )
+
+
+MAX_BUILDS = 3
+
+
+@dataclass
+class _Result:
+    state: CaseBundleState
+    rows: list[dict[str, Any]]
+
+
+def _inputs_mark(session: Session, case_id: str) -> tuple[Any, ...]:
+    """What changes whenever a case's inputs change (rows saved or updated)."""
+    stored = session.execute(
+        select(func.count(), func.max(StoredResource.fetched_at)).where(
+            StoredResource.case_id == case_id
+        )
+    ).one()
+    hosted_rows = session.execute(
+        select(func.count(), func.max(FhirResource.last_updated)).where(
+            FhirResource.case_id == case_id
+        )
+    ).one()
+    return (*stored, *hosted_rows)
+
+
+def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:
+    bundle = assemble_case_bundle(patient_id, batches, base_url=base_url)
+    rows = [
+        {
+            "case_id": case_id,
+            "position": n,
+            "resource_type": r["resourceType"],
+            "resource_id": r["id"],
+            "body": _dumps(r),
+        }
+        for n, r in enumerate(bundle.resources)
+    ]
+    digest = hashlib.sha256()
+    for chunk in iter_bundle_json(
+        patient_id,
+        ((r["resource_type"], r["resource_id"], r["body"]) for r in rows),
+        base_url=base_url,
+    ):
+        digest.update(chunk)
+    counts: dict[str, int] = {}
+    for r in bundle.resources:
+        counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
+    state = CaseBundleState(
+        case_id=case_id,
+        patient_id=patient_id,
+        base_url=base_url,
+        etag=f'"{digest.hexdigest()[:40]}"',
+        resource_count=len(rows),
+        counts=counts,
+        summary=bundle.summary,
+        issues=bundle.issues,
+        sources=[
+            {"source": b.source, "kind": b.kind, "resources": len(b.resources)} for b in batches
+        ],
+    )
+    return _Result(state, rows)
+
+
+def _write(session: Session, built: _Result) -> None:
+    """Replace the case's stored bundle rows and state (the caller's transaction)."""
+    case_id = built.state.case_id
+    session.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
+    if built.rows:
+        session.execute(insert(NormalisedResource), built.rows)
+    built.state.built_at = utcnow()
+    session.merge(built.state)
+
+
+def _dumps(resource: Resource) -> str:
+    return json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def queue_after_pull(ctx: JobContext) -> None:
+    """Queue the case's normalisation at the end of a pull job (its own transaction).
+
+    Keyed by the pull job and attempt: a re-run of the same attempt queues nothing new.
+    """
+    if ctx.case_id is None:
+        return
+    key = f"normalise:{ctx.case_id}:{ctx.job_id}:{ctx.attempt}"
+    with ctx.store.session() as s:
+        jobs.enqueue(
+            s, KIND, case_id=ctx.case_id, payload={"after": ctx.job_id, "key": key}, dedup_key=key
+        )
+
+
+def pending_pull(session: Session, case_id: str, after: str | None) -> Job | None:
+    """A pull job of the case still to finish (not the one whose handler queued us: it has)."""
+    stmt = select(Job).where(
+        Job.case_id == case_id,
+        Job.kind.in_(PULL_KINDS),
+        Job.state.in_((jobs.QUEUED, jobs.RUNNING)),
+    )
+    if after:
+        stmt = stmt.where(Job.id != after)
+    return session.scalars(stmt.order_by(Job.run_at)).first()
+
+
+@job_handler(KIND)
+def run_normalise_case(ctx: JobContext) -> None:
+    """Job `normalise_case`: rebuild the case bundle once no pull of the case is outstanding."""
+    if ctx.case_id is None:
+        raise InputError("normalise_case job needs a case")
+    after = ctx.payload.get("after")
+    with ctx.store.session() as s:
+        waiting = pending_pull(s, ctx.case_id, after)
+        deferred = _defer(s, ctx, waiting) if waiting is not None else None
+    if deferred is not None:  # progress is its own transaction: after ours has committed
+        ctx.progress({"deferred": deferred})
+        return
+    built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
+    ctx.progress(
+        {
+            "normalise": {
+                "resources": built.resources,
+                "issues": built.issues,
+                "sources": built.sources,
+                "missing": built.missing,
+            }
+        }
+    )
+
+
+def _defer(session: Session, ctx: JobContext, waiting: Job) -> dict[str, Any]:
+    """Queue this normalisation again for when the outstanding pull may be done."""
+    now = utcnow()
+    wait_s = (waiting.run_at - now).total_seconds() if waiting.state == jobs.QUEUED else 0.0
+    delay = min(max(wait_s, DEFER_MIN_S), DEFER_MAX_S)
+    defers = int(ctx.payload.get("defers", 0)) + 1
+    base = str(ctx.payload.get("key") or f"normalise:{ctx.case_id}:{ctx.job_id}")
+    jobs.enqueue(
+        session,
+        KIND,
+        case_id=ctx.case_id,
+        payload={**ctx.payload, "key": base, "defers": defers},
+        dedup_key=f"{base}:d{defers}",
+        run_at=now + timedelta(seconds=delay),
+    )
+    log.info("normalise.case.deferred", waiting_for=waiting.kind, delay_s=round(delay, 1))
+    return {"waiting_for": waiting.kind, "delay_s": round(delay, 1)}
+
+
+# --------------------------------------------------------------------------- state for the API
+
+
+def bundle_state(session: Session, case_id: str) -> dict[str, Any]:
+    """Normalisation state of a case for GET /cases/{id}: built or not, pending jobs, counts."""
+    state = session.get(CaseBundleState, case_id)
+    outstanding = session.execute(
+        select(Job.kind, Job.state).where(
+            Job.case_id == case_id,
+            Job.kind.in_((*PULL_KINDS, KIND)),
+            Job.state.in_((jobs.QUEUED, jobs.RUNNING)),
+        )
+    )
+    waiting = sorted({f"{kind} {st}" for kind, st in outstanding})
+    if state is None:
+        return {"state": "pending" if waiting else "not-started", "pending": waiting}
+    return {
+        "state": "stale" if waiting else "built",
+        "pending": waiting,
+        "built": _instant(state.built_at),
+        "etag": state.etag,
+        "resources": state.resource_count,
+        "issues": len(state.issues or []),
+        "missing": (state.summary or {}).get("missing", []),
+    }
+
+
+__all__ = [
+    "Built",
+    "bundle_state",
+    "case_patient_id",
+    "normalise_case",
+    "normalise_source",
+    "pending_pull",
+    "queue_after_pull",
+]
