@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from fhir_gateway import jobs
-from fhir_gateway.api import audit, cases, fhir, reports
+from fhir_gateway.api import audit, cases, dicomweb, fhir, reports
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
 from fhir_gateway.auth import TokenValidator
@@ -58,6 +58,7 @@ def create_app(
     app.include_router(fhir.router)
     app.include_router(cases.router)
     app.include_router(reports.router)
+    app.include_router(dicomweb.router)
 
     @app.get("/health", tags=["ops"])
     def health(db: StoreDep) -> dict[str, str]:

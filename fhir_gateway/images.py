@@ -120,11 +120,7 @@ class _IndexedStore:
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out."""
         with self.open_instance(ref) as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        out: dict[str, Any] = ds.to_json_dict(
-            bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
-        )
-        return out
+            return instance_json(fh)
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         raise NotImplementedError
@@ -180,6 +176,15 @@ class _IndexedStore:
 
 def _no_bulk(_elem: Any) -> str:
     return ""
+
+
+def instance_json(fh: BinaryIO) -> dict[str, Any]:
+    """A Part 10 file's attributes as DICOM JSON (PS3.18 F), bulk data (pixels...) left out."""
+    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    out: dict[str, Any] = ds.to_json_dict(
+        bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
+    )
+    return out
 
 
 def _ref(row: ImageInstance) -> InstanceRef:
