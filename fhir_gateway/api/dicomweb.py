@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, Protocol
 
-import pydicom
 import requests
 import structlog
 from fastapi import APIRouter, Depends, Request, Response
@@ -29,7 +28,7 @@ from fhir_gateway import audit, cases
 from fhir_gateway.api.deps import STAFF, StoreDep
 from fhir_gateway.cases import Principal
 from fhir_gateway.errors import InputError, NotAcceptableError, NotFoundError
-from fhir_gateway.images import ImageStore, InstanceRef
+from fhir_gateway.images import ImageStore, InstanceRef, read_dataset
 from fhir_gateway.imaging import build_image_store
 from fhir_gateway.store import Store
 
@@ -367,7 +366,7 @@ def frames(
         )
     check_accept(accept, "application/octet-stream", {str(ts)})
     with source.open_instance(ref) as fh:
-        ds = pydicom.dcmread(fh)
+        ds = read_dataset(fh, stop_before_pixels=False)
     if "PixelData" not in ds:
         raise NotFoundError(f"instance {ref.sop_uid} has no pixel data")
     bits = int(ds.get("BitsAllocated", 0))
