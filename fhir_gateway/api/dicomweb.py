@@ -15,7 +15,8 @@ import fnmatch
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, Protocol
+from dataclasses import dataclass
+from typing import Annotated, Any, BinaryIO, Protocol
 
 import requests
 import structlog
@@ -458,28 +459,51 @@ def get_image_store(request: Request) -> ImageStore:
     return found
 
 
-ImageStoreDep = Depends(get_image_store)
+@dataclass(frozen=True)
+class CaseImages:
+    """One per-case DICOMweb request: who asks, for which case, and where its images are."""
+
+    request: Request
+    case_id: str
+    store: Store
+    images: ImageStore
+    who: Principal
+
+    @property
+    def root(self) -> str:
+        return f"{str(self.request.base_url).rstrip('/')}/cases/{self.case_id}/dicom-web"
+
+    @property
+    def accept(self) -> str:
+        return self.request.headers.get("accept", "")
+
+    def authorise(self) -> str:
+        """Authorise the caller on the case (404 unknown, 403 not theirs); the case's patient.
+
+        Its own short transaction: the image index is read in another one (SQLite's writer
+        lock is taken at BEGIN, so reads cannot nest inside a transaction writing audit rows).
+        """
+        with self.store.session() as s:
+            return cases.get_case(s, self.case_id, self.who).patient_ref
+
+    def audit(self, action: str, patient: str, entity: list[str]) -> None:
+        with self.store.session() as s:
+            audit.record(
+                s, action, self.who.actor, case_id=self.case_id, patient=patient, entity=entity
+            )
 
 
-def _root(request: Request, case_id: str) -> str:
-    return f"{str(request.base_url).rstrip('/')}/cases/{case_id}/dicom-web"
+def case_images(
+    request: Request,
+    case_id: str,
+    store: StoreDep,
+    images: Annotated[ImageStore, Depends(get_image_store)],
+    who: Principal = STAFF,
+) -> CaseImages:
+    return CaseImages(request, case_id, store, images, who)
 
 
-def _case_patient(store: Store, case_id: str, who: Principal) -> str:
-    """Authorise the caller on the case (404 unknown, 403 not theirs); the case's patient.
-
-    Its own short transaction: the image index is read in another one (SQLite's writer lock is
-    taken at BEGIN, so the reads cannot nest inside a transaction that will write audit rows).
-    """
-    with store.session() as s:
-        return cases.get_case(s, case_id, who).patient_ref
-
-
-def _audit(
-    store: Store, action: str, who: Principal, case_id: str, patient: str, entity: list[str]
-) -> None:
-    with store.session() as s:
-        audit.record(s, action, who.actor, case_id=case_id, patient=patient, entity=entity)
+Ctx = Annotated[CaseImages, Depends(case_images)]
 
 
 def _uids(*uids: str | None) -> list[str]:
@@ -487,228 +511,115 @@ def _uids(*uids: str | None) -> list[str]:
 
 
 def _qido(
-    request: Request,
-    case_id: str,
-    store: StoreDep,
-    images: ImageStore,
-    who: Principal,
-    level: str,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
+    ctx: CaseImages, level: str, study_uid: str | None = None, series_uid: str | None = None
 ) -> Response:
-    params = request.query_params.multi_items()
-    patient = _case_patient(store, case_id, who)
-    found, total = search(
-        images, case_id, _root(request, case_id), level, params, study_uid, series_uid
+    params = ctx.request.query_params.multi_items()
+    patient = ctx.authorise()
+    found, total = search(ctx.images, ctx.case_id, ctx.root, level, params, study_uid, series_uid)
+    ctx.audit("images.search", patient, [*_uids(study_uid, series_uid), f"count:{total}"])
+    log.info(
+        "dicomweb.search.done", case_id=ctx.case_id, level=level, count=len(found), total=total
     )
-    entity = [*_uids(study_uid, series_uid), f"count:{total}"]
-    _audit(store, "images.search", who, case_id, patient, entity)
-    log.info("dicomweb.search.done", case_id=case_id, level=level, count=len(found), total=total)
-    return search_response(found, total, offset_of(params), request.url.hostname or "gateway")
+    host = ctx.request.url.hostname or "gateway"
+    return search_response(found, total, offset_of(params), host)
 
 
 def _wado(
-    request: Request,
-    case_id: str,
-    store: StoreDep,
-    images: ImageStore,
-    who: Principal,
+    ctx: CaseImages,
     study_uid: str,
     series_uid: str | None = None,
     sop_uid: str | None = None,
     *,
     as_metadata: bool = False,
 ) -> Response:
-    patient = _case_patient(store, case_id, who)
-    refs = refs_of(images, case_id, study_uid, series_uid, sop_uid)
+    patient = ctx.authorise()
+    refs = refs_of(ctx.images, ctx.case_id, study_uid, series_uid, sop_uid)
     if not as_metadata:
-        check_accept(
-            request.headers.get("accept", ""),
-            "application/dicom",
-            {r.transfer_syntax_uid for r in refs},
-        )
+        check_accept(ctx.accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     entity = _uids(study_uid, *(r.series_uid for r in refs), *(r.sop_uid for r in refs))
-    _audit(store, "images.retrieve", who, case_id, patient, entity)
+    ctx.audit("images.retrieve", patient, entity)
     log.info(
         "dicomweb.retrieve.start",
-        case_id=case_id,
+        case_id=ctx.case_id,
         instances=len(refs),
         bytes=sum(r.size for r in refs),
         metadata=as_metadata,
     )
     if as_metadata:
-        return metadata(images, refs)
-    return retrieve(images, refs, _root(request, case_id), request.headers.get("accept", ""))
+        return metadata(ctx.images, refs)
+    return retrieve(ctx.images, refs, ctx.root, ctx.accept)
 
 
 @router.get("/studies")
-def search_studies(
-    request: Request,
-    case_id: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
+def search_studies(ctx: Ctx) -> Response:
     """QIDO-RS SearchForStudies in the case."""
-    return _qido(request, case_id, store, images, who, "studies")
+    return _qido(ctx, "studies")
 
 
 @router.get("/series")
-def search_all_series(
-    request: Request,
-    case_id: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _qido(request, case_id, store, images, who, "series")
+def search_all_series(ctx: Ctx) -> Response:
+    return _qido(ctx, "series")
 
 
 @router.get("/instances")
-def search_all_instances(
-    request: Request,
-    case_id: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _qido(request, case_id, store, images, who, "instances")
+def search_all_instances(ctx: Ctx) -> Response:
+    return _qido(ctx, "instances")
 
 
 @router.get("/studies/{study_uid}/series")
-def search_series(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _qido(request, case_id, store, images, who, "series", study_uid)
+def search_series(study_uid: str, ctx: Ctx) -> Response:
+    return _qido(ctx, "series", study_uid)
 
 
 @router.get("/studies/{study_uid}/instances")
-def search_study_instances(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _qido(request, case_id, store, images, who, "instances", study_uid)
+def search_study_instances(study_uid: str, ctx: Ctx) -> Response:
+    return _qido(ctx, "instances", study_uid)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances")
-def search_instances(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    series_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _qido(request, case_id, store, images, who, "instances", study_uid, series_uid)
+def search_instances(study_uid: str, series_uid: str, ctx: Ctx) -> Response:
+    return _qido(ctx, "instances", study_uid, series_uid)
 
 
 @router.get("/studies/{study_uid}")
-def retrieve_study(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
+def retrieve_study(study_uid: str, ctx: Ctx) -> Response:
     """WADO-RS RetrieveStudy: every instance of the study held for the case, as stored."""
-    return _wado(request, case_id, store, images, who, study_uid)
+    return _wado(ctx, study_uid)
 
 
 @router.get("/studies/{study_uid}/metadata")
-def study_metadata(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _wado(request, case_id, store, images, who, study_uid, as_metadata=True)
+def study_metadata(study_uid: str, ctx: Ctx) -> Response:
+    return _wado(ctx, study_uid, as_metadata=True)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}")
-def retrieve_series(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    series_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _wado(request, case_id, store, images, who, study_uid, series_uid)
+def retrieve_series(study_uid: str, series_uid: str, ctx: Ctx) -> Response:
+    return _wado(ctx, study_uid, series_uid)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/metadata")
-def series_metadata(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    series_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _wado(request, case_id, store, images, who, study_uid, series_uid, as_metadata=True)
+def series_metadata(study_uid: str, series_uid: str, ctx: Ctx) -> Response:
+    return _wado(ctx, study_uid, series_uid, as_metadata=True)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}")
-def retrieve_instance(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    series_uid: str,
-    sop_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _wado(request, case_id, store, images, who, study_uid, series_uid, sop_uid)
+def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, ctx: Ctx) -> Response:
+    return _wado(ctx, study_uid, series_uid, sop_uid)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata")
-def instance_metadata(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    series_uid: str,
-    sop_uid: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
-) -> Response:
-    return _wado(
-        request, case_id, store, images, who, study_uid, series_uid, sop_uid, as_metadata=True
-    )
+def instance_metadata(study_uid: str, series_uid: str, sop_uid: str, ctx: Ctx) -> Response:
+    return _wado(ctx, study_uid, series_uid, sop_uid, as_metadata=True)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{frame_list}")
 def retrieve_frames(
-    request: Request,
-    case_id: str,
-    study_uid: str,
-    series_uid: str,
-    sop_uid: str,
-    frame_list: str,
-    store: StoreDep,
-    images: ImageStore = ImageStoreDep,
-    who: Principal = STAFF,
+    study_uid: str, series_uid: str, sop_uid: str, frame_list: str, ctx: Ctx
 ) -> Response:
     """WADO-RS RetrieveFrames (native pixel data only; 406 for compressed)."""
-    patient = _case_patient(store, case_id, who)
-    ref = refs_of(images, case_id, study_uid, series_uid, sop_uid)[0]
-    url = f"{_root(request, case_id)}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
-    response = frames(images, ref, frame_list, request.headers.get("accept", ""), url)
-    _audit(store, "images.retrieve", who, case_id, patient, _uids(study_uid, series_uid, sop_uid))
+    patient = ctx.authorise()
+    ref = refs_of(ctx.images, ctx.case_id, study_uid, series_uid, sop_uid)[0]
+    url = f"{ctx.root}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+    response = frames(ctx.images, ref, frame_list, ctx.accept, url)
+    ctx.audit("images.retrieve", patient, _uids(study_uid, series_uid, sop_uid))
     return response
