@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import pydicom
 import structlog
+import uvicorn
 from fastapi import FastAPI, Request, Response
 from pydicom.errors import InvalidDicomError
 
@@ -35,15 +36,16 @@ class FolderSource:
     def __init__(self, folder: Path) -> None:
         self.paths: dict[str, Path] = {}
         self._refs: list[InstanceRef] = []
+        skipped = 0
         for path in sorted(folder.rglob("*.dcm")):
             ref = _index(path)
             if ref is None or ref.sop_uid in self.paths:
-                log.warning("pacs.file.skipped", file=path.name)
+                skipped += 1  # not DICOM, no UIDs, or a SOP Instance UID seen before
                 continue
             self.paths[ref.sop_uid] = path
             self._refs.append(ref)
         self._refs.sort(key=lambda r: (r.study_uid, r.series_uid, r.sop_uid))
-        log.info("pacs.indexed", instances=len(self._refs))
+        log.info("pacs.indexed", instances=len(self._refs), skipped=skipped)
 
     def iter_instances(
         self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
@@ -132,6 +134,11 @@ def create_pacs_app(folder: Path, root: str = "/dicom-web") -> FastAPI:
         return wado(request, study, series, sop)
 
     return app
+
+
+def run_pacs(folder: Path, port: int, host: str = "127.0.0.1") -> None:
+    """Serve the sandbox PACS until interrupted (`fhir-gateway pacs FOLDER --port P`)."""
+    uvicorn.run(create_pacs_app(folder), host=host, port=port, log_level="warning")
 
 
 class PacsServer(AppServer):
