@@ -5,10 +5,9 @@ of the Orthanc server: query/retrieve").
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import requests
 import structlog
@@ -63,6 +62,7 @@ class OrthancStorage:
     ) -> None:
         self.url = orthanc_url.rstrip("/")
         auth = requests.auth.HTTPBasicAuth(username, password or "") if username else None
+        self._session, self._auth, self._timeout_s = session, auth, timeout_s
         self.dicomweb = DicomwebClient(
             session, self.url + dicomweb_root, timeout_s=timeout_s, auth=auth, system="orthanc"
         )
@@ -86,10 +86,20 @@ class OrthancStorage:
         return str(found)
 
     def open_file(self, orthanc_id: str) -> BinaryIO:
-        data = _translated("orthanc", lambda: self._api.instances.get_file(orthanc_id))
-        if data is None:
-            raise UpstreamNotFoundError(f"orthanc has no file for {orthanc_id}", system="orthanc")
-        return io.BytesIO(data)
+        """The instance's Part 10 file as a stream (read in chunks, then close): instances
+        can be gigabytes (whole-slide images), so they are never held in memory whole."""
+        r = send(
+            self._session,
+            "GET",
+            f"{self.url}/instances/{orthanc_id}/file",
+            system="orthanc",
+            timeout=self._timeout_s,
+            auth=self._auth,
+            stream=True,
+            headers={"Accept-Encoding": "identity"},
+        )
+        r.raw.decode_content = True
+        return cast(BinaryIO, r.raw)  # urllib3's HTTPResponse: an io.IOBase with read()
 
     def delete(self, orthanc_id: str) -> None:
         _translated("orthanc", lambda: self._api.instances.delete(orthanc_id))

@@ -38,6 +38,7 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "records.pull": ("create", "C"),
     "images.pull": ("create", "C"),
     "images.retrieve": ("read", "R"),
+    "images.search": ("search-type", "E"),
     "report.submit": ("create", "C"),
     "report.deliver": ("create", "C"),
     "audit.search": ("search-type", "E"),

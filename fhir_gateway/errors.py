@@ -132,6 +132,13 @@ class UnsupportedMediaTypeError(InputError):
     issue_code = "not-supported"
 
 
+class NotAcceptableError(InputError):
+    """None of the representations the caller accepts can be served (e.g. no transcoding)."""
+
+    status_code = 406
+    issue_code = "not-supported"
+
+
 class AuthError(GatewayError):
     status_code = 401
     issue_code = "login"

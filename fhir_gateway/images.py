@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +121,7 @@ class _IndexedStore:
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out."""
         with self.open_instance(ref) as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        out: dict[str, Any] = ds.to_json_dict(
-            bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
-        )
-        return out
+            return instance_json(fh)
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         raise NotImplementedError
@@ -180,6 +177,27 @@ class _IndexedStore:
 
 def _no_bulk(_elem: Any) -> str:
     return ""
+
+
+def read_dataset(fh: BinaryIO, *, stop_before_pixels: bool = True) -> pydicom.Dataset:
+    """The instance as a pydicom Dataset (by default without Pixel Data). pydicom seeks, so a
+    network stream (the Orthanc backend) is first spooled: in memory up to 8 MiB, then to a
+    temp file."""
+    if fh.seekable():
+        return pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels)
+    with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+        shutil.copyfileobj(fh, spool)
+        spool.seek(0)
+        return pydicom.dcmread(spool, stop_before_pixels=stop_before_pixels)
+
+
+def instance_json(fh: BinaryIO) -> dict[str, Any]:
+    """A Part 10 file's attributes as DICOM JSON (PS3.18 F), bulk data (pixels...) left out."""
+    ds = read_dataset(fh)
+    out: dict[str, Any] = ds.to_json_dict(
+        bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
+    )
+    return out
 
 
 def _ref(row: ImageInstance) -> InstanceRef:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pydicom
 import requests
 import structlog
 from sqlalchemy import select
@@ -30,7 +29,7 @@ from connectors.dicomweb import (
 from connectors.orthanc import OrthancDimse, OrthancStorage
 from fhir_gateway import normalise
 from fhir_gateway.errors import ConfigError
-from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore
+from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore, read_dataset
 from fhir_gateway.jobs import JobContext, job_handler
 from fhir_gateway.partner_clients import token_provider_for
 from fhir_gateway.resources import DICOM_UID, Resource
@@ -261,7 +260,7 @@ def case_imaging_studies(
     datasets = []
     for ref in image_store.iter_instances(case_id):
         with image_store.open_instance(ref) as fh:
-            datasets.append(pydicom.dcmread(fh, stop_before_pixels=True))
+            datasets.append(read_dataset(fh))
     return datasets_to_imaging_studies(datasets, subject, endpoint_url) if datasets else []
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -51,11 +51,11 @@ def run_sandbox(
     uvicorn.run(create_sandbox_app(config), host=host, port=port, log_level="warning")
 
 
-class SandboxServer:
-    """The sandbox on a free loopback port in a background thread (tests, benchmarks, demo)."""
+class AppServer:
+    """An ASGI app on a free loopback port in a background thread (tests, benchmarks, demo)."""
 
-    def __init__(self, config: SandboxConfig, port: int | None = None) -> None:
-        self.app = create_sandbox_app(config)
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.app = app
         self.port = port or free_port()
         self._server = uvicorn.Server(
             uvicorn.Config(
@@ -70,20 +70,15 @@ class SandboxServer:
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     @property
-    def state(self) -> SandboxState:
-        state: SandboxState = self.app.state.sandbox
-        return state
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
-
-    def start(self) -> SandboxServer:
+    def start(self) -> Self:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise ConfigError("sandbox EHR did not start")
+                raise ConfigError(f"{type(self).__name__} did not start")
             time.sleep(0.02)
         return self
 
@@ -91,7 +86,7 @@ class SandboxServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> SandboxServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -101,3 +96,19 @@ class SandboxServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class SandboxServer(AppServer):
+    """The sandbox EHR on a free loopback port in a background thread."""
+
+    def __init__(self, config: SandboxConfig, port: int | None = None) -> None:
+        super().__init__(create_sandbox_app(config), port)
+
+    @property
+    def state(self) -> SandboxState:
+        state: SandboxState = self.app.state.sandbox
+        return state
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/fhir"
