@@ -39,7 +39,10 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "images.pull": ("create", "C"),
     "images.retrieve": ("read", "R"),
     "images.search": ("search-type", "E"),
+    "report.draft": ("update", "U"),
     "report.submit": ("create", "C"),
+    "report.amend": ("update", "U"),
+    "report.retract": ("update", "U"),
     "report.deliver": ("create", "C"),
     "audit.search": ("search-type", "E"),
 }
@@ -51,6 +54,16 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 class Actor:
     sub: str
     role: str
+
+
+SYSTEM = Actor("fhir-gateway", "system")  # the gateway's own jobs (pulls, deliveries)
+
+
+def patient_of_case(session: Session, case_id: str) -> str | None:
+    from fhir_gateway.store.models import Case
+
+    case = session.get(Case, case_id)
+    return case.patient_ref if case is not None else None
 
 
 def record(

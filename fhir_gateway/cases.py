@@ -454,6 +454,15 @@ def _open_case(
     session.flush()
     for row in (task_row, sr_row):
         row.case_id = case.id
+    # What the referral points at (images, documents, the cancer Condition) belongs to the case.
+    for ref in (sr_row.body.get("supportingInfo") or []) + (
+        sr_row.body.get("reasonReference") or []
+    ):
+        target = str((ref or {}).get("reference") or "")
+        if target.count("/") == 1:
+            linked = session.get(FhirResource, tuple(target.split("/")))
+            if linked is not None and linked.case_id is None and linked.partner_id == partner.id:
+                linked.case_id = case.id
     if patient_ref.startswith("Patient/"):
         patient = session.get(FhirResource, ("Patient", patient_ref.split("/", 1)[1]))
         if patient is not None and patient.case_id is None:

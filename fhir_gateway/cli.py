@@ -23,6 +23,7 @@ from fhir_gateway.logging import configure_logging
 from fhir_gateway.settings import Settings
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # local variables can hold patient data
     no_args_is_help=True,
     add_completion=False,
     help="fhir-gateway: cancer second-opinion records in, reports out.",

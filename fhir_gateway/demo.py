@@ -25,11 +25,14 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
+from fhir_gateway import audit
 from fhir_gateway.app import create_app
 from fhir_gateway.auth import mint_dev_token
 from fhir_gateway.client_keys import new_key
 from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
+from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.settings import Settings
+from fhir_gateway.store import open_store
 
 DEMO_DATA = resources.files("fhir_gateway.sandbox") / "data"
 FHIR_JSON = "application/fhir+json"
@@ -51,6 +54,10 @@ identifier = {{ system = "urn:oid:2.16.840.1.113883.3.9999", value = "{partner}"
 [partners.fhir]
 base_url = "{ehr}"
 auth = {{ type = "smart", client_id = "{client}", key_file = "keys/{partner}.pem", kid = "{kid}" }}
+
+[partners.dicomweb]
+base_url = "{pacs}"
+search_by_patient = false
 
 [partners.destination]
 base_url = "{ehr}"
@@ -113,8 +120,12 @@ def run_demo(out: Console, *, keep: bool = False) -> None:
                 )
             )
             out.print(f"sandbox EHR (FHIR R4, SMART Backend Services, ES384) at {ehr.base_url}")
+            pacs = stack.enter_context(PacsServer(_copy_tree(DEMO_DATA / "pacs", tmp / "pacs")))
+            out.print(f"sandbox PACS (DICOMweb, a CT series) at {pacs.base_url}")
             (data_dir / "partners.toml").write_text(
-                PARTNERS_TOML.format(partner=PARTNER, ehr=ehr.base_url, client=CLIENT_ID, kid=KID)
+                PARTNERS_TOML.format(
+                    partner=PARTNER, ehr=ehr.base_url, pacs=pacs.base_url, client=CLIENT_ID, kid=KID
+                )
             )
             port = free_port()
             settings = Settings(
@@ -127,6 +138,15 @@ def run_demo(out: Console, *, keep: bool = False) -> None:
             out.print(f"gateway listening on {base} with 2 job workers")
             Demo(out, base, data_dir).run(ehr.base_url)
         out.print("all servers stopped cleanly")
+        store = open_store(Settings(data_dir=data_dir).db_url)
+        with store.session() as session:
+            count, bad = audit.verify_chain(session)
+        store.dispose()
+        out.print(
+            f"audit chain verified: {count} events"
+            if bad is None
+            else f"[red]audit chain broken at event {bad}[/red]"
+        )
     finally:
         if keep:
             out.print(f"kept {tmp}")
@@ -156,14 +176,25 @@ class Demo:
 
     def run(self, ehr_base: str) -> None:
         case_id = self.push_referral()
-        self.wait_for_jobs(case_id, ("pull_fhir",))
+        self.wait_for_jobs(case_id, ("pull_fhir", "pull_imaging"))
         self.show_pull(case_id)
+        self.wait_for_bundle(case_id)
+        self.review(case_id)
         self.report(case_id)
         self.wait_for_jobs(case_id, ("deliver_report",))
         self.show_delivery(case_id, ehr_base)
+        self.show_audit(case_id)
 
-    def report(self, case_id: str) -> None:
-        """An operator assigns a reviewer; the reviewer writes and submits the second opinion."""
+    def wait_for_bundle(self, case_id: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.out.status("normalising the case ..."):
+            while self.get(f"/cases/{case_id}", self.admin)["normalisation"]["state"] != "built":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the case bundle was not built in time")
+                time.sleep(0.2)
+
+    def review(self, case_id: str) -> None:
+        """An operator assigns a reviewer, who reads the case summary, bundle and images."""
         resp = self.http.post(
             f"{self.base}/cases/{case_id}/assignments",
             timeout=30,
@@ -171,6 +202,45 @@ class Demo:
             json={"reviewer": "dr.demo"},
         )
         resp.raise_for_status()
+        summary = self.get(f"/cases/{case_id}/summary", self.reviewer)
+        table = Table(title="reviewer dr.demo: GET /cases/{id}/summary (completeness)")
+        table.add_column("needed for the second opinion")
+        table.add_column("present", justify="right")
+        for need, value in summary["completeness"].items():
+            if isinstance(value, dict):
+                table.add_row(need, "yes" if value["present"] else "[red]missing[/red]")
+        self.out.print(table)
+        resp = self.http.get(
+            f"{self.base}/cases/{case_id}/bundle", headers=self.reviewer, timeout=60
+        )
+        resp.raise_for_status()
+        bundle = resp.json()
+        patients = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+        self.out.print(
+            f"GET /cases/{{id}}/bundle -> {len(bundle['entry'])} resources, "
+            f"{patients} Patient, {len(summary['issues'])} data-quality issues, "
+            f"ETag {resp.headers['ETag']}"
+        )
+        studies = self.get(f"/cases/{case_id}/dicom-web/studies", self.reviewer)
+        instances = sum(int(s.get("00201208", {}).get("Value", [0])[0]) for s in studies)
+        self.out.print(
+            f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} study, "
+            f"{instances} instances (QIDO-RS, for a viewer such as OHIF)"
+        )
+
+    def show_audit(self, case_id: str) -> None:
+        patient = self.get(f"/cases/{case_id}", self.admin)["patient"]
+        events = self.get(f"/fhir/AuditEvent?patient={patient}&_count=1000", self.admin)
+        steps: dict[str, int] = {}
+        for e in events["entry"]:
+            steps[e["resource"]["outcomeDesc"]] = steps.get(e["resource"]["outcomeDesc"], 0) + 1
+        self.out.print(
+            "audit events for this patient: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(steps.items()))
+        )
+
+    def report(self, case_id: str) -> None:
+        """The reviewer writes and submits the second opinion."""
         draft = json.loads((DEMO_DATA / "report-draft.json").read_text())
         resp = self.http.put(
             f"{self.base}/cases/{case_id}/report",
@@ -184,8 +254,8 @@ class Demo:
         )
         resp.raise_for_status()
         self.out.print(
-            f"reviewer dr.demo (assigned by the operator) saved the report and "
-            f"submitted it -> {resp.status_code}; delivery queued"
+            f"reviewer dr.demo saved the report and submitted it -> {resp.status_code}; "
+            "delivery queued"
         )
 
     def show_delivery(self, case_id: str, ehr_base: str) -> None:
@@ -283,9 +353,14 @@ class Demo:
         self.out.print(
             f"stored: {summary.get('added', 0)} resources, {summary.get('binaries', 0)} attachments"
         )
-        others = [f"{j['kind']}: {j['state']}" for j in case["jobs"] if j["kind"] != "pull_fhir"]
-        if others:
-            self.out.print("other jobs: " + ", ".join(others))
+        imaging = next(j for j in case["jobs"] if j["kind"] == "pull_imaging")
+        counts = imaging["progress"].get("imaging", {})
+        self.out.print(
+            f"images pulled from the PACS over DICOMweb (job {imaging['state']}): "
+            f"{counts.get('studies', 0)} study, {counts.get('instances', 0)} "
+            f"instances, {counts.get('bytes', 0)} bytes, "
+            f"{counts.get('rejected', 0)} rejected"
+        )
 
 
 __all__ = ["run_demo", "serve_in_thread"]

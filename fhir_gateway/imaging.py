@@ -27,7 +27,7 @@ from connectors.dicomweb import (
     make_auth,
 )
 from connectors.orthanc import OrthancDimse, OrthancStorage
-from fhir_gateway import normalise
+from fhir_gateway import audit, normalise
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore, read_dataset
 from fhir_gateway.jobs import JobContext, job_handler
@@ -290,6 +290,15 @@ def save_imaging_studies(
                 )
             else:
                 row.body = res
+        audit.record(
+            s,
+            "images.pull",
+            audit.SYSTEM,
+            case_id=case_id,
+            patient=audit.patient_of_case(s, case_id),
+            entity=[f"source:{source}"]
+            + [f"ImagingStudy/{r['id']}" for r in resources if r["resourceType"] == "ImagingStudy"],
+        )
 
 
 # --- wiring from settings -------------------------------------------------------------------

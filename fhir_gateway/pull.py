@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from fhir_gateway import normalise
+from fhir_gateway import audit, normalise
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -402,6 +402,14 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
                         sha256=binary.sha256, size=binary.size, content_type=binary.content_type
                     )
                 )
+        audit.record(
+            session,
+            "records.pull",
+            audit.SYSTEM,
+            case_id=case_id,
+            patient=audit.patient_of_case(session, case_id),
+            entity=[f"source:{source}", f"count:{len(result.resources)}"],
+        )
     log.info("pull.save.done", added=added, updated=updated, unchanged=unchanged)
     return SaveCounts(added, updated, unchanged)
 

@@ -72,6 +72,10 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert re.search(r"Observation\s+│\s+74 │", out), out
     assert re.search(r"Procedure\s+│\s+10 │", out), out
     assert "job done" in out
+    assert "1 study, 4 instances" in out  # the CT series, over DICOMweb from the sandbox PACS
+    assert re.search(r"imaging\s+│\s+yes", out), out
+    assert "1 Patient" in out  # the normalised case bundle
+    assert "audit chain verified" in out
     # the second opinion reached the sandbox EHR once and the referral Task is closed
     assert "delivered after 1 attempt(s), HTTP 201" in out
     assert re.search(r"referral Task .*\n?.*completed", out), out
