@@ -13,17 +13,18 @@ retry scheduling (backoff, Retry-After, the delivery window) belongs to the job 
 
 from __future__ import annotations
 
-import email.utils
 import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import structlog
 
+from connectors import _http
 from fhir_gateway.errors import (
     ConflictError,
     UpstreamNotFoundError,
@@ -520,17 +521,8 @@ def complete_task_resource(
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """`Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3, RS-40)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    """`Retry-After` in seconds from now (delay-seconds or HTTP-date, RFC 9110 §10.2.3)."""
+    return _http.parse_retry_after(value, datetime.now(UTC))
 
 
 def _json(resp: requests.Response) -> Any:

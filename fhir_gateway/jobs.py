@@ -32,7 +32,7 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from fhir_gateway.errors import ConfigError, InputError, UpstreamError, UpstreamRejectedError
+from fhir_gateway.errors import GatewayError, InputError, UpstreamError, UpstreamRejectedError
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Job, utcnow
@@ -315,37 +315,17 @@ class Worker:
         try:
             beat.start()
             handler(ctx)
-        except (InputError, UpstreamRejectedError) as exc:
-            state = self.queue.fail(claimed, _describe(exc), permanent=True)
-            log.warning(
-                "job.run.failed",
-                kind=claimed.kind,
-                attempt=claimed.attempt,
-                state=state,
-                error=type(exc).__name__,
-            )
-        except ConfigError as exc:
-            # The operator can fix the settings (a key file, a secret): retry with backoff,
-            # and say what is wrong without a traceback.
-            state = self.queue.fail(claimed, _describe(exc), permanent=False)
-            log.warning(
-                "job.run.config_error", kind=claimed.kind, attempt=claimed.attempt, state=state
-            )
-        except UpstreamError as exc:
-            state = self.queue.fail(
-                claimed, _describe(exc), permanent=False, retry_after=exc.retry_after
-            )
-            log.warning(
-                "job.run.failed",
-                kind=claimed.kind,
-                attempt=claimed.attempt,
-                state=state,
-                error=type(exc).__name__,
-            )
         except Exception as exc:
-            state = self.queue.fail(claimed, _describe(exc), permanent=False)
-            log.exception(
-                "job.run.error",
+            # Rejected input is final; a remote failure or a settings problem the operator can
+            # fix is retried with backoff (honouring the remote's Retry-After).
+            permanent = isinstance(exc, InputError | UpstreamRejectedError)
+            retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None
+            state = self.queue.fail(
+                claimed, _describe(exc), permanent=permanent, retry_after=retry_after
+            )
+            ours = isinstance(exc, GatewayError)  # expected: no traceback in the log
+            (log.warning if ours else log.exception)(
+                "job.run.failed" if ours else "job.run.error",
                 kind=claimed.kind,
                 attempt=claimed.attempt,
                 state=state,
