@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from fhir_gateway import jobs
-from fhir_gateway.api import audit, bundle, cases, dicomweb, fhir, reports, smart
+from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, reports, smart
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
 from fhir_gateway.auth import TokenValidator
@@ -63,6 +63,7 @@ def create_app(
     app.include_router(reports.router)
     app.include_router(bundle.router)
     app.include_router(dicomweb.router)
+    app.include_router(admin.router)
 
     @app.get("/.well-known/jwks.json", tags=["ops"])
     def jwks() -> JSONResponse:

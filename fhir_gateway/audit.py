@@ -45,6 +45,8 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "report.retract": ("update", "U"),
     "report.deliver": ("create", "C"),
     "audit.search": ("search-type", "E"),
+    "job.requeue": ("update", "U"),
+    "report.redeliver": ("update", "U"),
 }
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"

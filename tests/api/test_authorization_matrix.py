@@ -117,6 +117,18 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
         lambda c, k, h: c.get(f"/cases/{k.id}/dicom-web/studies", headers=h),
         (401, 403, 403, 200, 403, 403, 200),
     ),
+    "GET /admin/jobs": (
+        lambda c, k, h: c.get("/admin/jobs", headers=h),
+        (401, 403, 403, 403, 403, 403, 200),
+    ),
+    "GET /admin/partners": (
+        lambda c, k, h: c.get("/admin/partners", headers=h),
+        (401, 403, 403, 403, 403, 403, 200),
+    ),
+    "POST /admin/jobs/{id}/$requeue": (
+        lambda c, k, h: c.post("/admin/jobs/no-such-job/$requeue", headers=h),
+        (401, 403, 403, 403, 403, 403, 404),
+    ),
 }
 
 CELLS = [

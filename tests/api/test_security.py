@@ -132,3 +132,27 @@ def test_expired_assignment_loses_access(client, tokens) -> None:
 def test_keys_are_private_files(client, settings) -> None:
     for key in (settings.data_dir / "keys").glob("*"):
         assert key.stat().st_mode & 0o077 == 0, key
+
+
+def test_admin_requeues_a_dead_job_and_sees_partners_without_secrets(client, tokens) -> None:
+    from fhir_gateway.store.models import Job
+
+    post_bundle(client, tokens, referral())
+    store = client.app.state.store
+    with store.session() as s:
+        job = s.scalars(select(Job)).first()
+        assert job is not None
+        job.state, job.last_error = "dead", "UpstreamRejectedError: 403"
+        job_id = job.id
+    admin = tokens.headers("admin")
+    dead = client.get("/admin/jobs", params={"state": "dead"}, headers=admin).json()
+    assert [j["id"] for j in dead] == [job_id]
+    resp = client.post(f"/admin/jobs/{job_id}/$requeue", headers=admin)
+    assert resp.status_code == 200
+    assert (resp.json()["state"], resp.json()["attempts"]) == ("queued", 0)
+    assert client.post(f"/admin/jobs/{job_id}/$requeue", headers=admin).status_code == 409
+    partners = client.get("/admin/partners", headers=admin).json()
+    st = next(p for p in partners if p["id"] == "st-elsewhere")
+    assert st["endpoints"]["fhir"]["auth"] == "smart"
+    assert "key_file" not in str(partners)
+    assert "PASSWORD" not in str(partners)

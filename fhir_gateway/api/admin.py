@@ -1,0 +1,96 @@
+"""Operator API (admin): partners (read-only view of the partners file), jobs and deliveries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from fhir_gateway import audit, cases, jobs, reports
+from fhir_gateway.api.deps import ADMIN, SettingsDep, StoreDep
+from fhir_gateway.cases import Principal
+from fhir_gateway.errors import ConflictError, NotFoundError
+from fhir_gateway.store.models import Delivery, Job, utcnow
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.get("/partners")
+def list_partners(settings: SettingsDep, who: Principal = ADMIN) -> list[dict[str, Any]]:
+    """Registered partners and their endpoints (never a secret: auth shows its type only).
+    Partners are changed in the partners file, reviewed like code, and read at startup."""
+    out = []
+    for p in settings.partners.partners:
+        endpoints = {}
+        for name in ("fhir", "dicomweb", "destination"):
+            ep = getattr(p, name)
+            if ep is not None:
+                endpoints[name] = {"baseUrl": ep.base_url, "auth": ep.auth.type}
+        out.append(
+            {
+                "id": p.id,
+                "name": p.name,
+                "identifier": p.identifier.token,
+                "endpoints": endpoints,
+                "client": p.client.client_id if p.client is not None else None,
+            }
+        )
+    return out
+
+
+@router.get("/jobs")
+def list_jobs(
+    store: StoreDep, state: str | None = None, kind: str | None = None, who: Principal = ADMIN
+) -> list[dict[str, Any]]:
+    """Jobs with their state, attempts, last error and progress (newest first, at most 500)."""
+    stmt = select(Job).order_by(Job.created_at.desc()).limit(500)
+    if state:
+        stmt = stmt.where(Job.state == state)
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    with store.session() as s:
+        return [{**cases.job_view(j), "case": j.case_id} for j in s.scalars(stmt)]
+
+
+@router.post("/jobs/{job_id}/$requeue")
+def requeue_job(
+    job_id: str, store: StoreDep, settings: SettingsDep, who: Principal = ADMIN
+) -> dict[str, Any]:
+    """Put a dead job back in the queue with fresh attempts (409 unless it is dead)."""
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} is not known")
+        if job.state != jobs.DEAD:
+            raise ConflictError(f"job {job_id} is {job.state}, not dead")
+        job.state, job.attempts, job.run_at, job.finished_at = jobs.QUEUED, 0, utcnow(), None
+        audit.record(s, "job.requeue", who.actor, case_id=job.case_id, entity=[f"job:{job.id}"])
+        return {**cases.job_view(job), "case": job.case_id}
+
+
+@router.post("/deliveries/{delivery_id}/$redeliver")
+def redeliver(delivery_id: str, store: StoreDep, who: Principal = ADMIN) -> dict[str, Any]:
+    """Re-queue a dead report delivery; its retry window starts again (409 unless dead)."""
+    with store.session() as s:
+        delivery = reports.redeliver(s, delivery_id)
+        audit.record(
+            s,
+            "report.redeliver",
+            who.actor,
+            case_id=delivery.case_id,
+            entity=[f"delivery:{delivery.id}"],
+        )
+        return {"id": delivery.id, "status": delivery.status, "case": delivery.case_id}
+
+
+@router.get("/deliveries")
+def list_deliveries(
+    store: StoreDep, status: str | None = None, who: Principal = ADMIN
+) -> list[dict[str, Any]]:
+    """Report deliveries, with attempts, status codes and the EHR's answer."""
+    with store.session() as s:
+        stmt = select(Delivery).order_by(Delivery.created_at)
+        if status:
+            stmt = stmt.where(Delivery.status == status)
+        return [reports.delivery_view(s, d) for d in s.scalars(stmt)]
