@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,11 @@ class Collector(logging.Handler):
 
 
 def scan(records: list[tuple[str, str]], terms: set[str]) -> list[tuple[str, str, str]]:
+    """Records containing a term as a whole token (so "11111" is not found in "111118Z")."""
+    patterns = {t: re.compile(rf"(?<![0-9A-Za-z]){re.escape(t)}(?![0-9A-Za-z])") for t in terms}
     hits = []
     for name, text in records:
-        for term in terms:
-            if term in text:
+        for term, pattern in patterns.items():
+            if term in text and pattern.search(text):
                 hits.append((name, term, text[:300]))
     return hits
