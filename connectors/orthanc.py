@@ -157,11 +157,3 @@ class OrthancDimse:
             body["TargetAet"] = target_aet
         self._call("POST", f"queries/{query_id}/retrieve", body)
         log.info("orthanc.cmove.done", modality=self.modality)
-
-    def move_study(self, study_uid: str, target_aet: str | None = None) -> bool:
-        """C-FIND the study by UID then C-MOVE it; False when the PACS does not have it."""
-        query_id, answers = self.find_studies({"StudyInstanceUID": study_uid})
-        if not answers:
-            return False
-        self.move(query_id, target_aet)
-        return True

@@ -385,22 +385,6 @@ class _HasToken(Protocol):
     def token(self) -> str: ...
 
 
-class StaticTokenProvider:
-    """A fixed bearer token (partner auth `bearer`), with the same origin-bound auth hook."""
-
-    def __init__(self, token: str, base_url: str) -> None:
-        self._token, self.base_url = token, base_url
-
-    def token(self) -> str:
-        return self._token
-
-    def invalidate(self) -> None:
-        """Nothing to renew: a 401 is retried once with the same token, then surfaces."""
-
-    def auth(self) -> SmartBearerAuth:
-        return SmartBearerAuth(self, self.base_url)
-
-
 class SmartBearerAuth(requests.auth.AuthBase):
     """SM-12: adds `Authorization: Bearer` only for requests to the token's own origin.
 

@@ -22,7 +22,6 @@ from fhir_gateway.audit import Actor
 from fhir_gateway.errors import (
     ConflictError,
     ForbiddenError,
-    InputError,
     NotFoundError,
     UnknownPartnerError,
     ValidationError,
@@ -607,4 +606,4 @@ def require_role(who: Principal, *roles: str) -> None:
         raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
 
 
-__all__ = ["InputError", "IntakeResult", "Principal", "intake_single", "intake_transaction"]
+__all__ = ["IntakeResult", "Principal", "intake_single", "intake_transaction"]

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import requests
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +27,7 @@ from fhir_gateway.auth import mint_dev_token
 from fhir_gateway.client_keys import new_key
 from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.sandbox.pacs import PacsServer
+from fhir_gateway.sandbox.server import AppServer, free_port
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import open_store
 
@@ -63,34 +60,6 @@ search_by_patient = false
 base_url = "{ehr}"
 auth = {{ type = "smart", client_id = "{client}", key_file = "keys/{partner}.pem", kid = "{kid}" }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve_in_thread(app: Any, port: int) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on 127.0.0.1:port in a thread; yield its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"server on port {port} did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def _copy_tree(src: Any, dest: Path) -> Path:
@@ -134,7 +103,8 @@ def run_demo(out: Console, *, keep: bool = False) -> None:
                 log_format="console",
                 log_level="WARNING",
             )
-            base = stack.enter_context(serve_in_thread(create_app(settings, workers=2), port))
+            gateway = AppServer(create_app(settings, workers=2), port, lifespan=True)
+            base = stack.enter_context(gateway).url
             out.print(f"gateway listening on {base} with 2 job workers")
             Demo(out, base, data_dir).run(ehr.base_url)
         out.print("all servers stopped cleanly")
@@ -363,4 +333,4 @@ class Demo:
         )
 
 
-__all__ = ["run_demo", "serve_in_thread"]
+__all__ = ["run_demo"]

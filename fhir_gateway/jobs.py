@@ -86,10 +86,6 @@ def job_handler(kind: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def handlers() -> dict[str, Handler]:
-    return dict(_HANDLERS)
-
-
 def load_handler_modules(extra: Iterable[str] = ()) -> None:
     """Import the modules that register handlers (the built-in ones that exist, plus `extra`)."""
     for name in (*HANDLER_MODULES, *extra):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -609,7 +608,3 @@ def document_to_resources(data: bytes, source: str) -> MapResult:
         result.resources += resources
         result.issues += issues
     return result
-
-
-def iter_segment_names(message: Message) -> Iterator[str]:
-    return (seg.name for seg in message.segments)

@@ -54,7 +54,8 @@ def run_sandbox(
 class AppServer:
     """An ASGI app on a free loopback port in a background thread (tests, benchmarks, demo)."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, *, lifespan: bool = False) -> None:
+        """`lifespan`: run the app's startup/shutdown (the gateway opens its store there)."""
         self.app = app
         self.port = port or free_port()
         self._server = uvicorn.Server(
@@ -62,9 +63,9 @@ class AppServer:
                 self.app,
                 host="127.0.0.1",
                 port=self.port,
-                log_level="warning",
+                log_config=None,
                 access_log=False,
-                lifespan="off",
+                lifespan="on" if lifespan else "off",
             )
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -84,7 +85,7 @@ class AppServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=15)
 
     def __enter__(self) -> Self:
         return self.start()

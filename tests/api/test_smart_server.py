@@ -24,7 +24,7 @@ from connectors.smart import (
     public_jwk,
 )
 from fhir_gateway.app import create_app
-from fhir_gateway.demo import free_port, serve_in_thread
+from fhir_gateway.sandbox.server import AppServer, free_port
 from fhir_gateway.settings import JobSettings, Settings
 from tests.api.test_referral_intake import referral
 from tests.conftest import FHIR_JSON
@@ -295,7 +295,8 @@ jwks_file = "client-jwks.json"
     )
     port = free_port()
     settings = Settings(data_dir=data, public_base_url=f"http://127.0.0.1:{port}")
-    with serve_in_thread(create_app(settings, configure_logs=False), port) as base:
+    with AppServer(create_app(settings, configure_logs=False), port, lifespan=True) as server:
+        base = server.url
         http = Http(requests.Session(), system="gateway")
         provider = SmartTokenProvider(
             http,

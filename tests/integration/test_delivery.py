@@ -27,6 +27,7 @@ from fhir_gateway.errors import (
     UpstreamRejectedError,
     UpstreamUnavailableError,
 )
+from fhir_gateway.sandbox.server import free_port
 from mappers.report import (
     ReportResources,
     draft_to_report,
@@ -101,12 +102,6 @@ def test_lost_response_is_retryable_and_the_retry_matches(ehr, session, report):
     receipt = sink(ehr, session).deliver(report.diagnostic_report)
     assert receipt.status_code == 200
     assert ehr.count("DiagnosticReport") == 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_destination_down_then_recovering_delivers_once(session, report):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -20,18 +19,12 @@ from pathlib import Path
 
 import requests
 
+from fhir_gateway.sandbox.server import free_port
 from tests.servers.postgres import skip_or_fail
 
 ORTHANC_BIN = os.environ.get("FHIR_GATEWAY_ORTHANC_BIN", "/usr/sbin/Orthanc")
 PLUGIN_DIR = Path(os.environ.get("FHIR_GATEWAY_ORTHANC_PLUGINS", "/usr/share/orthanc/plugins"))
 DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def require_orthanc() -> None:
