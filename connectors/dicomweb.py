@@ -9,10 +9,11 @@ DICOM before it is handed on. A bad part is rejected for that instance only.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
-import tempfile
 import threading
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from connectors.multipart import (
     PartTruncated,
     boundary_of,
 )
+from connectors.part10 import Part10Info, scan_part10
 from fhir_gateway.errors import (
     ParseError,
     UpstreamRejectedError,
@@ -51,7 +53,8 @@ Json = dict[str, Any]
 # WADO-RS "as stored": any transfer syntax, so instances arrive byte-identical (PS3.18 8.7.3.5.2).
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_JSON = "application/dicom+json"
-CHUNK = 1 << 20
+CHUNK = 256 << 10  # bytes per read: hashed and written while still in the CPU cache
+HEAD_KEEP = 64 << 10  # first bytes of each part kept in memory for the Part 10 check
 # Characters that stay unencoded in QIDO query values. Orthanc's DICOMweb plugin matches the raw
 # query text without percent-decoding it: `PatientName=Doe%2A` finds nothing where `Doe*` finds
 # the study (checked against Orthanc 1.10 + DICOMweb plugin in
@@ -290,12 +293,12 @@ class DicomwebClient:
     def pull_plans(
         self, plans: Iterable[SeriesPlan], dest: Path, sink: Callable[[Retrieved], None]
     ) -> None:
-        """Fetch the planned series in parallel (bounded); `sink` gets each result, serialised.
+        """Fetch the planned series in parallel (bounded); `sink` gets each result from the
+        thread that fetched it, so it must be thread-safe.
 
         Errors of one series (network, 5xx) propagate after the other series finished, so what
         was fetched is kept and a retry resumes from it.
         """
-        lock = threading.Lock()
 
         def run(plan: SeriesPlan) -> None:
             if plan.missing_sop_uids is None:
@@ -309,8 +312,7 @@ class DicomwebClient:
                     for r in self.retrieve_instance(plan.study_uid, plan.series_uid, sop, dest)
                 )
             for result in results:
-                with lock:
-                    sink(result)
+                sink(result)
 
         with ThreadPoolExecutor(self._max_parallel, thread_name_prefix="wado") as pool:
             futures = [pool.submit(run, p) for p in plans]
@@ -426,12 +428,14 @@ def read_parts(
     dest.mkdir(parents=True, exist_ok=True)
     reader = MultipartReader(boundary)
     part: _PartFile | None = None
+    prefix = uuid.uuid4().hex
+    names = (f"{prefix}-{n}.part" for n in itertools.count())
 
     def handle(events: list[Any]) -> Iterator[Retrieved]:
         nonlocal part
         for event in events:
             if isinstance(event, PartStart):
-                part = _PartFile(dest, event.headers)
+                part = _PartFile(dest, next(names), event.headers)
             elif isinstance(event, PartData) and part is not None:
                 part.write(event.data)
             elif isinstance(event, PartEnd) and part is not None:
@@ -451,22 +455,34 @@ def read_parts(
 
 
 class _PartFile:
-    def __init__(self, dest: Path, headers: dict[str, str]) -> None:
-        fd, name = tempfile.mkstemp(dir=dest, suffix=".part")
-        self.path = Path(name)
-        self._fh = os.fdopen(fd, "wb")
+    """One part on its way to disk: written, hashed and its first bytes kept as it arrives,
+    so checking it needs no second read of the file."""
+
+    def __init__(self, dest: Path, name: str, headers: dict[str, str]) -> None:
+        self.path = dest / name
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._hash = hashlib.sha256()
+        self._head = bytearray()
         self.size = 0
         self.headers = headers
 
     def write(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(self._fd, view) :]
         self._hash.update(data)
+        if len(self._head) < HEAD_KEEP:
+            self._head += data[: HEAD_KEEP - len(self._head)]
         self.size += len(data)
 
     def discard(self) -> None:
-        self._fh.close()
+        self._close()
         self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def reject(self, study: str, series: str, sop: str, reason: str) -> RejectedPart:
         self.discard()
@@ -474,20 +490,24 @@ class _PartFile:
         return RejectedPart(study, series, reason, sop or _sop_from_location(self.headers))
 
     def finish(self, study: str, series: str, sop: str) -> Retrieved:
-        self._fh.close()
-        try:
-            info = verify_part10(self.path)
-        except ParseError as exc:
-            return self.reject(study, series, sop, exc.message)
+        fd = self._fd
+        # Fast structural check from the bytes kept in memory; pydicom decides when it is unsure.
+        info = scan_part10(bytes(self._head), self.size, lambda at, n: os.pread(fd, n, at))
+        self._close()
+        if info is None:
+            try:
+                info = verify_part10(self.path)
+            except ParseError as exc:
+                return self.reject(study, series, sop, exc.message)
         return RetrievedInstance(
             path=self.path,
             sha256=self._hash.hexdigest(),
             size=self.size,
-            study_uid=info["study_uid"],
-            series_uid=info["series_uid"],
-            sop_uid=info["sop_uid"],
-            sop_class_uid=info["sop_class_uid"],
-            transfer_syntax_uid=info["transfer_syntax_uid"],
+            study_uid=info.study_uid,
+            series_uid=info.series_uid,
+            sop_uid=info.sop_uid,
+            sop_class_uid=info.sop_class_uid,
+            transfer_syntax_uid=info.transfer_syntax_uid,
         )
 
 
@@ -499,7 +519,7 @@ def _sop_from_location(headers: Mapping[str, str]) -> str:
 _VERIFY_LOCK = threading.Lock()
 
 
-def verify_part10(path: Path) -> dict[str, str]:
+def verify_part10(path: Path) -> Part10Info:
     """Check that `path` is a complete DICOM Part 10 file; return its identifying UIDs.
 
     pydicom alone is not enough: it silently stops at a truncated element instead of raising,
@@ -542,13 +562,7 @@ def verify_part10(path: Path) -> dict[str, str]:
         raise ParseError(f"DICOM Pixel Data truncated: {pixel_len} bytes short")
     if not (study and series and sop and sop_class):
         raise ParseError("DICOM lacks Study/Series/SOP Instance UID or SOP Class UID")
-    return {
-        "study_uid": str(study),
-        "series_uid": str(series),
-        "sop_uid": str(sop),
-        "sop_class_uid": str(sop_class),
-        "transfer_syntax_uid": str(ts or ""),
-    }
+    return Part10Info(str(study), str(series), str(sop), str(sop_class), str(ts or ""))
 
 
 def _dataset_end(ds: pydicom.Dataset) -> int | None:

@@ -23,9 +23,9 @@ IMAGES = [
 @pytest.mark.parametrize("rel", IMAGES)
 def test_complete_file_verifies(rel):
     info = verify_part10(DICOM / rel)
-    assert info["sop_uid"]
-    assert info["study_uid"]
-    assert info["transfer_syntax_uid"]
+    assert info.sop_uid
+    assert info.study_uid
+    assert info.transfer_syntax_uid
 
 
 @pytest.mark.parametrize("rel", IMAGES)
@@ -42,7 +42,7 @@ def test_every_odd_cut_of_an_image_is_rejected(rel, tmp_path):
 
 def test_image_file_without_pixels_is_kept():
     # Real files omit Pixel Data (the corpus chrJapMulti.dcm has Rows and no pixels).
-    assert verify_part10(DICOM / "charsets/chrJapMulti.dcm")["sop_uid"]
+    assert verify_part10(DICOM / "charsets/chrJapMulti.dcm").sop_uid
 
 
 @pytest.mark.parametrize(
