@@ -8,13 +8,16 @@ WADO-RS bodies, `metadata()` for WADO-RS metadata.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import pydicom
 import structlog
@@ -22,10 +25,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
-from connectors.orthanc import OrthancStorage
 from fhir_gateway.errors import NotFoundError
 from fhir_gateway.store.db import Store
 from fhir_gateway.store.models import ImageInstance
+
+if TYPE_CHECKING:
+    from connectors.orthanc import OrthancStorage
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +55,10 @@ class ImageStore(Protocol):
 
     backend: str
 
-    def staging_dir(self) -> Path:
-        """A directory on the same filesystem as the store, for WADO-RS temp files."""
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh directory on the same filesystem as the store for one pull's WADO-RS temp
+        files; removed afterwards (what was kept has been moved out of it by then)."""
         ...
 
     def held_sop_uids(self, case_id: str, study_uid: str | None = None) -> set[str]: ...
@@ -86,9 +93,15 @@ class _IndexedStore:
         self._store = store
         self._staging = data_dir / "tmp" / "wado"
 
-    def staging_dir(self) -> Path:
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
         self._staging.mkdir(parents=True, exist_ok=True)
-        return self._staging
+        _remove_stale(self._staging)
+        path = Path(tempfile.mkdtemp(prefix="pull-", dir=self._staging))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def held_sop_uids(self, case_id: str, study_uid: str | None = None) -> set[str]:
         q = select(ImageInstance.sop_uid).where(ImageInstance.case_id == case_id)
@@ -159,11 +172,22 @@ class _IndexedStore:
         self, case_id: str, placed: Sequence[tuple[RetrievedInstance, str | None]], source: str
     ) -> list[InstanceRef]:
         refs = []
+        uids = [item.sop_uid for item, _ in placed]
         with self._store.session() as s:
+            existing = {
+                row.sop_uid: row
+                for row in s.scalars(
+                    select(ImageInstance).where(
+                        ImageInstance.case_id == case_id, ImageInstance.sop_uid.in_(uids)
+                    )
+                )
+            }
             for item, orthanc_id in placed:
-                row = s.get(ImageInstance, (case_id, item.sop_uid))
+                row = existing.get(item.sop_uid)
                 if row is None:
-                    row = ImageInstance(case_id=case_id, sop_uid=item.sop_uid)
+                    row = existing[item.sop_uid] = ImageInstance(
+                        case_id=case_id, sop_uid=item.sop_uid
+                    )
                     s.add(row)
                 row.study_uid, row.series_uid = item.study_uid, item.series_uid
                 row.sop_class_uid = item.sop_class_uid
@@ -173,6 +197,19 @@ class _IndexedStore:
                 refs.append(row)
             s.flush()
             return [_ref(r) for r in refs]
+
+
+STALE_STAGING_S = 24 * 3600
+
+
+def _remove_stale(root: Path) -> None:
+    """Staging directories left by a pull that was killed (a retry fetches those parts again)."""
+    cutoff = time.time() - STALE_STAGING_S
+    for path in root.glob("pull-*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("images.staging.removed_stale", path=path.name)
 
 
 def _no_bulk(_elem: Any) -> str:

@@ -1,19 +1,19 @@
 """Imaging pull for a case: which studies (referral + QIDO by patient), fetch them over WADO-RS
-(or C-MOVE a legacy PACS into an Orthanc first), keep them in the image store, map ImagingStudy.
+into the image store, describe them as ImagingStudy.
 
-`pull_case_images()` is a plain function (CLI and tests call it); the `pull_imaging` job wires it
-to the case's partner and settings.
+`pull_case_images()` is a plain function (CLI, tests and benchmarks call it). It imports only
+what retrieval needs, so a process that pulls images stays small; the `pull_imaging` job, which
+wires it to the case's partner and settings (and the DIMSE bridge), is `fhir_gateway.imaging_job`.
 """
 
 from __future__ import annotations
 
-import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
 import structlog
 from sqlalchemy import select
 
@@ -24,28 +24,15 @@ from connectors.dicomweb import (
     Retrieved,
     RetrievedInstance,
     first_value,
-    make_auth,
 )
-from connectors.orthanc import OrthancDimse, OrthancStorage
-from fhir_gateway import audit, normalise
-from fhir_gateway.errors import ConfigError
-from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore, read_dataset
-from fhir_gateway.jobs import JobContext, job_handler
-from fhir_gateway.partner_clients import token_provider_for
+from fhir_gateway.images import ImageStore, read_dataset
 from fhir_gateway.resources import DICOM_UID, Resource
-from fhir_gateway.settings import (
-    Auth,
-    BasicAuth,
-    BearerAuth,
-    DicomwebEndpoint,
-    DimseEndpoint,
-    Partner,
-    Settings,
-    SmartAuth,
-)
 from fhir_gateway.store.db import Store
-from fhir_gateway.store.models import Case, FhirResource, StoredResource
+from fhir_gateway.store.models import Case, FhirResource
 from mappers.dicom import datasets_to_imaging_studies
+
+if TYPE_CHECKING:
+    from fhir_gateway.settings import DicomwebEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -183,12 +170,14 @@ def pull_case_images(
     progress_cb: ProgressCallback | None = None,
     *,
     progress_every_s: float = 1.0,
-    batch_size: int = 32,
+    batch_size: int = 256,
+    flush_every_s: float = 1.0,
 ) -> PullCounts:
     """Fetch every selected study into `image_store` for the case; idempotent and resumable.
 
     Instances already held are skipped (per series; per instance when a series is partly held).
-    Index rows are written `batch_size` at a time (one transaction each).
+    Index rows are written `batch_size` at a time, or every `flush_every_s` (one transaction
+    each), by one fetching thread while the others go on streaming.
     A part that is not valid DICOM is rejected with its reason; the others are kept.
 
     Raises:
@@ -197,48 +186,61 @@ def pull_case_images(
     counts = PullCounts()
     started = time.monotonic()
     last_report = [0.0]
+    lock = threading.Lock()  # pending, counts
+    index_lock = threading.Lock()  # one index transaction at a time
+    pending: list[RetrievedInstance] = []
+    last_flush = [time.monotonic()]
 
     def report(force: bool = False) -> None:
         now = time.monotonic()
         if progress_cb is not None and (force or now - last_report[0] >= progress_every_s):
             last_report[0] = now
-            progress_cb({"imaging": counts.as_progress()})
+            with lock:
+                progress = counts.as_progress()
+            progress_cb({"imaging": progress})
 
-    pending: list[RetrievedInstance] = []
-
-    def flush() -> None:
-        if pending:
-            image_store.add_batch(case_id, pending, client.base_url)
-            counts.instances += len(pending)
-            counts.bytes += sum(p.size for p in pending)
+    def flush(force: bool = False) -> None:
+        """Index what has arrived: a batch, or whatever is pending after `flush_every_s`.
+        Called by the fetching threads; only one indexes at a time, the others stream on."""
+        with lock:
+            due = time.monotonic() - last_flush[0] >= flush_every_s
+            if not pending or not (force or due or len(pending) >= batch_size):
+                return
+            batch = pending[:]
             pending.clear()
+            last_flush[0] = time.monotonic()
+        with index_lock:
+            image_store.add_batch(case_id, batch, client.base_url)
+            with lock:
+                counts.instances += len(batch)
+                counts.bytes += sum(p.size for p in batch)
             report()
 
     def sink(result: Retrieved) -> None:
-        if isinstance(result, RejectedPart):
-            counts.rejected.append(
-                {
-                    "sop_uid": result.sop_uid,
-                    "series_uid": result.series_uid,
-                    "reason": result.reason,
-                }
-            )
-            return
-        pending.append(result)
-        if len(pending) >= batch_size:
-            flush()
+        with lock:
+            if isinstance(result, RejectedPart):
+                counts.rejected.append(
+                    {
+                        "sop_uid": result.sop_uid,
+                        "series_uid": result.series_uid,
+                        "reason": result.reason,
+                    }
+                )
+                return
+            pending.append(result)
+        flush()
 
     study_uids = resolve_studies(client, study_selectors)
     counts.studies = len(study_uids)
-    staging = image_store.staging_dir()
-    try:
-        for study_uid in study_uids:
-            held = image_store.held_sop_uids(case_id, study_uid)
-            counts.skipped += len(held)
-            plans = client.plan_study(study_uid, held)
-            client.pull_plans(plans, staging, sink)
-    finally:
-        flush()  # what arrived before a failure is kept: a retry resumes from it
+    with image_store.staging() as staging:
+        try:
+            for study_uid in study_uids:
+                held = image_store.held_sop_uids(case_id, study_uid)
+                counts.skipped += len(held)
+                plans = client.plan_study(study_uid, held)
+                client.pull_plans(plans, staging, sink)
+        finally:
+            flush(force=True)  # what arrived before a failure is kept: a retry resumes from it
     report(force=True)
     log.info(
         "imaging.pull.done",
@@ -264,172 +266,12 @@ def case_imaging_studies(
     return datasets_to_imaging_studies(datasets, subject, endpoint_url) if datasets else []
 
 
-def save_imaging_studies(
-    store: Store, case_id: str, source: str, resources: list[Resource]
-) -> None:
-    """Upsert the mapped ImagingStudy/Endpoint resources as the case's stored resources."""
-    with store.session() as s:
-        for res in resources:
-            row = s.scalar(
-                select(StoredResource).where(
-                    StoredResource.case_id == case_id,
-                    StoredResource.source == source,
-                    StoredResource.resource_type == res["resourceType"],
-                    StoredResource.source_id == res["id"],
-                )
-            )
-            if row is None:
-                s.add(
-                    StoredResource(
-                        case_id=case_id,
-                        source=source,
-                        resource_type=res["resourceType"],
-                        source_id=res["id"],
-                        body=res,
-                    )
-                )
-            else:
-                row.body = res
-        audit.record(
-            s,
-            "images.pull",
-            audit.SYSTEM,
-            case_id=case_id,
-            patient=audit.patient_of_case(s, case_id),
-            entity=[f"source:{source}"]
-            + [f"ImagingStudy/{r['id']}" for r in resources if r["resourceType"] == "ImagingStudy"],
-        )
-
-
-# --- wiring from settings -------------------------------------------------------------------
-
-
-def requests_auth(
-    auth: Auth, token_provider: Callable[[], str] | None = None
-) -> requests.auth.AuthBase | None:
-    """The settings' auth of a source as a requests auth (SMART needs `token_provider`)."""
-    if isinstance(auth, BasicAuth):
-        return make_auth(
-            "basic", username=auth.username, password=auth.password().get_secret_value()
-        )
-    if isinstance(auth, BearerAuth):
-        return make_auth("bearer", token=auth.token().get_secret_value())
-    if isinstance(auth, SmartAuth):
-        if token_provider is None:
-            raise ConfigError("SMART auth for DICOMweb needs a token provider (connectors.smart)")
-        return make_auth("smart", token_provider=token_provider)
-    return None
-
-
-def _smart_token(endpoint: DicomwebEndpoint | DimseEndpoint) -> Callable[[], str] | None:
-    """SMART tokens for an imaging endpoint: the same provider code path as the FHIR pull."""
-    if not isinstance(endpoint.auth, SmartAuth):
-        return None
-    provider = token_provider_for(endpoint, resource_types=("ImagingStudy",), system="imaging")
-    return provider.token if provider is not None else None
-
-
-def build_image_store(settings: Settings, store: Store, session: requests.Session) -> ImageStore:
-    """The image store selected in settings (`images.backend`)."""
-    cfg = settings.images
-    if cfg.backend == "orthanc":
-        password = os.environ.get(cfg.orthanc_password_env or "", "") or None
-        orthanc = OrthancStorage(
-            session,
-            cfg.orthanc_url,
-            username=cfg.orthanc_username,
-            password=password,
-            timeout_s=cfg.timeout_s,
-        )
-        return OrthancImageStore(store, settings.data_dir, orthanc)
-    return FileImageStore(store, settings.data_dir)
-
-
-def case_dicomweb_url(settings: Settings, case_id: str) -> str:
-    return f"{settings.public_base_url.rstrip('/')}/cases/{case_id}/dicom-web"
-
-
-def pull_for_partner(
-    settings: Settings,
-    store: Store,
-    case_id: str,
-    partner: Partner,
-    progress_cb: ProgressCallback | None = None,
-    token_provider: Callable[[], str] | None = None,
-) -> PullCounts:
-    """Pull a case's images from its partner: DICOMweb, or a DIMSE PACS via Orthanc C-MOVE."""
-    session = requests.Session()
-    image_store = build_image_store(settings, store, session)
-    endpoint = partner.dicomweb
-    if endpoint is not None:
-        token_provider = token_provider or _smart_token(endpoint)
-        client = DicomwebClient(
-            session,
-            endpoint.base_url,
-            timeout_s=endpoint.timeout_s,
-            auth=requests_auth(endpoint.auth, token_provider),
-            max_parallel=min(endpoint.max_parallel, settings.images.max_parallel_series),
-        )
-        selectors = study_selectors_for_case(store, case_id, endpoint)
-    elif partner.dimse is not None:
-        dimse = partner.dimse
-        auth = requests_auth(dimse.auth, token_provider or _smart_token(dimse))
-        selectors = study_selectors_for_case(store, case_id, None)
-        bridge = OrthancDimse(session, dimse.orthanc_url, dimse.modality, auth=auth)
-        moved = move_from_dimse(bridge, selectors)
-        # The studies are now in the bridging Orthanc: fetch them over its DICOMweb.
-        client = DicomwebClient(
-            session, dimse.orthanc_url.rstrip("/") + "/dicom-web", auth=auth, system="orthanc"
-        )
-        selectors = [StudySelector(study_uid=uid) for uid in moved]
-    else:
-        return PullCounts()
-    counts = pull_case_images(store, case_id, client, image_store, selectors, progress_cb)
-    with store.session() as s:
-        case = s.get(Case, case_id)
-        subject = {"reference": case.patient_ref} if case is not None else {}
-    resources = case_imaging_studies(
-        image_store, case_id, subject, case_dicomweb_url(settings, case_id)
-    )
-    save_imaging_studies(store, case_id, client.base_url, resources)
-    return counts
-
-
-def move_from_dimse(bridge: OrthancDimse, selectors: Iterable[StudySelector]) -> list[str]:
-    """C-FIND each selector at the legacy PACS and C-MOVE the answers into the Orthanc."""
-    uids: list[str] = []
-    for sel in selectors:
-        query = {
-            k: v
-            for k, v in (
-                ("StudyInstanceUID", sel.study_uid),
-                ("AccessionNumber", sel.accession_number),
-                ("PatientID", sel.patient_id),
-            )
-            if v
-        }
-        query_id, answers = bridge.find_studies(query)
-        if answers:
-            bridge.move(query_id)
-            uids += [str(a.get("StudyInstanceUID", "")) for a in answers]
-    return [u for u in dict.fromkeys(uids) if u]
-
-
-@job_handler("pull_imaging")
-def run_pull_imaging(ctx: JobContext) -> None:
-    """Job: pull the case's images from its partner; progress under `imaging`."""
-    if ctx.case_id is None or ctx.partner is None:
-        return
-    counts = pull_for_partner(ctx.settings, ctx.store, ctx.case_id, ctx.partner, ctx.progress)
-    ctx.progress({"imaging": {**counts.as_progress(), "rejected_parts": counts.rejected}})
-    normalise.queue_after_pull(ctx)
-
-
 __all__ = [
     "PullCounts",
     "RetrievedInstance",
     "StudySelector",
     "case_imaging_studies",
     "pull_case_images",
+    "resolve_studies",
     "study_selectors_for_case",
 ]

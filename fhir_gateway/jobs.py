@@ -44,7 +44,7 @@ QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
 # Modules that register handlers; each is imported when present (capabilities land one by one).
 HANDLER_MODULES = (
     "fhir_gateway.pull",
-    "fhir_gateway.imaging",
+    "fhir_gateway.imaging_job",
     "fhir_gateway.reports",
     "fhir_gateway.normalise",
 )

@@ -30,7 +30,7 @@ from fhir_gateway.api.deps import STAFF, StoreDep
 from fhir_gateway.cases import Principal
 from fhir_gateway.errors import InputError, NotAcceptableError, NotFoundError
 from fhir_gateway.images import ImageStore, InstanceRef, read_dataset
-from fhir_gateway.imaging import build_image_store
+from fhir_gateway.imaging_job import build_image_store
 from fhir_gateway.store import Store
 
 log = structlog.get_logger(__name__)

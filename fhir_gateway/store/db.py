@@ -6,12 +6,13 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -37,6 +38,8 @@ class Store:
         with self.engine.begin() as conn:
             cfg = alembic_config(str(self.engine.url))
             cfg.attributes["connection"] = conn
+            from alembic import command  # only here: Alembic (and Mako) cost ~9 MB of RSS
+
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
@@ -44,6 +47,8 @@ class Store:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

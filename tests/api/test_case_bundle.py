@@ -15,7 +15,7 @@ from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import select
 
 from fhir_gateway import jobs, normalise
-from fhir_gateway.imaging import save_imaging_studies
+from fhir_gateway.imaging_job import save_imaging_studies
 from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store

@@ -21,9 +21,9 @@ from fhir_gateway.imaging import (
     StudySelector,
     case_imaging_studies,
     pull_case_images,
-    pull_for_partner,
     study_selectors_for_case,
 )
+from fhir_gateway.imaging_job import pull_for_partner
 from fhir_gateway.settings import DicomwebEndpoint, Partner, PartnerIdentifier, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import ImageInstance, StoredResource

@@ -56,6 +56,8 @@ def test_pull_from_the_sandbox_pacs_keeps_the_bytes(
         assert again.instances == 1
         assert again.skipped == len(CT2) - 1
         assert {r.sop_uid for r in file_store.iter_instances(case_id)} == set(held)
+    # each pull's staging directory is gone: its parts were moved into the store
+    assert list((file_store.root.parents[1] / "tmp" / "wado").iterdir()) == []
 
 
 def test_sandbox_pacs_answers_404_for_unknown_studies(http: requests.Session) -> None:
