@@ -5,10 +5,12 @@ then retrieves each study with:
   (a) curl to /dev/null (the ceiling; `curl_file` also writes it to disk, the disk-bound
   anchor), (b) our streaming pull into the file image store,
   (c) dicomweb-client iter_study saving each instance, (d) dicomweb-client retrieve_study.
-Each variant runs in its own subprocess; its peak RSS is VmHWM from /proc (see _rss_mb).
+Each variant runs in its own subprocess; its peak RSS is VmHWM from /proc (see _rss_mb). CPU
+seconds are shown for the client (the transfer only, all threads) and for Orthanc: on a 2-core
+machine their sum bounds the wall time from below.
 Ratios are against curl measured in the same run (DESIGN.md performance targets).
 
-    python tests/benchmarks/bench_wado.py --sizes 500,2000 --large-variants curl,ours
+    python tests/benchmarks/bench_wado.py --sizes 500,2000
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,34 +92,31 @@ def child(variant: str, dicomweb: str, study_uid: str, out: Path) -> dict[str, f
         from fhir_gateway.images import FileImageStore
         from fhir_gateway.imaging import StudySelector, pull_case_images
         from fhir_gateway.store import open_store
-        from fhir_gateway.store.models import Case
 
-        store = open_store(f"sqlite:///{out / 'gw.db'}")
-        with store.session() as s:
-            s.add(
-                Case(
-                    id="bench",
-                    partner_id="bench",
-                    status="received",
-                    task_id="t",
-                    service_request_id="sr",
-                    patient_ref="Patient/p",
-                )
-            )
+        # The data dir was set up (migrated, case row) by the parent, as a deployed gateway's is.
+        store = open_store(f"sqlite:///{out / 'gw.db'}", migrate=False)
         image_store = FileImageStore(store, out)
-        client = DicomwebClient(requests.Session(), dicomweb, max_parallel=4)
-        base = _rss_mb()
+        parallel = int(os.environ.get("BENCH_WADO_PARALLEL", "4"))  # settings' default: 4
+        client = DicomwebClient(requests.Session(), dicomweb, max_parallel=parallel)
+        base, cpu0 = _rss_mb(), _cpu_s(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         counts = pull_case_images(
             store, "bench", client, image_store, [StudySelector(study_uid=study_uid)]
         )
         wall = time.perf_counter() - t0
-        return {"wall_s": wall, "bytes": counts.bytes, "base_rss_mb": base, "peak_mb": _rss_mb()}
+        cpu = _cpu_s(resource.RUSAGE_SELF) - cpu0
+        return {
+            "wall_s": wall,
+            "bytes": counts.bytes,
+            "base_rss_mb": base,
+            "peak_mb": _rss_mb(),
+            "cpu_s": cpu,
+        }
     if variant in ("iter_study", "retrieve_study"):
         from dicomweb_client.api import DICOMwebClient
 
         client_ = DICOMwebClient(dicomweb)
-        base = _rss_mb()
+        base, cpu0 = _rss_mb(), _cpu_s(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         n = 0
         datasets = (
@@ -128,8 +129,22 @@ def child(variant: str, dicomweb: str, study_uid: str, out: Path) -> dict[str, f
             ds.save_as(path, enforce_file_format=True)
             n += path.stat().st_size
         wall = time.perf_counter() - t0
-        return {"wall_s": wall, "bytes": n, "base_rss_mb": base, "peak_mb": _rss_mb()}
+        cpu = _cpu_s(resource.RUSAGE_SELF) - cpu0
+        return {"wall_s": wall, "bytes": n, "base_rss_mb": base, "peak_mb": _rss_mb(), "cpu_s": cpu}
     raise SystemExit(f"unknown variant {variant}")
+
+
+def _cpu_s(who: int) -> float:
+    """User + system CPU seconds (all threads) of this process or of its waited-for children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds the server process (Orthanc) has used so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb() -> float:
@@ -152,7 +167,29 @@ def _hwm_mb(pid: str) -> float | None:
     return None
 
 
-def run_variant(variant: str, dicomweb: str, study_uid: str, work: Path) -> dict[str, float]:
+def prepare_gateway_dir(out: Path) -> None:
+    """A migrated gateway database with one case, as `fhir-gateway serve` would leave it."""
+    from fhir_gateway.store import open_store
+    from fhir_gateway.store.models import Case
+
+    store = open_store(f"sqlite:///{out / 'gw.db'}")
+    with store.session() as s:
+        s.add(
+            Case(
+                id="bench",
+                partner_id="bench",
+                status="received",
+                task_id="t",
+                service_request_id="sr",
+                patient_ref="Patient/p",
+            )
+        )
+    store.dispose()
+
+
+def run_variant(
+    variant: str, dicomweb: str, study_uid: str, work: Path, server_pid: int
+) -> dict[str, float]:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-", dir=work))
     try:
         if variant in ("curl", "curl_file"):
@@ -162,8 +199,11 @@ def run_variant(variant: str, dicomweb: str, study_uid: str, work: Path) -> dict
                 "-H", f"Accept: {ACCEPT}", f"{dicomweb}/studies/{study_uid}",
             ]  # fmt: skip
         else:
+            if variant == "ours":
+                prepare_gateway_dir(out)
             cmd = [sys.executable, __file__, "--child", variant, dicomweb, study_uid, str(out)]
-        t0 = time.perf_counter()
+        t0, server0 = time.perf_counter(), _server_cpu_s(server_pid)
+        children0 = _cpu_s(resource.RUSAGE_CHILDREN)
         with tempfile.TemporaryFile() as sink:
             proc = subprocess.Popen(cmd, stdout=sink, cwd=ROOT)
             peak = 0.0
@@ -171,14 +211,22 @@ def run_variant(variant: str, dicomweb: str, study_uid: str, work: Path) -> dict
                 peak = max(peak, _hwm_mb(str(proc.pid)) or 0.0)
                 time.sleep(0.01)
             wall = time.perf_counter() - t0
+            server_cpu = _server_cpu_s(server_pid) - server0
             sink.seek(0)
             stdout = sink.read()
         if proc.returncode != 0:
             raise SystemExit(f"{variant} failed with {proc.returncode}")
         if variant in ("curl", "curl_file"):
-            return {"wall_s": wall, "bytes": float(stdout), "base_rss_mb": 0.0, "peak_mb": peak}
+            return {
+                "wall_s": wall,
+                "bytes": float(stdout),
+                "base_rss_mb": 0.0,
+                "peak_mb": peak,
+                "cpu_s": _cpu_s(resource.RUSAGE_CHILDREN) - children0,
+                "server_cpu_s": server_cpu,
+            }
         result: dict[str, float] = json.loads(stdout.decode().strip().splitlines()[-1])
-        return {**result, "peak_mb": max(peak, result["peak_mb"])}
+        return {**result, "peak_mb": max(peak, result["peak_mb"]), "server_cpu_s": server_cpu}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -203,6 +251,16 @@ def main() -> None:
         help="where Orthanc's storage and every variant's output go (one filesystem for all; "
         "on our VM /tmp creates files 60x slower than /work)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each variant, in rotating order; the table shows the median wall time "
+        "and the highest peak RSS (this VM's timings vary by +-30%% from run to run)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=4, help="series fetched at once by ours (default 4)"
+    )
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "URL", "STUDY", "OUT"))
     args = parser.parse_args()
     if args.child:
@@ -212,6 +270,8 @@ def main() -> None:
         return
 
     from tests.servers.orthanc import run_orthanc
+
+    os.environ["BENCH_WADO_PARALLEL"] = str(args.parallel)
 
     sizes = [int(s) for s in args.sizes.split(",")]
     rows: list[tuple[str, str, dict[str, float]]] = []
@@ -224,12 +284,31 @@ def main() -> None:
             took = time.perf_counter() - t0
             print(f"# uploaded {n} instances, {total / 1e6:.0f} MB in {took:.1f}s", file=sys.stderr)
             variants = (args.variants if k == 0 else args.large_variants).split(",")
-            run_variant("curl", o.dicomweb_url, study, work)  # warm Orthanc's caches
+            assert o.process is not None
+            pid = o.process.pid
+            run_variant("curl", o.dicomweb_url, study, work, pid)  # warm Orthanc's caches
+            runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+            for rep in range(args.repeat):
+                shift = rep % len(variants)  # no variant always runs right after another
+                for v in variants[shift:] + variants[:shift]:
+                    r = run_variant(v, o.dicomweb_url, study, work, pid)
+                    runs[v].append(r)
+                    print(f"# {v}: {r}", file=sys.stderr)
             for v in variants:
-                r = run_variant(v, o.dicomweb_url, study, work)
-                rows.append((f"{total / 1e6:.0f} MB / {n}", v, r))
-                print(f"# {v}: {r}", file=sys.stderr)
+                rows.append((f"{total / 1e6:.0f} MB / {n}", v, summarise(runs[v])))
     print_table(rows)
+
+
+def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median wall time (with its bytes); highest peak and base RSS over the runs."""
+    mid = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    return {
+        **mid,
+        "peak_mb": max(r["peak_mb"] for r in runs),
+        "base_rss_mb": max(r["base_rss_mb"] for r in runs),
+        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+        "server_cpu_s": statistics.median(r["server_cpu_s"] for r in runs),
+    }
 
 
 def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
@@ -237,7 +316,8 @@ def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
     iter_ = {size: r for size, v, r in rows if v == "iter_study"}
     print(
         f"{'study':>16} {'variant':>15} {'wall s':>8} {'MB/s':>8} {'x curl':>7} "
-        f"{'x iter':>7} {'peak RSS MB':>12} {'base RSS MB':>12}"
+        f"{'x iter':>7} {'peak RSS MB':>12} {'base RSS MB':>12} {'transfer MB':>12} "
+        f"{'CPU s':>6} {'Orthanc CPU s':>14}"
     )
     for size, v, r in rows:
         mbps = r["bytes"] / 1e6 / r["wall_s"]
@@ -245,7 +325,9 @@ def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
         it = iter_[size]["bytes"] / 1e6 / iter_[size]["wall_s"] if size in iter_ else float("nan")
         print(
             f"{size:>16} {v:>15} {r['wall_s']:8.2f} {mbps:8.1f} {mbps / c:7.2f} "
-            f"{mbps / it:7.2f} {r['peak_mb']:12.1f} {r['base_rss_mb']:12.1f}"
+            f"{mbps / it:7.2f} {r['peak_mb']:12.1f} {r['base_rss_mb']:12.1f} "
+            f"{r['peak_mb'] - r['base_rss_mb'] if r['base_rss_mb'] else float('nan'):12.1f} "
+            f"{r['cpu_s']:6.2f} {r['server_cpu_s']:14.2f}"
         )
 
 
