@@ -28,16 +28,18 @@ _DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
 _NATIVE = {IMPLICIT_LE, "1.2.840.10008.1.2.1"}
 _UNDEFINED = 0xFFFFFFFF
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
-_LONG_VRS |= {b"UV"}
-_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT"}
-_SHORT_VRS |= {b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _TS = 0x00020010
 # Top-level values we read (all short): UIDs, and what native Pixel Data length depends on.
-_UIDS = {0x00080016: "sop_class_uid", 0x00080018: "sop_uid"}
-_UIDS |= {0x0020000D: "study_uid", 0x0020000E: "series_uid"}
+_UIDS = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_uid",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+}
 _US = {0x00280002: "samples", 0x00280010: "rows", 0x00280011: "cols", 0x00280100: "bits"}
 _FRAMES = 0x00280008
 _WANTED = {*_UIDS, *_US, _FRAMES, _PIXEL_DATA}
@@ -57,15 +59,6 @@ class Part10Info:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {
-            "study_uid": self.study_uid,
-            "series_uid": self.series_uid,
-            "sop_uid": self.sop_uid,
-            "sop_class_uid": self.sop_class_uid,
-            "transfer_syntax_uid": self.transfer_syntax_uid,
-        }
 
 
 def scan_part10(head: bytes, size: int, read_at: ReadAt) -> Part10Info | None:
