@@ -170,20 +170,10 @@ def _hwm_mb(pid: str) -> float | None:
 def prepare_gateway_dir(out: Path) -> None:
     """A migrated gateway database with one case, as `fhir-gateway serve` would leave it."""
     from fhir_gateway.store import open_store
-    from fhir_gateway.store.models import Case
+    from tests.integration.imaging.cases import make_case
 
     store = open_store(f"sqlite:///{out / 'gw.db'}")
-    with store.session() as s:
-        s.add(
-            Case(
-                id="bench",
-                partner_id="bench",
-                status="received",
-                task_id="t",
-                service_request_id="sr",
-                patient_ref="Patient/p",
-            )
-        )
+    make_case(store, "bench")
     store.dispose()
 
 
