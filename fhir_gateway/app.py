@@ -9,13 +9,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from fhir_gateway import jobs
+from fhir_gateway import job_handlers, jobs
 from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, reports, smart
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
-from fhir_gateway.auth import TokenValidator
-from fhir_gateway.client_keys import JWKS_CACHE_CONTROL, published_jwks
 from fhir_gateway.logging import configure_logging
+from fhir_gateway.security.auth import TokenValidator
+from fhir_gateway.security.client_keys import JWKS_CACHE_CONTROL, published_jwks
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
 
@@ -40,7 +40,7 @@ def create_app(
         app.state.store = store or open_store(settings.db_url)
         running: list[jobs.Worker] = []
         if workers:
-            jobs.load_handler_modules(settings.jobs.extra_modules)
+            job_handlers.register_all()
             running = jobs.start_worker_threads(app.state.store, settings, workers)
         try:
             yield

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, BinaryIO, TextIO
 
 import typer
 from rich.console import Console
@@ -90,12 +90,13 @@ def worker(
     threads: Annotated[int, typer.Option(help="worker threads in this process")] = 1,
 ) -> None:
     """Run job workers alone (scale-out on PostgreSQL: run several on several hosts)."""
+    from fhir_gateway import job_handlers
     from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)
     configure_logging(settings.log_format, settings.log_level)
     store = open_store(settings.db_url)
-    jobs.load_handler_modules(settings.jobs.extra_modules)
+    job_handlers.register_all()
     running = jobs.start_worker_threads(store, settings, threads)
     done = threading.Event()
 
@@ -118,7 +119,7 @@ def token(
     data_dir: DataDir = None,
 ) -> None:
     """Mint a token from the embedded dev issuer; prints the token alone."""
-    from fhir_gateway.auth import mint_dev_token
+    from fhir_gateway.security.auth import mint_dev_token
 
     settings = _settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def pull(
     """Pull a case's records from its partner's EHR now, with a progress bar per type."""
     from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn
 
-    from fhir_gateway.pull import pull_case
+    from fhir_gateway.records.pull import pull_case
     from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)
@@ -271,10 +272,8 @@ def map_files(
     """Map files offline into one normalised Bundle; data-quality issues go to stderr.
 
     Exit 0 when it mapped, 2 with a one-line reason per unusable file."""
-    from fhir_gateway import offline_map
-
     configure_logging("console", "WARNING")
-    raise typer.Exit(offline_map.map_command(files, out_file))
+    raise typer.Exit(map_command(files, out_file))
 
 
 @app.command("deliveries")
@@ -283,8 +282,6 @@ def list_deliveries(
     failed: Annotated[bool, typer.Option("--failed", help="only dead deliveries")] = False,
 ) -> None:
     """Report deliveries: status, attempts, last HTTP status, the EHR's message, next retry."""
-    from fhir_gateway.reports import deliveries_table
-
     out.print(deliveries_table(_settings(data_dir), failed_only=failed))
 
 
@@ -294,9 +291,101 @@ def redeliver(
     data_dir: DataDir = None,
 ) -> None:
     """Re-queue a dead delivery; its retry window starts again."""
-    from fhir_gateway.reports import redeliver_command
-
     out.print(redeliver_command(_settings(data_dir), delivery_id))
+
+
+def deliveries_table(settings: Settings, failed_only: bool = False) -> Table:
+    """`fhir-gateway deliveries [--failed]`: one row per delivery with its last status code,
+    the EHR's message and the next retry (reads the database directly, operator only)."""
+    from fhir_gateway.reports import drafts
+    from fhir_gateway.store import open_store
+
+    store = open_store(settings.db_url)
+    try:
+        with store.session() as s:
+            rows = drafts.failed_deliveries(s) if failed_only else drafts.all_deliveries(s)
+    finally:
+        store.dispose()
+    table = Table(title="failed deliveries" if failed_only else "deliveries")
+    for col in ("delivery", "case", "version", "action", "status", "attempts", "HTTP", "next"):
+        table.add_column(col)
+    table.add_column("last error", overflow="fold")
+    for d in rows:
+        table.add_row(
+            d["id"],
+            d["case"],
+            str(d["reportVersion"]),
+            d["action"],
+            d["status"],
+            str(d["attempts"]),
+            str(d["lastStatusCode"] or ""),
+            d["nextRetryAt"] or "",
+            (d["lastError"] or "")[:300],
+        )
+    return table
+
+
+def redeliver_command(settings: Settings, delivery_id: str) -> str:
+    """`fhir-gateway redeliver DELIVERY_ID`: re-queue a dead delivery; returns what was done.
+
+    Raises:
+        NotFoundError: unknown delivery. ConflictError: it is not dead.
+    """
+    from fhir_gateway.reports import drafts
+    from fhir_gateway.store import open_store
+
+    store = open_store(settings.db_url)
+    try:
+        with store.session() as s:
+            delivery = drafts.redeliver(s, delivery_id)
+            return (
+                f"delivery {delivery.id} (case {delivery.case_id}, version "
+                f"{delivery.report_version}) re-queued; its retry window starts again"
+            )
+    finally:
+        store.dispose()
+
+
+def format_issue(issue: dict[str, Any]) -> str:
+    """One stderr line per issue: severity, code, where, what (no payload values)."""
+    where = ",".join(issue.get("expression") or [])
+    return f"{issue['severity']}: {issue['code']}: {where}: {issue['diagnostics']}"
+
+
+def map_command(
+    files: list[Path],
+    out: Path | None,
+    *,
+    stdout: BinaryIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """`fhir-gateway map FILE... [--out]`: issues to stderr, the bundle to `out` (or stdout).
+
+    Returns the exit code: 0 when every file was mapped, 2 when any was unusable (one line per
+    such file on stderr; the bundle of the usable ones is still written, none when none is).
+    """
+    err = stderr or sys.stderr
+    if not files:
+        print("no files given", file=err)
+        return 2
+    from fhir_gateway.casebundle.offline_map import map_files, write_bundle
+
+    case, issues, failures = map_files(files)
+    if len(failures) < len(files):  # with nothing mapped there is no bundle to have issues
+        for issue in issues:
+            print(format_issue(issue), file=err)
+    for failure in failures:
+        print(failure, file=err)
+    if len(failures) == len(files):
+        return 2
+    if out is not None:
+        write_bundle(case, out)
+    else:
+        sink = stdout or sys.stdout.buffer
+        for chunk in case.iter_json():
+            sink.write(chunk)
+        sink.flush()
+    return 2 if failures else 0
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Our SMART client keys.")
@@ -314,7 +403,7 @@ def keys_new(
     gateway's /.well-known/jwks.json, with the partner's EHR)."""
     import json
 
-    from fhir_gateway.client_keys import new_key
+    from fhir_gateway.security.client_keys import new_key
 
     if kind.upper() not in ("EC", "RSA"):
         _fail("--kind must be EC or RSA")
@@ -333,7 +422,7 @@ app.add_typer(audit_app, name="audit")
 @audit_app.command("verify")
 def audit_verify(data_dir: DataDir = None) -> None:
     """Recompute the audit hash chain; exit 1 naming the first altered row."""
-    from fhir_gateway import audit
+    from fhir_gateway.security import audit
     from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)

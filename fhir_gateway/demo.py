@@ -21,13 +21,13 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from fhir_gateway import audit
 from fhir_gateway.app import create_app
-from fhir_gateway.auth import mint_dev_token
-from fhir_gateway.client_keys import new_key
 from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.sandbox.server import AppServer, free_port
+from fhir_gateway.security import audit
+from fhir_gateway.security.auth import mint_dev_token
+from fhir_gateway.security.client_keys import new_key
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import open_store
 

@@ -15,8 +15,6 @@ job is `dead` with its last error visible.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import random
 import socket
@@ -40,14 +38,6 @@ from fhir_gateway.store.models import Job, utcnow
 log = structlog.get_logger(__name__)
 
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
-
-# Modules that register handlers; each is imported when present (capabilities land one by one).
-HANDLER_MODULES = (
-    "fhir_gateway.pull",
-    "fhir_gateway.imaging_job",
-    "fhir_gateway.reports",
-    "fhir_gateway.normalise",
-)
 
 
 @dataclass
@@ -76,22 +66,19 @@ Handler = Callable[[JobContext], None]
 _HANDLERS: dict[str, Handler] = {}
 
 
+def register_handler(kind: str, fn: Handler) -> None:
+    """Make `fn` the handler of jobs of `kind` (the service's: `fhir_gateway.job_handlers`)."""
+    _HANDLERS[kind] = fn
+
+
 def job_handler(kind: str) -> Callable[[Handler], Handler]:
-    """Register `fn` as the handler of jobs of `kind`."""
+    """Decorator form of `register_handler` (for handlers outside the service, e.g. tests)."""
 
     def register(fn: Handler) -> Handler:
-        _HANDLERS[kind] = fn
+        register_handler(kind, fn)
         return fn
 
     return register
-
-
-def load_handler_modules(extra: Iterable[str] = ()) -> None:
-    """Import the modules that register handlers (the built-in ones that exist, plus `extra`)."""
-    for name in (*HANDLER_MODULES, *extra):
-        if name in HANDLER_MODULES and importlib.util.find_spec(name) is None:
-            continue
-        importlib.import_module(name)
 
 
 def enqueue(
@@ -410,7 +397,7 @@ __all__ = [
     "Worker",
     "enqueue",
     "job_handler",
-    "load_handler_modules",
+    "register_handler",
     "start_worker_threads",
     "stop_workers",
 ]

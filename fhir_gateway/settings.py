@@ -278,7 +278,6 @@ class JobSettings(BaseModel):
     max_attempts: int = 8
     backoff_base_s: float = 2.0
     backoff_cap_s: float = 3600.0
-    extra_modules: list[str] = Field(default_factory=list)  # more job handler modules to import
 
 
 class ReportSettings(BaseModel):

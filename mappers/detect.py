@@ -6,15 +6,16 @@ raise an `InputError` (ParseError / ValidationError / MappingError) with a one-l
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Any
+import json
+import re
 
 import structlog
+from pydicom.dataset import Dataset
 
 from fhir_gateway.errors import GatewayError, MappingError, ParseError
-from mappers import ccda, fhir, hl7v2
-from mappers._common import MapResult, issue
+from fhir_gateway.resources import reference
+from mappers import ccda, dicom, fhir, hl7v2
+from mappers._common import MapResult
 from mappers._xml import parse_xml
 
 log = structlog.get_logger(__name__)
@@ -22,14 +23,20 @@ log = structlog.get_logger(__name__)
 FHIR_NS = "{http://hl7.org/fhir}"
 CDA_ROOT = "{urn:hl7-org:v3}ClinicalDocument"
 V2_XML_NS = "{urn:hl7-org:v2xml}"
+# DICOM JSON's first key is a tag of 8 hex digits (PS3.18 F.2.1); FHIR JSON's is a name.
+DICOM_JSON_HEAD = re.compile(rb'\[?\s*\{\s*"[0-9A-Fa-f]{8}"\s*:')
+# Offline there is no DICOMweb service: the Endpoint says where the instances came from.
+OFFLINE_ENDPOINT = "urn:fhir-gateway:offline-dicom"
 
 
 def sniff(data: bytes, filename: str = "") -> str:
-    """'fhir-json' | 'xml' | 'hl7v2' | 'dicom' | '' (unknown) from the first bytes."""
+    """The kind from the first bytes: fhir-json, dicom-json, xml, hl7v2, dicom or '' (unknown)."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     head = data[:3].removeprefix(b"\xef\xbb\xbf") + data[3:512]
     head = head.lstrip(b" \t\r\n")
+    if DICOM_JSON_HEAD.match(head):
+        return "dicom-json"
     if head.startswith(b"{"):
         return "fhir-json"
     if head.startswith(b"<"):
@@ -84,31 +91,31 @@ def _dispatch(kind: str, data: bytes, filename: str, source: str) -> MapResult:
             raise ParseError("HL7 v2 XML encoding not supported (send ER7)", source="hl7v2")
         raise ParseError("XML document is neither C-CDA nor FHIR", source="xml")
     if kind == "dicom":
-        return _map_dicom(data, source)
+        return _map_dicom([dicom.parse_part10(data, check_pixels=True)], source, kind)
+    if kind == "dicom-json":
+        return _map_dicom(_dicom_json(data, source), source, kind)
     raise ParseError(
         "unrecognised format: not FHIR JSON/NDJSON, C-CDA XML, HL7 v2 ER7 or DICOM Part 10",
         source="detect",
     )
 
 
-def _map_dicom(data: bytes, source: str) -> MapResult:
-    """DICOM goes to mappers.dicom (another module) when it exists; otherwise an issue."""
-    if importlib.util.find_spec("mappers.dicom") is None:
-        return MapResult(
-            [],
-            [issue("error", "not-supported", "DICOM mapper not installed; file not mapped")],
-            "dicom",
-        )
-    module: Any = importlib.import_module("mappers.dicom")
-    parse = getattr(module, "parse_dataset", None) or getattr(module, "parse_dicom", None)
-    if parse is None:
-        raise MappingError("mappers.dicom has no parse function", source=source, path="$")
-    dataset = parse(data)
-    mapped = module.dataset_to_imaging_study(dataset, source=source)
-    if isinstance(mapped, MapResult):
-        return mapped
-    if isinstance(mapped, tuple):
-        resources, issues = mapped
-        return MapResult(list(resources), list(issues), "dicom")
-    resources = mapped if isinstance(mapped, list) else [mapped]
-    return MapResult(resources, [], "dicom")
+def _map_dicom(datasets: list[Dataset], source: str, kind: str) -> MapResult:
+    """DICOM instances -> the Patient of their headers, ImagingStudy per study, and Endpoint."""
+    if not datasets:
+        raise MappingError("DICOM JSON holds no instances", source=source, path="$")
+    patient = dicom.dataset_to_patient(datasets[0])
+    studies = dicom.datasets_to_imaging_studies(datasets, reference(patient), OFFLINE_ENDPOINT)
+    return MapResult([patient, *studies], [], kind)
+
+
+def _dicom_json(data: bytes, source: str) -> list[Dataset]:
+    """DICOM JSON (PS3.18 F.2): one dataset object, or an array of them as QIDO returns."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ParseError("DICOM JSON is not valid JSON", source=source) from exc
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, dict) for item in items):
+        raise ParseError("DICOM JSON must be an object or an array of objects", source=source)
+    return [dicom.json_to_dataset(item) for item in items]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -38,6 +40,10 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 # VL Whole Slide Microscopy Image Storage (PS3.4 B.5).
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 WSI_IMAGE_TYPES = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
+# Patient ID without a FHIR system: the issuer (0010,0021), percent-encoded, names it.
+DICOM_ISSUER_SYSTEM = "urn:fhir-gateway:dicom-issuer"
+# Patient's Sex (0010,0040) -> FHIR AdministrativeGender.
+_SEX = {"M": "male", "F": "female", "O": "other"}
 # Laterality (0020,0060) / Image Laterality (0020,0062) -> SNOMED CT (DICOM CID 244).
 LATERALITY = {
     "R": ("24028007", "Right"),
@@ -53,16 +59,31 @@ _BODY_PART: dict[str, list[str]] = {
 }
 
 
-def parse_part10(data: bytes) -> Dataset:
-    """Parse a DICOM Part 10 file's header (pixels skipped).
+def parse_part10(data: bytes, *, check_pixels: bool = False) -> Dataset:
+    """Parse a DICOM Part 10 file's header (pixels skipped). With `check_pixels`, a file whose
+    native Pixel Data is shorter than its image size (a truncated file) is refused too.
 
     Raises:
-        ParseError: not a Part 10 file.
+        ParseError: not a Part 10 file, or truncated.
     """
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not check_pixels)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
         raise ParseError(f"not a DICOM Part 10 file: {exc}", source="dicom") from exc
+    if check_pixels and "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        with warnings.catch_warnings():  # pydicom warns on an invalid IS; refused below
+            warnings.simplefilter("ignore")
+            raw_frames = ds.get("NumberOfFrames") or 1
+        try:
+            frames = int(raw_frames)
+        except ValueError as exc:
+            raise ParseError("DICOM Number of Frames is not an integer", source="dicom") from exc
+        expected = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8 * frames
+        if len(ds.PixelData) < expected:
+            raise ParseError(
+                "DICOM file is truncated (Pixel Data shorter than the image)", source="dicom"
+            )
+    return ds
 
 
 def json_to_dataset(data: Mapping[str, Any]) -> Dataset:
@@ -123,6 +144,27 @@ def dataset_patient_name(item: Dataset | Mapping[str, Any]) -> str:
     """Patient's Name (0010,0010) decoded to Unicode ('' when absent), groups joined by '='."""
     pn = _as_dataset(item).get("PatientName")
     return "" if pn is None else str(pn)
+
+
+def dataset_to_patient(item: Dataset | Mapping[str, Any]) -> Resource:
+    """The Patient named by an instance's Patient module (PS3.3 C.7.1.1): the Patient ID with
+    its issuer, name, birth date and sex. Used where no referral names the patient (offline map).
+    """
+    ds = _as_dataset(item)
+    patient_id, issuer = _text(ds.get("PatientID")), _text(ds.get("IssuerOfPatientID"))
+    system = f"{DICOM_ISSUER_SYSTEM}:{quote(issuer, safe='')}" if issuer else DICOM_ISSUER_SYSTEM
+    birth = _text(ds.get("PatientBirthDate"))
+    patient: Resource = compact(
+        {
+            "resourceType": "Patient",
+            "id": deterministic_id("Patient", "dicom", issuer, patient_id),
+            "identifier": [{"system": system, "value": patient_id}] if patient_id else [],
+            "name": person_name_to_human_names(ds.get("PatientName")),
+            "birthDate": f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if len(birth) == 8 else None,
+            "gender": _SEX.get(_text(ds.get("PatientSex")).upper()),
+        }
+    )
+    return patient
 
 
 def endpoint_resource(endpoint_url: str) -> Resource:

@@ -1,7 +1,7 @@
 """Second-opinion report -> PDF bytes (fpdf2), with Unicode fonts passed in by the caller.
 
 Pure apart from fpdf2 reading the font files it is given: finding the fonts on disk is the
-caller's job (`fhir_gateway.report_fonts.find_report_fonts`). The same input gives byte-identical
+caller's job (`fhir_gateway.reports.fonts.find_report_fonts`). The same input gives byte-identical
 output: the creation date is the report's issued time and the PDF /ID is a hash of the content.
 """
 

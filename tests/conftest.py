@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from connectors.smart import PrivateKey, generate_private_key, jwks
 from fhir_gateway.app import create_app
-from fhir_gateway.auth import mint_dev_token
 from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
+from fhir_gateway.security.auth import mint_dev_token
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store, open_store
 from tests.servers.postgres import postgres_cluster

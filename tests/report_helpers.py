@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from fhir_gateway import hosted, jobs
+from fhir_gateway import job_handlers, jobs
 from fhir_gateway.errors import ConfigError
-from fhir_gateway.report_fonts import find_report_fonts
+from fhir_gateway.intake import hosted
+from fhir_gateway.reports.fonts import find_report_fonts
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Assignment, Case, Delivery, Job, StoredResource, utcnow
@@ -249,7 +250,7 @@ timeout_s = 5
 
 def run_jobs(store: Store, settings: Settings, *, max_runs: int = 10) -> int:
     """Run due jobs in process with the real worker; how many ran."""
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     worker = jobs.Worker(store, settings, name="test-worker")
     runs = 0
     while runs < max_runs and worker.run_once():

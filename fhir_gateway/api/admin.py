@@ -7,10 +7,13 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from fhir_gateway import audit, cases, jobs, reports
+from fhir_gateway import jobs
+from fhir_gateway.api import views
 from fhir_gateway.api.deps import ADMIN, SettingsDep, StoreDep
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import ConflictError, NotFoundError
+from fhir_gateway.reports import drafts as reports
+from fhir_gateway.security import audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.store.models import Delivery, Job, utcnow
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -50,7 +53,7 @@ def list_jobs(
     if kind:
         stmt = stmt.where(Job.kind == kind)
     with store.session() as s:
-        return [{**cases.job_view(j), "case": j.case_id} for j in s.scalars(stmt)]
+        return [{**views.job_view(j), "case": j.case_id} for j in s.scalars(stmt)]
 
 
 @router.post("/jobs/{job_id}/$requeue")
@@ -66,7 +69,7 @@ def requeue_job(
             raise ConflictError(f"job {job_id} is {job.state}, not dead")
         job.state, job.attempts, job.run_at, job.finished_at = jobs.QUEUED, 0, utcnow(), None
         audit.record(s, "job.requeue", who.actor, case_id=job.case_id, entity=[f"job:{job.id}"])
-        return {**cases.job_view(job), "case": job.case_id}
+        return {**views.job_view(job), "case": job.case_id}
 
 
 @router.post("/deliveries/{delivery_id}/$redeliver")

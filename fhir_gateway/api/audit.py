@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import ColumnElement, select
 
-from fhir_gateway import audit
 from fhir_gateway.api.deps import ADMIN, SettingsDep, StoreDep
 from fhir_gateway.api.responses import FhirResponse
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import NotFoundError, ValidationError
+from fhir_gateway.security import audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.store.models import AuditRow
 
 router = APIRouter(prefix="/fhir/AuditEvent", tags=["audit"])

@@ -9,12 +9,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fhir_gateway import audit, cases, normalise
 from fhir_gateway.api.deps import STAFF, StoreDep
 from fhir_gateway.api.responses import FHIR_JSON
-from fhir_gateway.bundle import iter_bundle_json
-from fhir_gateway.cases import Principal
+from fhir_gateway.casebundle import normalise
+from fhir_gateway.casebundle.assemble import iter_bundle_json
 from fhir_gateway.errors import ConflictError
+from fhir_gateway.security import access, audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.store.models import Case, CaseBundleState, NormalisedResource
 
 router = APIRouter(prefix="/cases", tags=["bundle"])
@@ -22,7 +23,7 @@ router = APIRouter(prefix="/cases", tags=["bundle"])
 
 def _read_built(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBundleState]:
     """The case and its stored bundle state, the read audited (409 when nothing is built)."""
-    case = cases.get_case(s, case_id, who)
+    case = access.get_case(s, case_id, who)
     state = s.get(CaseBundleState, case.id)
     if state is None:
         pending = normalise.bundle_state(s, case.id)["pending"]

@@ -9,9 +9,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from fhir_gateway import audit, cases, hosted
+from fhir_gateway.api import views
 from fhir_gateway.api.deps import ADMIN, STAFF, StoreDep
-from fhir_gateway.cases import Principal
+from fhir_gateway.intake import hosted, tasks
+from fhir_gateway.security import access, audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.store.models import Case
 
 router = APIRouter(prefix="/cases", tags=["cases"])
@@ -35,13 +37,13 @@ def list_cases(
 ) -> list[dict[str, Any]]:
     """Cases the caller may see (admin: all; reviewer: the ones assigned to them)."""
     with store.session() as s:
-        visible = cases.visible_case_ids(s, who)
+        visible = access.visible_case_ids(s, who)
         stmt = select(Case).order_by(Case.created_at.desc())
         if visible is not None:
             stmt = stmt.where(Case.id.in_(visible))
         if status:
             stmt = stmt.where(Case.status == status)
-        found = [cases.case_summary(c) for c in s.scalars(stmt)]
+        found = [views.case_summary(c) for c in s.scalars(stmt)]
         audit.record(s, "case.list", who.actor, entity=[f"count:{len(found)}"])
         return found
 
@@ -50,8 +52,8 @@ def list_cases(
 def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
     """Status, the referral, and the case's jobs with their state, attempts and progress."""
     with store.session() as s:
-        case = cases.get_case(s, case_id, who)
-        view = cases.case_view(s, case)
+        case = access.get_case(s, case_id, who)
+        view = views.case_view(s, case)
         audit.record(
             s,
             "case.read",
@@ -69,7 +71,7 @@ def assign(
 ) -> dict[str, Any]:
     """Assign a reviewer (by token subject) to the case, optionally until `expires_at`."""
     with store.session() as s:
-        row = cases.assign(s, case_id, body.reviewer, who, body.expires_at)
+        row = access.assign(s, case_id, body.reviewer, who, body.expires_at)
         return {
             "case": case_id,
             "reviewer": row.reviewer,
@@ -83,9 +85,9 @@ def move_status(
 ) -> dict[str, Any]:
     """Move the referral Task (accepted, in-progress, rejected, failed, ...); 409 if illegal."""
     with store.session() as s:
-        case = cases.get_case(s, case_id, who)
+        case = access.get_case(s, case_id, who)
         task = hosted.read(s, "Task", case.task_id)
-        cases.transition_task(s, task, body.status, body.reason)
+        tasks.transition_task(s, task, body.status, body.reason)
         audit.record(
             s,
             "task.update",
@@ -94,4 +96,4 @@ def move_status(
             patient=case.patient_ref,
             entity=[f"Task/{task.id}"],
         )
-        return cases.case_summary(case)
+        return views.case_summary(case)

@@ -6,17 +6,17 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from fhir_gateway.auth import TokenValidator
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import (
     AuthError,
     ForbiddenError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from fhir_gateway.intake.validation import parse_json
+from fhir_gateway.security.access import Principal
+from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
-from fhir_gateway.validation import parse_json
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 

@@ -25,12 +25,12 @@ from fastapi.responses import StreamingResponse
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 
-from fhir_gateway import audit, cases
 from fhir_gateway.api.deps import STAFF, StoreDep
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import InputError, NotAcceptableError, NotFoundError
-from fhir_gateway.images import ImageStore, InstanceRef, read_dataset
-from fhir_gateway.imaging_job import build_image_store
+from fhir_gateway.imaging.job import build_image_store
+from fhir_gateway.imaging.store import ImageStore, InstanceRef, read_dataset
+from fhir_gateway.security import access, audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.store import Store
 
 log = structlog.get_logger(__name__)
@@ -484,7 +484,7 @@ class CaseImages:
         lock is taken at BEGIN, so reads cannot nest inside a transaction writing audit rows).
         """
         with self.store.session() as s:
-            return cases.get_case(s, self.case_id, self.who).patient_ref
+            return access.get_case(s, self.case_id, self.who).patient_ref
 
     def audit(self, action: str, patient: str, entity: list[str]) -> None:
         with self.store.session() as s:

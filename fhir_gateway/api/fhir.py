@@ -9,10 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from fhir_gateway import audit, cases, hosted
 from fhir_gateway.api.deps import ANY_ROLE, EHR_OR_ADMIN, Body, SettingsDep, StoreDep
 from fhir_gateway.api.responses import FhirResponse
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import (
     ConflictError,
     ForbiddenError,
@@ -20,11 +18,14 @@ from fhir_gateway.errors import (
     PreconditionFailedError,
     ValidationError,
 )
+from fhir_gateway.intake import hosted, referrals, tasks
+from fhir_gateway.intake.validation import validate_resource
 from fhir_gateway.resources import Resource
+from fhir_gateway.security import access, audit
+from fhir_gateway.security.access import Principal
+from fhir_gateway.security.smart_server import permits
 from fhir_gateway.settings import Settings
-from fhir_gateway.smart_server import permits
 from fhir_gateway.store.models import FhirResource
-from fhir_gateway.validation import validate_resource
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
 
@@ -84,7 +85,7 @@ def _check_access(row: FhirResource, who: Principal, store_session: Any) -> None
     if who.role == "ehr" and row.partner_id == who.partner_id:
         return
     if who.role == "reviewer" and row.case_id:
-        visible = cases.visible_case_ids(store_session, who) or []
+        visible = access.visible_case_ids(store_session, who) or []
         if row.case_id in visible:
             return
     raise ForbiddenError(f"{row.resource_type}/{row.id} is not yours to read")
@@ -168,13 +169,15 @@ async def transaction(
 
     def run() -> Resource:
         with store.session() as s:
-            result = cases.intake_transaction(s, bundle, who, settings.partners, _our_org(settings))
+            result = referrals.intake_transaction(
+                s, bundle, who, settings.partners, _our_org(settings)
+            )
             return _transaction_response(result)
 
     return FhirResponse(await run_in_threadpool(run))
 
 
-def _transaction_response(result: cases.IntakeResult) -> Resource:
+def _transaction_response(result: referrals.IntakeResult) -> Resource:
     entries = []
     for out in result.entries:
         row = out.row
@@ -211,7 +214,7 @@ async def create(
 
     def run() -> tuple[Resource, dict[str, str], int]:
         with store.session() as s:
-            result = cases.intake_single(
+            result = referrals.intake_single(
                 s, body, who, settings.partners, if_none_exist, _our_org(settings)
             )
             out = result.entries[0]
@@ -349,7 +352,7 @@ async def update_task(
                 raise ForbiddenError("a requester may only cancel its referral Task")
             reason = (task.get("statusReason") or {}).get("text")
             if new_status != row.body.get("status"):
-                cases.transition_task(s, row, str(new_status), reason)
+                tasks.transition_task(s, row, str(new_status), reason)
             if "businessStatus" in task:
                 hosted.update(
                     s, row, {**copy.deepcopy(row.body), "businessStatus": task["businessStatus"]}

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from fhir_gateway import reports
 from fhir_gateway.api.deps import STAFF, Body, SettingsDep, StoreDep
-from fhir_gateway.cases import Principal
+from fhir_gateway.reports import drafts as reports
+from fhir_gateway.security.access import Principal
 
 router = APIRouter(prefix="/cases", tags=["reports"])
 

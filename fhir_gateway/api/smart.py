@@ -11,11 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fhir_gateway.api.deps import ANY_ROLE, SettingsDep
-from fhir_gateway.auth import TokenValidator, issue_access_token
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import ConfigError
-from fhir_gateway.settings import Settings
-from fhir_gateway.smart_server import (
+from fhir_gateway.security.access import Principal
+from fhir_gateway.security.auth import TokenValidator, issue_access_token
+from fhir_gateway.security.smart_server import (
     ALG_KTY,
     JwksCache,
     OAuthError,
@@ -24,6 +23,7 @@ from fhir_gateway.smart_server import (
     grant,
     verify_client_assertion,
 )
+from fhir_gateway.settings import Settings
 
 router = APIRouter(tags=["smart"])
 MAX_FORM_BYTES = 64 * 1024

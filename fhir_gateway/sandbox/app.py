@@ -35,7 +35,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.resources import Resource
 from fhir_gateway.sandbox.repository import ResourceStore, load_folder
-from fhir_gateway.smart_server import (
+from fhir_gateway.security.smart_server import (
     OAuthError,
     RegisteredClient,
     ReplayCache,

@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from fhir_gateway.api import dicomweb as dw
 from fhir_gateway.api.responses import add_error_handlers
-from fhir_gateway.images import InstanceRef, instance_json
+from fhir_gateway.imaging.store import InstanceRef, instance_json
 from fhir_gateway.sandbox.server import AppServer
 
 log = structlog.get_logger(__name__)

@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import select
 
-from fhir_gateway import jobs, normalise
-from fhir_gateway.imaging_job import save_imaging_studies
+from fhir_gateway import job_handlers, jobs
+from fhir_gateway.casebundle import normalise
+from fhir_gateway.imaging.job import save_imaging_studies
 from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
@@ -52,7 +53,7 @@ def store_of(client: TestClient) -> Store:
 
 def run_jobs(store: Store, settings: Settings) -> int:
     """Run due jobs until none is left; how many ran."""
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     worker = jobs.Worker(store, settings)
     ran = 0
     while ran < 20 and worker.run_once():

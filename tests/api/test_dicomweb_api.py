@@ -20,8 +20,8 @@ from sqlalchemy import select
 from connectors.dicomweb import DicomwebClient
 from connectors.multipart import PartData, PartEnd, PartStart, boundary_of, iter_events
 from fhir_gateway.app import create_app
-from fhir_gateway.images import FileImageStore
-from fhir_gateway.imaging import pull_case_images, study_selectors_for_case
+from fhir_gateway.imaging.retrieval import pull_case_images, study_selectors_for_case
+from fhir_gateway.imaging.store import FileImageStore
 from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.sandbox.server import AppServer
 from fhir_gateway.settings import Settings

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_gateway import jobs
+from fhir_gateway import job_handlers, jobs
 from fhir_gateway.sandbox import Faults, SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import StoredResource
@@ -48,7 +48,7 @@ def pull_job(client: TestClient, tokens: Tokens, case_id: str) -> dict[str, Any]
 
 def test_referral_pulls_the_patient_from_the_ehr(ehr, client, tokens, settings) -> None:
     case_id = refer(client, tokens)
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     store = client.app.state.store
     assert jobs.Worker(store, settings).run_once()
     job = pull_job(client, tokens, case_id)
@@ -66,7 +66,7 @@ def test_referral_pulls_the_patient_from_the_ehr(ehr, client, tokens, settings) 
 def test_ehr_failure_reason_visible_in_the_case(ehr, client, tokens, settings) -> None:
     ehr.state.config.faults = Faults(burst_start=1, burst_count=10_000, burst_status=503)
     case_id = refer(client, tokens)
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     jobs.Worker(client.app.state.store, settings).run_once()
     job = pull_job(client, tokens, case_id)
     assert job["state"] == "queued"  # to be retried later, with backoff

@@ -117,7 +117,7 @@ def test_no_token_is_401_and_metadata_and_health_are_open(client) -> None:
 
 
 def test_bad_tokens_are_401(client, tokens, data_dir) -> None:
-    from fhir_gateway.auth import mint_dev_token
+    from fhir_gateway.security.auth import mint_dev_token
 
     expired = mint_dev_token(data_dir, role="admin", sub="x", ttl_s=-10)
     for bad in ("not-a-jwt", expired, tokens.headers("admin")["Authorization"][7:-4] + "AAAA"):

@@ -54,7 +54,7 @@ ROLES = {
 @schema.parametrize()
 @hsettings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case: Case[Any], app) -> None:
-    from fhir_gateway.auth import mint_dev_token
+    from fhir_gateway.security.auth import mint_dev_token
 
     for role, who in ROLES.items():
         headers = dict(case.headers or {})

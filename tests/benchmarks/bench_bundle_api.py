@@ -26,8 +26,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from fhir.resources.R4B.bundle import Bundle  # noqa: E402
 
 from fhir_gateway.app import create_app  # noqa: E402
-from fhir_gateway.auth import mint_dev_token  # noqa: E402
-from fhir_gateway.normalise import normalise_case  # noqa: E402
+from fhir_gateway.casebundle.normalise import normalise_case  # noqa: E402
+from fhir_gateway.security.auth import mint_dev_token  # noqa: E402
 from fhir_gateway.settings import Settings  # noqa: E402
 from fhir_gateway.store import open_store  # noqa: E402
 from fhir_gateway.store.models import StoredResource  # noqa: E402

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from fhir.resources.R4B import get_fhir_model_class  # noqa: E402
 from fhir.resources.R4B.bundle import Bundle  # noqa: E402
 
-from fhir_gateway.bundle import SourceBatch, assemble_case_bundle, iter_bundle_json  # noqa: E402
+from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle, iter_bundle_json  # noqa: E402
 from mappers import fhir  # noqa: E402
 
 SYNTHEA = [

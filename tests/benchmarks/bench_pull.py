@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient
 from connectors.smart import SmartTokenProvider, generate_private_key, jwks
-from fhir_gateway.pull import PAGE_SIZE, PULL_TYPES, pull_patient_records
+from fhir_gateway.records.pull import PAGE_SIZE, PULL_TYPES, pull_patient_records
 from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxServer
 
 OBSERVATIONS = 5000

@@ -89,8 +89,8 @@ def child(variant: str, dicomweb: str, study_uid: str, out: Path) -> dict[str, f
         import requests
 
         from connectors.dicomweb import DicomwebClient
-        from fhir_gateway.images import FileImageStore
-        from fhir_gateway.imaging import StudySelector, pull_case_images
+        from fhir_gateway.imaging.retrieval import StudySelector, pull_case_images
+        from fhir_gateway.imaging.store import FileImageStore
         from fhir_gateway.store import open_store
 
         # The data dir was set up (migrated, case row) by the parent, as a deployed gateway's is.

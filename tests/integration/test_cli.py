@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from fhir_gateway.auth import TokenValidator
+import pytest
+
+from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.settings import AuthSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,15 +88,15 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
 def test_cases_and_jobs_tables(tmp_path) -> None:
     import json
 
-    from fhir_gateway import cases
-    from fhir_gateway.cases import Principal
+    from fhir_gateway.intake import referrals
+    from fhir_gateway.security.access import Principal
     from fhir_gateway.settings import load_partners
     from fhir_gateway.store import open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
     bundle = json.loads((ROOT / "fixtures/referrals/referral-transaction.json").read_text())
     with store.session() as s:
-        result = cases.intake_transaction(
+        result = referrals.intake_transaction(
             s,
             bundle,
             Principal("e", "ehr", "st-elsewhere"),
@@ -130,3 +133,27 @@ def test_map_maps_good_files_and_names_bad_ones(tmp_path) -> None:
     assert any(e["resource"]["resourceType"] == "Observation" for e in bundle["entry"])
     ok = cli("map", str(ROOT / "fixtures/hl7v2/LAB-ORU-1.hl7"), "--out", str(out))
     assert ok.returncode == 0, ok.stderr
+
+
+# One fixture of every kind `fhir-gateway map` claims, and what each must yield.
+MAP_KINDS = {
+    "fhir-json": ("fixtures/synthea/colon_Darin_Skiles.json", "Condition"),
+    "ndjson": ("fixtures/fhir/10pt_Patient.000.ndjson", "Patient"),
+    "ccda": ("fixtures/ccda/C-CDA_R2-1_CCD.xml", "Condition"),
+    "hl7v2": ("fixtures/hl7v2/ORU-R01-01.hl7", "Observation"),
+    "dicom-part10": ("fixtures/dicom/ct/CT_small.dcm", "ImagingStudy"),
+    "dicom-json": ("fixtures/dicom/test1.json", "ImagingStudy"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MAP_KINDS))
+def test_map_cli_maps_every_kind_it_claims(kind: str, tmp_path: Path) -> None:
+    """`fhir-gateway map FILE --out b.json` exits 0 with the resources of that kind of source."""
+    path, expected_type = MAP_KINDS[kind]
+    out = tmp_path / "b.json"
+    r = cli("map", path, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    bundle = json.loads(out.read_text())
+    types = {e["resource"]["resourceType"] for e in bundle["entry"]}
+    assert expected_type in types, (kind, sorted(types))
+    assert "Patient" in types

@@ -27,6 +27,10 @@ def _url(store: Store) -> str:
     return store.engine.url.render_as_string(hide_password=False)
 
 
+# The worker CLI with the test handlers registered by a plain import.
+_WORKER_MAIN = "import tests.jobs_for_tests; from fhir_gateway.cli import main; main()"
+
+
 def start_worker(
     store: Store, data_dir: Path, *, lease_s: float, threads: int = 1
 ) -> subprocess.Popen[bytes]:
@@ -35,14 +39,13 @@ def start_worker(
         "PYTHONPATH": str(ROOT),
         "FHIR_GATEWAY_DATA_DIR": str(data_dir),
         "FHIR_GATEWAY_DATABASE_URL": _url(store),
-        "FHIR_GATEWAY_JOBS__EXTRA_MODULES": '["tests.jobs_for_tests"]',
         "FHIR_GATEWAY_JOBS__LEASE_S": str(lease_s),
         "FHIR_GATEWAY_JOBS__POLL_S": "0.05",
         "FHIR_GATEWAY_LOG_LEVEL": "WARNING",
     }
     with (data_dir / "worker.log").open("ab") as log:  # the child keeps its own copy
         return subprocess.Popen(
-            [sys.executable, "-m", "fhir_gateway.cli", "worker", "--threads", str(threads)],
+            [sys.executable, "-c", _WORKER_MAIN, "worker", "--threads", str(threads)],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -141,8 +144,9 @@ def test_two_workers_on_postgresql_never_run_a_job_twice(pg_url, settings, tmp_p
 INTAKE_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
-from fhir_gateway import cases, jobs
-from fhir_gateway.cases import Principal
+from fhir_gateway import jobs
+from fhir_gateway.intake import referrals
+from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import load_partners
 from fhir_gateway.store import open_store
 
@@ -158,7 +162,7 @@ def slow_enqueue(*a, **kw):
 jobs.enqueue = slow_enqueue
 store = open_store(url)
 with store.session() as s:
-    cases.intake_transaction(s, json.loads(Path(bundle_file).read_text()),
+    referrals.intake_transaction(s, json.loads(Path(bundle_file).read_text()),
                              Principal("ehr-1", "ehr", "st-elsewhere"),
                              load_partners(Path(partners_file)))
 """
@@ -193,11 +197,11 @@ def test_intake_killed_mid_transaction_leaves_nothing(store, settings, tmp_path)
         for table in (Case, FhirResource, Job):
             assert s.scalar(select(func.count()).select_from(table)) == 0, table.__name__
     # The partner retries: a whole case appears.
-    from fhir_gateway import cases
-    from fhir_gateway.cases import Principal
+    from fhir_gateway.intake import referrals
+    from fhir_gateway.security.access import Principal
 
     with store.session() as s:
-        result = cases.intake_transaction(
+        result = referrals.intake_transaction(
             s,
             json.loads(bundle.read_text()),
             Principal("ehr-1", "ehr", "st-elsewhere"),

@@ -17,7 +17,7 @@ import requests
 from connectors._http import FHIR_JSON, Http, RetryPolicy
 from connectors.fhir_client import FhirEhrClient
 from fhir_gateway.errors import UpstreamRejectedError
-from fhir_gateway.pull import PULL_TYPES, pull_patient_records
+from fhir_gateway.records.pull import PULL_TYPES, pull_patient_records
 from fhir_gateway.sandbox.repository import load_folder
 from tests.conftest import SYNTHEA
 from tests.servers.medplum_server import medplum_server

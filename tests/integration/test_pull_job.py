@@ -12,9 +12,9 @@ import pytest
 import structlog
 
 from connectors.smart import public_jwk, write_private_key
-from fhir_gateway import jobs
+from fhir_gateway import job_handlers, jobs
 from fhir_gateway.errors import NotFoundError
-from fhir_gateway.pull import PULL_TYPES, pull_case
+from fhir_gateway.records.pull import PULL_TYPES, pull_case
 from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.settings import JobSettings, Settings
 from fhir_gateway.store import Store, open_store
@@ -97,7 +97,7 @@ def job_row(store: Store) -> Job:
 
 def test_pull_job_stores_the_patient_and_reports_progress(world):
     settings, store, server = world(Faults())
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     assert jobs.Worker(store, settings).run_once()
     job = job_row(store)
     assert job.state == "done", job.last_error
@@ -116,7 +116,7 @@ def test_pull_job_stores_the_patient_and_reports_progress(world):
 
 def test_500_burst_leaves_the_reason_on_the_job(world):
     settings, store, _ = world(Faults(burst_start=1, burst_count=10_000))
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     jobs.Worker(store, settings).run_once()
     job = job_row(store)
     assert job.state == "queued"  # retryable: the queue tries again later
@@ -129,7 +129,7 @@ def test_500_burst_leaves_the_reason_on_the_job(world):
 def test_paging_loop_makes_the_job_dead_with_reason(world):
     settings, store, server = world(Faults(paging_loop=True))
     server.state.config.max_page_size = 10
-    jobs.load_handler_modules()
+    job_handlers.register_all()
     jobs.Worker(store, settings).run_once()
     job = job_row(store)
     assert job.state == "dead"
@@ -163,7 +163,7 @@ def test_no_identifier_or_name_in_logs_of_the_job(world, caplog):
         phi.update([name["family"], *name["given"]])
     caplog.set_level(logging.DEBUG)  # urllib3 logs request lines (with query strings) at DEBUG
     with structlog.testing.capture_logs() as events:
-        jobs.load_handler_modules()
+        job_handlers.register_all()
         jobs.Worker(store, settings).run_once()
     assert job_row(store).state == "done"
     text = json.dumps(events, default=str) + "\n".join(r.getMessage() for r in caplog.records)

@@ -19,7 +19,7 @@ from connectors._http import Http, RetryPolicy
 from connectors.fhir_client import FhirEhrClient
 from connectors.smart import PrivateKey, SmartTokenProvider
 from fhir_gateway.errors import UpstreamRejectedError, UpstreamUnavailableError
-from fhir_gateway.pull import (
+from fhir_gateway.records.pull import (
     PULL_TYPES,
     last_updated_since,
     pull_patient_records,

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from connectors._http import FHIR_JSON
-from fhir_gateway import reports
-from fhir_gateway.cases import Principal
+from fhir_gateway.reports import delivery, drafts
+from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
 from fhir_gateway.store.models import Case, Delivery, FhirResource, Job, utcnow
@@ -60,17 +60,17 @@ def case_id(store: Store) -> str:
 
 def save(store: Store, settings: Settings, case_id: str, **overrides: Any) -> None:
     with store.session() as s:
-        reports.save_draft(s, case_id, draft_data(**overrides), REVIEWER, settings)
+        drafts.save_draft(s, case_id, draft_data(**overrides), REVIEWER, settings)
 
 
 def submit(store: Store, settings: Settings, case_id: str) -> str:
     with store.session() as s:
-        return reports.submit(s, case_id, REVIEWER, settings).id
+        return drafts.submit(s, case_id, REVIEWER, settings).id
 
 
 def deliveries(store: Store, case_id: str) -> list[dict[str, Any]]:
     with store.session() as s:
-        return reports.list_deliveries(s, case_id, ADMIN)
+        return drafts.list_deliveries(s, case_id, ADMIN)
 
 
 def on_medplum(base: str, case_id: str) -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ def test_deliver_read_back_amend_retract_on_medplum(
     first = submit(store, settings, case_id)
     assert submit(store, settings, case_id) == first  # (c) a second submit: the same delivery
     # A crash after Medplum accepted the POST, before we recorded it: the re-run must find it.
-    real = reports._record_success
+    real = delivery._record_success
     crashed: list[int] = []
 
     def crash_once(*args: Any, **kw: Any) -> None:
@@ -113,7 +113,7 @@ def test_deliver_read_back_amend_retract_on_medplum(
             raise RuntimeError("worker killed")
         real(*args, **kw)
 
-    monkeypatch.setattr(reports, "_record_success", crash_once)
+    monkeypatch.setattr(delivery, "_record_success", crash_once)
     assert run_jobs(store, settings, max_runs=1) == 1
     assert deliveries(store, case_id)[0]["status"] == "pending"
     with store.session() as s:
@@ -126,7 +126,7 @@ def test_deliver_read_back_amend_retract_on_medplum(
     assert found["id"] == view["server"]["id"]
 
     with store.session() as s:
-        ours = reports.report_view(s, case_id, ADMIN)["diagnosticReport"]
+        ours = drafts.report_view(s, case_id, ADMIN)["diagnosticReport"]
         case = s.get(Case, case_id)
         task = s.get(FhirResource, ("Task", case.task_id)).body
     stored = read(medplum_base, f"DiagnosticReport/{found['id']}")
@@ -167,11 +167,11 @@ def test_deliver_read_back_amend_retract_on_medplum(
         edited.json()["meta"]["versionId"],
     )
     with store.session() as s:
-        ours = reports.report_view(s, case_id, ADMIN)["diagnosticReport"]
+        ours = drafts.report_view(s, case_id, ADMIN)["diagnosticReport"]
     assert strip_server(amended) == strip_server(ours)
 
     with store.session() as s:
-        reports.retract(s, case_id, REVIEWER, settings)
+        drafts.retract(s, case_id, REVIEWER, settings)
     assert run_jobs(store, settings) == 1
     assert read(medplum_base, f"DiagnosticReport/{found['id']}")["status"] == "entered-in-error"
     assert [(d["action"], d["status"]) for d in deliveries(store, case_id)] == [

@@ -28,9 +28,11 @@ from fastapi.testclient import TestClient
 from rich.console import Console
 from sqlalchemy import select
 
-from fhir_gateway import jobs, pull, reports
+from fhir_gateway import cli, job_handlers
 from fhir_gateway.app import create_app
 from fhir_gateway.errors import ConflictError
+from fhir_gateway.records import pull
+from fhir_gateway.reports import delivery
 from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
@@ -95,7 +97,7 @@ class Flow:
     ) -> None:
         self.client, self.tokens, self.settings, self.ehr = client, tokens, settings, ehr
         self.store: Store = client.app.state.store  # type: ignore[attr-defined]
-        jobs.load_handler_modules()
+        job_handlers.register_all()
 
     def admin(self) -> dict[str, str]:
         return self.tokens.headers("admin", sub="admin-1")
@@ -183,7 +185,7 @@ class Flow:
         partner = self.settings.partners.by_id("st-elsewhere")
         assert partner is not None
         assert partner.destination is not None
-        return reports.http_sink(partner.destination, self.settings)
+        return delivery.http_sink(partner.destination, self.settings)
 
     def reports_on_server(self, case_id: str) -> list[dict[str, Any]]:
         """Search the EHR over HTTP (SMART) for our report identifier: what is really there."""
@@ -348,22 +350,22 @@ def test_ehr_rejection_is_dead_at_once_with_its_message(flow):
     assert flow.reports_on_server(case_id) == []
     # `fhir-gateway deliveries --failed` shows it with the EHR's words.
     console = Console(width=400, record=True)
-    console.print(reports.deliveries_table(flow.settings, failed_only=True))
+    console.print(cli.deliveries_table(flow.settings, failed_only=True))
     listed = console.export_text()
     assert view["id"] in listed
     assert "422" in listed
     assert message in listed
     # The operator fixes it at the EHR and redelivers.
     flow.ehr.state.config.faults.reject_writes.clear()
-    assert view["id"] in reports.redeliver_command(flow.settings, view["id"])
+    assert view["id"] in cli.redeliver_command(flow.settings, view["id"])
     assert flow.run_jobs() == 1
     assert flow.deliveries(case_id)[0]["status"] == "delivered"
     assert len(flow.reports_on_server(case_id)) == 1
     console = Console(width=400, record=True)
-    console.print(reports.deliveries_table(flow.settings, failed_only=True))
+    console.print(cli.deliveries_table(flow.settings, failed_only=True))
     assert view["id"] not in console.export_text()
     with pytest.raises(ConflictError):  # only a dead delivery can be redelivered
-        reports.redeliver_command(flow.settings, view["id"])
+        cli.redeliver_command(flow.settings, view["id"])
 
 
 def test_revoked_token_is_renewed_once_then_the_write_goes_through(flow):

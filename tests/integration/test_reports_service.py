@@ -17,9 +17,9 @@ import pytest
 from pytest_httpserver import HTTPServer
 from sqlalchemy import select
 
-from fhir_gateway import reports
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import ForbiddenError, NotFoundError, ValidationError
+from fhir_gateway.reports import delivery, drafts
+from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
@@ -67,17 +67,17 @@ def case_id(store: Store) -> str:
 
 def deliveries(store: Store, case_id: str) -> list[dict[str, Any]]:
     with store.session() as s:
-        return reports.list_deliveries(s, case_id, ADMIN)
+        return drafts.list_deliveries(s, case_id, ADMIN)
 
 
 def submit(store: Store, settings: Settings, case_id: str, **kw: Any) -> str:
     with store.session() as s:
-        return reports.submit(s, case_id, REVIEWER, settings, **kw).id
+        return drafts.submit(s, case_id, REVIEWER, settings, **kw).id
 
 
 def save(store: Store, settings: Settings, case_id: str, **overrides: Any) -> None:
     with store.session() as s:
-        reports.save_draft(s, case_id, draft_data(**overrides), REVIEWER, settings)
+        drafts.save_draft(s, case_id, draft_data(**overrides), REVIEWER, settings)
 
 
 def test_submit_delivers_once_and_closes_the_referral_task(
@@ -101,7 +101,7 @@ def test_submit_delivers_once_and_closes_the_referral_task(
     dr = ehr.get("DiagnosticReport", view["server"]["id"])
     with store.session() as s:
         case = s.get(Case, case_id)
-        report = reports.report_view(s, case_id, ADMIN)
+        report = drafts.report_view(s, case_id, ADMIN)
         task = s.get(FhirResource, ("Task", case.task_id)).body
     # RF-20: basedOn -> the referral (absolute) with the placer's identifier; subject by MRN.
     assert dr["basedOn"] == [
@@ -174,7 +174,7 @@ def test_crash_after_the_ehr_accepted_before_we_recorded(
     """(b): the POST succeeded, the worker dies before recording; the re-run finds the report."""
     save(store, rsettings, case_id)
     delivery_id = submit(store, rsettings, case_id)
-    real = reports._record_success
+    real = delivery._record_success
     calls = []
 
     def killed(*args: Any, **kw: Any) -> None:
@@ -183,7 +183,7 @@ def test_crash_after_the_ehr_accepted_before_we_recorded(
             raise RuntimeError("worker killed")
         real(*args, **kw)
 
-    monkeypatch.setattr(reports, "_record_success", killed)
+    monkeypatch.setattr(delivery, "_record_success", killed)
     run_jobs(store, rsettings, max_runs=1)
     assert ehr.count("DiagnosticReport") == 1
     assert deliveries(store, case_id)[0]["status"] == "pending"
@@ -209,9 +209,9 @@ def test_ehr_rejection_is_dead_at_once_then_redelivered(store, rsettings, case_i
     assert msg in view["lastError"]
     assert view["lastOutcome"]["issue"][0]["diagnostics"] == msg
     with store.session() as s:
-        assert [d["id"] for d in reports.failed_deliveries(s)] == [delivery_id]
+        assert [d["id"] for d in drafts.failed_deliveries(s)] == [delivery_id]
         assert s.get(Job, s.get(Delivery, delivery_id).job_id).state == "dead"
-        reports.redeliver(s, delivery_id)
+        drafts.redeliver(s, delivery_id)
     run_jobs(store, rsettings)
     assert deliveries(store, case_id)[0]["status"] == "delivered"
     assert ehr.count("DiagnosticReport") == 1
@@ -243,7 +243,7 @@ def test_amend_then_retract_update_the_same_report(store, rsettings, case_id, eh
     assert stored["status"] == "amended"
     assert stored["conclusion"].startswith("Revised")
     with store.session() as s:
-        reports.retract(s, case_id, REVIEWER, rsettings)
+        drafts.retract(s, case_id, REVIEWER, rsettings)
     run_jobs(store, rsettings)
     assert ehr.get("DiagnosticReport", server_id)["status"] == "entered-in-error"
     assert ehr.count("DiagnosticReport") == 1
@@ -254,7 +254,7 @@ def test_amend_then_retract_update_the_same_report(store, rsettings, case_id, eh
         ("retract", "delivered"),
     ]
     with store.session() as s:
-        assert reports.report_view(s, case_id, ADMIN)["status"] == "retracted"
+        assert drafts.report_view(s, case_id, ADMIN)["status"] == "retracted"
 
 
 def test_refused_diagnostic_report_goes_as_document_reference_and_amends_it(
@@ -277,7 +277,7 @@ def test_refused_diagnostic_report_goes_as_document_reference_and_amends_it(
 
 def test_bad_drafts_and_access(store, rsettings, case_id):
     with store.session() as s, pytest.raises(ValidationError) as err:
-        reports.save_draft(
+        drafts.save_draft(
             s,
             case_id,
             draft_data(
@@ -288,12 +288,12 @@ def test_bad_drafts_and_access(store, rsettings, case_id):
         )
     assert err.value.expression == ["findings.0.focus.0"]
     with store.session() as s, pytest.raises(ValidationError):
-        reports.save_draft(s, case_id, {"kind": "pathology"}, REVIEWER, rsettings)
+        drafts.save_draft(s, case_id, {"kind": "pathology"}, REVIEWER, rsettings)
     stranger = Principal(sub="someone-else", role="reviewer")
     with store.session() as s, pytest.raises(ForbiddenError):
-        reports.save_draft(s, case_id, draft_data(), stranger, rsettings)
+        drafts.save_draft(s, case_id, draft_data(), stranger, rsettings)
     with store.session() as s, pytest.raises(NotFoundError):
-        reports.submit(s, case_id, REVIEWER, rsettings)
+        drafts.submit(s, case_id, REVIEWER, rsettings)
 
 
 def test_task_on_the_destination_is_completed_even_after_a_failed_first_try(

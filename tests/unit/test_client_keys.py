@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fhir_gateway.client_keys import new_key, published_jwks
 from fhir_gateway.errors import ConfigError
+from fhir_gateway.security.client_keys import new_key, published_jwks
 from fhir_gateway.settings import load_partners
 from tests.conftest import partner_toml
 

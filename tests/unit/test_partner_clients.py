@@ -8,7 +8,7 @@ import pytest
 
 from connectors.smart import SmartTokenProvider, write_private_key
 from fhir_gateway.errors import ConfigError
-from fhir_gateway.partner_clients import (
+from fhir_gateway.records.partner_clients import (
     BearerTokenProvider,
     clear_token_cache,
     session_for,

@@ -15,7 +15,7 @@ from fhir.resources.R4B.practitioner import Practitioner
 from fhir.resources.R4B.provenance import Provenance
 
 from fhir_gateway.errors import ConfigError, MappingError, ValidationError
-from fhir_gateway.report_fonts import find_report_fonts
+from fhir_gateway.reports.fonts import find_report_fonts
 from mappers.report import (
     US_CORE_DR_NOTE,
     draft_to_report,

@@ -11,8 +11,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fhir_gateway.auth import TokenValidator, dev_key, mint_dev_token
 from fhir_gateway.errors import AuthError, ConfigError
+from fhir_gateway.security.auth import TokenValidator, dev_key, mint_dev_token
 from fhir_gateway.settings import AuthSettings, BearerAuth, Settings, SmartAuth, load_partners
 from tests.conftest import FIXTURES
 

@@ -11,9 +11,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select, update
 
-from fhir_gateway import audit, jobs
-from fhir_gateway.audit import Actor
+from fhir_gateway import jobs
 from fhir_gateway.errors import UpstreamRejectedError, UpstreamUnavailableError
+from fhir_gateway.security import audit
+from fhir_gateway.security.audit import Actor
 from fhir_gateway.settings import JobSettings
 from fhir_gateway.store.models import AuditRow, Base, Job, utcnow
 

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from fhir_gateway import cases, hosted
 from fhir_gateway.errors import ConflictError, ValidationError
+from fhir_gateway.intake import hosted, tasks
 from fhir_gateway.store import open_store
 
-STATUSES = sorted(cases.TRANSITIONS)
+STATUSES = sorted(tasks.TRANSITIONS)
 ALLOWED = {
     ("requested", "received"),
     ("requested", "accepted"),
@@ -44,23 +44,23 @@ def test_transition(db, current, target) -> None:
             s, {"resourceType": "Task", "status": current, "intent": "order"}, partner_id=None
         )
         version = row.version_id
-        reason = "because" if target in cases.REASON_REQUIRED else None
+        reason = "because" if target in tasks.REASON_REQUIRED else None
         if (current, target) in ALLOWED:
-            cases.transition_task(s, row, target, reason)
+            tasks.transition_task(s, row, target, reason)
             assert row.body["status"] == target
             assert row.version_id == version + 1
             assert ("statusReason" in row.body) == (reason is not None)
         else:
             with pytest.raises(ConflictError):
-                cases.transition_task(s, row, target, reason)
+                tasks.transition_task(s, row, target, reason)
             assert row.body["status"] == current
 
 
-@pytest.mark.parametrize("target", sorted(cases.REASON_REQUIRED - {"on-hold", "failed"}))
+@pytest.mark.parametrize("target", sorted(tasks.REASON_REQUIRED - {"on-hold", "failed"}))
 def test_reason_required(db, target) -> None:
     with db.session() as s:
         row = hosted.create(
             s, {"resourceType": "Task", "status": "received", "intent": "order"}, partner_id=None
         )
         with pytest.raises(ValidationError):
-            cases.transition_task(s, row, target, None)
+            tasks.transition_task(s, row, target, None)

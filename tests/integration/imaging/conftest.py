@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import requests
 
-from fhir_gateway.images import FileImageStore
+from fhir_gateway.imaging.store import FileImageStore
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
 from tests.servers.orthanc import OrthancServer, run_orthanc

@@ -14,9 +14,9 @@ from sqlalchemy import select
 from connectors.dicomweb import DicomwebClient
 from connectors.multipart import PartData, PartEnd, PartStart, boundary_of, iter_events
 from fhir_gateway.app import create_app
-from fhir_gateway.images import OrthancImageStore
-from fhir_gateway.imaging import pull_case_images, study_selectors_for_case
-from fhir_gateway.imaging_job import build_image_store
+from fhir_gateway.imaging.job import build_image_store
+from fhir_gateway.imaging.retrieval import pull_case_images, study_selectors_for_case
+from fhir_gateway.imaging.store import OrthancImageStore
 from fhir_gateway.sandbox.server import AppServer
 from fhir_gateway.settings import ImageSettings, Settings
 from fhir_gateway.store import Store

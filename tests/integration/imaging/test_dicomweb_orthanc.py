@@ -16,14 +16,14 @@ from sqlalchemy import select
 
 from connectors.dicomweb import SOP_UID, STUDY_UID, DicomwebClient, first_value
 from connectors.orthanc import OrthancStorage
-from fhir_gateway.images import FileImageStore, OrthancImageStore
-from fhir_gateway.imaging import (
+from fhir_gateway.imaging.job import pull_for_partner
+from fhir_gateway.imaging.retrieval import (
     StudySelector,
     case_imaging_studies,
     pull_case_images,
     study_selectors_for_case,
 )
-from fhir_gateway.imaging_job import pull_for_partner
+from fhir_gateway.imaging.store import FileImageStore, OrthancImageStore
 from fhir_gateway.settings import DicomwebEndpoint, Partner, PartnerIdentifier, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import ImageInstance, StoredResource

@@ -12,7 +12,7 @@ import requests
 
 from connectors.orthanc import OrthancDimse
 from fhir_gateway.errors import UpstreamNotFoundError
-from fhir_gateway.imaging_job import pull_for_partner
+from fhir_gateway.imaging.job import pull_for_partner
 from fhir_gateway.settings import DimseEndpoint, Partner, PartnerIdentifier
 from tests.integration.imaging.cases import make_case, study_ref
 from tests.servers.orthanc import OrthancServer, run_orthanc

@@ -34,7 +34,7 @@ def test_worker_runs_pull_imaging(orthanc, gw_store, settings: Settings, tmp_pat
     case_id = make_case(gw_store, supporting_info=[study_ref(study_uid)])
     with gw_store.session() as s:
         job_id = jobs.enqueue(s, "pull_imaging", case_id=case_id).id
-    import fhir_gateway.imaging  # noqa: F401  (registers the handler, as the worker does)
+    import fhir_gateway.imaging.retrieval  # noqa: F401  (registers the handler, as the worker does)
 
     assert jobs.Worker(gw_store, cfg).run_once()
     with gw_store.session() as s:

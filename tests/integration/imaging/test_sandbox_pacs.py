@@ -10,8 +10,8 @@ import requests
 from sqlalchemy import delete
 
 from connectors.dicomweb import DicomwebClient
-from fhir_gateway.images import FileImageStore
-from fhir_gateway.imaging import pull_case_images, study_selectors_for_case
+from fhir_gateway.imaging.retrieval import pull_case_images, study_selectors_for_case
+from fhir_gateway.imaging.store import FileImageStore
 from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import ImageInstance

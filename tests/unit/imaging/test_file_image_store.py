@@ -9,7 +9,7 @@ import pytest
 
 from connectors.dicomweb import RetrievedInstance, verify_part10
 from fhir_gateway.errors import NotFoundError
-from fhir_gateway.images import FileImageStore
+from fhir_gateway.imaging.store import FileImageStore
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import open_store
 from tests.integration.imaging.cases import make_case

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fhir_gateway.imaging import StudySelector, study_selectors_for_case
+from fhir_gateway.imaging.retrieval import StudySelector, study_selectors_for_case
 from fhir_gateway.settings import DicomwebEndpoint, Settings
 from fhir_gateway.store import open_store
 from tests.integration.imaging.cases import make_case

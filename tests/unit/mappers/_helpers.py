@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fhir_gateway.bundle import CaseBundle, SourceBatch, assemble_case_bundle
+from fhir_gateway.casebundle.assemble import CaseBundle, SourceBatch, assemble_case_bundle
 from mappers.detect import map_document
 
 RECEIVED = "2026-01-01T00:00:00Z"

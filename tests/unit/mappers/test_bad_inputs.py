@@ -3,7 +3,6 @@ network (sockets are blocked while mapping)."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import pytest
 from fhir_gateway.errors import InputError
 from mappers.detect import map_document
 from tests.unit.mappers._helpers import bad_files, fixture_id
-
-HAS_DICOM = importlib.util.find_spec("mappers.dicom") is not None
 
 
 @pytest.fixture
@@ -28,8 +25,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("path", bad_files(), ids=fixture_id)
 def test_bad_file_gives_clear_input_error(path: Path) -> None:
-    if path.parent.name == "dicom" and not HAS_DICOM:
-        pytest.skip("mappers.dicom (DICOM mapper) is not on this branch")
     with pytest.raises(InputError) as caught:
         map_document(path.read_bytes(), path.name, "bad-source")
     message = caught.value.message
@@ -37,15 +32,6 @@ def test_bad_file_gives_clear_input_error(path: Path) -> None:
     assert "\n" not in message
     assert "Traceback" not in message
     assert "root:" not in message  # /etc/passwd content of an expanded XXE entity
-
-
-def test_dicom_without_mapper_is_reported_not_dropped() -> None:
-    if HAS_DICOM:
-        pytest.skip("mappers.dicom present: covered by the DICOM mapper's tests")
-    dicom = b"\0" * 128 + b"DICM" + b"\0" * 16
-    result = map_document(dicom, "x.dcm", "pacs")
-    assert result.resources == []
-    assert result.issues[0]["code"] == "not-supported"
 
 
 def test_billion_laughs_is_refused_without_expansion() -> None:

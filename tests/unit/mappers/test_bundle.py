@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from fhir_gateway.bundle import SourceBatch, assemble_case_bundle, iter_bundle_json
+from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle, iter_bundle_json
 from tests.unit.mappers._helpers import FIXTURES, RECEIVED, case_of, map_one
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhir_gateway.bundle import SourceBatch, assemble_case_bundle
+from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle
 from fhir_gateway.errors import InputError
 from mappers import ccda, fhir, hl7v2
 from mappers._common import MapResult

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fhir.resources.R4B.bundle import Bundle
 
-from fhir_gateway.offline_map import format_issue, map_command, map_files, write_bundle
+from fhir_gateway.casebundle.offline_map import map_files, write_bundle
+from fhir_gateway.cli import format_issue, map_command
 from tests.unit.mappers._helpers import FIXTURES
 
 

@@ -3,7 +3,7 @@ into the image store, describe them as ImagingStudy.
 
 `pull_case_images()` is a plain function (CLI, tests and benchmarks call it). It imports only
 what retrieval needs, so a process that pulls images stays small; the `pull_imaging` job, which
-wires it to the case's partner and settings (and the DIMSE bridge), is `fhir_gateway.imaging_job`.
+wires it to the case's partner and settings (and the DIMSE bridge), is `fhir_gateway.imaging.job`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from connectors.dicomweb import (
     RetrievedInstance,
     first_value,
 )
-from fhir_gateway.images import ImageStore, read_dataset
+from fhir_gateway.imaging.store import ImageStore, read_dataset
 from fhir_gateway.resources import DICOM_UID, Resource
 from fhir_gateway.store.db import Store
 from fhir_gateway.store.models import Case, FhirResource

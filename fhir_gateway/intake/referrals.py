@@ -1,4 +1,4 @@
-"""Case lifecycle: referral intake (transaction or single POSTs) and the Task state machine.
+"""Referral intake (transaction or single POSTs): resources stored, the Case opened, pulls queued.
 
 A referral is a Task (`focus` -> ServiceRequest, `for` -> Patient) from a registered partner.
 Intake stores the resources, creates the Case, moves the Task `requested -> received` and queues
@@ -14,52 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fhir_gateway import audit, hosted, jobs, normalise
-from fhir_gateway.audit import Actor
-from fhir_gateway.errors import (
-    ConflictError,
-    ForbiddenError,
-    NotFoundError,
-    UnknownPartnerError,
-    ValidationError,
-)
+from fhir_gateway import jobs
+from fhir_gateway.errors import ConflictError, ForbiddenError, UnknownPartnerError, ValidationError
+from fhir_gateway.intake import hosted
+from fhir_gateway.intake.tasks import transition_task
+from fhir_gateway.intake.validation import validate_resource
 from fhir_gateway.resources import Resource
+from fhir_gateway.security import audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
-from fhir_gateway.store.models import Assignment, Case, FhirResource, Job, utcnow
-from fhir_gateway.validation import validate_resource
+from fhir_gateway.store.models import Case, FhirResource
 
 log = structlog.get_logger(__name__)
-
-# Task state machine (STANDARDS.md RF-03: CDex graph + `received` for triage + `cancelled`).
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "requested": frozenset({"received", "accepted", "rejected", "cancelled"}),
-    "received": frozenset({"accepted", "rejected", "cancelled"}),
-    "accepted": frozenset({"in-progress", "cancelled"}),
-    "in-progress": frozenset({"on-hold", "completed", "failed", "cancelled"}),
-    "on-hold": frozenset({"in-progress", "cancelled"}),
-    "completed": frozenset(),
-    "failed": frozenset(),
-    "rejected": frozenset(),
-    "cancelled": frozenset(),
-}
-REASON_REQUIRED = frozenset({"rejected", "on-hold", "cancelled", "failed"})  # RF-04
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The authenticated caller."""
-
-    sub: str
-    role: str  # ehr | reviewer | admin
-    partner_id: str | None = None
-    scopes: frozenset[str] | None = None  # SMART system scopes; None: the role decides alone
-
-    @property
-    def actor(self) -> Actor:
-        return Actor(sub=self.sub, role=self.role)
 
 
 @dataclass
@@ -80,42 +48,6 @@ class IntakeResult:
     case_id: str | None
     new_case: bool
     jobs: list[str] = field(default_factory=list)
-
-
-def transition_task(
-    session: Session, task_row: FhirResource, new_status: str, reason: str | None = None
-) -> FhirResource:
-    """Move a Task to `new_status` if the state machine allows it (RF-03, RF-04).
-
-    Raises:
-        ConflictError: illegal transition (409), with from/to in the message.
-        ValidationError: a status that needs a reason was given none (422).
-    """
-    current = task_row.body.get("status", "")
-    if new_status not in TRANSITIONS:
-        raise ValidationError(f"unknown Task status {new_status!r}", expression=["Task.status"])
-    if new_status not in TRANSITIONS.get(current, frozenset()):
-        raise ConflictError(
-            f"Task cannot move from {current!r} to {new_status!r}", expression=["Task.status"]
-        )
-    if new_status in REASON_REQUIRED and not reason:
-        raise ValidationError(
-            f"Task.statusReason is required for status {new_status!r}",
-            expression=["Task.statusReason"],
-        )
-    body = copy.deepcopy(task_row.body)
-    body["status"] = new_status
-    body["lastModified"] = hosted.fhir_instant(utcnow())
-    if reason:
-        body["statusReason"] = {"text": reason}
-    else:
-        body.pop("statusReason", None)
-    hosted.update(session, task_row, body)
-    if task_row.case_id:
-        case = session.get(Case, task_row.case_id)
-        if case is not None:
-            case.status = new_status
-    return task_row
 
 
 # --- intake -------------------------------------------------------------------------------
@@ -508,102 +440,4 @@ def _has_imaging(service_request: Resource) -> bool:
     return False
 
 
-# --- reading cases ----------------------------------------------------------------------
-
-
-def visible_case_ids(session: Session, who: Principal) -> list[str] | None:
-    """Case ids the caller may see; None means all (admin)."""
-    if who.role == "admin":
-        return None
-    if who.role == "reviewer":
-        now = utcnow()
-        rows = session.scalars(select(Assignment).where(Assignment.reviewer == who.sub))
-        return [a.case_id for a in rows if a.expires_at is None or a.expires_at > now]
-    if who.role == "ehr" and who.partner_id:
-        return list(session.scalars(select(Case.id).where(Case.partner_id == who.partner_id)))
-    return []
-
-
-def get_case(session: Session, case_id: str, who: Principal) -> Case:
-    """The case, if the caller may see it.
-
-    Raises:
-        NotFoundError / ForbiddenError.
-    """
-    case = session.get(Case, case_id)
-    if case is None:
-        raise NotFoundError(f"case {case_id} is not known")
-    visible = visible_case_ids(session, who)
-    if visible is not None and case_id not in visible:
-        raise ForbiddenError("you are not assigned to this case")
-    return case
-
-
-def case_jobs(session: Session, case_id: str) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.case_id == case_id).order_by(Job.created_at)))
-
-
-def case_view(session: Session, case: Case) -> dict[str, Any]:
-    """The case as JSON for GET /cases/{id}: status, referral, jobs with state and progress."""
-    referral = {
-        row.resource_type: row.body
-        for row in session.scalars(select(FhirResource).where(FhirResource.case_id == case.id))
-        if row.resource_type in ("Task", "ServiceRequest", "Patient")
-    }
-    return {
-        **case_summary(case),
-        "referral": referral,
-        "jobs": [job_view(j) for j in case_jobs(session, case.id)],
-        "normalisation": normalise.bundle_state(session, case.id),
-    }
-
-
-def case_summary(case: Case) -> dict[str, Any]:
-    return {
-        "id": case.id,
-        "status": case.status,
-        "partner": case.partner_id,
-        "task": f"Task/{case.task_id}",
-        "serviceRequest": f"ServiceRequest/{case.service_request_id}",
-        "patient": case.patient_ref,
-        "created": hosted.fhir_instant(case.created_at),
-        "updated": hosted.fhir_instant(case.updated_at),
-    }
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "kind": job.kind,
-        "state": job.state,
-        "attempts": job.attempts,
-        "maxAttempts": job.max_attempts,
-        "runAt": hosted.fhir_instant(job.run_at),
-        "lastError": job.last_error,
-        "progress": job.progress or {},
-    }
-
-
-def assign(
-    session: Session, case_id: str, reviewer: str, by: Principal, expires_at: Any = None
-) -> Assignment:
-    """Assign a reviewer to a case (admin). Re-assigning updates the expiry."""
-    get_case(session, case_id, by)
-    row = session.get(Assignment, (case_id, reviewer))
-    if row is None:
-        row = Assignment(
-            case_id=case_id, reviewer=reviewer, assigned_by=by.sub, expires_at=expires_at
-        )
-        session.add(row)
-    else:
-        row.expires_at, row.assigned_by = expires_at, by.sub
-    audit.record(session, "case.assign", by.actor, case_id=case_id, entity=[f"reviewer:{reviewer}"])
-    return row
-
-
-def require_role(who: Principal, *roles: str) -> None:
-    if who.role not in roles:
-        raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
-
-
-__all__ = ["IntakeResult", "Principal", "intake_single", "intake_transaction"]
+__all__ = ["IntakeResult", "intake_single", "intake_transaction"]

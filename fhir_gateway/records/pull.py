@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from fhir_gateway import audit, normalise
+from fhir_gateway.casebundle import normalise
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -36,15 +36,17 @@ from fhir_gateway.errors import (
     UpstreamNotFoundError,
     UpstreamRejectedError,
 )
-from fhir_gateway.jobs import JobContext, job_handler
-from fhir_gateway.partner_clients import session_for, token_provider_for
+from fhir_gateway.jobs import JobContext
+from fhir_gateway.records.partner_clients import session_for, token_provider_for
 from fhir_gateway.resources import Resource, identifiers_of
+from fhir_gateway.security import audit
 from fhir_gateway.settings import Partner, Settings
 from fhir_gateway.store import Store, models
 
 log = structlog.get_logger(__name__)
 
 # What a second opinion needs (STANDARDS.md §1.2/§1.3), Patient first.
+KIND = "pull_fhir"
 PULL_TYPES = (
     "Patient",
     "Condition",
@@ -512,7 +514,6 @@ def pull_case(
     return result, save_pull(store, case_id, client.base_url, result)
 
 
-@job_handler("pull_fhir")
 def run_pull_fhir(ctx: JobContext) -> None:
     """Job `pull_fhir`: pull the case's records from its partner's EHR; progress per type.
 

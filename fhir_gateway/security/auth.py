@@ -15,8 +15,8 @@ from typing import Any
 
 import jwt
 
-from fhir_gateway.cases import Principal
 from fhir_gateway.errors import AuthError, ConfigError
+from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import AuthSettings
 
 ROLES = ("ehr", "reviewer", "admin")

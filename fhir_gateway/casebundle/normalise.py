@@ -2,9 +2,9 @@
 
 `normalise_case()` reads the case's raw material (the referral's hosted resources, and the
 `StoredResource` rows of each source: pulled FHIR records, ImagingStudy/Endpoint of the imaging
-pull), maps each source with the pure mappers, assembles the bundle
-(`fhir_gateway.bundle.assemble_case_bundle`) and replaces the case's `NormalisedResource` rows
-and `CaseBundleState` in one transaction (idempotent: re-running gives the same rows and ETag).
+pull), maps each source with the pure mappers, assembles the bundle (`assemble_case_bundle`)
+and replaces the case's `NormalisedResource` rows and `CaseBundleState` in one transaction
+(idempotent: re-running gives the same rows and ETag).
 
 The `normalise_case` job is queued by every pull job at its end (`queue_after_pull`). When it runs
 while another pull of the case is still queued or running, it does not build a half bundle: it
@@ -26,11 +26,12 @@ import structlog
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from fhir_gateway import hosted, jobs
-from fhir_gateway.bundle import SourceBatch, assemble_case_bundle, iter_bundle_json
+from fhir_gateway import jobs
+from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle, iter_bundle_json
+from fhir_gateway.casebundle.offline_map import with_source
 from fhir_gateway.errors import InputError, NotFoundError
-from fhir_gateway.jobs import JobContext, job_handler
-from fhir_gateway.offline_map import with_source
+from fhir_gateway.intake import hosted
+from fhir_gateway.jobs import JobContext
 from fhir_gateway.resources import Resource, deterministic_id
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
@@ -348,7 +349,6 @@ def pending_pull(session: Session, case_id: str, after: str | None) -> Job | Non
     return session.scalars(stmt.order_by(Job.run_at)).first()
 
 
-@job_handler(KIND)
 def run_normalise_case(ctx: JobContext) -> None:
     """Job `normalise_case`: rebuild the case bundle once no pull of the case is outstanding."""
     if ctx.case_id is None:

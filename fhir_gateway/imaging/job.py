@@ -1,6 +1,6 @@
 """The `pull_imaging` job: a case's images from its partner's PACS, wired from settings.
 
-DICOMweb sources are pulled with `fhir_gateway.imaging.pull_case_images`; a PACS that only
+DICOMweb sources are pulled with `fhir_gateway.imaging.retrieval.pull_case_images`; a PACS that only
 speaks DIMSE is first C-MOVEd into an Orthanc, whose DICOMweb is then pulled the same way.
 The stored headers are mapped to ImagingStudy resources of the case, and normalisation is
 queued.
@@ -16,10 +16,9 @@ from sqlalchemy import select
 
 from connectors.dicomweb import DicomwebClient, make_auth
 from connectors.orthanc import OrthancDimse, OrthancStorage
-from fhir_gateway import audit, normalise
+from fhir_gateway.casebundle import normalise
 from fhir_gateway.errors import ConfigError
-from fhir_gateway.images import FileImageStore, ImageStore, OrthancImageStore
-from fhir_gateway.imaging import (
+from fhir_gateway.imaging.retrieval import (
     ProgressCallback,
     PullCounts,
     StudySelector,
@@ -27,9 +26,11 @@ from fhir_gateway.imaging import (
     pull_case_images,
     study_selectors_for_case,
 )
-from fhir_gateway.jobs import JobContext, job_handler
-from fhir_gateway.partner_clients import token_provider_for
+from fhir_gateway.imaging.store import FileImageStore, ImageStore, OrthancImageStore
+from fhir_gateway.jobs import JobContext
+from fhir_gateway.records.partner_clients import token_provider_for
 from fhir_gateway.resources import Resource
+from fhir_gateway.security import audit
 from fhir_gateway.settings import (
     Auth,
     BasicAuth,
@@ -42,6 +43,8 @@ from fhir_gateway.settings import (
 )
 from fhir_gateway.store.db import Store
 from fhir_gateway.store.models import Case, StoredResource
+
+KIND = "pull_imaging"
 
 
 def save_imaging_studies(
@@ -192,7 +195,6 @@ def move_from_dimse(bridge: OrthancDimse, selectors: Iterable[StudySelector]) ->
     return [u for u in dict.fromkeys(uids) if u]
 
 
-@job_handler("pull_imaging")
 def run_pull_imaging(ctx: JobContext) -> None:
     """Job: pull the case's images from its partner; progress under `imaging`."""
     if ctx.case_id is None or ctx.partner is None:

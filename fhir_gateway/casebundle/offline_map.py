@@ -1,18 +1,16 @@
-"""`fhir-gateway map FILE... [--out bundle.json]`: map files offline into one case Bundle.
+"""Map files offline into one case Bundle (the engine of `fhir-gateway map FILE... [--out]`).
 
 `map_files()` reads each file, maps it with `mappers.detect.map_document` and assembles one
-case bundle. Unusable files are returned as one-line failures (the CLI exits 2 when there are
-any, after writing the bundle of the well-formed files).
+case bundle. Unusable files are returned as one-line failures; the CLI prints them.
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any
 
-from fhir_gateway.bundle import CaseBundle, SourceBatch, assemble_case_bundle
+from fhir_gateway.casebundle.assemble import CaseBundle, SourceBatch, assemble_case_bundle
 from fhir_gateway.errors import InputError
 from fhir_gateway.resources import deterministic_id
 from mappers.detect import map_document
@@ -64,43 +62,3 @@ def write_bundle(case: CaseBundle, out: Path) -> None:
     with out.open("wb") as fh:
         for chunk in case.iter_json():
             fh.write(chunk)
-
-
-def format_issue(issue: Issue) -> str:
-    """One stderr line per issue: severity, code, where, what (no payload values)."""
-    where = ",".join(issue.get("expression") or [])
-    return f"{issue['severity']}: {issue['code']}: {where}: {issue['diagnostics']}"
-
-
-def map_command(
-    files: list[Path],
-    out: Path | None,
-    *,
-    stdout: BinaryIO | None = None,
-    stderr: TextIO | None = None,
-) -> int:
-    """`fhir-gateway map FILE... [--out]`: issues to stderr, the bundle to `out` (or stdout).
-
-    Returns the exit code: 0 when every file was mapped, 2 when any was unusable (one line per
-    such file on stderr; the bundle of the usable ones is still written, none when none is).
-    """
-    err = stderr or sys.stderr
-    if not files:
-        print("no files given", file=err)
-        return 2
-    case, issues, failures = map_files(files)
-    if len(failures) < len(files):  # with nothing mapped there is no bundle to have issues
-        for issue in issues:
-            print(format_issue(issue), file=err)
-    for failure in failures:
-        print(failure, file=err)
-    if len(failures) == len(files):
-        return 2
-    if out is not None:
-        write_bundle(case, out)
-    else:
-        sink = stdout or sys.stdout.buffer
-        for chunk in case.iter_json():
-            sink.write(chunk)
-        sink.flush()
-    return 2 if failures else 0

@@ -6,11 +6,11 @@ is a FHIRPath to the element (e.g. `Bundle.entry[1].resource.code`).
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any
 
 import pydantic
+from fhir.resources.R4B import get_fhir_model_class
 
 from fhir_gateway.errors import ParseError, ValidationError
 from fhir_gateway.resources import Resource
@@ -66,8 +66,7 @@ def _depth(value: Any) -> int:
 
 
 def _model(resource_type: str) -> type[pydantic.BaseModel]:
-    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
-    model: type[pydantic.BaseModel] = getattr(module, resource_type)
+    model: type[pydantic.BaseModel] = get_fhir_model_class(resource_type)
     return model
 
 

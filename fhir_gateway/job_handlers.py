@@ -1,0 +1,26 @@
+"""Every kind of job and the step that handles it: the one place handlers are registered.
+
+A new job is a handler function in its step package and one line here.
+"""
+
+from __future__ import annotations
+
+from fhir_gateway import jobs
+from fhir_gateway.casebundle import normalise
+from fhir_gateway.imaging import job as imaging_job
+from fhir_gateway.records import pull
+from fhir_gateway.reports import delivery
+from fhir_gateway.reports.drafts import DELIVER_REPORT
+
+HANDLERS: dict[str, jobs.Handler] = {
+    pull.KIND: pull.run_pull_fhir,
+    imaging_job.KIND: imaging_job.run_pull_imaging,
+    normalise.KIND: normalise.run_normalise_case,
+    DELIVER_REPORT: delivery.deliver_report_job,
+}
+
+
+def register_all() -> None:
+    """Register the service's handlers with the job queue (idempotent)."""
+    for kind, handler in HANDLERS.items():
+        jobs.register_handler(kind, handler)

@@ -1,0 +1,78 @@
+"""Who may see which case: the authenticated caller, roles, and reviewer assignments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fhir_gateway.errors import ForbiddenError, NotFoundError
+from fhir_gateway.security import audit
+from fhir_gateway.security.audit import Actor
+from fhir_gateway.store.models import Assignment, Case, utcnow
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    sub: str
+    role: str  # ehr | reviewer | admin
+    partner_id: str | None = None
+    scopes: frozenset[str] | None = None  # SMART system scopes; None: the role decides alone
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(sub=self.sub, role=self.role)
+
+
+def visible_case_ids(session: Session, who: Principal) -> list[str] | None:
+    """Case ids the caller may see; None means all (admin)."""
+    if who.role == "admin":
+        return None
+    if who.role == "reviewer":
+        now = utcnow()
+        rows = session.scalars(select(Assignment).where(Assignment.reviewer == who.sub))
+        return [a.case_id for a in rows if a.expires_at is None or a.expires_at > now]
+    if who.role == "ehr" and who.partner_id:
+        return list(session.scalars(select(Case.id).where(Case.partner_id == who.partner_id)))
+    return []
+
+
+def get_case(session: Session, case_id: str, who: Principal) -> Case:
+    """The case, if the caller may see it.
+
+    Raises:
+        NotFoundError / ForbiddenError.
+    """
+    case = session.get(Case, case_id)
+    if case is None:
+        raise NotFoundError(f"case {case_id} is not known")
+    visible = visible_case_ids(session, who)
+    if visible is not None and case_id not in visible:
+        raise ForbiddenError("you are not assigned to this case")
+    return case
+
+
+def assign(
+    session: Session, case_id: str, reviewer: str, by: Principal, expires_at: Any = None
+) -> Assignment:
+    """Assign a reviewer to a case (admin). Re-assigning updates the expiry."""
+    get_case(session, case_id, by)
+    row = session.get(Assignment, (case_id, reviewer))
+    if row is None:
+        row = Assignment(
+            case_id=case_id, reviewer=reviewer, assigned_by=by.sub, expires_at=expires_at
+        )
+        session.add(row)
+    else:
+        row.expires_at, row.assigned_by = expires_at, by.sub
+    audit.record(session, "case.assign", by.actor, case_id=case_id, entity=[f"reviewer:{reviewer}"])
+    return row
+
+
+def require_role(who: Principal, *roles: str) -> None:
+    if who.role not in roles:
+        raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
