@@ -297,7 +297,8 @@ def _reason_is_cancer(r: Resource, ctx: ClaimContext, terms: Terminology) -> boo
 
 
 def _termination_ok(r: Resource) -> bool:
-    reasons = [(s, c) for s, c in _codings(r.get("statusReason"))]
+    # CodeableConcept on MedicationRequest and Procedure, a list on MedicationAdministration.
+    reasons = [(s, c) for cc in _dicts(r.get("statusReason")) for s, c in _codings(cc)]
     listed = any(s == SNOMED and c in TERMINATION_REASONS for s, c in reasons)
     if listed and r.get("status") != "stopped":
         return False
