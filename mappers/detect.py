@@ -77,7 +77,7 @@ def _dispatch(kind: str, data: bytes, filename: str, source: str) -> MapResult:
         return fhir.document_to_resources(data, source)
     if kind == "hl7v2":
         result = hl7v2.document_to_resources(data, source)
-        fhir.annotate(result.resources)
+        result.issues += fhir.annotate(result.resources)
         return result
     if kind == "xml":
         root = parse_xml(data, "xml")
@@ -85,7 +85,7 @@ def _dispatch(kind: str, data: bytes, filename: str, source: str) -> MapResult:
             raise ParseError("FHIR XML not supported (send FHIR JSON)", source="fhir")
         if root.tag == CDA_ROOT:
             resources, issues = ccda.document_to_resources(root, source, data)
-            fhir.annotate(resources)
+            issues += fhir.annotate(resources)
             return MapResult(resources, issues, "ccda")
         if isinstance(root.tag, str) and root.tag.startswith(V2_XML_NS):
             raise ParseError("HL7 v2 XML encoding not supported (send ER7)", source="hl7v2")

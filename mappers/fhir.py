@@ -8,7 +8,8 @@ Normalising (STANDARDS.md §1.3, MC-23, MC-30..MC-35, MC-40..MC-42):
   original spelling stays in `Quantity.unit`;
 - each resource is classified by category AND code (mCODE STU4 does not require the categories)
   and tagged `meta.tag = urn:fhir-gateway:class|<class>`;
-- `meta.profile` lists only the profiles whose checked constraints the resource meets.
+- `meta.profile` lists only the profiles whose checked constraints the resource meets
+  (mappers/profiles.py, over the whole source batch: stage focus, cancer patient, ...).
 """
 
 from __future__ import annotations
@@ -25,14 +26,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_gateway.errors import ParseError, ValidationError
 from fhir_gateway.resources import LOINC, UCUM, Resource, coding, deterministic_id
 from mappers._common import Issue, MapResult, issue, source_uri
+from mappers.profiles import MCODE, US_CORE, claim_profiles, conforming_profiles
 from mappers.terminology import CLASS_SYSTEM, Terminology, terminology
-
-MCODE = "http://hl7.org/fhir/us/mcode/StructureDefinition/"
-US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
-OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
-CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
-US_CORE_CONDITION_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/condition-category"
 
 # FHIR R4 resource types (http://hl7.org/fhir/R4/resourcelist.html).
 RESOURCE_TYPES = frozenset(
@@ -445,11 +440,16 @@ def resources_to_normalised(
             if isinstance(ident, dict) and ident.get("value"):
                 ctx.conditional[(rtype, str(ident.get("system", "")), str(ident["value"]))] = target
     out: list[Resource] = []
-    dropped_profiles = 0
+    inbound_claims: list[list[Any]] = []
     for item, target in zip(items, targets, strict=True):
-        resource, dropped = _resource_to_normalised(item, target.split("/", 1)[1], ctx)
-        dropped_profiles += dropped
+        resource, claimed = _resource_to_normalised(item, target.split("/", 1)[1], ctx)
+        inbound_claims.append(claimed)
         out.append(resource)
+    ctx.issues += claim_profiles(out, ctx.terms)
+    dropped_profiles = sum(
+        len([p for p in claimed if p not in (r["meta"].get("profile") or [])])
+        for r, claimed in zip(out, inbound_claims, strict=True)
+    )
     if dropped_profiles:
         ctx.issues.append(
             issue(
@@ -470,7 +470,7 @@ def _uuid_of(full_url: str | None) -> str | None:
 
 def _resource_to_normalised(
     item: InboundResource, new_id: str, ctx: _Context
-) -> tuple[Resource, int]:
+) -> tuple[Resource, list[Any]]:
     src = item.resource
     rtype = src["resourceType"]
     path = item.path
@@ -546,14 +546,10 @@ def _resource_to_normalised(
     if "cancer-disease-status" in classes:
         _add_disease_status_code(out, ctx.terms)
     meta_in: dict[str, Any] = src["meta"] if isinstance(src.get("meta"), dict) else {}
-    profiles = conforming_profiles(rtype, out, classes)
     claimed: list[Any] = meta_in["profile"] if isinstance(meta_in.get("profile"), list) else []
-    dropped = len([p for p in claimed if p not in profiles])
     tags = [t for t in _dicts(meta_in.get("tag")) if t.get("system") != CLASS_SYSTEM]
     tags += [{"system": CLASS_SYSTEM, "code": cls} for cls in classes]
     meta: dict[str, Any] = {"source": source_uri(ctx.source)}
-    if profiles:
-        meta["profile"] = profiles
     if tags:
         meta["tag"] = tags
     if _dicts(meta_in.get("security")):
@@ -561,7 +557,7 @@ def _resource_to_normalised(
     for key in ("lastUpdated", "versionId"):
         if isinstance(meta_in.get(key), str) and meta_in[key]:
             meta[key] = meta_in[key]
-    return {"resourceType": rtype, "id": new_id, "meta": meta, **out}, dropped
+    return {"resourceType": rtype, "id": new_id, "meta": meta, **out}, claimed
 
 
 def _walk(value: Any, ctx: _Context, path: str) -> Any:
@@ -751,85 +747,15 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
     return [item for item in items if isinstance(item, dict)]
 
 
-def _has_coding(concepts: Any, system: str, codes: set[str]) -> bool:
-    items = concepts if isinstance(concepts, list) else [concepts]
-    return any(s == system and c in codes for item in items for s, c in _codings(item))
-
-
-def _effective(resource: Resource) -> bool:
-    return any(k.startswith("effective") for k in resource)
-
-
-def _value(resource: Resource) -> bool:
-    return any(k.startswith("value") for k in resource) or "dataAbsentReason" in resource
-
-
-def _subject(resource: Resource) -> bool:
-    subject = resource.get("subject")
-    ref = subject.get("reference", "") if isinstance(subject, dict) else ""
-    return isinstance(ref, str) and ref.startswith("Patient/")
-
-
-def conforming_profiles(rtype: str, r: Resource, classes: list[str]) -> list[str]:
-    """Profiles whose checked constraints `r` meets (never a profile it fails).
-
-    The checks are the cardinality-1.. and fixed-value constraints of mCODE STU4 / US Core 6.1.0
-    that a mapper can see; when a check cannot be made, no profile is claimed.
-    """
-    out: list[str] = []
-    if rtype == "Patient":
-        ids_ok = any(i.get("system") and i.get("value") for i in _dicts(r.get("identifier")))
-        name_ok = any(n.get("family") or n.get("given") for n in _dicts(r.get("name")))
-        if ids_ok and name_ok and r.get("gender"):
-            out.append(US_CORE + "us-core-patient")
-    elif rtype == "Condition":
-        problem = _has_coding(
-            r.get("category") or [], CONDITION_CATEGORY, {"problem-list-item"}
-        ) or _has_coding(r.get("category") or [], US_CORE_CONDITION_CATEGORY, {"health-concern"})
-        if problem and _subject(r) and r.get("code") and r.get("clinicalStatus"):
-            out.append(US_CORE + "us-core-condition-problems-health-concerns")
-            for cls in ("primary-cancer-condition", "secondary-cancer-condition"):
-                if cls in classes:
-                    out.append(MCODE + "mcode-" + cls)
-    elif rtype == "Observation":
-        basic = bool(r.get("status")) and _subject(r) and bool(r.get("code"))
-        lab = _has_coding(r.get("category") or [], OBS_CATEGORY, {"laboratory"})
-        tnm = [c for c in classes if c.startswith("tnm-")]
-        if basic and tnm and r.get("focus") and r.get("method") and "valueCodeableConcept" in r:
-            out.append(MCODE + "mcode-" + tnm[0])
-        if basic and lab and _value(r) and _effective(r):
-            out.append(US_CORE + "us-core-observation-lab")
-            if "tumor-marker" in classes:
-                out.append(MCODE + "mcode-tumor-marker-test")
-        status_ok = "cancer-disease-status" in classes and "valueCodeableConcept" in r
-        if basic and status_ok and r.get("focus") and _effective(r):
-            out.append(MCODE + "mcode-cancer-disease-status")
-    elif rtype == "DiagnosticReport":
-        lab = _has_coding(r.get("category") or [], V2_0074, {"LAB"})
-        required = r.get("status") and r.get("code") and r.get("issued")
-        if lab and required and _subject(r) and _effective(r):
-            out.append(US_CORE + "us-core-diagnosticreport-lab")
-    elif rtype == "Procedure":
-        performed = any(k.startswith("performed") for k in r)
-        if r.get("status") and r.get("code") and _subject(r) and performed:
-            out.append(US_CORE + "us-core-procedure")
-            if "cancer-surgery" in classes and (r.get("reasonReference") or r.get("reasonCode")):
-                out.append(MCODE + "mcode-cancer-related-surgical-procedure")
-    return out
-
-
-def annotate(resources: list[Resource]) -> None:
+def annotate(resources: list[Resource]) -> list[Issue]:
     """Classify and profile resources built by the other mappers (same rules as inbound FHIR)."""
     terms = terminology()
     for resource in resources:
-        rtype = resource["resourceType"]
-        classes = classify(rtype, resource, terms)
+        classes = classify(resource["resourceType"], resource, terms)
         meta = resource.setdefault("meta", {})
         if classes:
             meta["tag"] = [{"system": CLASS_SYSTEM, "code": cls} for cls in classes]
-        profiles = conforming_profiles(rtype, resource, classes)
-        if profiles:
-            meta["profile"] = profiles
+    return claim_profiles(resources, terms)
 
 
 def document_to_resources(data: bytes, source: str) -> MapResult:
@@ -840,6 +766,8 @@ def document_to_resources(data: bytes, source: str) -> MapResult:
 
 __all__ = [
     "LOINC",
+    "MCODE",
+    "US_CORE",
     "InboundResource",
     "classify",
     "conforming_profiles",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,18 @@ GENDER = {"M": "male", "F": "female", "O": "other", "A": "other", "U": "unknown"
 # HL7 table 0396 names -> FHIR system (only the ones a result message uses).
 V2_SYSTEMS = {"LN": LOINC, "SCT": SNOMED, "SNM": SNOMED}
 _MAPPED = {"MSH", "PID", "OBR", "OBX", "NTE", "SPM"}
+# Fields of each mapped segment that the mapper reads (set ids and encoding characters count as
+# read); any other populated field is reported as an issue with its path (nothing dropped
+# silently, DESIGN.md).
+MAPPED_FIELDS: dict[str, frozenset[int]] = {
+    "MSH": frozenset({1, 2, 9, 10, 12, 18}),
+    "PID": frozenset({1, 3, 5, 7, 8, 11, 13, 14, 29, 30}),
+    "OBR": frozenset({1, 2, 3, 4, 7, 22, 24, 25}),
+    "OBX": frozenset({1, 2, 3, 4, 5, 6, 7, 8, 11, 14}),
+    "NTE": frozenset({1, 3}),
+    "SPM": frozenset({1, 2, 4, 17}),
+}
+_OID_RE = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -177,9 +190,9 @@ def cwe_to_concept(seg: _Segment, f: int, rep: int = 1) -> dict[str, Any] | None
         if code:
             canonical = V2_SYSTEMS.get(system) or terminology().canonical_system(system)
             sys = canonical or (
-                f"http://terminology.hl7.org/CodeSystem/v2-{system[2:]}"
+                f"http://terminology.hl7.org/CodeSystem/v2-{system[3:]}"
                 if system.startswith("HL7") and system[3:].isdigit()
-                else f"urn:fhir-gateway:v2-coding-system:{system or 'local'}"
+                else _urn("v2-coding-system", system or "local")
             )
             codings.append(coding(sys, code, seg.text(f, 2 + offset, rep) or None))
     text = seg.text(f, 9, rep) or seg.text(f, 2, rep) or None
@@ -189,10 +202,31 @@ def cwe_to_concept(seg: _Segment, f: int, rep: int = 1) -> dict[str, Any] | None
     return concept
 
 
-def _identifier(value: str, authority: str, type_code: str) -> dict[str, Any]:
+def _urn(kind: str, name: str) -> str:
+    """A valid URI for a v2 name: an OID as `urn:oid:`, else our URN with the name
+    percent-encoded (RFC 8141 allows %-escapes; spaces and other delimiters never appear raw)."""
+    if _OID_RE.fullmatch(name):
+        return f"urn:oid:{name}"
+    return f"urn:fhir-gateway:{kind}:{urllib.parse.quote(name, safe='-._~')}"
+
+
+def _authority_system(namespace: str, universal_id: str, id_type: str) -> str | None:
+    """HD assigning authority -> Identifier.system: the universal id (ISO OID or URI) when
+    given, else the namespace id as a URN."""
+    if universal_id and id_type.upper() == "ISO" and _OID_RE.fullmatch(universal_id):
+        return f"urn:oid:{universal_id}"
+    if universal_id and id_type.upper() in ("URI", "URL") and " " not in universal_id:
+        return universal_id
+    name = namespace or universal_id
+    return _urn("v2-assigning-authority", name) if name else None
+
+
+def _identifier(
+    value: str, authority: str, type_code: str, universal_id: str = "", id_type: str = ""
+) -> dict[str, Any]:
     out: dict[str, Any] = compact(
         {
-            "system": f"urn:fhir-gateway:v2-assigning-authority:{authority}" if authority else None,
+            "system": _authority_system(authority, universal_id, id_type),
             "value": value,
             "type": codeable_concept(coding(V2_0203, type_code)) if type_code else None,
         }
@@ -251,6 +285,7 @@ def message_to_resources(message: Message, source: str) -> tuple[list[Resource],
             )
             continue
         handler(seg, state)
+        _report_unmapped_fields(seg, state)
     _finish_order(state)
     for resource in state.resources:
         resource.setdefault("meta", {})["source"] = source_uri(source)
@@ -261,6 +296,27 @@ def _msh(seg: _Segment, state: _State) -> None:
     return None
 
 
+def _populated(seg: _Segment, f: int) -> bool:
+    if f >= len(seg.raw):
+        return False
+    return any(ch.isalnum() for ch in str(seg.raw[f]))
+
+
+def _report_unmapped_fields(seg: _Segment, state: _State) -> None:
+    """Every populated field the mapper does not read becomes an issue with its path."""
+    mapped = MAPPED_FIELDS.get(seg.name, frozenset())
+    for f in range(1, len(seg.raw)):
+        if f not in mapped and _populated(seg, f):
+            state.issues.append(
+                issue(
+                    "information",
+                    "not-supported",
+                    f"{seg.name}-{f} not mapped",
+                    f"{seg.path}.{f}",
+                )
+            )
+
+
 def pid_to_patient(seg: _Segment, state: _State) -> None:
     ident = seg.get(3)
     authority = seg.get(3, 4, sub=1) or seg.get(3, 4, sub=2)
@@ -268,7 +324,13 @@ def pid_to_patient(seg: _Segment, state: _State) -> None:
         state.issues.append(issue("error", "required", "PID-3 has no patient identifier", seg.path))
     key = f"{authority}|{ident}" if ident else f"{state.message.control_id}|{seg.path}"
     identifiers = [
-        _identifier(seg.get(3, 1, rep), seg.get(3, 4, rep), seg.get(3, 5, rep))
+        _identifier(
+            seg.get(3, 1, rep),
+            seg.get(3, 4, rep, 1),
+            seg.get(3, 5, rep),
+            seg.get(3, 4, rep, 2),
+            seg.get(3, 4, rep, 3),
+        )
         for rep in range(1, seg.repetitions(3) + 1)
         if seg.get(3, 1, rep)
     ]
@@ -286,6 +348,11 @@ def pid_to_patient(seg: _Segment, state: _State) -> None:
             ],
             "gender": GENDER.get(seg.get(8)),
             "birthDate": birth[:10] if birth else None,
+            "telecom": _telecoms(seg, 13, "home") + _telecoms(seg, 14, "work"),
+            "deceasedDateTime": _ts(seg, 29, state),
+            "deceasedBoolean": (
+                {"Y": True, "N": False}.get(seg.get(30).upper()) if not seg.get(29) else None
+            ),
             "address": [
                 {
                     "line": [x for x in (seg.text(11, 1), seg.text(11, 2)) if x],
@@ -303,6 +370,20 @@ def pid_to_patient(seg: _Segment, state: _State) -> None:
     else:
         state.issues.append(issue("warning", "duplicate", "second PID segment ignored", seg.path))
     state.last = None
+
+
+def _telecoms(seg: _Segment, f: int, use: str) -> list[dict[str, Any]]:
+    """XTN repetitions -> ContactPoint (XTN-1 legacy number, or XTN-4 email / XTN-6..7 number)."""
+    out: list[dict[str, Any]] = []
+    for rep in range(1, seg.repetitions(f) + 1):
+        email = seg.text(f, 4, rep)
+        number = seg.text(f, 1, rep) or "".join(seg.text(f, c, rep) for c in (6, 7))
+        if email and seg.get(f, 3, rep).upper() in ("INTERNET", "X.400", ""):
+            out.append({"system": "email", "value": email, "use": use})
+        elif number:
+            kind = "fax" if seg.get(f, 3, rep).upper() == "FX" else "phone"
+            out.append({"system": kind, "value": number, "use": use})
+    return out
 
 
 def obr_to_diagnostic_report(seg: _Segment, state: _State) -> None:

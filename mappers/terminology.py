@@ -1,4 +1,5 @@
-"""Code tables (mappers/codes/*.json) loaded once: code system aliases, UCUM units, classes.
+"""Code tables (mappers/codes/*.json) loaded once: code system aliases, UCUM units, classes,
+and the mCODE STU4 value sets (mcode-value-sets.json).
 
 The tables are data, not `if` chains (STYLE.md §3). `known_codes()` lists every code the tables
 can add to a resource, so tests can check that each emitted code is traceable.
@@ -32,7 +33,9 @@ class Terminology:
     unit_aliases: dict[str, str]
     category_classes: dict[tuple[str, str], str]
     code_classes: dict[tuple[str, str], str]
-    icd10_prefixes: list[tuple[str, str]]
+    icd10_sets: dict[str, frozenset[str]]  # class -> ICD-10-CM codes the value set lists
+    tumor_marker_units: dict[str, str]  # LOINC code -> canonical UCUM unit
+    tumor_marker_value_types: frozenset[str]
     disease_status_emit: tuple[str, str, str]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -52,11 +55,20 @@ class Terminology:
     def classify_code(self, system: str, code: str) -> str | None:
         found = self.code_classes.get((system, code))
         if found is None and system == ICD10CM:
-            bare = code.upper()
-            for prefix, cls in self.icd10_prefixes:
-                if bare.startswith(prefix):
-                    return cls
+            return self.icd10_class(code)
         return found
+
+    def icd10_class(self, code: str) -> str | None:
+        """The class of an ICD-10-CM code: it or an ancestor (trailing characters dropped, not
+        below the 3-character category) is listed by an mCODE value set."""
+        bare = code.strip().upper()
+        for cls, codes in self.icd10_sets.items():
+            candidate = bare
+            while len(candidate) >= 3:
+                if candidate in codes:
+                    return cls
+                candidate = candidate[:-1].rstrip(".")
+        return None
 
     def classify_category(self, system: str, code: str) -> str | None:
         return self.category_classes.get((system, code))
@@ -78,16 +90,21 @@ def terminology() -> Terminology:
         for system, code in pairs
     }
     code_classes: dict[tuple[str, str], str] = {}
-    icd10: list[tuple[str, str]] = []
+    value_sets = _load("mcode-value-sets.json")
+    icd10: dict[str, frozenset[str]] = {}
+    # Secondary first: its SNOMED descendants are excluded from the primary value set.
+    for cls in ("secondary-cancer-condition", "primary-cancer-condition"):
+        vs = value_sets[cls]
+        icd10[cls] = frozenset(vs["icd10cm"])
+        for code in [*vs["snomed_is_a"], *vs["snomed_exact"], *vs["snomed_descendants"]]:
+            code_classes.setdefault((SNOMED, code), cls)
+    markers = value_sets["tumor-marker-test"]
+    for code in [*markers["loinc"], *markers["local_loinc"]]:
+        code_classes.setdefault((LOINC, code), "tumor-marker")
     for cls, by_system in classes["codes"].items():
         for system, codes in by_system.items():
-            if system == "icd10_prefix":
-                icd10 += [(prefix, cls) for prefix in codes]
-                continue
             for code in codes:
                 code_classes.setdefault((system, code), cls)
-    # Longest prefix first, so C77 (secondary) wins over C7 (primary).
-    icd10.sort(key=lambda item: -len(item[0]))
     emit = classes["disease_status_emit"]
     return Terminology(
         system_aliases=aliases,
@@ -96,7 +113,11 @@ def terminology() -> Terminology:
         unit_aliases=dict(units["aliases"]),
         category_classes=category_classes,
         code_classes=code_classes,
-        icd10_prefixes=icd10,
+        icd10_sets=icd10,
+        tumor_marker_units={
+            k: v for k, v in value_sets["tumor-marker-units"].items() if not k.startswith("_")
+        },
+        tumor_marker_value_types=frozenset(markers["value_types"]),
         disease_status_emit=(emit[0], emit[1], emit[2]),
     )
 
@@ -106,6 +127,7 @@ def known_codes() -> frozenset[str]:
     t = terminology()
     codes = {code for _, code in t.code_classes} | {code for _, code in t.category_classes}
     codes |= set(t.ucum_codes) | set(t.unit_aliases.values()) | {t.disease_status_emit[1]}
+    codes |= set(t.tumor_marker_units.values()) | {c for s in t.icd10_sets.values() for c in s}
     return frozenset(codes)
 
 

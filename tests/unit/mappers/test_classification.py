@@ -164,7 +164,8 @@ def test_code_system_alias_gets_canonical_coding_added_not_replaced() -> None:
     ],
 )
 def test_units_to_ucum_only_when_exact(unit: str, ucum: str | None) -> None:
-    quantity = _map(_obs(LOINC, "2857-1", valueQuantity={"value": 1.5, "unit": unit}))[
+    # Glucose (2345-7), not a tumour marker: markers are also converted (test_mcode_units.py).
+    quantity = _map(_obs(LOINC, "2345-7", valueQuantity={"value": 1.5, "unit": unit}))[
         "valueQuantity"
     ]
     assert quantity["unit"] == unit  # the original is kept
