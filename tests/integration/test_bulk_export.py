@@ -299,3 +299,18 @@ def test_crash_resume_does_not_kick_off_again_or_refetch_done_files(sandbox, rsa
     assert len(downloads) == len(result.files)
     assert not list(out.glob(".part-*"))
     assert json.loads(state_file.read_text())["deleted"] is True
+
+
+def test_throttling_on_every_kind_of_request(sandbox, rsa_key, tmp_path):
+    """The sandbox's general fault: every 3rd FHIR request answers 429 + Retry-After, so
+    kick-off, status polls, downloads and the DELETE all meet it."""
+    server = sandbox(
+        export_run_s=0.1, export_file_lines=50, faults=Faults(throttle_every=3, retry_after="2")
+    )
+    sleeper = Sleeper()
+    client, _ = bulk_client(server, rsa_key, sleeper)
+    result = client.export(tmp_path)
+    assert result.counts() == dict(expected_counts())
+    throttled = [e for e in data_log(server) if e.status == 429]
+    assert {e.path.split("/")[2] for e in throttled} >= {"$export-status", "$export-files"}
+    assert sleeper.waits.count(2.0) >= len(throttled)  # every 429's Retry-After was honoured
