@@ -3,7 +3,8 @@
 It behaves like the real servers it stands in for (Epic, HAPI), not like our client hopes:
 opaque `next` links backed by server-side state, `Bundle.total` sometimes absent, 400 for
 unknown search parameters, 401/403 with OperationOutcome, tokens that expire, 429 with
-`Retry-After`, 5xx bursts, conditional create (201/200/412) and If-Match updates (412).
+`Retry-After`, 5xx bursts, conditional create (201/200/412) and If-Match updates (412), and an
+asynchronous Bulk Data `$export` (`bulk.py`) with its own faults.
 Every request is recorded in `SandboxState.log` so tests can assert what was really sent.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fhir_gateway.errors import (
@@ -31,9 +32,11 @@ from fhir_gateway.errors import (
     ForbiddenError,
     GatewayError,
     InputError,
+    NotFoundError,
     operation_outcome,
 )
 from fhir_gateway.resources import Resource
+from fhir_gateway.sandbox import bulk
 from fhir_gateway.sandbox.repository import ResourceStore, load_folder
 from fhir_gateway.security.smart_server import (
     OAuthError,
@@ -75,6 +78,14 @@ class Faults:
     # A write that succeeded is committed at once but answered this much later (a slow EHR;
     # lets a test kill the client after the EHR accepted and before it heard back).
     write_response_delay_s: float = 0.0
+    # Bulk $export (BD-03/BD-04/BD-05): the first N kick-offs answer 429 + Retry-After (another
+    # export is running); the first N status polls answer 500 with a transient OperationOutcome;
+    # a non-empty `export_failure` makes status polls answer 500 with that fatal outcome; the
+    # resources of `export_error_types` go to the error file instead of the output.
+    export_kickoff_throttle: int = 0
+    export_status_errors: int = 0
+    export_failure: str = ""
+    export_error_types: tuple[str, ...] = ()
 
 
 @dataclass
@@ -93,6 +104,9 @@ class SandboxConfig:
         "permission-v1",
     )
     faults: Faults = field(default_factory=Faults)
+    export_run_s: float = 1.0  # how long an $export job "runs" before its manifest is ready
+    export_retry_after: str = "1"  # Retry-After on 202 status answers
+    export_file_lines: int = 1000  # resources per NDJSON output file
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,7 @@ class SandboxState:
         self.results: dict[str, list[tuple[str, str]]] = {}  # state id -> (type, id) list
         self.tokens: dict[str, Grant] = {}
         self.replay = ReplayCache()
+        self.exports = bulk.ExportJobs()
 
     def register(self, client: SandboxClient) -> None:
         self.config.clients[client.client_id] = client
@@ -237,6 +252,35 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
     @app.get("/fhir/metadata")
     def metadata(request: Request) -> Response:
         return _fhir(_capability_statement(state, _origin(request)))
+
+    # Bulk Data $export: registered before the generic [type]/[id] routes they would match.
+
+    @app.get("/fhir/Patient/$export")
+    def export_patients(request: Request) -> Response:
+        return _kick_off(state, request, None)
+
+    @app.get("/fhir/Group/{group_id}/$export")
+    def export_group(group_id: str, request: Request) -> Response:
+        return _kick_off(state, request, group_id)
+
+    @app.get("/fhir/$export-status/{job_id}")
+    def export_status(job_id: str, request: Request) -> Response:
+        return _export_status(state, request, job_id)
+
+    @app.delete("/fhir/$export-status/{job_id}")
+    def export_delete(job_id: str, request: Request) -> Response:
+        grant = _authorize(state, request, None, "r")
+        state.exports.delete(job_id, grant.client_id if grant else None)
+        return Response(status_code=202)
+
+    @app.get("/fhir/$export-files/{job_id}/{name}")
+    def export_download(job_id: str, name: str, request: Request) -> Response:
+        grant = _authorize(state, request, None, "r")  # requiresAccessToken = require_auth
+        job = state.exports.get(job_id, grant.client_id if grant else None)
+        if bulk.progress(job) < 1.0:
+            raise NotFoundError("export is not complete")
+        f = bulk.export_file(job, name)
+        return StreamingResponse(bulk.iter_ndjson(state.store, f), media_type=bulk.NDJSON)
 
     @app.get("/fhir")
     def get_pages(request: Request) -> Response:
@@ -354,6 +398,62 @@ def _authorize(
     if resource_type is not None and not _permits(grant, resource_type, letter):
         raise ForbiddenError(f"token scopes do not permit {letter} on {resource_type}")
     return grant
+
+
+# --- Bulk Data $export (BD-01..BD-07) ------------------------------------------------------
+
+
+def _kick_off(state: SandboxState, request: Request, group_id: str | None) -> Response:
+    """BD-01/BD-03: 202 + Content-Location, or 429 while "another export runs" (a fault)."""
+    faults = state.config.faults
+    if state.exports.next_kickoff() <= faults.export_kickoff_throttle:
+        issue = {"severity": "error", "code": "throttled", "diagnostics": "an export is running"}
+        return _fhir(operation_outcome(issue), 429, {"Retry-After": faults.retry_after})
+    grant = _authorize(state, request, "Group" if group_id else "Patient", "r")
+    prefer = request.headers.get("prefer", "")
+    if "respond-async" not in prefer:
+        raise InputError("$export requires Prefer: respond-async")
+    export = bulk.parse_export_params(list(request.query_params.multi_items()), prefer)
+    job = bulk.start_export(
+        state.store,
+        state.exports,
+        export,
+        group_id=group_id,
+        client_id=grant.client_id if grant else None,
+        request_url=str(request.url),
+        permits=lambda rtype: _permits(grant, rtype, "r"),
+        run_s=state.config.export_run_s,
+        file_lines=state.config.export_file_lines,
+        error_types=faults.export_error_types,
+    )
+    location = f"{_origin(request)}/fhir/$export-status/{job.id}"
+    return Response(status_code=202, headers={"Content-Location": location})
+
+
+def _export_status(state: SandboxState, request: Request, job_id: str) -> Response:
+    """BD-04/BD-05: 202 + X-Progress + Retry-After while running, 200 + manifest when done."""
+    grant = _authorize(state, request, None, "r")
+    job = state.exports.get(job_id, grant.client_id if grant else None)
+    faults = state.config.faults
+    if state.exports.next_status_poll() <= faults.export_status_errors:
+        issue = {"severity": "error", "code": "transient", "diagnostics": "try again later"}
+        return _fhir(operation_outcome(issue), 500)
+    if faults.export_failure:
+        issue = {"severity": "fatal", "code": "exception", "diagnostics": faults.export_failure}
+        return _fhir(operation_outcome(issue), 500)
+    job.status_polls += 1
+    if bulk.progress(job) < 1.0:
+        headers = {
+            "X-Progress": bulk.progress_text(job),
+            "Retry-After": state.config.export_retry_after,
+        }
+        return Response(status_code=202, headers=headers)
+    body = bulk.manifest(job, f"{_origin(request)}/fhir", state.config.require_auth)
+    return JSONResponse(body, headers={"Expires": _http_date(time.time() + 3600)})
+
+
+def _http_date(epoch: float) -> str:
+    return email.utils.formatdate(epoch, usegmt=True)
 
 
 # --- search and paging (RS-20, RS-21) -----------------------------------------------------
