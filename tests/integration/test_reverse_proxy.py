@@ -13,6 +13,7 @@ import copy
 import http.client
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,16 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     ]
 
 
-def line_of(caplog: pytest.LogCaptureFixture, resp: requests.Response) -> dict[str, Any]:
-    rid = resp.headers["X-Request-ID"]
-    return next(line for line in access_lines(caplog) if line["request_id"] == rid)
+def line_of(caplog: pytest.LogCaptureFixture, rid: str) -> dict[str, Any]:
+    """The access line of request `rid`. The server thread writes it after the last byte went
+    out, so the client can be ahead of it: wait for it (a bounded wait, not a timing assert)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [line for line in access_lines(caplog) if line["request_id"] == rid]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, f"{len(found)} access lines for request {rid}"
+            return found[0]
+        time.sleep(0.02)
 
 
 def test_discovery_and_capabilities_show_the_public_https_url(proxied: Proxied) -> None:
@@ -105,13 +113,13 @@ def test_forwarded_headers_only_from_the_trusted_proxy(
     # through nginx: nginx appends the address it saw; the client's own claim is not believed
     via_proxy = proxied.get("/health", headers=spoof)
     assert via_proxy.status_code == 200
-    line = line_of(caplog, via_proxy)
+    line = line_of(caplog, via_proxy.headers["X-Request-ID"])
     assert (line["client"], line["scheme"]) == ("127.0.0.1", "https")
 
     # straight to the gateway from 127.0.0.1 (not a trusted proxy): neither header counts
     direct = requests.get(f"{proxied.gateway.url}/health", headers=spoof, timeout=30)
     assert direct.status_code == 200
-    line = line_of(caplog, direct)
+    line = line_of(caplog, direct.headers["X-Request-ID"])
     assert (line["client"], line["scheme"]) == ("127.0.0.1", "http")
 
     # control: the same headers from the proxy's address are believed
@@ -122,8 +130,7 @@ def test_forwarded_headers_only_from_the_trusted_proxy(
     answer = conn.getresponse()
     answer.read()
     conn.close()
-    rid = answer.getheader("X-Request-ID")
-    line = next(x for x in access_lines(caplog) if x["request_id"] == rid)
+    line = line_of(caplog, str(answer.getheader("X-Request-ID")))
     assert (line["client"], line["scheme"]) == (SPOOFED, "https")
 
 
@@ -137,11 +144,14 @@ def test_no_query_string_in_either_access_log(
         headers=proxied.tokens.headers("ehr"),
     )
     assert resp.status_code == 200
-    line = line_of(caplog, resp)
+    line = line_of(caplog, resp.headers["X-Request-ID"])
     assert line["route"] == "/fhir/{resource_type}"
     assert SECRET not in str(line)
     # nginx's request id reached the gateway: one id across both logs
-    nginx_log = proxied.nginx.access_log.read_text()
-    assert f"rid={resp.headers['X-Request-ID']}" in nginx_log
+    rid = f"rid={resp.headers['X-Request-ID']}"
+    deadline = time.monotonic() + 10  # nginx, too, logs after the response went out
+    while rid not in (nginx_log := proxied.nginx.access_log.read_text()):
+        assert time.monotonic() < deadline, "nginx logged no line for the request"
+        time.sleep(0.02)
     assert SECRET not in nginx_log
     assert "?" not in nginx_log
