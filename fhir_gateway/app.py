@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_gateway import job_handlers, jobs
-from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, reports, smart
+from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, ops, reports, smart
 from fhir_gateway.api.deps import StoreDep
-from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
+from fhir_gateway.api.observe import AccessMiddleware
+from fhir_gateway.api.responses import add_error_handlers
 from fhir_gateway.logging import configure_logging
 from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.security.client_keys import JWKS_CACHE_CONTROL, published_jwks
@@ -54,7 +56,10 @@ def create_app(
     app.state.tokens = TokenValidator(settings.auth, settings.data_dir)
     if store is not None:
         app.state.store = store
-    app.middleware("http")(request_id_middleware)
+    app.add_middleware(AccessMiddleware)
+    if settings.trusted_proxies:
+        # Outside the access middleware, so the access log shows the client the proxy reports.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     add_error_handlers(app)
     app.include_router(smart.router)  # before /fhir/{type}
     app.include_router(audit.router)
@@ -64,6 +69,7 @@ def create_app(
     app.include_router(bundle.router)
     app.include_router(dicomweb.router)
     app.include_router(admin.router)
+    app.include_router(ops.router)
 
     @app.get("/.well-known/jwks.json", tags=["ops"])
     def jwks() -> JSONResponse:

@@ -72,7 +72,16 @@ def serve(
         )
     count = settings.jobs.workers if workers is None else workers
     application = create_app(settings, workers=count)
-    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+    # Our middleware writes the access log (route templates, no query strings) and applies
+    # X-Forwarded-* from `trusted_proxies` only; uvicorn's own would trust 127.0.0.1 always.
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -31,6 +31,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import GatewayError, InputError, UpstreamError, UpstreamRejectedError
+from fhir_gateway.metrics import JOB_DURATION
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Job, utcnow
@@ -303,6 +304,9 @@ class Worker:
             # fix is retried with backoff (honouring the remote's Retry-After).
             permanent = isinstance(exc, InputError | UpstreamRejectedError)
             retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None
+            JOB_DURATION.labels(kind=claimed.kind, outcome="failed").observe(
+                time.monotonic() - started
+            )
             state = self.queue.fail(
                 claimed, _describe(exc), permanent=permanent, retry_after=retry_after
             )
@@ -315,6 +319,9 @@ class Worker:
                 error=type(exc).__name__,
             )
         else:
+            JOB_DURATION.labels(kind=claimed.kind, outcome="done").observe(
+                time.monotonic() - started
+            )
             if self.queue.complete(claimed):
                 log.info(
                     "job.run.done",

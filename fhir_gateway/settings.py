@@ -10,6 +10,7 @@ file (`*_file`) or an environment variable (`*_env`) that holds them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from functools import cached_property
@@ -307,6 +308,20 @@ class ImageSettings(BaseModel):
     timeout_s: float = 120.0
 
 
+class MetricsSettings(BaseModel):
+    """Who may scrape `/metrics` without a token: client addresses or networks (as the gateway
+    sees them, after trusted-proxy headers). An admin bearer token is always accepted."""
+
+    allow_from: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+    @field_validator("allow_from")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return v
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FHIR_GATEWAY_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -316,6 +331,10 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: SQLite in the data dir
     partners_file: Path | None = None  # default: <data_dir>/partners.toml if it exists
     public_base_url: str = "http://127.0.0.1:8080"  # how callers reach us (for absolute URLs)
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto we believe (addresses or
+    # networks); empty: forwarded headers are ignored and the peer address is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    metrics: MetricsSettings = MetricsSettings()
     log_format: Literal["console", "json"] = "json"
     log_level: str = "INFO"
     auth: AuthSettings = AuthSettings()

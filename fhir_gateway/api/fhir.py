@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fhir_gateway.api.deps import ANY_ROLE, EHR_OR_ADMIN, Body, SettingsDep, StoreDep
@@ -14,6 +15,7 @@ from fhir_gateway.api.responses import FhirResponse
 from fhir_gateway.errors import (
     ConflictError,
     ForbiddenError,
+    NotAcceptableError,
     NotFoundError,
     PreconditionFailedError,
     ValidationError,
@@ -27,7 +29,27 @@ from fhir_gateway.security.smart_server import permits
 from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import FhirResource
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+JSON_FORMATS = frozenset(
+    {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+)
+JSON_ACCEPT = JSON_FORMATS | {"*/*", "application/*"}
+
+
+def json_only(request: Request) -> None:
+    """FHIR JSON is all we speak (RS-01): `_format` may override `Accept`; asking for XML (or
+    anything else) alone is 406 with an OperationOutcome, never XML-shaped JSON."""
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        if fmt.split(";", 1)[0].strip().lower() not in JSON_FORMATS:
+            raise NotAcceptableError(f"_format={fmt} is not served here: JSON only")
+        return
+    accept = request.headers.get("accept", "")
+    offered = [t.split(";", 1)[0].strip().lower() for t in accept.split(",") if t.strip()]
+    if offered and not any(t in JSON_ACCEPT for t in offered):
+        raise NotAcceptableError("this endpoint serves application/fhir+json only")
+
+
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(json_only)])
 
 SEARCHABLE = ("Task", "ServiceRequest", "Patient")
 IfNoneExist = Annotated[str | None, Header(alias="If-None-Exist")]
@@ -110,7 +132,10 @@ def capability_statement(settings: Settings) -> Resource:
             "conditionalDelete": "not-supported",
         }
         if search:
-            out["searchParam"] = [{"name": "identifier", "type": "token"}]
+            out["searchParam"] = [
+                {"name": "identifier", "type": "token"},
+                {"name": "_id", "type": "token"},
+            ]
         return out
 
     resources = [
@@ -154,7 +179,10 @@ def capability_statement(settings: Settings) -> Resource:
     }
 
 
+# Also at "/fhir/": clients that post to the base with its slash (fhirclient, fhirpy's
+# execute("/")) get the transaction, not a 307 redirect that drops the body on some stacks.
 @router.post("", response_class=FhirResponse, openapi_extra=FHIR_BODY)
+@router.post("/", response_class=FhirResponse, include_in_schema=False)
 async def transaction(
     bundle: Body, store: StoreDep, settings: SettingsDep, who: Principal = EHR_OR_ADMIN
 ) -> FhirResponse:
@@ -260,65 +288,109 @@ def read(
         return FhirResponse(row.body, headers=headers)
 
 
+# Search result parameters we honour (R4 search.html 3.1.1.5 ff.). `_total` asks for a total:
+# ours is always exact. `_totalMethod` is what fhirpy's `.count()` sends (an Aidbox parameter),
+# with `_count=0`: the exact total is the answer to that too. `_offset` is in our own next links.
+RESULT_PARAMS = ("_count", "_summary", "_format", "_total", "_totalMethod", "_offset")
+SEARCH_PARAMS = ("identifier", "_id")
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+
+
+def _nonnegative(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise ValidationError(
+            f"{name} must be a non-negative integer", expression=[name], status_code=400
+        )
+    return int(raw)
+
+
 @router.get("/{resource_type}", response_class=FhirResponse)
 def search(
     resource_type: str,
     request: Request,
     store: StoreDep,
     settings: SettingsDep,
-    identifier: str | None = None,
     who: Principal = ANY_ROLE,
 ) -> FhirResponse:
-    """Search by `identifier` (token). Other parameters are refused, not silently ignored."""
+    """Search by `identifier` (token) and/or `_id`, with `_count`, `_summary=count` and a
+    `Bundle.total` (RS-21). Other parameters are refused, not silently ignored."""
     if resource_type not in SEARCHABLE:
         raise NotFoundError(f"search on {resource_type} is not supported here")
     _require_scope(who, resource_type, "s")
-    unknown = [k for k in request.query_params if k not in ("identifier", "_format")]
+    params = request.query_params
+    unknown = sorted({k for k in params if k not in SEARCH_PARAMS + RESULT_PARAMS})
     if unknown:
         raise ValidationError(
-            f"unsupported search parameter(s): {', '.join(sorted(unknown))}",
+            f"unsupported search parameter(s): {', '.join(unknown)}",
             expression=[f"{resource_type}?{unknown[0]}"],
             status_code=400,
         )
-    if not identifier:
+    identifier, ids = params.get("identifier"), params.get("_id")
+    if not identifier and not ids:
         raise ValidationError(
-            "search needs identifier=system|value",
+            "search needs identifier=system|value or _id",
             expression=[f"{resource_type}?identifier"],
             status_code=400,
         )
-    with store.session() as s:
-        rows = hosted.find_by_identifier(
-            s, resource_type, identifier, partner_id=who.partner_id if who.role == "ehr" else None
+    summary = params.get("_summary", "false")
+    if summary not in ("count", "false"):
+        raise ValidationError(
+            f"_summary={summary} is not supported (only count and false)",
+            expression=["_summary"],
+            status_code=400,
         )
+    count = min(_nonnegative(request, "_count", DEFAULT_PAGE), MAX_PAGE)
+    offset = _nonnegative(request, "_offset", 0)
+    if summary == "count":
+        count = 0
+    partner = who.partner_id if who.role == "ehr" else None
+    with store.session() as s:
+        found: dict[str, FhirResource] | None = None
+        if identifier:
+            rows = hosted.find_by_identifier(s, resource_type, identifier, partner_id=partner)
+            found = {r.id: r for r in rows}
+        if ids:
+            wanted = [i for i in ids.split(",") if i]
+            by_id = {
+                r.id: r for r in hosted.find_by_ids(s, resource_type, wanted, partner_id=partner)
+            }
+            found = by_id if found is None else {k: v for k, v in found.items() if k in by_id}
         visible = []
-        for row in rows:
+        for row in sorted((found or {}).values(), key=lambda r: (r.last_updated, r.id)):
             try:
                 _check_access(row, who, s)
             except ForbiddenError:
                 continue
             visible.append(row)
+        page = visible[offset : offset + count]
         audit.record(
-            s, "resource.search", who.actor, entity=[f"{r.resource_type}/{r.id}" for r in visible]
+            s, "resource.search", who.actor, entity=[f"{r.resource_type}/{r.id}" for r in page]
         )
-        base = settings.public_base_url.rstrip("/")
-        return FhirResponse(
-            {
-                "resourceType": "Bundle",
-                "type": "searchset",
-                "total": len(visible),
-                "link": [
-                    {"relation": "self", "url": f"{base}/fhir/{resource_type}?{request.url.query}"}
-                ],
-                "entry": [
-                    {
-                        "fullUrl": f"{base}/fhir/{r.resource_type}/{r.id}",
-                        "resource": r.body,
-                        "search": {"mode": "match"},
-                    }
-                    for r in visible
-                ],
-            }
-        )
+        base = f"{settings.public_base_url.rstrip('/')}/fhir"
+        query = [(k, v) for k, v in params.multi_items() if k != "_offset"]
+        links = [{"relation": "self", "url": f"{base}/{resource_type}?{request.url.query}"}]
+        if count and offset + count < len(visible):
+            nxt = urlencode([*query, ("_offset", str(offset + count))])
+            links.append({"relation": "next", "url": f"{base}/{resource_type}?{nxt}"})
+        bundle: Resource = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(visible),
+            "link": links,
+        }
+        if page:
+            bundle["entry"] = [
+                {
+                    "fullUrl": f"{base}/{r.resource_type}/{r.id}",
+                    "resource": r.body,
+                    "search": {"mode": "match"},
+                }
+                for r in page
+            ]
+        return FhirResponse(bundle)
 
 
 @router.put("/Task/{rid}", response_class=FhirResponse, openapi_extra=FHIR_BODY)

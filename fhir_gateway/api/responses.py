@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -96,18 +94,3 @@ def add_error_handlers(app: FastAPI) -> None:
             "exception",
             "internal error; see the gateway log for the request id in X-Request-ID",
         )
-
-
-async def request_id_middleware(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Bind a request id (ours, or a sane one the caller sent) to every log line of the request."""
-    given = request.headers.get("x-request-id", "")
-    rid = given if given.isalnum() and len(given) <= 64 else uuid.uuid4().hex
-    structlog.contextvars.bind_contextvars(request_id=rid)
-    try:
-        response = await call_next(request)
-    finally:
-        structlog.contextvars.unbind_contextvars("request_id")
-    response.headers["X-Request-ID"] = rid
-    return response

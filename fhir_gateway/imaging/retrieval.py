@@ -25,6 +25,7 @@ from connectors.dicomweb import (
     RetrievedInstance,
     first_value,
 )
+from fhir_gateway import metrics
 from fhir_gateway.imaging.store import ImageStore, read_dataset
 from fhir_gateway.resources import DICOM_UID, Resource
 from fhir_gateway.store.db import Store
@@ -211,9 +212,11 @@ def pull_case_images(
             last_flush[0] = time.monotonic()
         with index_lock:
             image_store.add_batch(case_id, batch, client.base_url)
+            size = sum(p.size for p in batch)
             with lock:
                 counts.instances += len(batch)
-                counts.bytes += sum(p.size for p in batch)
+                counts.bytes += size
+            metrics.observe_pull(instances=len(batch), kind="images", size=size)
             report()
 
     def sink(result: Retrieved) -> None:

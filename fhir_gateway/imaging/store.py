@@ -84,6 +84,21 @@ class ImageStore(Protocol):
     def delete_case(self, case_id: str) -> int: ...
 
 
+def staging_dir(data_dir: Path) -> Path:
+    """Where retrievals stream to before an instance is stored (both backends)."""
+    return data_dir / "tmp" / "wado"
+
+
+def blob_dir(data_dir: Path) -> Path:
+    """The file backend's content-addressed root."""
+    return data_dir / "blobs" / "sha256"
+
+
+def writable_dirs(data_dir: Path, backend: str) -> list[Path]:
+    """The directories the image store writes to (readiness checks them)."""
+    return [staging_dir(data_dir), *([blob_dir(data_dir)] if backend == "file" else [])]
+
+
 class _IndexedStore:
     """Index rows shared by both backends."""
 
@@ -91,7 +106,7 @@ class _IndexedStore:
 
     def __init__(self, store: Store, data_dir: Path) -> None:
         self._store = store
-        self._staging = data_dir / "tmp" / "wado"
+        self._staging = staging_dir(data_dir)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -258,7 +273,7 @@ class FileImageStore(_IndexedStore):
 
     def __init__(self, store: Store, data_dir: Path) -> None:
         super().__init__(store, data_dir)
-        self.root = data_dir / "blobs" / "sha256"
+        self.root = blob_dir(data_dir)
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:]

@@ -136,6 +136,18 @@ def find_by_identifier(
     return session.scalars(stmt).all()
 
 
+def find_by_ids(
+    session: Session, resource_type: str, ids: Sequence[str], *, partner_id: str | None
+) -> Sequence[FhirResource]:
+    """Resources of a type with one of `ids` (search `_id`), for one partner (None: all)."""
+    stmt = select(FhirResource).where(
+        FhirResource.resource_type == resource_type, FhirResource.id.in_(list(ids))
+    )
+    if partner_id is not None:
+        stmt = stmt.where(FhirResource.partner_id == partner_id)
+    return session.scalars(stmt).all()
+
+
 def conditional_match(
     session: Session, resource_type: str, criteria: str, *, partner_id: str | None
 ) -> FhirResource | None:

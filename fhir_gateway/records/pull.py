@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
+from fhir_gateway import metrics
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.errors import (
     InputError,
@@ -511,7 +512,13 @@ def pull_case(
         progress_cb=progress_cb,
         binary_dir=settings.data_dir / "binaries",
     )
-    return result, save_pull(store, case_id, client.base_url, result)
+    saved = save_pull(store, case_id, client.base_url, result)
+    metrics.observe_pull(
+        resources=len(result.resources),
+        kind="records",
+        size=sum(b.size for b in result.binaries),
+    )
+    return result, saved
 
 
 def run_pull_fhir(ctx: JobContext) -> None:

@@ -21,7 +21,7 @@ from connectors.delivery import (
     DeliveryReceipt,
     FhirReportSink,
 )
-from fhir_gateway import jobs
+from fhir_gateway import jobs, metrics
 from fhir_gateway.errors import (
     ConfigError,
     ConflictError,
@@ -238,6 +238,7 @@ def _record_failure(store: Store, delivery_id: str, exc: Exception, *, dead: boo
         d.next_retry_at = None if dead else utcnow() + timedelta(seconds=retry_after or 0)
         if dead:
             d.status = DEAD
+    metrics.DELIVERIES.labels(outcome="dead" if dead else "retry").inc()
     log.warning(
         "report.deliver.failed",
         delivery_id=delivery_id,
@@ -273,6 +274,7 @@ def _record_success(store: Store, delivery_id: str, receipt: DeliveryReceipt) ->
             case_id=d.case_id,
             entity=[receipt.reference],
         )
+    metrics.DELIVERIES.labels(outcome="delivered").inc()
     log.info(
         "report.deliver.done",
         delivery_id=delivery_id,

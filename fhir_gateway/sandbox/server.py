@@ -65,6 +65,7 @@ class AppServer:
                 port=self.port,
                 log_config=None,
                 access_log=False,
+                proxy_headers=False,  # the app decides whom to trust (settings.trusted_proxies)
                 lifespan="on" if lifespan else "off",
             )
         )

@@ -129,6 +129,11 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
         lambda c, k, h: c.post("/admin/jobs/no-such-job/$requeue", headers=h),
         (401, 403, 403, 403, 403, 403, 404),
     ),
+    # TestClient's peer ("testclient") is outside metrics.allow_from: only an admin may scrape
+    "GET /metrics": (
+        lambda c, k, h: c.get("/metrics", headers=h),
+        (401, 403, 403, 403, 403, 403, 200),
+    ),
 }
 
 CELLS = [

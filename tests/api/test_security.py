@@ -18,6 +18,7 @@ from tests.conftest import FIXTURES
 
 PUBLIC = {
     ("GET", "/health"),
+    ("GET", "/ready"),  # readiness for load balancers: check names only, reasons in the log
     ("GET", "/fhir/metadata"),
     ("GET", "/fhir/.well-known/smart-configuration"),
     ("GET", "/.well-known/jwks.json"),
