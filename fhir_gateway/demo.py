@@ -298,7 +298,7 @@ class Demo:
             while True:
                 jobs = {j["kind"]: j for j in self.get(f"/cases/{case_id}", self.admin)["jobs"]}
                 states = {k: jobs.get(k, {}).get("state") for k in kinds}
-                if all(s in ("done", "dead") for s in states.values()):
+                if all(s in ("done", "dead", "cancelled") for s in states.values()):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"jobs did not finish in {timeout_s:.0f} s: {states}")
