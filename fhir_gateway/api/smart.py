@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from fhir_gateway.api.deps import ANY_ROLE, SettingsDep
+from fhir_gateway.api.responses import audit_refused
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.auth import TokenValidator, issue_access_token
@@ -158,6 +159,7 @@ async def token(request: Request, settings: SettingsDep) -> JSONResponse:
             return _too_many("client", wait)
         scopes = grant(form.get("scope", ""), client.scopes)
     except OAuthError as exc:
+        await audit_refused(request, exc.status)  # 401 invalid_client: one row per request
         return JSONResponse(exc.body(), status_code=exc.status, headers=NO_STORE)
     lifetime = settings.auth.access_token_lifetime_s
     value = issue_access_token(
