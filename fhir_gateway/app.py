@@ -39,7 +39,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own_store = store is None
-        app.state.store = store or open_store(settings.db_url)
+        app.state.store = store or open_store(settings.db_url, key_dir=settings.data_dir / "keys")
         running: list[jobs.Worker] = []
         if workers:
             job_handlers.register_all()

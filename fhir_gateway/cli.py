@@ -104,7 +104,7 @@ def worker(
 
     settings = _settings(data_dir)
     configure_logging(settings.log_format, settings.log_level)
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     job_handlers.register_all()
     running = jobs.start_worker_threads(store, settings, threads)
     done = threading.Event()
@@ -154,7 +154,7 @@ def list_cases(
     from fhir_gateway.store.models import Case, Job
 
     settings = _settings(data_dir)
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     table = Table(title="cases")
     for col in ("case", "status", "partner", "created", "jobs"):
         table.add_column(col)
@@ -190,7 +190,7 @@ def list_jobs(
     from fhir_gateway.store.models import Job
 
     settings = _settings(data_dir)
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     table = Table(title="jobs")
     for col in ("job", "kind", "case", "state", "attempts", "last error"):
         table.add_column(col)
@@ -220,7 +220,7 @@ def pull(
 
     settings = _settings(data_dir)
     configure_logging(settings.log_format, "WARNING")
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -309,7 +309,7 @@ def deliveries_table(settings: Settings, failed_only: bool = False) -> Table:
     from fhir_gateway.reports import drafts
     from fhir_gateway.store import open_store
 
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     try:
         with store.session() as s:
             rows = drafts.failed_deliveries(s) if failed_only else drafts.all_deliveries(s)
@@ -343,7 +343,7 @@ def redeliver_command(settings: Settings, delivery_id: str) -> str:
     from fhir_gateway.reports import drafts
     from fhir_gateway.store import open_store
 
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     try:
         with store.session() as s:
             delivery = drafts.redeliver(s, delivery_id)
@@ -430,18 +430,23 @@ app.add_typer(audit_app, name="audit")
 
 @audit_app.command("verify")
 def audit_verify(data_dir: DataDir = None) -> None:
-    """Recompute the audit hash chain; exit 1 naming the first altered row."""
+    """Recompute the keyed audit chain and check its signed checkpoint; exit 1 naming what is
+    wrong (an altered row, a chain recomputed without the key, the newest rows deleted)."""
     from fhir_gateway.security import audit
     from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     with store.session() as s:
-        count, bad = audit.verify_chain(s)
+        result = audit.verify(s)
     store.dispose()
-    if bad is not None:
-        _fail(f"audit chain broken at event {bad} (checked {count} events)", code=1)
-    out.print(f"audit chain verified: {count} events")
+    if not result.ok:
+        _fail(
+            f"audit chain NOT verified (checked {result.count} events): "
+            + "; ".join(result.problems),
+            code=1,
+        )
+    out.print(f"audit chain verified: {result.count} events, checkpoint signed")
 
 
 @app.command()

@@ -108,14 +108,14 @@ def run_demo(out: Console, *, keep: bool = False) -> None:
             out.print(f"gateway listening on {base} with 2 job workers")
             Demo(out, base, data_dir).run(ehr.base_url)
         out.print("all servers stopped cleanly")
-        store = open_store(Settings(data_dir=data_dir).db_url)
+        store = open_store(Settings(data_dir=data_dir).db_url, key_dir=data_dir / "keys")
         with store.session() as session:
-            count, bad = audit.verify_chain(session)
+            result = audit.verify(session)
         store.dispose()
         out.print(
-            f"audit chain verified: {count} events"
-            if bad is None
-            else f"[red]audit chain broken at event {bad}[/red]"
+            f"audit chain verified: {result.count} events"
+            if result.ok
+            else f"[red]audit chain NOT verified: {'; '.join(result.problems)}[/red]"
         )
     finally:
         if keep:
@@ -298,7 +298,7 @@ class Demo:
             while True:
                 jobs = {j["kind"]: j for j in self.get(f"/cases/{case_id}", self.admin)["jobs"]}
                 states = {k: jobs.get(k, {}).get("state") for k in kinds}
-                if all(s in ("done", "dead") for s in states.values()):
+                if all(s in ("done", "dead", "cancelled") for s in states.values()):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"jobs did not finish in {timeout_s:.0f} s: {states}")

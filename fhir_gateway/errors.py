@@ -10,6 +10,7 @@ GatewayError                      base; status_code + FHIR issue code
 │   ├── UnknownPartnerError       the referral names no registered partner
 │   ├── NotFoundError             the requested resource does not exist here
 │   ├── ConflictError             state conflict (illegal Task transition, version mismatch)
+│   │   └── CaseClosedError       the case's Task was cancelled or rejected: no more work on it
 │   ├── PreconditionFailedError   conditional request matched several resources
 │   ├── PayloadTooLargeError      body over the size limit
 │   └── UnsupportedMediaTypeError wrong Content-Type
@@ -115,6 +116,20 @@ class NotFoundError(InputError):
 class ConflictError(InputError):
     status_code = 409
     issue_code = "conflict"
+
+
+class CaseClosedError(ConflictError):
+    """The case's referral Task is cancelled or rejected (STANDARDS RF-03): nothing more may be
+    pulled, written, submitted or delivered for it. A job that meets it stops without retry."""
+
+    issue_code = "business-rule"
+
+    def __init__(self, case_id: str, status: str, doing: str) -> None:
+        super().__init__(
+            f"case {case_id} is {status} (its referral Task was {status}); {doing} is not allowed",
+            expression=["Task.status"],
+        )
+        self.case_id, self.status = case_id, status
 
 
 class PreconditionFailedError(InputError):

@@ -11,6 +11,11 @@ Failures retry with exponential backoff and full jitter, honouring a `retry_afte
 reports (`UpstreamError.retry_after`, e.g. from `Retry-After`); `InputError` and
 `UpstreamRejectedError` are permanent and make the job `dead` at once; after `max_attempts` the
 job is `dead` with its last error visible.
+
+A case whose referral Task is cancelled or rejected is closed: `cancel_case_jobs` moves its
+queued jobs to `cancelled` in the transaction that closes it, and a running handler stops at its
+next `ctx.checkpoint()` (or at `require_case_open` inside the transaction that would write),
+raising `CaseClosedError`, which the worker records as `cancelled` without retry.
 """
 
 from __future__ import annotations
@@ -30,15 +35,64 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from fhir_gateway.errors import GatewayError, InputError, UpstreamError, UpstreamRejectedError
+from fhir_gateway.errors import (
+    CaseClosedError,
+    GatewayError,
+    InputError,
+    NotFoundError,
+    UpstreamError,
+    UpstreamRejectedError,
+)
 from fhir_gateway.metrics import JOB_DURATION
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import Job, utcnow
+from fhir_gateway.store.models import Case, Job, utcnow
 
 log = structlog.get_logger(__name__)
 
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
+CANCELLED = "cancelled"  # its case was closed (Task cancelled or rejected); never retried
+CLOSED_CASE_STATUSES = frozenset({"cancelled", "rejected"})
+
+
+def require_case_open(session: Session, case_id: str, doing: str, *, lock: bool = True) -> Case:
+    """The case, if its Task is not cancelled or rejected. With `lock` the case row is locked
+    (PostgreSQL `FOR UPDATE`; SQLite serialises writers at BEGIN IMMEDIATE) so a cancellation
+    cannot commit between this check and the caller's writes.
+
+    Raises:
+        NotFoundError: no such case. CaseClosedError: the case is cancelled or rejected.
+    """
+    stmt = select(Case).where(Case.id == case_id)
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    case = session.scalar(stmt.execution_options(populate_existing=True))
+    if case is None:
+        raise NotFoundError(f"case {case_id} does not exist")
+    if case.status in CLOSED_CASE_STATUSES:
+        raise CaseClosedError(case_id, case.status, doing)
+    return case
+
+
+def cancel_case_jobs(session: Session, case_id: str, reason: str) -> int:
+    """Cancel the case's queued jobs in the caller's transaction (the case is being closed).
+    Running jobs stop at their next checkpoint. Returns how many were cancelled."""
+    result = session.execute(
+        update(Job)
+        .where(Job.case_id == case_id, Job.state == QUEUED)
+        .values(
+            state=CANCELLED,
+            last_error=reason[:4000],
+            finished_at=utcnow(),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    log.info("job.case.cancelled", case_id=case_id, jobs=count)
+    return count
 
 
 @dataclass
@@ -61,6 +115,19 @@ class JobContext:
         It is its own transaction: call it outside any open `store.session()` (on SQLite a
         second writer inside an open write transaction waits for itself)."""
         self._progress(update_)
+
+    def checkpoint(self, doing: str = "more work") -> None:
+        """Stop here if the job's case was closed (Task cancelled or rejected) meanwhile.
+
+        Its own short read transaction: call it outside any open `store.session()`.
+
+        Raises:
+            CaseClosedError: the case is cancelled or rejected (the job ends `cancelled`).
+        """
+        if self.case_id is None:
+            return
+        with self.store.session() as s:
+            require_case_open(s, self.case_id, doing, lock=False)
 
 
 Handler = Callable[[JobContext], None]
@@ -230,6 +297,17 @@ class Queue:
         )
         return QUEUED
 
+    def cancel(self, claimed: Claimed, reason: str) -> bool:
+        """The job's case was closed while it ran: `cancelled`, never retried."""
+        return self._fenced(
+            claimed,
+            state=CANCELLED,
+            finished_at=utcnow(),
+            last_error=reason[:4000],
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
     def merge_progress(self, claimed: Claimed, update_: dict[str, Any]) -> None:
         with self.store.session() as s:
             job = s.get(Job, claimed.id)
@@ -249,8 +327,16 @@ class Queue:
 class Worker:
     """Runs handlers for claimed jobs until stopped. Several may run, in threads or processes."""
 
-    def __init__(self, store: Store, settings: Settings, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> None:
         self.store = store
+        self.kinds = tuple(kinds) if kinds is not None else None  # None: every registered kind
         self.settings = settings
         self.queue = Queue(store, settings.jobs)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -274,7 +360,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when nothing was due."""
-        claimed = self.queue.claim(self.name, _HANDLERS)
+        claimed = self.queue.claim(self.name, self.kinds if self.kinds is not None else _HANDLERS)
         if claimed is None:
             return False
         self._run(claimed)
@@ -298,7 +384,11 @@ class Worker:
         structlog.contextvars.bind_contextvars(job_id=claimed.id, case_id=claimed.case_id)
         try:
             beat.start()
+            ctx.checkpoint(f"job {claimed.kind}")  # a closed case's leftover (e.g. lease expired)
             handler(ctx)
+        except CaseClosedError as exc:
+            self.queue.cancel(claimed, _describe(exc))
+            log.info("job.run.cancelled", kind=claimed.kind, attempt=claimed.attempt)
         except Exception as exc:
             # Rejected input is final; a remote failure or a settings problem the operator can
             # fix is retried with backoff (honouring the remote's Retry-After).
@@ -338,8 +428,6 @@ class Worker:
     def _partner_of(self, case_id: str | None) -> Partner | None:
         if case_id is None:
             return None
-        from fhir_gateway.store.models import Case
-
         with self.store.session() as s:
             case = s.get(Case, case_id)
             partner_id = case.partner_id if case else None
@@ -394,6 +482,8 @@ def stop_workers(workers: list[Worker], timeout_s: float = 30.0) -> None:
 
 
 __all__ = [
+    "CANCELLED",
+    "CLOSED_CASE_STATUSES",
     "DEAD",
     "DONE",
     "QUEUED",
@@ -402,9 +492,11 @@ __all__ = [
     "JobContext",
     "Queue",
     "Worker",
+    "cancel_case_jobs",
     "enqueue",
     "job_handler",
     "register_handler",
+    "require_case_open",
     "start_worker_threads",
     "stop_workers",
 ]

@@ -270,6 +270,12 @@ class AuthSettings(BaseModel):
     subject_claim: str = "sub"
     partner_claim: str = "partner"
     access_token_lifetime_s: int = Field(default=300, ge=30, le=300)  # SM-22: at most 300 s
+    # /auth/token rate limits (token buckets, per process): every request counts against its
+    # address; requests whose assertion verified also count against the client.
+    token_requests_per_minute_per_address: float = Field(default=30.0, gt=0)
+    token_burst_per_address: int = Field(default=20, ge=1)
+    token_requests_per_minute_per_client: float = Field(default=12.0, gt=0)
+    token_burst_per_client: int = Field(default=10, ge=1)
 
 
 class JobSettings(BaseModel):

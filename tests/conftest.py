@@ -57,12 +57,12 @@ def store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Store]
         s = open_store(settings.db_url)
     else:
         base = request.getfixturevalue("pg_url")
-        s = _fresh_pg_database(base, request.node.name)
+        s = _fresh_pg_database(base, request.node.name, key_dir=settings.data_dir / "keys")
     yield s
     s.dispose()
 
 
-def _fresh_pg_database(base_url: str, name: str) -> Store:
+def _fresh_pg_database(base_url: str, name: str, key_dir: Path | None = None) -> Store:
     import re
 
     from sqlalchemy import create_engine, text
@@ -73,7 +73,7 @@ def _fresh_pg_database(base_url: str, name: str) -> Store:
         c.execute(text(f'DROP DATABASE IF EXISTS "{db}"'))
         c.execute(text(f'CREATE DATABASE "{db}"'))
     admin.dispose()
-    return open_store(base_url.rsplit("/", 1)[0] + f"/{db}")
+    return open_store(base_url.rsplit("/", 1)[0] + f"/{db}", key_dir=key_dir)
 
 
 @pytest.fixture

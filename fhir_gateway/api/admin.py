@@ -96,4 +96,6 @@ def list_deliveries(
         stmt = select(Delivery).order_by(Delivery.created_at)
         if status:
             stmt = stmt.where(Delivery.status == status)
-        return [reports.delivery_view(s, d) for d in s.scalars(stmt)]
+        found = [reports.delivery_view(s, d) for d in s.scalars(stmt)]
+        audit.record(s, "deliveries.read", who.actor, entity=[f"count:{len(found)}"])
+        return found

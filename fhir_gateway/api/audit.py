@@ -105,4 +105,5 @@ def read(
             row = s.get(AuditRow, int(event_id))
         if row is None:
             raise NotFoundError(f"AuditEvent/{event_id} is not known")
+        audit.record(s, "audit.read", who.actor, entity=[f"AuditEvent/{row.id}"])
         return FhirResponse(audit.to_audit_event(row, f"{settings.public_base_url}/fhir"))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from sqlalchemy.orm import Session
 
 from fhir_gateway.api.deps import STAFF, Body, SettingsDep, StoreDep
 from fhir_gateway.reports import drafts as reports
+from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 
 router = APIRouter(prefix="/cases", tags=["reports"])
@@ -25,8 +27,11 @@ def put_report(
 
 @router.get("/{case_id}/report")
 def get_report(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
+    """The report (draft and DiagnosticReport: PHI), the read audited."""
     with store.session() as s:
-        return reports.report_view(s, case_id, who)
+        view = reports.report_view(s, case_id, who)
+        _audit_read(s, "report.read", case_id, who, [f"report:{view['id']}"])
+        return view
 
 
 @router.post("/{case_id}/report/$submit", status_code=202)
@@ -55,5 +60,19 @@ def retract_report(
 
 @router.get("/{case_id}/deliveries")
 def get_deliveries(case_id: str, store: StoreDep, who: Principal = STAFF) -> list[dict[str, Any]]:
+    """The case's deliveries (with the EHR's answers), the read audited."""
     with store.session() as s:
-        return reports.list_deliveries(s, case_id, who)
+        found = reports.list_deliveries(s, case_id, who)
+        _audit_read(s, "deliveries.read", case_id, who, [f"count:{len(found)}"])
+        return found
+
+
+def _audit_read(s: Session, action: str, case_id: str, who: Principal, entity: list[str]) -> None:
+    audit.record(
+        s,
+        action,
+        who.actor,
+        case_id=case_id,
+        patient=audit.patient_of_case(s, case_id),
+        entity=entity,
+    )

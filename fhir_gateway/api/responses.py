@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fhir_gateway.errors import AuthError, GatewayError, UpstreamError, operation_outcome
+from fhir_gateway.security import audit
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 log = structlog.get_logger(__name__)
@@ -40,9 +43,44 @@ def outcome_response(
     return FhirResponse(operation_outcome(issue), status_code=status, headers=headers)
 
 
+_CASE_ID = re.compile(r"^[A-Za-z0-9-]{1,36}$")
+
+
+def _record_refused(request: Request, status: int) -> None:
+    """One AuditEvent per refused request (IHE BALP pattern, failing outcome 8): who if known,
+    the route template and method, the case id when it is a well-formed id; no values."""
+    store = getattr(request.app.state, "store", None)
+    if store is None:
+        return
+    who = getattr(request.state, "principal", None)
+    actor = who.actor if who is not None else audit.Actor("anonymous", "none")
+    route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+    case_id = request.path_params.get("case_id")
+    try:
+        with store.session() as s:
+            audit.record(
+                s,
+                audit.REFUSED_ACTIONS[status],
+                actor,
+                case_id=case_id if isinstance(case_id, str) and _CASE_ID.match(case_id) else None,
+                entity=[f"route:{request.method} {route}", f"status:{status}"],
+                outcome=audit.SERIOUS_FAILURE,
+            )
+    except Exception:  # the refusal is answered even if its audit row could not be written
+        log.exception("audit.refused.error", status=status)
+
+
+async def audit_refused(request: Request, status: int) -> None:
+    """Audit a 401/403 answer (from a request handler's event loop)."""
+    if status in audit.REFUSED_ACTIONS:
+        await run_in_threadpool(_record_refused, request, status)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> Response:
+        if isinstance(exc, AuthError):
+            await audit_refused(request, exc.status_code)
         issues = getattr(exc, "issues", None) or [exc.to_issue()]
         headers = (
             {"WWW-Authenticate": 'Bearer realm="fhir-gateway"'}
@@ -78,6 +116,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        await audit_refused(request, exc.status_code)
         code = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden"}.get(
             exc.status_code, "processing"
         )

@@ -7,25 +7,31 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from fhir_gateway.api.deps import ANY_ROLE, SettingsDep
+from fhir_gateway.api.responses import audit_refused
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.auth import TokenValidator, issue_access_token
 from fhir_gateway.security.smart_server import (
     ALG_KTY,
+    DbReplayCache,
     JwksCache,
     OAuthError,
+    RateLimiter,
     RegisteredClient,
-    ReplayCache,
     grant,
+    retry_after_header,
     verify_client_assertion,
 )
 from fhir_gateway.settings import Settings
 
 router = APIRouter(tags=["smart"])
+log = structlog.get_logger(__name__)
 MAX_FORM_BYTES = 64 * 1024
 SCOPES_SUPPORTED = [
     "system/Task.cruds",
@@ -99,23 +105,61 @@ def registered_clients(settings: Settings) -> dict[str, RegisteredClient]:
     return clients
 
 
+def _too_many(who: str, wait_s: float) -> JSONResponse:
+    """429 with `Retry-After` and an OAuth error body (RFC 6749 §5.2 shape; RFC 6585)."""
+    log.warning("smart.token.rate_limited", limit=who, retry_after_s=round(wait_s, 1))
+    body = {
+        "error": "temporarily_unavailable",
+        "error_description": f"too many token requests from this {who}; retry later",
+    }
+    return JSONResponse(
+        body, status_code=429, headers=NO_STORE | {"Retry-After": retry_after_header(wait_s)}
+    )
+
+
+def _limits(request: Request, settings: Settings) -> tuple[RateLimiter, RateLimiter]:
+    state = request.app.state
+    if not hasattr(state, "smart_limits"):
+        a = settings.auth
+        state.smart_limits = (
+            RateLimiter(a.token_requests_per_minute_per_address, a.token_burst_per_address),
+            RateLimiter(a.token_requests_per_minute_per_client, a.token_burst_per_client),
+        )
+    limits: tuple[RateLimiter, RateLimiter] = state.smart_limits
+    return limits
+
+
 @router.post("/auth/token")
 async def token(request: Request, settings: SettingsDep) -> JSONResponse:
-    """client_credentials with a private_key_jwt assertion -> a short-lived access token."""
+    """client_credentials with a private_key_jwt assertion -> a short-lived access token.
+
+    Rate limited per address (every request) and per client (verified requests): 429 with
+    `Retry-After`. Assertion jtis are remembered in the database (replay after a restart, or
+    at another process, is refused)."""
     state = request.app.state
     if not hasattr(state, "smart_replay"):
-        state.smart_replay, state.smart_jwks = ReplayCache(), JwksCache()
+        state.smart_replay, state.smart_jwks = DbReplayCache(state.store), JwksCache()
+    by_address, by_client = _limits(request, settings)
+    wait = by_address.take(request.client.host if request.client else "unknown")
+    if wait is not None:
+        return _too_many("address", wait)
     try:
         form = await _form(request)
-        client = verify_client_assertion(
+        clients = registered_clients(settings)
+        client = await run_in_threadpool(
+            verify_client_assertion,
             form,
-            registered_clients(settings),
+            clients,
             _token_url(settings),
             replay=state.smart_replay,
             jwks_cache=state.smart_jwks,
         )
+        wait = by_client.take(client.client_id)
+        if wait is not None:
+            return _too_many("client", wait)
         scopes = grant(form.get("scope", ""), client.scopes)
     except OAuthError as exc:
+        await audit_refused(request, exc.status)  # 401 invalid_client: one row per request
         return JSONResponse(exc.body(), status_code=exc.status, headers=NO_STORE)
     lifetime = settings.auth.access_token_lifetime_s
     value = issue_access_token(

@@ -205,7 +205,7 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
     overwrites a newer one.
 
     Raises:
-        NotFoundError: no such case.
+        NotFoundError: no such case. CaseClosedError: the case was cancelled or rejected.
     """
     started = time.monotonic()
     base_url = settings.public_base_url.rstrip("/") + "/fhir"
@@ -220,6 +220,7 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
             patient_id = case_patient_id(case)
         built = _build(case_id, patient_id, batches, base_url)
         with store.session() as s:
+            jobs.require_case_open(s, case_id, "writing the case bundle")
             if _inputs_mark(s, case_id) != seen and attempt < MAX_BUILDS:
                 log.info("normalise.case.inputs_changed", case_id=case_id, attempt=attempt)
                 continue

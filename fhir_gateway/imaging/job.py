@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from connectors.dicomweb import DicomwebClient, make_auth
 from connectors.orthanc import OrthancDimse, OrthancStorage
+from fhir_gateway import jobs
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.imaging.retrieval import (
@@ -50,8 +51,13 @@ KIND = "pull_imaging"
 def save_imaging_studies(
     store: Store, case_id: str, source: str, resources: list[Resource]
 ) -> None:
-    """Upsert the mapped ImagingStudy/Endpoint resources as the case's stored resources."""
+    """Upsert the mapped ImagingStudy/Endpoint resources as the case's stored resources.
+
+    Raises:
+        CaseClosedError: the case was cancelled or rejected (nothing is written).
+    """
     with store.session() as s:
+        jobs.require_case_open(s, case_id, "saving imaging studies")
         for res in resources:
             row = s.scalar(
                 select(StoredResource).where(
@@ -136,6 +142,7 @@ def pull_for_partner(
     partner: Partner,
     progress_cb: ProgressCallback | None = None,
     token_provider: Callable[[], str] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> PullCounts:
     """Pull a case's images from its partner: DICOMweb, or a DIMSE PACS via Orthanc C-MOVE."""
     session = requests.Session()
@@ -164,7 +171,11 @@ def pull_for_partner(
         selectors = [StudySelector(study_uid=uid) for uid in moved]
     else:
         return PullCounts()
-    counts = pull_case_images(store, case_id, client, image_store, selectors, progress_cb)
+    counts = pull_case_images(
+        store, case_id, client, image_store, selectors, progress_cb, checkpoint=checkpoint
+    )
+    if checkpoint is not None:
+        checkpoint()
     with store.session() as s:
         case = s.get(Case, case_id)
         subject = {"reference": case.patient_ref} if case is not None else {}
@@ -199,6 +210,13 @@ def run_pull_imaging(ctx: JobContext) -> None:
     """Job: pull the case's images from its partner; progress under `imaging`."""
     if ctx.case_id is None or ctx.partner is None:
         return
-    counts = pull_for_partner(ctx.settings, ctx.store, ctx.case_id, ctx.partner, ctx.progress)
+    counts = pull_for_partner(
+        ctx.settings,
+        ctx.store,
+        ctx.case_id,
+        ctx.partner,
+        ctx.progress,
+        checkpoint=lambda: ctx.checkpoint("pulling images"),
+    )
     ctx.progress({"imaging": {**counts.as_progress(), "rejected_parts": counts.rejected}})
     normalise.queue_after_pull(ctx)

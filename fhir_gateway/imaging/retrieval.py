@@ -170,6 +170,7 @@ def pull_case_images(
     study_selectors: Iterable[StudySelector],
     progress_cb: ProgressCallback | None = None,
     *,
+    checkpoint: Callable[[], None] | None = None,
     progress_every_s: float = 1.0,
     batch_size: int = 256,
     flush_every_s: float = 1.0,
@@ -180,6 +181,8 @@ def pull_case_images(
     Index rows are written `batch_size` at a time, or every `flush_every_s` (one transaction
     each), by one fetching thread while the others go on streaming.
     A part that is not valid DICOM is rejected with its reason; the others are kept.
+    `checkpoint` is called before each study, after each instance and before each index write;
+    what it raises (the case was cancelled) ends the pull, and nothing more is indexed.
 
     Raises:
         UpstreamUnavailableError: the source failed (the job retries; what was fetched stays).
@@ -211,6 +214,8 @@ def pull_case_images(
             pending.clear()
             last_flush[0] = time.monotonic()
         with index_lock:
+            if checkpoint is not None:
+                checkpoint()
             image_store.add_batch(case_id, batch, client.base_url)
             size = sum(p.size for p in batch)
             with lock:
@@ -220,6 +225,8 @@ def pull_case_images(
             report()
 
     def sink(result: Retrieved) -> None:
+        if checkpoint is not None:
+            checkpoint()
         with lock:
             if isinstance(result, RejectedPart):
                 counts.rejected.append(
@@ -238,6 +245,8 @@ def pull_case_images(
     with image_store.staging() as staging:
         try:
             for study_uid in study_uids:
+                if checkpoint is not None:
+                    checkpoint()
                 held = image_store.held_sop_uids(case_id, study_uid)
                 counts.skipped += len(held)
                 plans = client.plan_study(study_uid, held)

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
+from fhir_gateway import jobs
 from fhir_gateway.errors import NotFoundError
 from fhir_gateway.store.db import Store
 from fhir_gateway.store.models import ImageInstance
@@ -189,6 +190,8 @@ class _IndexedStore:
         refs = []
         uids = [item.sop_uid for item, _ in placed]
         with self._store.session() as s:
+            # Under the case's lock: a cancelled or rejected case gets no more instances.
+            jobs.require_case_open(s, case_id, "storing images")
             existing = {
                 row.sop_uid: row
                 for row in s.scalars(

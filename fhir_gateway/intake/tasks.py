@@ -1,14 +1,24 @@
-"""The referral Task state machine (STANDARDS RF-03, RF-04): legal moves and the case status."""
+"""The referral Task state machine (STANDARDS RF-03, RF-04): legal moves and the case status.
+
+The case status follows the Task. A Task moved to `cancelled` or `rejected` closes the case in
+the same transaction: its queued jobs are cancelled and its pending deliveries with them;
+running jobs stop at their next checkpoint (`fhir_gateway.jobs`).
+"""
 
 from __future__ import annotations
 
 import copy
 
+import structlog
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from fhir_gateway import jobs
 from fhir_gateway.errors import ConflictError, ValidationError
 from fhir_gateway.intake import hosted
-from fhir_gateway.store.models import Case, FhirResource, utcnow
+from fhir_gateway.store.models import Case, Delivery, FhirResource, utcnow
+
+log = structlog.get_logger(__name__)
 
 # Task state machine (STANDARDS.md RF-03: CDex graph + `received` for triage + `cancelled`).
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -46,6 +56,14 @@ def transition_task(
             f"Task.statusReason is required for status {new_status!r}",
             expression=["Task.statusReason"],
         )
+    case = None
+    if task_row.case_id:
+        # Lock the case before the Task (the order every writer of a case follows), so a job
+        # writing for the case finishes before the case closes, or sees it closed.
+        stmt = select(Case).where(Case.id == task_row.case_id)
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        case = session.scalar(stmt)
     body = copy.deepcopy(task_row.body)
     body["status"] = new_status
     body["lastModified"] = hosted.fhir_instant(utcnow())
@@ -54,8 +72,28 @@ def transition_task(
     else:
         body.pop("statusReason", None)
     hosted.update(session, task_row, body)
-    if task_row.case_id:
-        case = session.get(Case, task_row.case_id)
-        if case is not None:
-            case.status = new_status
+    if case is not None:
+        case.status = new_status
+        if new_status in jobs.CLOSED_CASE_STATUSES:
+            close_case(session, case, new_status)
     return task_row
+
+
+def close_case(session: Session, case: Case, status: str) -> None:
+    """The Task was cancelled or rejected: cancel the case's queued jobs and pending deliveries
+    in the caller's transaction (the reason names the Task status, never the free text)."""
+    reason = f"case {status}: its referral Task was {status}"
+    cancelled = jobs.cancel_case_jobs(session, case.id, reason)
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.case_id == case.id, Delivery.status == "pending")
+        .values(status="cancelled", last_error=reason, next_retry_at=None, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    log.info(
+        "case.closed",
+        case_id=case.id,
+        status=status,
+        jobs_cancelled=cancelled,
+        deliveries_cancelled=int(getattr(result, "rowcount", 0) or 0),
+    )

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from fhir_gateway import metrics
+from fhir_gateway import jobs, metrics
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.errors import (
     InputError,
@@ -63,6 +63,7 @@ PULL_TYPES = (
 PAGE_SIZE = 200
 
 ProgressCallback = Callable[[str, int, int], None]  # (resource type, resources so far, pages)
+Checkpoint = Callable[[], None]  # raises CaseClosedError when the case was cancelled meanwhile
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,13 @@ def pull_patient_records(
     progress_cb: ProgressCallback | None = None,
     binary_dir: Path | None = None,
     types: Iterable[str] = PULL_TYPES,
+    checkpoint: Checkpoint | None = None,
 ) -> PullResult:
     """Everything the EHR holds for the patient that a second opinion needs.
 
     `since` (a FHIR instant) restricts each search to `_lastUpdated=ge<since>` for re-pulls.
+    `checkpoint` is called after every page and before every attachment; what it raises (the
+    case was cancelled) ends the pull.
 
     Raises:
         UpstreamUnavailableError: the server kept failing after retries (the job retries later).
@@ -123,7 +127,7 @@ def pull_patient_records(
     result = PullResult(source=client.base_url)
     searchable, everything = _server_offers(_capabilities(client))
     wanted = [t for t in dict.fromkeys(types) if not searchable or t in searchable]
-    report = _Progress(progress_cb)
+    report = _Progress(progress_cb, checkpoint)
     if everything and since is None:
         result.used_everything = True
         found = SearchResult()
@@ -156,7 +160,7 @@ def pull_patient_records(
                     raise
                 _merge(result, resource_type, found)
     if binary_dir is not None:
-        _pull_attachments(client, result, binary_dir)
+        _pull_attachments(client, result, binary_dir, checkpoint)
     result.counts = _count_types(result.resources)
     log.info(
         "pull.patient.done",
@@ -261,17 +265,22 @@ def _search_pages(
 
 
 class _Progress:
-    def __init__(self, callback: ProgressCallback | None) -> None:
+    def __init__(self, callback: ProgressCallback | None, checkpoint: Checkpoint | None) -> None:
         self._callback = callback
+        self._checkpoint = checkpoint
         self._lock = threading.Lock()
 
     def __call__(self, result: SearchResult, label: str) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint()
         if self._callback is not None:
             with self._lock:
                 self._callback(label, len(result.resources), result.pages)
 
     def by_type(self, result: SearchResult) -> None:
         """Progress of a mixed-type search ($everything), one call per resource type."""
+        if self._checkpoint is not None:
+            self._checkpoint()
         if self._callback is not None:
             with self._lock:
                 for resource_type, count in _count_types(result.resources).items():
@@ -311,11 +320,18 @@ def _attachments(resource: Resource) -> Iterator[dict[str, Any]]:
         yield resource["content"]
 
 
-def _pull_attachments(client: FhirEhrClient, result: PullResult, binary_dir: Path) -> None:
+def _pull_attachments(
+    client: FhirEhrClient,
+    result: PullResult,
+    binary_dir: Path,
+    checkpoint: Checkpoint | None = None,
+) -> None:
     """Inline data decoded, same-server URLs downloaded; both stored by SHA-256."""
     for resource in result.resources:
         where = f"{resource['resourceType']}/{resource.get('id')}"
         for attachment in _attachments(resource):
+            if checkpoint is not None:
+                checkpoint()
             content_type = str(attachment.get("contentType") or "application/octet-stream")
             try:
                 if attachment.get("data"):
@@ -362,10 +378,15 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
     """Upsert the pulled resources as `StoredResource` rows (one per source id) and binaries.
 
     Re-pulls only add or update: nothing stored earlier is removed. Idempotent.
+
+    Raises:
+        CaseClosedError: the case was cancelled or rejected (checked under the case's lock, in
+            the transaction that would write: nothing is written).
     """
     now = datetime.now(UTC)
     added = updated = unchanged = 0
     with store.session() as session:
+        jobs.require_case_open(session, case_id, "saving pulled records")
         existing = {
             (row.resource_type, row.source_id): row
             for row in session.scalars(
@@ -484,6 +505,7 @@ def pull_case(
     partner: Partner | None = None,
     refresh: bool = False,
     progress_cb: ProgressCallback | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[PullResult, SaveCounts]:
     """Pull the case's patient from its partner's EHR and store it (the job and the CLI's
     `fhir-gateway pull CASE_ID [--refresh]` share this). The partner defaults to the case's.
@@ -511,7 +533,10 @@ def pull_case(
         max_parallel=endpoint.max_parallel if endpoint else 4,
         progress_cb=progress_cb,
         binary_dir=settings.data_dir / "binaries",
+        checkpoint=checkpoint,
     )
+    if checkpoint is not None:
+        checkpoint()
     saved = save_pull(store, case_id, client.base_url, result)
     metrics.observe_pull(
         resources=len(result.resources),
@@ -539,6 +564,7 @@ def run_pull_fhir(ctx: JobContext) -> None:
         partner=ctx.partner,
         refresh=bool(ctx.payload.get("refresh")),
         progress_cb=progress,
+        checkpoint=lambda: ctx.checkpoint("pulling records"),
     )
     ctx.progress(
         {

@@ -109,7 +109,11 @@ def deliver_report_job(ctx: jobs.JobContext) -> None:
 def run_delivery(
     store: Store, settings: Settings, partner: Partner | None, delivery_id: str
 ) -> DeliveryReceipt | None:
-    """Deliver, record the outcome, complete the Task. Raises what the job queue must see."""
+    """Deliver, record the outcome, complete the Task. Raises what the job queue must see.
+
+    Raises:
+        CaseClosedError: the case was cancelled or rejected; nothing is sent.
+    """
     work = _load_work(store, delivery_id)
     if work is None:
         return None
@@ -194,6 +198,9 @@ def _load_work(store: Store, delivery_id: str) -> _Work | None:
         case = s.get(Case, delivery.case_id)
         assert report is not None
         assert case is not None
+        if delivery.status != DELIVERED:
+            # Checked right before sending: a cancelled or rejected case gets no report.
+            jobs.require_case_open(s, case.id, "delivering the report", lock=False)
         delivered = None
         if delivery.status == DELIVERED:
             assert delivery.server_type is not None

@@ -63,9 +63,11 @@ def save_draft(
     Raises:
         ValidationError (422): bad draft, or a finding references a resource not in the case.
         ForbiddenError / NotFoundError / ConflictError (report retracted).
+        CaseClosedError (409): the case's Task was cancelled or rejected.
     """
     access.require_role(who, "reviewer", "admin")
     case = access.get_case(session, case_id, who)
+    jobs.require_case_open(session, case.id, "editing the report")
     draft = parse_draft(data)
     case_references(session, case, draft, settings)  # 422 now rather than at submit
     report = session.scalar(select(Report).where(Report.case_id == case.id))
@@ -114,9 +116,11 @@ def submit(
 
     Raises:
         NotFoundError: no draft. ConflictError: retracted. MappingError (422): unusable case.
+        CaseClosedError (409): the case's Task was cancelled or rejected.
     """
     access.require_role(who, "reviewer", "admin")
     case = access.get_case(session, case_id, who)
+    jobs.require_case_open(session, case.id, "submitting a report")
     report = _report_of(session, case.id, lock=True)
     if report.status == "retracted":
         raise ConflictError("the report on this case was retracted")
@@ -142,9 +146,11 @@ def retract(
 
     Raises:
         ConflictError: nothing was submitted yet, or it is already retracted (returns it then).
+        CaseClosedError (409): the case's Task was cancelled or rejected.
     """
     access.require_role(who, "reviewer", "admin")
     case = access.get_case(session, case_id, who)
+    jobs.require_case_open(session, case.id, "retracting the report")
     report = _report_of(session, case.id, lock=True)
     if report.status == "retracted":
         existing = _delivery(session, report.id, report.version)

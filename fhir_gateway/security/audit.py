@@ -1,25 +1,43 @@
-"""Append-only audit log with a hash chain, served as FHIR AuditEvents (IHE BALP shapes).
+"""Append-only audit log with a keyed hash chain, served as FHIR AuditEvents (IHE BALP shapes).
 
-Rows are written in the same transaction as the action they record. Each row carries the hash of
-the one before it; `verify_chain` recomputes every hash, so a changed, removed or inserted row is
-detected (`fhir-gateway audit verify`). Rows hold references and ids only, never PHI values.
+Rows are written in the same transaction as the action they record. Each row carries the HMAC
+(SHA-256, keyed with `<data dir>/keys/audit-hmac.key`, made at first use, mode 0600) of the one
+before it and its own content, so recomputing the chain without the key is detected. A signed
+checkpoint (`audit_checkpoint`: row count, newest row and hash, HMAC over them), updated in the
+same transaction, makes deleting the newest rows detectable too. `verify` checks both
+(`fhir-gateway audit verify`). Rows hold references and ids only, never PHI values.
+
+Rows written before the key existed (older versions) keep their plain SHA-256 links; the first
+keyed row's HMAC covers the last of them, and the checkpoint records where keying began.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-from dataclasses import dataclass
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
-from fhir_gateway.store.models import AuditRow, utcnow
+from fhir_gateway.store.models import AuditCheckpoint, AuditRow, utcnow
 
 GENESIS = "0" * 64
+KEY_FILE = "audit-hmac.key"
+_KEYS: dict[Path, bytes] = {}
+_KEYS_LOCK = threading.Lock()
+
+# Refused requests (IHE BALP: the pattern, with a failing outcome)
+REFUSED_ACTIONS = {401: "request.unauthenticated", 403: "request.forbidden"}
 
 # AuditEvent.outcome (http://hl7.org/fhir/audit-event-outcome)
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = "0", "4", "8"
@@ -45,8 +63,13 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "report.retract": ("update", "U"),
     "report.deliver": ("create", "C"),
     "audit.search": ("search-type", "E"),
+    "audit.read": ("read", "R"),
     "job.requeue": ("update", "U"),
     "report.redeliver": ("update", "U"),
+    "report.read": ("read", "R"),
+    "deliveries.read": ("search-type", "E"),
+    "request.unauthenticated": ("read", "R"),
+    "request.forbidden": ("read", "R"),
 }
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -80,10 +103,18 @@ def record(
     request_id: str | None = None,
 ) -> AuditRow:
     """Append one audit row in the caller's transaction (the request id is taken from the
-    logging context when not given)."""
+    logging context when not given), and move the signed checkpoint to it.
+
+    Raises:
+        ConfigError: the store has no key directory for the audit key.
+    """
+    key = audit_key(session.info.get("key_dir"))
+    checkpoint_stmt = select(AuditCheckpoint).where(AuditCheckpoint.id == 1)
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        # One writer at a time extends the chain (the row lock is released at commit).
+        # One writer at a time extends the chain (the row locks are released at commit).
         session.execute(select(AuditRow.id).with_for_update().order_by(AuditRow.id.desc()).limit(1))
+        checkpoint_stmt = checkpoint_stmt.with_for_update()
+    checkpoint = session.scalar(checkpoint_stmt)
     prev = session.scalar(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)) or GENESIS
     if request_id is None:
         request_id = structlog.contextvars.get_contextvars().get("request_id")
@@ -100,10 +131,50 @@ def record(
         prev_hash=prev,
         hash="",
     )
-    row.hash = _hash(prev, _content(row))
+    row.hash = _mac(key, prev, _content(row))
     session.add(row)
     session.flush()
+    if checkpoint is None:
+        count = session.scalar(select(func.count()).select_from(AuditRow)) or 0
+        checkpoint = AuditCheckpoint(id=1, keyed_from=row.id, count=count, last_id=0)
+        session.add(checkpoint)
+    else:
+        checkpoint.count += 1
+    checkpoint.last_id, checkpoint.last_hash = row.id, row.hash
+    checkpoint.mac = _checkpoint_mac(key, checkpoint)
+    session.flush()
     return row
+
+
+def audit_key(key_dir: Path | None) -> bytes:
+    """The audit chain's HMAC key, `<key_dir>/audit-hmac.key`: 32 random bytes, created at
+    first use with mode 0600 (never logged, never in the database).
+
+    Raises:
+        ConfigError: no key directory, or the key file is unreadable or malformed.
+    """
+    if key_dir is None:
+        raise ConfigError("the audit key directory is not configured (open_store key_dir)")
+    path = Path(key_dir) / KEY_FILE
+    with _KEYS_LOCK:
+        if path in _KEYS:
+            return _KEYS[path]
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"the audit key {KEY_FILE} cannot be read") from exc
+        if len(key) < 32:
+            raise ConfigError(f"the audit key {KEY_FILE} is too short")
+        _KEYS[path] = key
+        return key
 
 
 def _content(row: AuditRow) -> dict[str, Any]:
@@ -120,21 +191,91 @@ def _content(row: AuditRow) -> dict[str, Any]:
     }
 
 
+def _data(content: dict[str, Any]) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _hash(prev: str, content: dict[str, Any]) -> str:
-    data = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(prev.encode() + data).hexdigest()
+    """The unkeyed link of rows written before the key existed."""
+    return hashlib.sha256(prev.encode() + _data(content)).hexdigest()
+
+
+def _mac(key: bytes, prev: str, content: dict[str, Any]) -> str:
+    return hmac.new(key, prev.encode() + _data(content), hashlib.sha256).hexdigest()
+
+
+def _checkpoint_mac(key: bytes, cp: AuditCheckpoint) -> str:
+    msg = f"audit-checkpoint|{cp.keyed_from}|{cp.count}|{cp.last_id}|{cp.last_hash}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class Verification:
+    """What `verify` found: rows checked, the first row whose link is wrong, and every problem
+    in words (ids and counts only)."""
+
+    count: int = 0
+    first_bad: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(session: Session) -> Verification:
+    """Recompute the keyed chain and compare it with the signed checkpoint.
+
+    Detects: a changed, inserted or removed row (its link breaks), the whole chain recomputed
+    without the key (the HMACs do not match), and the newest rows deleted (fewer rows, or
+    another newest row, than the checkpoint signed)."""
+    key = audit_key(session.info.get("key_dir"))
+    out = Verification()
+    cp = session.scalar(select(AuditCheckpoint).where(AuditCheckpoint.id == 1))
+    keyed_from = cp.keyed_from if cp is not None else 0
+    prev, last_id = GENESIS, 0
+    for row in session.scalars(select(AuditRow).order_by(AuditRow.id)):
+        out.count += 1
+        last_id = row.id
+        if out.first_bad is not None:
+            prev = row.hash
+            continue
+        link = _hash if cp is not None and row.id < keyed_from else None
+        expected = link(prev, _content(row)) if link else _mac(key, prev, _content(row))
+        if row.prev_hash != prev or row.hash != expected:
+            out.first_bad = row.id
+            out.problems.append(
+                f"event {row.id}: its hash does not match (altered, inserted or removed rows, "
+                "or a chain recomputed without the audit key)"
+            )
+        prev = row.hash
+    if cp is None:
+        if out.count:
+            out.problems.append("the signed checkpoint is missing (audit_checkpoint)")
+        return out
+    if not hmac.compare_digest(cp.mac, _checkpoint_mac(key, cp)):
+        out.problems.append("the checkpoint's signature does not match (altered checkpoint)")
+        return out
+    if out.count < cp.count or last_id < cp.last_id:
+        out.problems.append(
+            f"truncated: {cp.count - out.count} of the newest events are missing "
+            f"(the checkpoint signed {cp.count} events up to event {cp.last_id}, "
+            f"found {out.count} up to event {last_id})"
+        )
+    elif out.count == cp.count and last_id == cp.last_id and prev != cp.last_hash:
+        out.problems.append(f"event {last_id}'s hash differs from the signed checkpoint's")
+    elif out.count != cp.count or last_id != cp.last_id:
+        out.problems.append(
+            f"the chain does not end where the checkpoint says (event {cp.last_id}, "
+            f"{cp.count} events; found event {last_id}, {out.count} events)"
+        )
+    return out
 
 
 def verify_chain(session: Session) -> tuple[int, int | None]:
-    """(rows checked, id of the first bad row or None)."""
-    prev = GENESIS
-    count = 0
-    for row in session.scalars(select(AuditRow).order_by(AuditRow.id)):
-        count += 1
-        if row.prev_hash != prev or row.hash != _hash(prev, _content(row)):
-            return count, row.id
-        prev = row.hash
-    return count, None
+    """(rows checked, id of the first bad row or None) — the row-link part of `verify`."""
+    result = verify(session)
+    return result.count, result.first_bad
 
 
 def to_audit_event(row: AuditRow, server: str) -> Resource:
@@ -157,7 +298,11 @@ def to_audit_event(row: AuditRow, server: str) -> Resource:
     for ref in row.entity or []:
         entities.append(
             {
-                "what": {"reference": ref} if "/" in ref else {"identifier": {"value": ref}},
+                "what": (
+                    {"reference": ref}
+                    if "/" in ref and ":" not in ref.split("/", 1)[0]  # Type/id, not label:value
+                    else {"identifier": {"value": ref}}
+                ),
                 "type": _coding(
                     "http://terminology.hl7.org/CodeSystem/audit-entity-type", "2", "System Object"
                 ),

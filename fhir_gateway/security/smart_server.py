@@ -9,14 +9,22 @@ ahead, a `jti` never seen before for that client, exactly one registered key mat
 
 from __future__ import annotations
 
+import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import jwt
 import requests
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+
+from fhir_gateway.store import Store
+from fhir_gateway.store.models import SmartJti, utcnow
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ALG_KTY = {"RS384": "RSA", "ES384": "EC"}
@@ -47,9 +55,38 @@ class RegisteredClient:
     partner_id: str | None = None
 
 
+class ReplayGuard(Protocol):
+    def check_and_add(self, client_id: str, jti: str, exp: float, now: float) -> bool:
+        """False when (client, jti) was seen before and has not expired."""
+        ...
+
+
+class DbReplayCache:
+    """jti values seen per client in the database (SM-21): one row per (client, jti) under a
+    primary key, inserted or refused in one transaction, so every process on the database
+    shares it, it survives a restart, and of two concurrent uses of one assertion exactly one
+    wins. Expired rows are purged on the way."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def check_and_add(self, client_id: str, jti: str, exp: float, now: float) -> bool:
+        digest = hashlib.sha256(jti.encode("utf-8")).hexdigest()
+        expires = datetime.fromtimestamp(exp, UTC)
+        try:
+            with self._store.session() as s:
+                s.execute(delete(SmartJti).where(SmartJti.expires_at <= utcnow()))
+                s.add(SmartJti(client_id=client_id, jti_sha256=digest, expires_at=expires))
+                s.flush()
+        except IntegrityError:
+            return False
+        return True
+
+
 @dataclass
 class ReplayCache:
-    """jti values seen per client until their assertion expires (SM-21)."""
+    """jti values seen per client until their assertion expires (SM-21), in this process only
+    (the sandbox EHR's; the gateway uses `DbReplayCache`)."""
 
     _seen: dict[tuple[str, str], float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,7 +157,7 @@ def verify_client_assertion(
     clients: Mapping[str, RegisteredClient],
     token_url: str,
     *,
-    replay: ReplayCache,
+    replay: ReplayGuard,
     jwks_cache: JwksCache | None = None,
     algs: Iterable[str] = ("RS384", "ES384"),
     now: float | None = None,
@@ -186,6 +223,48 @@ def verify_client_assertion(
     if not replay.check_and_add(client.client_id, str(claims["jti"]), float(claims["exp"]), now):
         raise OAuthError("invalid_client", "jti was used before (replay)", 401)
     return client
+
+
+class RateLimiter:
+    """Token buckets per key (a client id, an address): `burst` requests at once, refilled at
+    `per_minute` a minute. In this process's memory: with several gateway processes each
+    enforces its own share (documented)."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(
+        self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float | None:
+        """Spend one request of `key`: None if allowed, else the seconds until one is."""
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - at) * self._rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                self._prune(now)
+                return None
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self._rate if self._rate > 0 else 3600.0
+
+    def _prune(self, now: float) -> None:
+        if len(self._buckets) <= self.MAX_KEYS:
+            return
+        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * self._rate >= 1]
+        for key in full:
+            del self._buckets[key]
+
+
+def retry_after_header(seconds: float) -> str:
+    """`Retry-After` in whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
 
 
 def parse_scope(scope: str) -> tuple[str, str] | None:

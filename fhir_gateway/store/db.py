@@ -18,11 +18,15 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class Store:
-    """The database. `session()` is one transaction: commit on success, rollback on error."""
+    """The database. `session()` is one transaction: commit on success, rollback on error.
 
-    def __init__(self, engine: Engine) -> None:
+    `key_dir` is where the service's own secrets live (`<data dir>/keys`: the audit chain's
+    HMAC key); sessions carry it in `session.info["key_dir"]` for `security.audit`."""
+
+    def __init__(self, engine: Engine, key_dir: Path | None = None) -> None:
         self.engine = engine
-        self._factory = sessionmaker(engine, expire_on_commit=False)
+        self.key_dir = key_dir
+        self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
 
     @property
     def is_postgres(self) -> bool:
@@ -55,14 +59,19 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Open (and by default migrate) the database at `url`."""
+def open_store(url: str, *, migrate: bool = True, key_dir: Path | None = None) -> Store:
+    """Open (and by default migrate) the database at `url`. `key_dir` defaults, for an SQLite
+    file, to `keys/` beside it (the data dir's); other engines need it given."""
     engine = (
         _sqlite_engine(url)
         if url.startswith("sqlite")
         else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     )
-    store = Store(engine)
+    if key_dir is None and url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            key_dir = Path(path).parent / "keys"
+    store = Store(engine, key_dir)
     if migrate:
         store.migrate()
     return store

@@ -304,3 +304,29 @@ class CaseBundleState(Base):
     issues: Mapped[Any] = mapped_column(JsonText)  # data-quality issues with source paths
     sources: Mapped[Any] = mapped_column(JsonText)  # [{source, kind, resources}]
     built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SmartJti(Base):
+    """A client assertion's `jti` already used (SMART SM-21 replay cache), shared by every
+    process on the database and kept until the assertion expires. The jti is stored hashed."""
+
+    __tablename__ = "smart_jtis"
+
+    client_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    jti_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AuditCheckpoint(Base):
+    """The audit chain's signed high-water mark (one row, id 1): how many rows the chain has,
+    its newest row and hash, and an HMAC over them with the audit key. Updated in the
+    transaction of every audit row, so deleting the newest rows is detected."""
+
+    __tablename__ = "audit_checkpoint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    keyed_from: Mapped[int] = mapped_column(Integer)  # first row hashed with the key
+    count: Mapped[int] = mapped_column(Integer)
+    last_id: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
