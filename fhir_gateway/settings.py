@@ -286,9 +286,9 @@ class ReportSettings(BaseModel):
     identifier_system: str = "urn:fhir-gateway:report"  # DiagnosticReport.identifier.system
     retry_window_h: float = 72.0  # keep retrying a delivery this long, then dead
     http_timeout_s: float = 30.0
-    font_regular: Path | None = None  # default: Debian fonts-dejavu-core DejaVuSans.ttf
+    font_regular: Path | None = None  # default: the packaged DejaVuSans.ttf
     font_bold: Path | None = None
-    font_fallbacks: list[Path] | None = None  # default: fonts-droid-fallback (CJK)
+    font_fallbacks: list[Path] | None = None  # default: the packaged Droid Sans Fallback (CJK)
 
 
 class Limits(BaseModel):
