@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from fhir_gateway.errors import ConfigError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -40,6 +44,8 @@ class Store:
             cfg.attributes["connection"] = conn
             from alembic import command  # only here: Alembic (and Mako) cost ~9 MB of RSS
 
+            # Alembic announces each of its plugins at INFO on every start: noise, not news.
+            logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
@@ -56,15 +62,24 @@ def alembic_config(url: str) -> Config:
 
 
 def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Open (and by default migrate) the database at `url`."""
-    engine = (
-        _sqlite_engine(url)
-        if url.startswith("sqlite")
-        else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    )
-    store = Store(engine)
-    if migrate:
-        store.migrate()
+    """Open (and by default migrate) the database at `url`.
+
+    Raises:
+        ConfigError: the database cannot be reached or created (message without credentials).
+    """
+    try:
+        engine = (
+            _sqlite_engine(url)
+            if url.startswith("sqlite")
+            else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        )
+        store = Store(engine)
+        if migrate:
+            store.migrate()
+    except (OperationalError, ArgumentError, OSError) as exc:
+        where = make_url(url).render_as_string(hide_password=True) if "://" in url else "?"
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot open database {where}: {reason}") from exc
     return store
 
 
