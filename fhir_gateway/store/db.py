@@ -39,13 +39,13 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
+        # Alembic announces each of its plugins at INFO as it is imported: noise, not news.
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
         with self.engine.begin() as conn:
             cfg = alembic_config(str(self.engine.url))
             cfg.attributes["connection"] = conn
             from alembic import command  # only here: Alembic (and Mako) cost ~9 MB of RSS
 
-            # Alembic announces each of its plugins at INFO on every start: noise, not news.
-            logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
