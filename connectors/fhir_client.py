@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import requests
 import structlog
@@ -126,9 +126,15 @@ class FhirEhrClient:
             result.add(page)
         return result
 
-    def iter_everything(self, patient_id: str) -> Iterator[Page]:
-        """`Patient/[id]/$everything`, page by page."""
+    def iter_everything(
+        self, patient_id: str, types: Sequence[str] | None = None
+    ) -> Iterator[Page]:
+        """`Patient/[id]/$everything`, page by page; `types` asks only for those resource types
+        (the operation's `_type` parameter), so the server has nothing to withhold that we never
+        wanted (a token scoped to those types would otherwise make every pull look partial)."""
         url = f"{self.base_url}/Patient/{patient_id}/$everything"
+        if types:
+            url += "?" + urlencode({"_type": ",".join(types)})
         yield from self._follow(self._send("GET", url))
 
     def iter_pages(

@@ -6,6 +6,7 @@ Data goes to stdout, logs to stderr. Errors end with a one-line reason and a non
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -13,14 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TextIO
 
 import typer
+from pydantic import ValidationError as PydanticValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
 from fhir_gateway import jobs
-from fhir_gateway.errors import GatewayError
+from fhir_gateway.errors import ConfigError, GatewayError
 from fhir_gateway.logging import configure_logging
-from fhir_gateway.settings import Settings
+from fhir_gateway.settings import Settings, secret_problems
+from fhir_gateway.store import Store
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,  # local variables can hold patient data
@@ -28,8 +31,19 @@ app = typer.Typer(
     add_completion=False,
     help="fhir-gateway: cancer second-opinion records in, reports out.",
 )
-out = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 400  # off a terminal: tables take their natural width, ids and URLs stay whole
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A rich console; piped or redirected (no terminal, no COLUMNS) it does not wrap at 80."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=PIPE_WIDTH)
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
@@ -38,11 +52,51 @@ DataDir = Annotated[
 
 
 def _settings(data_dir: Path | None) -> Settings:
-    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    """Settings from the environment (and `--data-dir`); a bad value is one line, exit 2."""
+    try:
+        return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"setting {where}: {first['msg']} (FHIR_GATEWAY_* or .env)") from exc
+
+
+def _make_data_dir(settings: Settings) -> None:
+    """Create the data directory for commands that start something new (serve, token, keys).
+
+    Raises:
+        ConfigError: it cannot be created (a file in the way, no permission).
+    """
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use data directory {settings.data_dir.resolve()}: {exc.strerror}"
+        ) from exc
+
+
+def _existing_store(settings: Settings) -> Store:
+    """Open the gateway's database for commands that read it (cases, jobs, deliveries, ...):
+    never a new empty one because the command ran in the wrong directory.
+
+    Raises:
+        ConfigError: no database in the data directory.
+    """
+    from fhir_gateway.store import open_store
+
+    if settings.database_url is None:
+        db = settings.data_dir / "gateway.db"
+        if not db.is_file():
+            raise ConfigError(
+                f"no gateway database in data directory {settings.data_dir.resolve()} "
+                f"({db.name} not found): pass --data-dir or set FHIR_GATEWAY_DATA_DIR to the "
+                "directory `serve` uses (`fhir-gateway init DIR` makes a new one)"
+            )
+    return open_store(settings.db_url, key_dir=settings.data_dir / "keys")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"error: {message}", markup=False, highlight=False)
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -70,7 +124,15 @@ def serve(
             f"refusing to bind {host} with the embedded dev token issuer on; configure "
             "FHIR_GATEWAY_AUTH__ISSUER/JWKS_URL and FHIR_GATEWAY_AUTH__DEV_ISSUER=false"
         )
+    missing = secret_problems(settings.partners)
+    if missing:
+        _fail(
+            f"partners file names secrets that are missing ({len(missing)}): "
+            + "; ".join(missing)
+            + " (fhir-gateway partners check lists them)"
+        )
     count = settings.jobs.workers if workers is None else workers
+    _make_data_dir(settings)
     application = create_app(settings, workers=count)
     # Our middleware writes the access log (route templates, no query strings) and applies
     # X-Forwarded-* from `trusted_proxies` only; uvicorn's own would trust 127.0.0.1 always.
@@ -131,7 +193,7 @@ def token(
     from fhir_gateway.security.auth import mint_dev_token
 
     settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_data_dir(settings)
     print(
         mint_dev_token(
             settings.data_dir,
@@ -150,14 +212,15 @@ def list_cases(
     status: Annotated[str | None, typer.Option(help="only cases in this status")] = None,
 ) -> None:
     """List cases (reads the database directly; for operators on the gateway host)."""
-    from fhir_gateway.store import open_store
     from fhir_gateway.store.models import Case, Job
 
     settings = _settings(data_dir)
-    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    store = _existing_store(settings)
     table = Table(title="cases")
-    for col in ("case", "status", "partner", "created", "jobs"):
+    table.add_column("case", no_wrap=True)
+    for col in ("status", "partner", "created"):
         table.add_column(col)
+    table.add_column("jobs", overflow="fold")
     with store.session() as s:
         stmt = select(Case).order_by(Case.created_at.desc())
         if status:
@@ -186,14 +249,17 @@ def list_jobs(
     state: Annotated[str | None, typer.Option(help="queued, running, done or dead")] = None,
 ) -> None:
     """List jobs with their state, attempts and last error."""
-    from fhir_gateway.store import open_store
     from fhir_gateway.store.models import Job
 
     settings = _settings(data_dir)
-    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    store = _existing_store(settings)
     table = Table(title="jobs")
-    for col in ("job", "kind", "case", "state", "attempts", "last error"):
+    table.add_column("job", no_wrap=True)
+    table.add_column("kind")
+    table.add_column("case", no_wrap=True)
+    for col in ("state", "attempts"):
         table.add_column(col)
+    table.add_column("last error", overflow="fold")
     with store.session() as s:
         stmt = select(Job).order_by(Job.created_at)
         if state:
@@ -216,11 +282,10 @@ def pull(
     from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn
 
     from fhir_gateway.records.pull import pull_case
-    from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)
     configure_logging(settings.log_format, "WARNING")
-    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    store = _existing_store(settings)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -258,7 +323,11 @@ def sandbox(
         "fixtures/synthea"
     ),
     clients: Annotated[
-        Path | None, typer.Option(help="JSON list of SMART clients (client_id, jwks, scopes)")
+        Path | None,
+        typer.Option(
+            help='JSON list of SMART clients: [{"client_id": ..., "jwks": {...} or '
+            '"jwks_file": "...", "scopes": [...] (default system/*.cruds)}]'
+        ),
     ] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="serve without SMART")] = False,
 ) -> None:
@@ -307,16 +376,17 @@ def deliveries_table(settings: Settings, failed_only: bool = False) -> Table:
     """`fhir-gateway deliveries [--failed]`: one row per delivery with its last status code,
     the EHR's message and the next retry (reads the database directly, operator only)."""
     from fhir_gateway.reports import drafts
-    from fhir_gateway.store import open_store
 
-    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    store = _existing_store(settings)
     try:
         with store.session() as s:
             rows = drafts.failed_deliveries(s) if failed_only else drafts.all_deliveries(s)
     finally:
         store.dispose()
     table = Table(title="failed deliveries" if failed_only else "deliveries")
-    for col in ("delivery", "case", "version", "action", "status", "attempts", "HTTP", "next"):
+    table.add_column("delivery", no_wrap=True)
+    table.add_column("case", no_wrap=True)
+    for col in ("version", "action", "status", "attempts", "HTTP", "next"):
         table.add_column(col)
     table.add_column("last error", overflow="fold")
     for d in rows:
@@ -341,9 +411,8 @@ def redeliver_command(settings: Settings, delivery_id: str) -> str:
         NotFoundError: unknown delivery. ConflictError: it is not dead.
     """
     from fhir_gateway.reports import drafts
-    from fhir_gateway.store import open_store
 
-    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    store = _existing_store(settings)
     try:
         with store.session() as s:
             delivery = drafts.redeliver(s, delivery_id)
@@ -417,11 +486,132 @@ def keys_new(
     if kind.upper() not in ("EC", "RSA"):
         _fail("--kind must be EC or RSA")
     settings = _settings(data_dir)
+    _make_data_dir(settings)
     path = settings.data_dir / "keys" / f"{name}.pem"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     jwk = new_key(path, "EC" if kind.upper() == "EC" else "RSA", kid or name)
     err.print(f"private key written to {path}")
     print(json.dumps(jwk, indent=2))
+
+
+KEY_NAME = "gateway"  # init's SMART client key: keys/gateway.pem (+ gateway.jwks.json)
+KEY_KID = "gateway-1"
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="the new data directory")],
+    org_name: Annotated[
+        str, typer.Option(help="our organisation's name (reports, Task.owner)")
+    ] = "Second-opinion service",
+    kind: Annotated[str, typer.Option(help="key type: EC (ES384) or RSA (RS384)")] = "EC",
+) -> None:
+    """Make a data directory for your own instance: the database, a SMART client key pair and a
+    commented partners.toml to fill in."""
+    import json
+    import uuid
+    from importlib import resources
+
+    from fhir_gateway.security.client_keys import new_key
+    from fhir_gateway.store import open_store
+
+    if kind.upper() not in ("EC", "RSA"):
+        _fail("--kind must be EC or RSA")
+    partners = directory / "partners.toml"
+    if partners.exists() or (directory / "gateway.db").exists():
+        _fail(f"{directory.resolve()} is already a data directory (partners.toml or gateway.db)")
+    settings = _settings(directory)
+    _make_data_dir(settings)
+    keys = directory / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    jwk = new_key(keys / f"{KEY_NAME}.pem", "EC" if kind.upper() == "EC" else "RSA", KEY_KID)
+    (keys / f"{KEY_NAME}.jwks.json").write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
+    template = (resources.files("fhir_gateway") / "partners-template.toml").read_text("utf-8")
+    partners.write_text(
+        template.format(
+            org_name=org_name.replace('"', "'"),
+            org_uuid=uuid.uuid4(),
+            key_name=KEY_NAME,
+            kid=KEY_KID,
+        ),
+        encoding="utf-8",
+    )
+    open_store(settings.db_url, key_dir=settings.data_dir / "keys").dispose()  # migrated
+    where = directory.resolve()
+    out.print(f"data directory {where}:", markup=False, highlight=False)
+    out.print("  gateway.db                 the database", markup=False, highlight=False)
+    out.print(
+        f"  keys/{KEY_NAME}.pem        our SMART client key (kid {KEY_KID}, mode 0600)",
+        markup=False,
+        highlight=False,
+    )
+    out.print(
+        f"  keys/{KEY_NAME}.jwks.json  its public JWK Set: give it to each partner's EHR",
+        markup=False,
+        highlight=False,
+    )
+    out.print("  partners.toml           register your partners here", markup=False)
+    out.print(
+        f"next: edit {partners}, then `fhir-gateway partners check --data-dir {directory} "
+        f"--probe`, then `fhir-gateway serve --data-dir {directory}` (docs/onboarding.md)",
+        markup=False,
+        highlight=False,
+    )
+
+
+partners_app = typer.Typer(no_args_is_help=True, help="The partners file.")
+app.add_typer(partners_app, name="partners")
+
+
+@partners_app.command("check")
+def partners_check(
+    data_dir: DataDir = None,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="also try each partner's SMART discovery and a token")
+    ] = False,
+) -> None:
+    """Check the partners file: every key file and environment variable it names (and with
+    --probe, each endpoint). One line per problem; exit 1 when there is any."""
+    from fhir_gateway.records.partner_clients import probe_endpoint
+    from fhir_gateway.records.pull import PULL_TYPES
+    from fhir_gateway.reports.delivery import DELIVERY_TYPES
+
+    settings = _settings(data_dir)
+    path = settings.partners_file or settings.data_dir / "partners.toml"
+    if not path.is_file():
+        _fail(
+            f"no partners file at {path.resolve()} (FHIR_GATEWAY_PARTNERS_FILE, or "
+            "`fhir-gateway init DIR` writes one)",
+            code=1,
+        )
+    partners = settings.partners
+    problems = [] if partners.partners else [f"{path}: no partners registered yet"]
+    problems += secret_problems(partners)
+    probed = 0
+    if probe:
+        for i, partner in enumerate(partners.partners):
+            endpoints = (
+                ("fhir", partner.fhir, (*PULL_TYPES, "Binary"), "rs"),
+                ("dicomweb", partner.dicomweb, ("ImagingStudy",), "rs"),
+                ("destination", partner.destination, DELIVERY_TYPES, "crus"),
+            )
+            for name, endpoint, types, access in endpoints:
+                if endpoint is None:
+                    continue
+                probed += 1
+                where = f"partners.{i}.{name} ({partner.id}) {endpoint.base_url}"
+                problems += [
+                    f"{where}: {p}"
+                    for p in probe_endpoint(endpoint, resource_types=types, access=access)
+                ]
+    for problem in problems:
+        out.print(problem, markup=False, highlight=False, soft_wrap=True)
+    summary = f"{path}: {len(partners.partners)} partner(s)"
+    summary += f", {probed} endpoint(s) probed" if probe else ""
+    summary += f": {len(problems)} problem(s)" if problems else ": ok"
+    err.print(summary, markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit log.")
@@ -433,10 +623,9 @@ def audit_verify(data_dir: DataDir = None) -> None:
     """Recompute the keyed audit chain and check its signed checkpoint; exit 1 naming what is
     wrong (an altered row, a chain recomputed without the key, the newest rows deleted)."""
     from fhir_gateway.security import audit
-    from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)
-    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    store = _existing_store(settings)
     with store.session() as s:
         result = audit.verify(s)
     store.dispose()
@@ -456,15 +645,18 @@ def demo(
     """Run the main job on embedded defaults: start the service, push a referral, show the case."""
     from fhir_gateway.demo import run_demo
 
-    run_demo(out, keep=keep)
+    raise typer.Exit(run_demo(out, keep=keep, err=err))
 
 
 def main() -> None:
     """Console entry point: our errors become a one-line reason and exit code 2."""
+    # Until a command configures logging itself (serve, worker), warnings only and to stderr:
+    # stdout is the command's data.
+    configure_logging("console", "WARNING")
     try:
         app()
     except GatewayError as exc:
-        err.print(f"error: {exc.message}", markup=False, highlight=False)
+        err.print(f"error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -16,12 +16,15 @@ from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from rich.console import Console
 from rich.table import Table
 
 from fhir_gateway.app import create_app
+from fhir_gateway.errors import GatewayError
+from fhir_gateway.logging import configure_logging
 from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
 from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.sandbox.server import AppServer, free_port
@@ -71,57 +74,91 @@ def _copy_tree(src: Any, dest: Path) -> Path:
     return dest
 
 
-def run_demo(out: Console, *, keep: bool = False) -> None:
+def run_demo(out: Console, *, keep: bool = False, err: Console | None = None) -> int:
+    """Run the demo; returns the exit code. The story goes to `out`; the services' logs go to
+    `demo.log` beside the data directory. On failure the reason and what to do go to `err`
+    (default `out`), and the temporary directory is kept for a look at the log and data."""
+    err = err or out
     tmp = Path(tempfile.mkdtemp(prefix="fhir-gateway-demo-"))
     data_dir = tmp / "data"
-    out.rule("fhir-gateway demo")
-    out.print(f"data directory: {data_dir} (SQLite, file image store)")
-    try:
-        with ExitStack() as stack:
-            # Our SMART client key, registered with the sandbox EHR as a partner would.
-            jwk = new_key(data_dir / "keys" / f"{PARTNER}.pem", "EC", KID)
-            ehr = stack.enter_context(
-                SandboxServer(
-                    SandboxConfig(
-                        data_dir=_copy_tree(DEMO_DATA / "ehr", tmp / "ehr"),
-                        clients={CLIENT_ID: SandboxClient(CLIENT_ID, {"keys": [jwk]})},
-                    )
+    log_path = tmp / "demo.log"
+    out.print("[bold]fhir-gateway demo[/bold]")
+    out.print(f"data directory: {data_dir} (SQLite, file image store); log: {log_path}")
+    failed = False
+    with log_path.open("w", encoding="utf-8") as log_file:
+        configure_logging("console", "INFO", stream=log_file)
+        try:
+            _run(out, tmp, data_dir)
+        except (GatewayError, requests.RequestException, RuntimeError) as exc:
+            failed = True
+            _explain_failure(err, exc, log_path, tmp)
+        finally:
+            configure_logging("console", "WARNING")  # the log file closes below
+    if keep and not failed:
+        out.print(f"kept {tmp}")
+    elif not failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _run(out: Console, tmp: Path, data_dir: Path) -> None:
+    with ExitStack() as stack:
+        # Our SMART client key, registered with the sandbox EHR as a partner would.
+        jwk = new_key(data_dir / "keys" / f"{PARTNER}.pem", "EC", KID)
+        ehr = stack.enter_context(
+            SandboxServer(
+                SandboxConfig(
+                    data_dir=_copy_tree(DEMO_DATA / "ehr", tmp / "ehr"),
+                    clients={CLIENT_ID: SandboxClient(CLIENT_ID, {"keys": [jwk]})},
                 )
             )
-            out.print(f"sandbox EHR (FHIR R4, SMART Backend Services, ES384) at {ehr.base_url}")
-            pacs = stack.enter_context(PacsServer(_copy_tree(DEMO_DATA / "pacs", tmp / "pacs")))
-            out.print(f"sandbox PACS (DICOMweb, a CT series) at {pacs.base_url}")
-            (data_dir / "partners.toml").write_text(
-                PARTNERS_TOML.format(
-                    partner=PARTNER, ehr=ehr.base_url, pacs=pacs.base_url, client=CLIENT_ID, kid=KID
-                )
-            )
-            port = free_port()
-            settings = Settings(
-                data_dir=data_dir,
-                public_base_url=f"http://127.0.0.1:{port}",
-                log_format="console",
-                log_level="WARNING",
-            )
-            gateway = AppServer(create_app(settings, workers=2), port, lifespan=True)
-            base = stack.enter_context(gateway).url
-            out.print(f"gateway listening on {base} with 2 job workers")
-            Demo(out, base, data_dir).run(ehr.base_url)
-        out.print("all servers stopped cleanly")
-        store = open_store(Settings(data_dir=data_dir).db_url, key_dir=data_dir / "keys")
-        with store.session() as session:
-            result = audit.verify(session)
-        store.dispose()
-        out.print(
-            f"audit chain verified: {result.count} events"
-            if result.ok
-            else f"[red]audit chain NOT verified: {'; '.join(result.problems)}[/red]"
         )
-    finally:
-        if keep:
-            out.print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        out.print(f"sandbox EHR (FHIR R4, SMART Backend Services, ES384) at {ehr.base_url}")
+        pacs = stack.enter_context(PacsServer(_copy_tree(DEMO_DATA / "pacs", tmp / "pacs")))
+        out.print(f"sandbox PACS (DICOMweb, a CT series) at {pacs.base_url}")
+        (data_dir / "partners.toml").write_text(
+            PARTNERS_TOML.format(
+                partner=PARTNER, ehr=ehr.base_url, pacs=pacs.base_url, client=CLIENT_ID, kid=KID
+            )
+        )
+        port = free_port()
+        settings = Settings(
+            data_dir=data_dir,
+            public_base_url=f"http://127.0.0.1:{port}",
+            log_format="console",
+            log_level="INFO",
+        )
+        app = create_app(settings, workers=2, configure_logs=False)  # logs: the demo's file
+        base = stack.enter_context(AppServer(app, port, lifespan=True)).url
+        out.print(f"gateway listening on {base} with 2 job workers")
+        Demo(out, base, data_dir).run(ehr.base_url)
+    out.print("all servers stopped cleanly")
+    store = open_store(Settings(data_dir=data_dir).db_url, key_dir=data_dir / "keys")
+    with store.session() as session:
+        result = audit.verify(session)
+    store.dispose()
+    if not result.ok:
+        raise RuntimeError(f"audit chain NOT verified: {'; '.join(result.problems)}")
+    out.print(f"audit chain verified: {result.count} events")
+
+
+def _explain_failure(err: Console, exc: BaseException, log_path: Path, tmp: Path) -> None:
+    """The reason, the gateway's own error lines (ids and reasons only, never PHI), what next."""
+    reason = exc.message if isinstance(exc, GatewayError) else str(exc)
+    err.print(f"demo failed: {reason}", markup=False, highlight=False)
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    errors = [line for line in lines if "[error" in line or "[critical" in line]
+    if errors:
+        err.print("the gateway logged:", markup=False)
+        for line in errors[-5:]:
+            err.print(f"  {line.strip()}", markup=False, highlight=False, soft_wrap=True)
+    err.print(
+        f"log and data kept in {tmp} (log: {log_path.name}). What to do: read the reason above; "
+        "run `fhir-gateway demo` again once it is fixed; if it persists, open an issue with "
+        "the reason and the log lines (they carry ids, never patient data).",
+        markup=False,
+        highlight=False,
+    )
 
 
 class Demo:
@@ -141,7 +178,7 @@ class Demo:
 
     def get(self, path: str, headers: dict[str, str]) -> Any:
         resp = self.http.get(f"{self.base}{path}", headers=headers, timeout=30)
-        resp.raise_for_status()
+        _check(resp)
         return resp.json()
 
     def run(self, ehr_base: str) -> None:
@@ -171,9 +208,10 @@ class Demo:
             headers=self.admin,
             json={"reviewer": "dr.demo"},
         )
-        resp.raise_for_status()
+        _check(resp)
         summary = self.get(f"/cases/{case_id}/summary", self.reviewer)
-        table = Table(title="reviewer dr.demo: GET /cases/{id}/summary (completeness)")
+        self.out.print("reviewer dr.demo: GET /cases/{id}/summary (completeness)")
+        table = Table()
         table.add_column("needed for the second opinion")
         table.add_column("present", justify="right")
         for need, value in summary["completeness"].items():
@@ -183,7 +221,7 @@ class Demo:
         resp = self.http.get(
             f"{self.base}/cases/{case_id}/bundle", headers=self.reviewer, timeout=60
         )
-        resp.raise_for_status()
+        _check(resp)
         bundle = resp.json()
         patients = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
         self.out.print(
@@ -218,11 +256,11 @@ class Demo:
             headers={**self.reviewer, "Content-Type": "application/json"},
             timeout=30,
         )
-        resp.raise_for_status()
+        _check(resp)
         resp = self.http.post(
             f"{self.base}/cases/{case_id}/report/$submit", headers=self.reviewer, timeout=30
         )
-        resp.raise_for_status()
+        _check(resp)
         self.out.print(
             f"reviewer dr.demo saved the report and submitted it -> {resp.status_code}; "
             "delivery queued"
@@ -266,7 +304,7 @@ class Demo:
             timeout=30,
             headers={**self.ehr, "Content-Type": FHIR_JSON},
         )
-        resp.raise_for_status()
+        _check(resp)
         table = Table(title=f"partner EHR: POST /fhir (referral transaction) -> {resp.status_code}")
         table.add_column("status")
         table.add_column("location")
@@ -284,6 +322,7 @@ class Demo:
             timeout=30,
             headers={**self.ehr, "Content-Type": FHIR_JSON},
         )
+        _check(again)
         statuses = {e["response"]["status"] for e in again.json()["entry"]}
         cases = self.get("/cases", self.admin)
         out.print(
@@ -311,17 +350,20 @@ class Demo:
         case = self.get(f"/cases/{case_id}", self.admin)
         job = next(j for j in case["jobs"] if j["kind"] == "pull_fhir")
         summary = job["progress"].get("summary", {})
-        table = Table(
-            title=f"case {case_id}: records pulled from the EHR "
+        self.out.print(
+            f"case {case_id}: records pulled from the EHR "
             f"(job {job['state']}, attempt {job['attempts']})"
         )
+        table = Table()
         table.add_column("resource type")
         table.add_column("count", justify="right")
         for rtype, count in sorted(summary.get("counts", {}).items()):
             table.add_row(rtype, str(count))
         self.out.print(table)
+        partial = summary.get("partial_types") or []
         self.out.print(
             f"stored: {summary.get('added', 0)} resources, {summary.get('binaries', 0)} attachments"
+            + (f"; partial (withheld by the EHR): {', '.join(partial)}" if partial else "")
         )
         imaging = next(j for j in case["jobs"] if j["kind"] == "pull_imaging")
         counts = imaging["progress"].get("imaging", {})
@@ -331,6 +373,23 @@ class Demo:
             f"instances, {counts.get('bytes', 0)} bytes, "
             f"{counts.get('rejected', 0)} rejected"
         )
+
+
+def _check(resp: requests.Response) -> None:
+    """A failed step ends the demo with the gateway's own words (its OperationOutcome).
+
+    Raises:
+        GatewayError: the answer was not 2xx.
+    """
+    if resp.ok:
+        return
+    try:
+        issues = resp.json().get("issue") or []
+        said = "; ".join(str(i.get("diagnostics") or i.get("code")) for i in issues)
+    except ValueError:
+        said = resp.text[:200]
+    path = urlsplit(resp.url).path
+    raise GatewayError(f"{resp.request.method} {path} -> HTTP {resp.status_code}: {said}")
 
 
 __all__ = ["run_demo"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
@@ -17,8 +17,11 @@ class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The stderr handler configure_logging installs (so a second call replaces it)."""
 
 
-def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "INFO") -> None:
-    """Route structlog and the stdlib loggers (uvicorn, urllib3) to stderr in one format."""
+def configure_logging(
+    fmt: Literal["console", "json"] = "json", level: str = "INFO", stream: TextIO | None = None
+) -> None:
+    """Route structlog and the stdlib loggers (uvicorn, urllib3) to stderr (or `stream`, e.g.
+    the demo's log file) in one format."""
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -41,7 +44,7 @@ def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "IN
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    handler = _GatewayHandler(sys.stderr)
+    handler = _GatewayHandler(stream or sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

@@ -245,6 +245,56 @@ def _resolve_paths(partner: Partner, base: Path) -> Partner:
     return partner.model_copy(update=updates)
 
 
+def secret_problems(partners: PartnersFile) -> list[str]:
+    """Every key file, secret file and environment variable the partners file names that is
+    missing, unreadable or empty: one line each, naming the element (`partners.0.fhir.auth`).
+
+    Checked before `serve` starts, so a missing secret stops startup instead of failing inside
+    a job later. Values are never read into the message.
+    """
+    problems: list[str] = []
+    for i, partner in enumerate(partners.partners):
+        for name in ("fhir", "dicomweb", "dimse", "destination"):
+            endpoint = getattr(partner, name)
+            if endpoint is None:
+                continue
+            where = f"partners.{i}.{name}.auth ({partner.id})"
+            auth = endpoint.auth
+            if isinstance(auth, SmartAuth):
+                problems += _file_problem(auth.key_file, "SMART key file", where)
+            elif isinstance(auth, BearerAuth):
+                problems += _source_problem(auth.token_file, auth.token_env, "token", where)
+            elif isinstance(auth, BasicAuth):
+                problems += _source_problem(
+                    auth.password_file, auth.password_env, "password", where
+                )
+        client = partner.client
+        if client is not None and client.jwks_file is not None:
+            where = f"partners.{i}.client ({partner.id})"
+            problems += _file_problem(client.jwks_file, "JWKS file", where)
+    return problems
+
+
+def _source_problem(path: Path | None, env: str | None, what: str, where: str) -> list[str]:
+    if path is not None:
+        return _file_problem(path, f"{what} file", where)
+    if env is not None and not os.environ.get(env):
+        return [f"{where}: environment variable {env} ({what}) is not set"]
+    return []
+
+
+def _file_problem(path: Path, what: str, where: str) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            if not fh.read(1):
+                return [f"{where}: {what} {path} is empty"]
+    except FileNotFoundError:
+        return [f"{where}: {what} {path} does not exist"]
+    except OSError as exc:
+        return [f"{where}: cannot read {what} {path}: {exc.strerror}"]
+    return []
+
+
 def _read_secret(path: Path | None, env: str | None, what: str) -> str:
     if path is not None:
         try:
@@ -293,9 +343,9 @@ class ReportSettings(BaseModel):
     identifier_system: str = "urn:fhir-gateway:report"  # DiagnosticReport.identifier.system
     retry_window_h: float = 72.0  # keep retrying a delivery this long, then dead
     http_timeout_s: float = 30.0
-    font_regular: Path | None = None  # default: Debian fonts-dejavu-core DejaVuSans.ttf
+    font_regular: Path | None = None  # default: the packaged DejaVuSans.ttf
     font_bold: Path | None = None
-    font_fallbacks: list[Path] | None = None  # default: fonts-droid-fallback (CJK)
+    font_fallbacks: list[Path] | None = None  # default: the packaged Droid Sans Fallback (CJK)
 
 
 class Limits(BaseModel):

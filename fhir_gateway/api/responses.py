@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fhir_gateway.errors import AuthError, GatewayError, UpstreamError, operation_outcome
+from fhir_gateway.errors import (
+    AuthError,
+    ConfigError,
+    GatewayError,
+    UpstreamError,
+    operation_outcome,
+)
 from fhir_gateway.security import audit
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -88,7 +94,10 @@ def add_error_handlers(app: FastAPI) -> None:
             else None
         )
         if exc.status_code >= 500:
-            log.error("request.failed", error=type(exc).__name__, status=exc.status_code)
+            # A configuration problem's message names settings, files and packages, never
+            # patient data: the operator needs it to fix the cause. Others keep only the class.
+            reason = {"reason": exc.message} if isinstance(exc, ConfigError) else {}
+            log.error("request.failed", error=type(exc).__name__, status=exc.status_code, **reason)
             if not isinstance(exc, UpstreamError):  # internal detail (paths, config) stays here
                 return outcome_response(
                     exc.status_code,

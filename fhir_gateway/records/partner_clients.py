@@ -15,11 +15,13 @@ import threading
 
 import requests
 
-from connectors._http import Http
-from connectors.smart import SmartBearerAuth, SmartTokenProvider, load_private_key
+from connectors._http import Http, RetryPolicy
+from connectors.smart import SmartBearerAuth, SmartTokenProvider, discover, load_private_key
+from fhir_gateway.errors import GatewayError
 from fhir_gateway.settings import (
     BasicAuth,
     BearerAuth,
+    DicomwebEndpoint,
     DimseEndpoint,
     FhirEndpoint,
     SmartAuth,
@@ -124,3 +126,52 @@ def clear_token_cache() -> None:
     """Forget cached SMART providers (after a partners-file reload; tests)."""
     with _CACHE_LOCK:
         _SMART_CACHE.clear()
+
+
+def probe_endpoint(
+    endpoint: Endpoint,
+    *,
+    resource_types: tuple[str, ...],
+    access: str = "rs",
+    system: str = "probe",
+    timeout_s: float = 10.0,
+) -> list[str]:
+    """Try the endpoint once, as `fhir-gateway partners check --probe` does: for SMART its
+    discovery document and a token request with the scopes the jobs would ask for; for other
+    auth a `GET [base]/metadata` (FHIR endpoints; DICOMweb and DIMSE without SMART are not
+    probed). Returns the problems, one line each.
+
+    One attempt, a short timeout, nothing cached: an operator is waiting for the answer.
+    """
+    base_url = base_url_of(endpoint)
+    http = Http(
+        requests.Session(), system=system, timeout_s=timeout_s, retry=RetryPolicy(max_attempts=1)
+    )
+    auth = endpoint.auth
+    try:
+        if isinstance(auth, SmartAuth):
+            if auth.token_url is None:
+                discover(http, base_url)
+            SmartTokenProvider(
+                http,
+                base_url,
+                client_id=auth.client_id,
+                key=load_private_key(auth.key_file),
+                kid=auth.kid,
+                token_endpoint=auth.token_url,
+                resource_types=resource_types,
+                access=access,
+                scopes=auth.scopes,
+            ).token()
+        elif isinstance(endpoint, FhirEndpoint) and not isinstance(endpoint, DicomwebEndpoint):
+            if isinstance(auth, BasicAuth):
+                http.session.auth = (auth.username, auth.password().get_secret_value())
+            headers = {"Accept": "application/fhir+json"}
+            if isinstance(auth, BearerAuth):
+                headers["Authorization"] = f"Bearer {auth.token().get_secret_value()}"
+            http.request("GET", f"{base_url}/metadata", headers=headers)
+    except GatewayError as exc:
+        return [exc.message]
+    finally:
+        http.session.close()
+    return []

@@ -131,7 +131,7 @@ def pull_patient_records(
     if everything and since is None:
         result.used_everything = True
         found = SearchResult()
-        for page in client.iter_everything(patient_id):
+        for page in client.iter_everything(patient_id, wanted):
             # Keep what a second opinion needs; the rest of the compartment (claims, ...) is not.
             page.matches = [r for r in page.matches if r.get("resourceType") in wanted]
             found.add(page)

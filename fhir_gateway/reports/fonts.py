@@ -1,8 +1,12 @@
 """Find the TrueType fonts the report PDF needs (file system look-up, kept out of the mappers).
 
-Defaults are the Debian packages `fonts-dejavu-core` (Latin, Greek, Cyrillic; Bitstream Vera /
-public-domain licence) and `fonts-droid-fallback` (CJK; Apache-2.0). Either can be replaced by
-explicit paths (settings `reports.font_regular`, `reports.font_bold`, `reports.font_fallbacks`).
+The fonts ship with the package (`fhir_gateway/reports/fonts/`, licences beside them): DejaVu
+Sans regular and bold (Latin, Greek, Cyrillic; Bitstream Vera / Arev licence, DejaVu changes in
+the public domain) and Droid Sans Fallback (CJK; Apache-2.0). So a plain `pip install` renders
+every name without system font packages, and the same report gives the same PDF on every host.
+The Debian font directories are searched after the packaged ones (for a distribution that strips
+vendored fonts). Explicit paths replace them (settings `reports.font_regular`,
+`reports.font_bold`, `reports.font_fallbacks`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from pathlib import Path
 from fhir_gateway.errors import ConfigError
 from mappers.report_pdf import PdfFonts
 
-FONT_DIRS = (
+PACKAGED_FONTS = Path(__file__).parent / "fonts"
+FONT_DIRS: tuple[Path, ...] = (
+    PACKAGED_FONTS,
     Path("/usr/share/fonts/truetype"),
     Path("/usr/share/fonts"),
     Path("/usr/local/share/fonts"),
@@ -28,14 +34,16 @@ def find_report_fonts(
     regular: Path | None = None,
     bold: Path | None = None,
     fallbacks: Sequence[Path] | None = None,
-    dirs: Sequence[Path] = FONT_DIRS,
+    dirs: Sequence[Path] | None = None,
 ) -> PdfFonts:
-    """The report fonts: explicit paths if given, else the Debian defaults under `dirs`.
+    """The report fonts: explicit paths if given, else the packaged fonts (or under `dirs`).
 
     Raises:
-        ConfigError: a font is missing (install `fonts-dejavu-core fonts-droid-fallback`).
+        ConfigError: a font is missing or not a font file.
     """
-    hint = "install the Debian packages fonts-dejavu-core and fonts-droid-fallback"
+    dirs = FONT_DIRS if dirs is None else dirs
+    hint = "reinstall fhir-gateway (its fonts ship in fhir_gateway/reports/fonts) or set "
+    hint += "FHIR_GATEWAY_REPORTS__FONT_REGULAR / __FONT_BOLD / __FONT_FALLBACKS"
     regular = _existing(regular, "regular") if regular else _search(REGULAR, dirs, hint)
     bold = _existing(bold, "bold") if bold else _search(BOLD, dirs, hint)
     if fallbacks is None:

@@ -296,6 +296,10 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
             raise InputError("operation $everything is not supported")
         grant = _authorize(state, request, "Patient", "r")
         found = state.store.compartment(patient_id)
+        # `_type` (Patient-everything): comma-separated, may repeat; only those types.
+        wanted = {t for v in request.query_params.getlist("_type") for t in v.split(",") if t}
+        if wanted:
+            found = [r for r in found if r["resourceType"] in wanted]
         allowed = [r for r in found if _permits(grant, r["resourceType"], "s")]
         withheld = len(found) - len(allowed)
         return _fhir(_start_search(state, request, allowed, _count(request, config), withheld))

@@ -34,21 +34,64 @@ def run_sandbox(
 ) -> None:
     """Serve the sandbox EHR until interrupted (`fhir-gateway sandbox --port P --data DIR`).
 
-    `clients_file` is JSON: `[{"client_id": ..., "jwks": {...}, "scopes": [...]}]`.
+    `clients_file`: see `load_clients`.
     """
-    clients = {}
-    if clients_file is not None:
-        try:
-            rows = json.loads(clients_file.read_text(encoding="utf-8"))
-            for row in rows:
-                client = SandboxClient(row["client_id"], row["jwks"], tuple(row.get("scopes", ())))
-                clients[client.client_id] = client
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read sandbox clients file: {exc}") from exc
+    clients = load_clients(clients_file) if clients_file is not None else {}
     config = SandboxConfig(
         data_dir=data_dir, clients=clients, require_auth=require_auth, **settings
     )
     uvicorn.run(create_sandbox_app(config), host=host, port=port, log_level="warning")
+
+
+def load_clients(path: Path) -> dict[str, SandboxClient]:
+    """The sandbox's registered SMART backend clients, from a JSON list:
+
+    ```json
+    [{"client_id": "fhir-gateway", "jwks_file": "data/keys/gateway.jwks.json",
+      "scopes": ["system/*.rs"]}]
+    ```
+
+    Each entry: `client_id`; its public keys as `jwks` (a JWK Set inline) or `jwks_file` (a JWK
+    Set file, relative to the clients file, e.g. the one `fhir-gateway init` writes); `scopes`,
+    the scopes it may be granted (optional; default `system/*.cruds`, everything).
+
+    Raises:
+        ConfigError: unreadable file, not JSON, or an entry without client_id or keys.
+    """
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read sandbox clients file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"sandbox clients file {path} is not JSON: {exc}") from exc
+    if not isinstance(rows, list):
+        raise ConfigError(f"sandbox clients file {path}: expected a JSON list of clients")
+    clients: dict[str, SandboxClient] = {}
+    for i, row in enumerate(rows):
+        where = f"sandbox clients file {path}: entry {i}"
+        if not isinstance(row, dict) or not isinstance(row.get("client_id"), str):
+            raise ConfigError(f"{where}: needs a client_id")
+        jwks = row.get("jwks")
+        if jwks is None and isinstance(row.get("jwks_file"), str):
+            jwks_path = path.parent / row["jwks_file"]
+            try:
+                jwks = json.loads(jwks_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{where}: cannot read jwks_file {jwks_path}: {exc}") from exc
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise ConfigError(f"{where}: needs jwks (a JWK Set) or jwks_file")
+        scopes = row.get("scopes")
+        if scopes is not None and (
+            not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes)
+        ):
+            raise ConfigError(f"{where}: scopes must be a list of strings")
+        client = (
+            SandboxClient(row["client_id"], jwks)
+            if scopes is None
+            else SandboxClient(row["client_id"], jwks, tuple(scopes))
+        )
+        clients[client.client_id] = client
+    return clients
 
 
 class AppServer:

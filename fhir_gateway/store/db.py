@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from fhir_gateway.errors import ConfigError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -39,6 +43,8 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
+        # Alembic announces each of its plugins at INFO as it is imported: noise, not news.
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
         with self.engine.begin() as conn:
             cfg = alembic_config(str(self.engine.url))
             cfg.attributes["connection"] = conn
@@ -61,19 +67,28 @@ def alembic_config(url: str) -> Config:
 
 def open_store(url: str, *, migrate: bool = True, key_dir: Path | None = None) -> Store:
     """Open (and by default migrate) the database at `url`. `key_dir` defaults, for an SQLite
-    file, to `keys/` beside it (the data dir's); other engines need it given."""
-    engine = (
-        _sqlite_engine(url)
-        if url.startswith("sqlite")
-        else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    )
+    file, to `keys/` beside it (the data dir's); other engines need it given.
+
+    Raises:
+        ConfigError: the database cannot be reached or created (message without credentials).
+    """
     if key_dir is None and url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             key_dir = Path(path).parent / "keys"
-    store = Store(engine, key_dir)
-    if migrate:
-        store.migrate()
+    try:
+        engine = (
+            _sqlite_engine(url)
+            if url.startswith("sqlite")
+            else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        )
+        store = Store(engine, key_dir)
+        if migrate:
+            store.migrate()
+    except (OperationalError, ArgumentError, OSError) as exc:
+        where = make_url(url).render_as_string(hide_password=True) if "://" in url else "?"
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot open database {where}: {reason}") from exc
     return store
 
 

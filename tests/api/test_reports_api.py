@@ -42,3 +42,36 @@ def test_reviewer_drafts_and_submits_on_an_assigned_case(client, settings, token
     assert report["diagnosticReport"]["status"] == "final"
     listed = client.get(f"/cases/{case_id}/deliveries", headers=reviewer).json()
     assert [d["id"] for d in listed] == [sub1.json()["id"]]
+
+
+def test_config_error_in_a_request_logs_its_reason_not_only_its_class(settings, tokens, caplog):
+    """A missing report font is a 500 without internal detail for the caller, but the operator's
+    log says which font and what to do (not only `error=ConfigError`)."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from fhir_gateway.app import create_app
+    from fhir_gateway.settings import ReportSettings
+
+    missing = settings.data_dir / "no-such-font.ttf"
+    broken = settings.model_copy(update={"reports": ReportSettings(font_regular=missing)})
+    store = open_store(broken.db_url)
+    try:
+        case_id = make_case(store, reviewer="dr-zolc")
+    finally:
+        store.dispose()
+    reviewer = tokens.headers("reviewer", sub="dr-zolc", **JSON)
+    with TestClient(create_app(broken, configure_logs=False)) as client:
+        assert client.put(
+            f"/cases/{case_id}/report", json=draft_data(), headers=reviewer
+        ).is_success
+        with caplog.at_level(logging.ERROR):
+            resp = client.post(f"/cases/{case_id}/report/$submit", headers=reviewer)
+    assert resp.status_code == 500
+    assert str(missing) not in resp.text  # paths stay out of the answer
+    failed = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    failed = [m for m in failed if m.get("event") == "request.failed"]
+    assert failed, caplog.records
+    assert failed[0]["error"] == "ConfigError"
+    assert str(missing) in failed[0]["reason"]

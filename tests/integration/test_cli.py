@@ -75,6 +75,8 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert re.search(r"Observation\s+│\s+74 │", out), out
     assert re.search(r"Procedure\s+│\s+10 │", out), out
     assert "job done" in out
+    assert "partial" not in out  # $everything asked only for what the token covers
+    assert "pacs.indexed" not in out  # logs go to demo.log, not stdout
     assert "1 study, 4 instances" in out  # the CT series, over DICOMweb from the sandbox PACS
     assert re.search(r"imaging\s+│\s+yes", out), out
     assert "1 Patient" in out  # the normalised case bundle

@@ -79,8 +79,9 @@ def gateway_client(
 def test_full_pull_stores_exactly_what_the_ehr_holds(name, everything, sandbox, rsa_key, tmp_path):
     patient, per_type, _ = fixture_patient(name)
     server = sandbox(everything=everything, max_page_size=20)  # several pages per type
-    # $everything returns the whole compartment: a token for all types, or it is withheld.
-    client, _ = gateway_client(server, rsa_key, scope_types=("*",) if everything else PULL_TYPES)
+    # The token covers only the types we pull: $everything is asked for those types (`_type`),
+    # so nothing we never wanted (Encounter, Claim, ...) is withheld and the pull is complete.
+    client, _ = gateway_client(server, rsa_key)
     progress: list[tuple[str, int, int]] = []
     result = pull_patient_records(
         client, f"Patient/{patient['id']}", progress_cb=lambda *a: progress.append(a)
@@ -95,6 +96,9 @@ def test_full_pull_stores_exactly_what_the_ehr_holds(name, everything, sandbox, 
     ]
     assert data_requests
     assert all(e.authorized for e in data_requests)
+    if everything:
+        first = next(e for e in data_requests if e.path.endswith("$everything"))
+        assert "_type=Patient%2CCondition" in first.query, first.query
 
     store = open_store(f"sqlite:///{tmp_path}/gw.db")
     add_case(store, "case-1", f"Patient/{patient['id']}")

@@ -15,6 +15,7 @@ from fhir.resources.R4B.practitioner import Practitioner
 from fhir.resources.R4B.provenance import Provenance
 
 from fhir_gateway.errors import ConfigError, MappingError, ValidationError
+from fhir_gateway.reports import fonts as font_lookup
 from fhir_gateway.reports.fonts import find_report_fonts
 from mappers.report import (
     US_CORE_DR_NOTE,
@@ -256,8 +257,25 @@ def test_naive_datetime_is_refused(fonts):
         )
 
 
+def test_packaged_fonts_render_cjk_and_cyrillic_without_system_fonts(monkeypatch, tmp_path: Path):
+    """A fresh machine has no font packages: the fonts shipped in the package are enough."""
+    empty = tmp_path / "usr-share-fonts"
+    empty.mkdir()
+    monkeypatch.setattr(font_lookup, "FONT_DIRS", (font_lookup.PACKAGED_FONTS, empty))
+    found = find_report_fonts()
+    for path in (found.regular, found.bold, *found.fallbacks):
+        assert path is not None
+        assert path.parent == font_lookup.PACKAGED_FONTS, path
+    out = draft_to_report(parse_draft(draft_data()), context(), status="final", fonts=found)
+    forms = {f["contentType"]: f for f in out.diagnostic_report["presentedForm"]}
+    text = pdf_text(base64.b64decode(forms["application/pdf"]["data"]), tmp_path)
+    assert "山田 太郎" in text  # CJK: Droid Sans Fallback
+    assert "Иван Петров" in text  # Cyrillic: DejaVu Sans
+    assert "Ελένη Παπαδοπούλου" in text
+
+
 def test_missing_font_is_a_config_error(tmp_path: Path):
-    with pytest.raises(ConfigError, match="fonts-dejavu-core"):
+    with pytest.raises(ConfigError, match=r"not found under .*reinstall fhir-gateway"):
         find_report_fonts(dirs=[tmp_path])
     with pytest.raises(ConfigError, match="does not exist"):
         find_report_fonts(regular=tmp_path / "none.ttf")
