@@ -141,6 +141,7 @@ def pull_for_partner(
     session = requests.Session()
     image_store = build_image_store(settings, store, session)
     endpoint = partner.dicomweb
+    issuer: str | None = None
     if endpoint is not None:
         token_provider = token_provider or _smart_token(endpoint)
         client = DicomwebClient(
@@ -151,6 +152,7 @@ def pull_for_partner(
             max_parallel=min(endpoint.max_parallel, settings.images.max_parallel_series),
         )
         selectors = study_selectors_for_case(store, case_id, endpoint)
+        issuer = endpoint.issuer_of_patient_id
     elif partner.dimse is not None:
         dimse = partner.dimse
         auth = requests_auth(dimse.auth, token_provider or _smart_token(dimse))
@@ -164,7 +166,9 @@ def pull_for_partner(
         selectors = [StudySelector(study_uid=uid) for uid in moved]
     else:
         return PullCounts()
-    counts = pull_case_images(store, case_id, client, image_store, selectors, progress_cb)
+    counts = pull_case_images(
+        store, case_id, client, image_store, selectors, progress_cb, issuer_of_patient_id=issuer
+    )
     with store.session() as s:
         case = s.get(Case, case_id)
         subject = {"reference": case.patient_ref} if case is not None else {}

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
-from fhir_gateway.casebundle import normalise
+from fhir_gateway.casebundle import held, normalise
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -511,7 +511,10 @@ def pull_case(
         progress_cb=progress_cb,
         binary_dir=settings.data_dir / "binaries",
     )
-    return result, save_pull(store, case_id, client.base_url, result)
+    saved = save_pull(store, case_id, client.base_url, result)
+    # Right patient: the pulled Patient(s) and records about other patients against the referral.
+    held.check_records(store, case_id, client.base_url, patient_id)
+    return result, saved
 
 
 def run_pull_fhir(ctx: JobContext) -> None:

@@ -47,6 +47,11 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "audit.search": ("search-type", "E"),
     "job.requeue": ("update", "U"),
     "report.redeliver": ("update", "U"),
+    "identity.hold": ("create", "C"),
+    "identity.clear": ("update", "U"),
+    "identity.release": ("update", "U"),
+    "identity.reject": ("update", "U"),
+    "identity.list": ("search-type", "E"),
 }
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
