@@ -279,7 +279,7 @@ def test_a_record_about_a_patient_not_asked_for_is_held(store: Store, settings: 
         patient_identifiers=[{"system": "urn:mrn", "value": "L1"}],
     )
     source = "https://ehr.example/fhir"
-    rows = [
+    rows: list[tuple[str, str, dict[str, Any]]] = [
         ("Patient", "p1", {"identifier": [{"system": "urn:mrn", "value": "L1"}]}),
         ("Observation", "o1", {"subject": {"reference": "Patient/p1"}}),
         ("Observation", "o2", {"subject": {"reference": f"{source}/Patient/p2"}}),
