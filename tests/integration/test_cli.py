@@ -183,9 +183,11 @@ def test_held_list_release_and_reject(tmp_path) -> None:
     store.dispose()
     r = cli("held", "list", data_dir=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert first in r.stdout and "ImagingStudy urn:oid:1.2.3" in r.stdout
+    assert first in r.stdout
+    assert "ImagingStudy urn:oid:1.2.3" in r.stdout
     assert "name" in r.stdout
-    assert "Doe" not in r.stdout and "Peter" not in r.stdout
+    assert "Doe" not in r.stdout
+    assert "Peter" not in r.stdout
     r = cli("held", "release", first, data_dir=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "released" in r.stdout
@@ -195,9 +197,11 @@ def test_held_list_release_and_reject(tmp_path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == "error: this held item was already decided: it is released"
     r = cli("held", "list", data_dir=tmp_path)
-    assert first not in r.stdout and second not in r.stdout
+    assert first not in r.stdout
+    assert second not in r.stdout
     r = cli("held", "list", "--state", "all", data_dir=tmp_path)
-    assert first in r.stdout and second in r.stdout
+    assert first in r.stdout
+    assert second in r.stdout
     store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
     with store.session() as s:
         actions = [
