@@ -75,7 +75,12 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert re.search(r"Observation\s+│\s+74 │", out), out
     assert re.search(r"Procedure\s+│\s+10 │", out), out
     assert "job done" in out
-    assert "1 study, 4 instances" in out  # the CT series, over DICOMweb from the sandbox PACS
+    assert "2 studies, 5 instances" in out  # pulled: the patient's CT and another's X-ray
+    # the X-ray is another patient's: held by the identity check, out of the per-case DICOMweb
+    assert "1 study held: identity mismatch (name, birthDate, sex)" in out
+    assert "GET /admin/held -> 1 awaiting an admin" in out
+    assert "dicom-web/studies -> 1 study, 4 instances" in out  # the CT series only
+    assert "Dog" not in out  # the other patient's name is never shown
     assert re.search(r"imaging\s+│\s+yes", out), out
     assert "1 Patient" in out  # the normalised case bundle
     assert "audit chain verified" in out
