@@ -638,6 +638,101 @@ def audit_verify(data_dir: DataDir = None) -> None:
     out.print(f"audit chain verified: {result.count} events, checkpoint signed")
 
 
+held_app = typer.Typer(
+    no_args_is_help=True, help="Items the identity check held out of their case (admin)."
+)
+app.add_typer(held_app, name="held")
+
+
+@held_app.command("list")
+def held_list(
+    data_dir: DataDir = None,
+    state: Annotated[
+        str, typer.Option(help="held (awaiting a decision), released, rejected or all")
+    ] = "held",
+    case: Annotated[str | None, typer.Option(help="only this case")] = None,
+) -> None:
+    """Held studies and pulled patients, with the names of the fields that differ."""
+    if state not in ("held", "released", "rejected", "all"):
+        _fail("--state must be held, released, rejected or all")
+    out.print(held_table(_settings(data_dir), None if state == "all" else state, case))
+
+
+@held_app.command("release")
+def held_release(
+    held_id: Annotated[str, typer.Argument(help="the held item (an id from `held list`)")],
+    data_dir: DataDir = None,
+) -> None:
+    """Release a held item into its case; the case is normalised again (queued)."""
+    out.print(held_decide(_settings(data_dir), held_id, "released"))
+
+
+@held_app.command("reject")
+def held_reject(
+    held_id: Annotated[str, typer.Argument(help="the held item (an id from `held list`)")],
+    data_dir: DataDir = None,
+) -> None:
+    """Reject a held item: it stays out of its case (kept, marked rejected)."""
+    out.print(held_decide(_settings(data_dir), held_id, "rejected"))
+
+
+def held_table(settings: Settings, state: str | None, case_id: str | None = None) -> Table:
+    """`fhir-gateway held list`: one row per held item (ids and field names only)."""
+    from fhir_gateway.casebundle import held
+    from fhir_gateway.store import open_store
+
+    store = open_store(settings.db_url)
+    table = Table(title="identity holds")
+    for col in ("held item", "case", "what", "outcome", "fields that differ", "state"):
+        table.add_column(col)
+    try:
+        with store.session() as s:
+            for row in held.list_items(s, case_id, state):
+                item = held.item_view(row)
+                table.add_row(
+                    item["id"],
+                    item["case"],
+                    item["what"],
+                    item["outcome"],
+                    ", ".join(item["differ"]) or f"(unconfirmed: {', '.join(item['unconfirmed'])})",
+                    item["state"],
+                )
+    finally:
+        store.dispose()
+    return table
+
+
+def held_decide(settings: Settings, held_id: str, decision: str) -> str:
+    """Release or reject a held item as the operator on this host (audited as `cli:<user>`).
+
+    Raises:
+        NotFoundError: no such held item. ConflictError: already decided.
+    """
+    import getpass
+
+    from fhir_gateway.casebundle import held
+    from fhir_gateway.errors import NotFoundError
+    from fhir_gateway.security.audit import Actor
+    from fhir_gateway.store import open_store
+    from fhir_gateway.store.models import HeldItem
+
+    store = open_store(settings.db_url)
+    try:
+        with store.session() as s:
+            row = s.get(HeldItem, held_id)
+            if row is None:
+                raise NotFoundError("no held item with this id")
+            item = held.decide(
+                s, row.case_id, held_id, decision, Actor(f"cli:{getpass.getuser()}", "admin")
+            )
+            what = (
+                "released; the case is normalised again" if decision == "released" else "rejected"
+            )
+            return f"held item {item.id} (case {item.case_id}) {what}"
+    finally:
+        store.dispose()
+
+
 @app.command()
 def demo(
     keep: Annotated[bool, typer.Option(help="keep the temporary data directory")] = False,

@@ -115,7 +115,10 @@ def _run(out: Console, tmp: Path, data_dir: Path) -> None:
         )
         out.print(f"sandbox EHR (FHIR R4, SMART Backend Services, ES384) at {ehr.base_url}")
         pacs = stack.enter_context(PacsServer(_copy_tree(DEMO_DATA / "pacs", tmp / "pacs")))
-        out.print(f"sandbox PACS (DICOMweb, a CT series) at {pacs.base_url}")
+        out.print(
+            "sandbox PACS (DICOMweb: the patient's CT series, and another patient's X-ray) "
+            f"at {pacs.base_url}"
+        )
         (data_dir / "partners.toml").write_text(
             PARTNERS_TOML.format(
                 partner=PARTNER, ehr=ehr.base_url, pacs=pacs.base_url, client=CLIENT_ID, kid=KID
@@ -185,6 +188,7 @@ class Demo:
         case_id = self.push_referral()
         self.wait_for_jobs(case_id, ("pull_fhir", "pull_imaging"))
         self.show_pull(case_id)
+        self.show_held(case_id)
         self.wait_for_bundle(case_id)
         self.review(case_id)
         self.report(case_id)
@@ -369,10 +373,34 @@ class Demo:
         counts = imaging["progress"].get("imaging", {})
         self.out.print(
             f"images pulled from the PACS over DICOMweb (job {imaging['state']}): "
-            f"{counts.get('studies', 0)} study, {counts.get('instances', 0)} "
+            f"{_n(counts.get('studies', 0), 'study', 'studies')}, {counts.get('instances', 0)} "
             f"instances, {counts.get('bytes', 0)} bytes, "
             f"{counts.get('rejected', 0)} rejected"
         )
+
+    def show_held(self, case_id: str) -> None:
+        """What the identity check held out of the case (field names only), as an admin sees it."""
+        items = self.get(f"/cases/{case_id}", self.admin)["identity"]["items"]
+        groups: dict[tuple[str, str, str], int] = {}
+        for item in items:
+            if item["state"] == "held":
+                fields = ", ".join(item["differ"]) or "unconfirmed: " + ", ".join(
+                    item["unconfirmed"]
+                )
+                key = (item["kind"], item["outcome"], fields)
+                groups[key] = groups.get(key, 0) + 1
+        for (kind, outcome, fields), count in sorted(groups.items()):
+            what = _n(count, "study", "studies") if kind == "study" else _n(count, "patient record")
+            self.out.print(f"[bold]{what} held: identity {outcome} ({fields})[/bold]")
+        waiting = self.get("/admin/held", self.admin)
+        self.out.print(
+            f"GET /admin/held -> {len(waiting)} awaiting an admin: kept out of the bundle and the "
+            "per-case DICOMweb until released (POST /cases/{id}/held/{held_id}/$release)"
+        )
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _check(resp: requests.Response) -> None:

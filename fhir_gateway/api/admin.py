@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from sqlalchemy import select
@@ -10,6 +10,7 @@ from sqlalchemy import select
 from fhir_gateway import jobs
 from fhir_gateway.api import views
 from fhir_gateway.api.deps import ADMIN, SettingsDep, StoreDep
+from fhir_gateway.casebundle import held
 from fhir_gateway.errors import ConflictError, NotFoundError
 from fhir_gateway.reports import drafts as reports
 from fhir_gateway.security import audit
@@ -99,3 +100,18 @@ def list_deliveries(
         found = [reports.delivery_view(s, d) for d in s.scalars(stmt)]
         audit.record(s, "deliveries.read", who.actor, entity=[f"count:{len(found)}"])
         return found
+
+
+@router.get("/held")
+def list_held(
+    store: StoreDep,
+    state: Literal["held", "released", "rejected", "all"] = "held",
+    case: str | None = None,
+    who: Principal = ADMIN,
+) -> list[dict[str, Any]]:
+    """Items the identity check held out of their case (default: awaiting a decision), with
+    the names of the fields that differ; release or reject them under /cases/{id}/held."""
+    with store.session() as s:
+        rows = held.list_items(s, case, None if state == "all" else state)
+        audit.record(s, "identity.list", who.actor, case_id=case, entity=[f"count:{len(rows)}"])
+        return [held.item_view(r) for r in rows]

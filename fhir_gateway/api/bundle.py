@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from fhir_gateway.api.deps import STAFF, StoreDep
 from fhir_gateway.api.responses import FHIR_JSON
-from fhir_gateway.casebundle import normalise
+from fhir_gateway.casebundle import held, normalise
 from fhir_gateway.casebundle.assemble import iter_bundle_json
 from fhir_gateway.errors import ConflictError
 from fhir_gateway.security import access, audit
@@ -88,4 +88,5 @@ def get_summary(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[s
             "resources": state.resource_count,
             "sources": state.sources,
             "issues": state.issues,
+            "identity": held.case_identity(s, case.id),
         }

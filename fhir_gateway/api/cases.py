@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from fhir_gateway.api import views
 from fhir_gateway.api.deps import ADMIN, STAFF, StoreDep
+from fhir_gateway.casebundle import held
 from fhir_gateway.intake import hosted, tasks
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
@@ -97,3 +98,28 @@ def move_status(
             entity=[f"Task/{task.id}"],
         )
         return views.case_summary(case)
+
+
+def _decide(store: StoreDep, case_id: str, held_id: str, decision: str, who: Principal) -> Any:
+    with store.session() as s:
+        access.get_case(s, case_id, who)
+        return held.item_view(held.decide(s, case_id, held_id, decision, who.actor))
+
+
+@router.post("/{case_id}/held/{held_id}/$release")
+def release_held(
+    case_id: str, held_id: str, store: StoreDep, who: Principal = ADMIN
+) -> dict[str, Any]:
+    """Release an item the identity check held: it enters the bundle and the per-case
+    DICOMweb once the case is normalised again (queued now). 409 unless it is held."""
+    out: dict[str, Any] = _decide(store, case_id, held_id, held.RELEASED, who)
+    return out
+
+
+@router.post("/{case_id}/held/{held_id}/$reject")
+def reject_held(
+    case_id: str, held_id: str, store: StoreDep, who: Principal = ADMIN
+) -> dict[str, Any]:
+    """Reject a held item: it stays out of the case for good (kept, marked rejected)."""
+    out: dict[str, Any] = _decide(store, case_id, held_id, held.REJECTED, who)
+    return out

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fhir_gateway.casebundle import normalise
+from fhir_gateway.casebundle import held, normalise
 from fhir_gateway.intake import hosted
 from fhir_gateway.store.models import Case, FhirResource, Job
 
@@ -28,6 +28,7 @@ def case_view(session: Session, case: Case) -> dict[str, Any]:
         "referral": referral,
         "jobs": [job_view(j) for j in case_jobs(session, case.id)],
         "normalisation": normalise.bundle_state(session, case.id),
+        "identity": held.case_identity(session, case.id),
     }
 
 

@@ -27,6 +27,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
+from fhir_gateway.casebundle import held
 from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle, iter_bundle_json
 from fhir_gateway.casebundle.offline_map import with_source
 from fhir_gateway.errors import InputError, NotFoundError
@@ -39,6 +40,7 @@ from fhir_gateway.store.models import (
     Case,
     CaseBundleState,
     FhirResource,
+    HeldItem,
     Job,
     NormalisedResource,
     StoredResource,
@@ -133,6 +135,7 @@ def _references(node: Any) -> list[str]:
 
 
 def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
+    out = held.excluded(session, case_id)  # identity holds stay out until released
     rows = session.scalars(
         select(StoredResource)
         .where(StoredResource.case_id == case_id)
@@ -140,7 +143,8 @@ def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
     )
     by_source: dict[str, list[StoredResource]] = {}
     for row in rows:
-        by_source.setdefault(row.source, []).append(row)
+        if out.keeps(row):
+            by_source.setdefault(row.source, []).append(row)
     batches = []
     for source, found in by_source.items():
         # Patient first: the first Patient of the first source is the case Patient's base.
@@ -266,7 +270,10 @@ def _inputs_mark(session: Session, case_id: str) -> tuple[Any, ...]:
             FhirResource.case_id == case_id
         )
     ).one()
-    return (*stored, *hosted_rows)
+    holds = session.execute(
+        select(func.count(), func.max(HeldItem.updated_at)).where(HeldItem.case_id == case_id)
+    ).one()
+    return (*stored, *hosted_rows, *holds)
 
 
 def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:

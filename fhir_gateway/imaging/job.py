@@ -148,6 +148,7 @@ def pull_for_partner(
     session = requests.Session()
     image_store = build_image_store(settings, store, session)
     endpoint = partner.dicomweb
+    issuer: str | None = None
     if endpoint is not None:
         token_provider = token_provider or _smart_token(endpoint)
         client = DicomwebClient(
@@ -158,6 +159,7 @@ def pull_for_partner(
             max_parallel=min(endpoint.max_parallel, settings.images.max_parallel_series),
         )
         selectors = study_selectors_for_case(store, case_id, endpoint)
+        issuer = endpoint.issuer_of_patient_id
     elif partner.dimse is not None:
         dimse = partner.dimse
         auth = requests_auth(dimse.auth, token_provider or _smart_token(dimse))
@@ -172,7 +174,14 @@ def pull_for_partner(
     else:
         return PullCounts()
     counts = pull_case_images(
-        store, case_id, client, image_store, selectors, progress_cb, checkpoint=checkpoint
+        store,
+        case_id,
+        client,
+        image_store,
+        selectors,
+        progress_cb,
+        checkpoint=checkpoint,
+        issuer_of_patient_id=issuer,
     )
     if checkpoint is not None:
         checkpoint()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydicom import Dataset
 from sqlalchemy import select
 
 from connectors.dicomweb import (
@@ -26,6 +27,7 @@ from connectors.dicomweb import (
     first_value,
 )
 from fhir_gateway import metrics
+from fhir_gateway.casebundle import held
 from fhir_gateway.imaging.store import ImageStore, read_dataset
 from fhir_gateway.resources import DICOM_UID, Resource
 from fhir_gateway.store.db import Store
@@ -57,8 +59,9 @@ class PullCounts:
     studies: int = 0
     instances: int = 0
     bytes: int = 0
-    skipped: int = 0  # already held before this pull
+    skipped: int = 0  # already in the case before this pull
     rejected: list[dict[str, str]] = field(default_factory=list)  # sop_uid/series_uid + reason
+    held: int = 0  # studies held by the identity check (casebundle.held)
 
     def as_progress(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,7 @@ class PullCounts:
             "bytes": self.bytes,
             "skipped": self.skipped,
             "rejected": len(self.rejected),
+            "held": self.held,
         }
 
 
@@ -174,6 +178,7 @@ def pull_case_images(
     progress_every_s: float = 1.0,
     batch_size: int = 256,
     flush_every_s: float = 1.0,
+    issuer_of_patient_id: str | None = None,
 ) -> PullCounts:
     """Fetch every selected study into `image_store` for the case; idempotent and resumable.
 
@@ -183,6 +188,9 @@ def pull_case_images(
     A part that is not valid DICOM is rejected with its reason; the others are kept.
     `checkpoint` is called before each study, after each instance and before each index write;
     what it raises (the case was cancelled) ends the pull, and nothing more is indexed.
+    Then every selected study's Patient module is compared with the referral's patient
+    (`casebundle.held.check_studies`, issuer from the partners file): a study that is not a
+    match is held out of the per-case DICOMweb and the bundle until an admin releases it.
 
     Raises:
         UpstreamUnavailableError: the source failed (the job retries; what was fetched stays).
@@ -247,12 +255,14 @@ def pull_case_images(
             for study_uid in study_uids:
                 if checkpoint is not None:
                     checkpoint()
-                held = image_store.held_sop_uids(case_id, study_uid)
-                counts.skipped += len(held)
-                plans = client.plan_study(study_uid, held)
+                already = image_store.held_sop_uids(case_id, study_uid)
+                counts.skipped += len(already)
+                plans = client.plan_study(study_uid, already)
                 client.pull_plans(plans, staging, sink)
         finally:
             flush(force=True)  # what arrived before a failure is kept: a retry resumes from it
+    headers = study_headers(image_store, case_id, study_uids)
+    counts.held = held.check_studies(store, case_id, client.base_url, headers, issuer_of_patient_id)
     report(force=True)
     log.info(
         "imaging.pull.done",
@@ -262,9 +272,27 @@ def pull_case_images(
         bytes=counts.bytes,
         skipped=counts.skipped,
         rejected=len(counts.rejected),
+        held=counts.held,
         elapsed_ms=int((time.monotonic() - started) * 1000),
     )
     return counts
+
+
+def study_headers(
+    image_store: ImageStore, case_id: str, study_uids: Iterable[str]
+) -> dict[str, list[Dataset]]:
+    """One header (no pixels) per series of each study held for the case: what the identity
+    check compares."""
+    out: dict[str, list[Dataset]] = {}
+    for study_uid in study_uids:
+        seen: set[str] = set()
+        for ref in image_store.iter_instances(case_id, study_uid, include_held=True):
+            if ref.series_uid in seen:
+                continue
+            seen.add(ref.series_uid)
+            with image_store.open_instance(ref) as fh:
+                out.setdefault(study_uid, []).append(read_dataset(fh))
+    return out
 
 
 def case_imaging_studies(
@@ -272,7 +300,7 @@ def case_imaging_studies(
 ) -> list[Resource]:
     """Endpoint + one ImagingStudy per study held for the case, from the stored headers."""
     datasets = []
-    for ref in image_store.iter_instances(case_id):
+    for ref in image_store.iter_instances(case_id, include_held=True):  # held: left out later
         with image_store.open_instance(ref) as fh:
             datasets.append(read_dataset(fh))
     return datasets_to_imaging_studies(datasets, subject, endpoint_url) if datasets else []

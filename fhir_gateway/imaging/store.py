@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import pydicom
 import structlog
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
 from fhir_gateway import jobs
+from fhir_gateway.casebundle import held
 from fhir_gateway.errors import NotFoundError
 from fhir_gateway.store.db import Store
-from fhir_gateway.store.models import ImageInstance
+from fhir_gateway.store.models import HeldItem, ImageInstance
 
 if TYPE_CHECKING:
     from connectors.orthanc import OrthancStorage
@@ -75,8 +76,16 @@ class ImageStore(Protocol):
         ...
 
     def iter_instances(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
-    ) -> Iterator[InstanceRef]: ...
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        include_held: bool = False,
+    ) -> Iterator[InstanceRef]:
+        """The case's instances; studies held or rejected by the identity check only with
+        `include_held` (the pull and the identity check see them; DICOMweb does not)."""
+        ...
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
 
@@ -127,9 +136,16 @@ class _IndexedStore:
             return set(s.scalars(q))
 
     def iter_instances(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        include_held: bool = False,
     ) -> Iterator[InstanceRef]:
         q = select(ImageInstance).where(ImageInstance.case_id == case_id)
+        if not include_held:
+            q = q.where(ImageInstance.study_uid.not_in(held_studies(case_id)))
         if study_uid:
             q = q.where(ImageInstance.study_uid == study_uid)
         if series_uid:
@@ -253,6 +269,15 @@ def instance_json(fh: BinaryIO) -> dict[str, Any]:
         bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
     )
     return out
+
+
+def held_studies(case_id: str) -> Select[str]:
+    """Study UIDs of the case that the identity check holds (or an admin rejected)."""
+    return select(HeldItem.key).where(
+        HeldItem.case_id == case_id,
+        HeldItem.kind == held.STUDY,
+        HeldItem.state.in_(held.OUT),
+    )
 
 
 def _ref(row: ImageInstance) -> InstanceRef:

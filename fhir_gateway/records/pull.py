@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
 from fhir_gateway import jobs, metrics
-from fhir_gateway.casebundle import normalise
+from fhir_gateway.casebundle import held, normalise
 from fhir_gateway.errors import (
     InputError,
     NotFoundError,
@@ -543,6 +543,8 @@ def pull_case(
         kind="records",
         size=sum(b.size for b in result.binaries),
     )
+    # Right patient: the pulled Patient(s) and records about other patients against the referral.
+    held.check_records(store, case_id, client.base_url, patient_id)
     return result, saved
 
 

@@ -70,6 +70,11 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "deliveries.read": ("search-type", "E"),
     "request.unauthenticated": ("read", "R"),
     "request.forbidden": ("read", "R"),
+    "identity.hold": ("create", "C"),
+    "identity.clear": ("update", "U"),
+    "identity.release": ("update", "U"),
+    "identity.reject": ("update", "U"),
+    "identity.list": ("search-type", "E"),
 }
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"

@@ -330,3 +330,29 @@ class AuditCheckpoint(Base):
     last_id: Mapped[int] = mapped_column(Integer)
     last_hash: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
+
+
+class HeldItem(Base):
+    """Something that entered a case but failed the identity check (casebundle/held.py): a DICOM
+    study (`key` = Study Instance UID) or a pulled Patient with the records that point at it
+    (`key` = `Patient/<id>` at `source`). Held and rejected items stay out of the case bundle
+    and the per-case DICOMweb; `fields` names what differed, never the values."""
+
+    __tablename__ = "held_items"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid5(case, kind, source, key)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # study | patient
+    source: Mapped[str] = mapped_column(String(512))
+    key: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))  # probable | mismatch
+    fields: Mapped[Any] = mapped_column(JsonText)  # {"differ": [...], "unconfirmed": [...]}
+    state: Mapped[str] = mapped_column(String(16), index=True)  # held | released | rejected
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    decided_by: Mapped[str | None] = mapped_column(String(256))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("case_id", "kind", "source", "key", name="uq_held_items_item"),
+    )

@@ -134,6 +134,18 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
         lambda c, k, h: c.get("/metrics", headers=h),
         (401, 403, 403, 403, 403, 403, 200),
     ),
+    "GET /admin/held": (
+        lambda c, k, h: c.get("/admin/held", headers=h),
+        (401, 403, 403, 403, 403, 403, 200),
+    ),
+    "POST /cases/{id}/held/{held_id}/$release": (
+        lambda c, k, h: c.post(f"/cases/{k.id}/held/no-such-item/$release", headers=h),
+        (401, 403, 403, 403, 403, 403, 404),
+    ),
+    "POST /cases/{id}/held/{held_id}/$reject": (
+        lambda c, k, h: c.post(f"/cases/{k.id}/held/no-such-item/$reject", headers=h),
+        (401, 403, 403, 403, 403, 403, 404),
+    ),
 }
 
 CELLS = [

@@ -77,7 +77,12 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert "job done" in out
     assert "partial" not in out  # $everything asked only for what the token covers
     assert "pacs.indexed" not in out  # logs go to demo.log, not stdout
-    assert "1 study, 4 instances" in out  # the CT series, over DICOMweb from the sandbox PACS
+    assert "2 studies, 5 instances" in out  # pulled: the patient's CT and another's X-ray
+    # the X-ray is another patient's: held by the identity check, out of the per-case DICOMweb
+    assert "1 study held: identity mismatch (name, birthDate, sex)" in out
+    assert "GET /admin/held -> 1 awaiting an admin" in out
+    assert "dicom-web/studies -> 1 study, 4 instances" in out  # the CT series only
+    assert "Dog" not in out  # the other patient's name is never shown
     assert re.search(r"imaging\s+│\s+yes", out), out
     assert "1 Patient" in out  # the normalised case bundle
     assert "audit chain verified" in out
@@ -159,3 +164,62 @@ def test_map_cli_maps_every_kind_it_claims(kind: str, tmp_path: Path) -> None:
     types = {e["resource"]["resourceType"] for e in bundle["entry"]}
     assert expected_type in types, (kind, sorted(types))
     assert "Patient" in types
+
+
+def test_held_list_release_and_reject(tmp_path) -> None:
+    """`fhir-gateway held list|release|reject`: field names only, decisions audited, a second
+    decision is a one-line error."""
+    import pydicom
+
+    from fhir_gateway.casebundle import held
+    from fhir_gateway.store import open_store
+    from fhir_gateway.store.models import AuditRow
+    from tests.integration.imaging.cases import make_case
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    case_id = make_case(
+        store, "case-cli", patient={"name": [{"family": "Skiles", "given": ["Darin"]}]}
+    )
+    header = pydicom.dcmread(
+        ROOT / "fixtures/dicom/series_98892003_MR1/4919.dcm", stop_before_pixels=True
+    )
+    other = pydicom.dcmread(ROOT / "fixtures/dicom/ct/CT_small.dcm", stop_before_pixels=True)
+    assert held.check_studies(store, case_id, "pacs", {"1.2.3": [header], "1.2.4": [other]}) == 2
+    with store.session() as s:
+        first, second = (i.id for i in held.list_items(s, case_id))
+    store.dispose()
+    r = cli("held", "list", data_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert first in r.stdout
+    assert "ImagingStudy urn:oid:1.2.3" in r.stdout
+    assert "name" in r.stdout
+    assert "Doe" not in r.stdout
+    assert "Peter" not in r.stdout
+    r = cli("held", "release", first, data_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "released" in r.stdout
+    r = cli("held", "reject", second, data_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cli("held", "reject", first, data_dir=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: this held item was already decided: it is released"
+    r = cli("held", "list", data_dir=tmp_path)
+    assert first not in r.stdout
+    assert second not in r.stdout
+    r = cli("held", "list", "--state", "all", data_dir=tmp_path)
+    assert first in r.stdout
+    assert second in r.stdout
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    with store.session() as s:
+        actions = [
+            (row.action, row.agent.startswith("cli:"))
+            for row in s.query(AuditRow).order_by(AuditRow.id)
+            if row.action.startswith("identity")
+        ]
+    store.dispose()
+    assert actions == [
+        ("identity.hold", False),
+        ("identity.hold", False),
+        ("identity.release", True),
+        ("identity.reject", True),
+    ]

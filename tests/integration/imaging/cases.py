@@ -14,10 +14,11 @@ def make_case(
     *,
     patient_identifiers: list[dict[str, object]] | None = None,
     supporting_info: list[dict[str, object]] | None = None,
+    patient: dict[str, object] | None = None,
 ) -> str:
     patient_id, sr_id = f"pat-{case_id}", f"sr-{case_id}"
     bodies: dict[str, dict[str, Any]] = {
-        "Patient": {"id": patient_id, "identifier": patient_identifiers or []},
+        "Patient": {"id": patient_id, "identifier": patient_identifiers or [], **(patient or {})},
         "ServiceRequest": {
             "id": sr_id,
             "status": "active",
