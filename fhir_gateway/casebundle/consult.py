@@ -108,7 +108,8 @@ def question_text(question: dict[str, Any] | None) -> str:
     reason = "; ".join(dict.fromkeys(parts))
     out = [f"{question.get('code') or 'Referral'}" + (f" for {reason}" if reason else "")]
     out += question.get("notes", [])
-    return ". ".join(p.rstrip(". ") for p in out if p) + "."
+    text = ". ".join(p.strip().rstrip(".") for p in out if p.strip())
+    return text if text.endswith(("?", "!")) else text + "."
 
 
 def _identifier(ident: dict[str, Any]) -> dict[str, Any]:
