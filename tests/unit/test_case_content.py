@@ -270,7 +270,7 @@ def test_needs_are_supplied_by_code_gene_and_document() -> None:
         "m1", "81695-9", "Microsatellite instability [Interpretation] in Cancer specimen"
     )
     mlh1 = observation("m2", "00000-0", "MLH1 [Presence] in Tissue by Immune stain")
-    document = {
+    document: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": "d1",
         "status": "current",
