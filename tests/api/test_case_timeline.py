@@ -184,3 +184,46 @@ def test_timeline_needs_assignment_and_a_built_bundle(
     assert client.get(f"/cases/{colon_case}/timeline", headers=reviewer).status_code == 200
     missing = client.get("/cases/no-such-case/timeline", headers=tokens.headers("admin"))
     assert missing.status_code == 404
+
+
+def test_report_names_the_question_and_the_specimen(
+    colon_case: str, colon_ehr: SandboxServer, client: TestClient, tokens: Tokens
+) -> None:
+    """The submitted DiagnosticReport points at the specimen on the EHR it came from (with its
+    accession number) and carries the referrer's question in its text forms."""
+    from tests.report_helpers import draft_data
+
+    admin = tokens.headers("admin")
+    resp = client.post(
+        f"/cases/{colon_case}/assignments", headers=admin, json={"reviewer": "dr-who"}
+    )
+    assert resp.status_code in (200, 201), resp.text
+    reviewer = tokens.headers("reviewer", sub="dr-who")
+    draft = {
+        **draft_data(),
+        "findings": [
+            {k: v for k, v in f.items() if k not in ("focus", "derived_from")}
+            for f in draft_data()["findings"]
+        ],
+    }
+    resp = client.put(f"/cases/{colon_case}/report", headers=reviewer, json=draft)
+    assert resp.status_code == 200, resp.text
+    resp = client.post(f"/cases/{colon_case}/report/$submit", headers=reviewer)
+    assert resp.status_code == 202, resp.text
+    report = client.get(f"/cases/{colon_case}/report", headers=reviewer).json()
+    dr = report["diagnosticReport"]
+    [specimen] = dr["specimen"]
+    assert specimen["reference"] == f"{colon_ehr.base_url}/Specimen/demo-specimen-resection"
+    assert specimen["identifier"] == {
+        "system": "urn:oid:2.16.840.1.113883.3.9999.5",
+        "value": "S17-0412",
+    }
+    assert "block S17-0412-A1" in specimen["display"]
+    assert "slide S17-0412-A1-1" in specimen["display"]
+    text = next(f for f in dr["presentedForm"] if f["contentType"].startswith("text/plain"))
+    import base64
+
+    plain = base64.b64decode(text["data"]).decode()
+    assert "Question from the referrer:" in plain
+    assert "is adjuvant chemotherapy indicated?" in plain
+    assert "accession S17-0412" in plain
