@@ -5,6 +5,7 @@ GET /cases/{id}/timeline in date order (audited like the bundle read)."""
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import AuditRow
 from tests.api.test_case_bundle import run_jobs, store_of
 from tests.conftest import FIXTURES, Tokens, load_fixture, partner_sandbox
+from tests.report_helpers import draft_data
 
 MCODE = "http://hl7.org/fhir/us/mcode/StructureDefinition/"
 PQ_TRANSLATION = "http://hl7.org/fhir/StructureDefinition/iso21090-PQ-translation"
@@ -191,8 +193,6 @@ def test_report_names_the_question_and_the_specimen(
 ) -> None:
     """The submitted DiagnosticReport points at the specimen on the EHR it came from (with its
     accession number) and carries the referrer's question in its text forms."""
-    from tests.report_helpers import draft_data
-
     admin = tokens.headers("admin")
     resp = client.post(
         f"/cases/{colon_case}/assignments", headers=admin, json={"reviewer": "dr-who"}
@@ -221,8 +221,6 @@ def test_report_names_the_question_and_the_specimen(
     assert "block S17-0412-A1" in specimen["display"]
     assert "slide S17-0412-A1-1" in specimen["display"]
     text = next(f for f in dr["presentedForm"] if f["contentType"].startswith("text/plain"))
-    import base64
-
     plain = base64.b64decode(text["data"]).decode()
     assert "Question from the referrer:" in plain
     assert "is adjuvant chemotherapy indicated?" in plain
