@@ -36,8 +36,8 @@ def colon_ehr(settings: Settings, tmp_path: Path) -> Iterator[SandboxServer]:
     a pathologic stage group); the partner has no PACS, so the case has one pull."""
     data = tmp_path / "ehr"
     data.mkdir()
-    for name in ("colon_Darin_Skiles.json", "colon_Darin_Skiles_oncology.json"):
-        shutil.copy(FIXTURES / "synthea" / name, data / name)
+    shutil.copy(FIXTURES / "synthea" / "colon_Darin_Skiles.json", data)
+    shutil.copy(FIXTURES / "oncology" / "colon_Darin_Skiles_oncology.json", data)
     server = partner_sandbox(settings, data, max_page_size=50)
     partners = settings.data_dir / "partners.toml"
     text = partners.read_text().replace(
