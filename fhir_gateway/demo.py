@@ -74,10 +74,18 @@ def _copy_tree(src: Any, dest: Path) -> Path:
     return dest
 
 
-def run_demo(out: Console, *, keep: bool = False, err: Console | None = None) -> int:
+def run_demo(
+    out: Console,
+    *,
+    keep: bool = False,
+    err: Console | None = None,
+    collect: dict[str, Any] | None = None,
+) -> int:
     """Run the demo; returns the exit code. The story goes to `out`; the services' logs go to
     `demo.log` beside the data directory. On failure the reason and what to do go to `err`
-    (default `out`), and the temporary directory is kept for a look at the log and data."""
+    (default `out`), and the temporary directory is kept for a look at the log and data.
+    `collect` (for tests) receives what the gateway produced: the case bundle, its summary and
+    timeline, and the delivered DiagnosticReport."""
     err = err or out
     tmp = Path(tempfile.mkdtemp(prefix="fhir-gateway-demo-"))
     data_dir = tmp / "data"
@@ -88,7 +96,7 @@ def run_demo(out: Console, *, keep: bool = False, err: Console | None = None) ->
     with log_path.open("w", encoding="utf-8") as log_file:
         configure_logging("console", "INFO", stream=log_file)
         try:
-            _run(out, tmp, data_dir)
+            _run(out, tmp, data_dir, collect)
         except (GatewayError, requests.RequestException, RuntimeError) as exc:
             failed = True
             _explain_failure(err, exc, log_path, tmp)
@@ -101,7 +109,7 @@ def run_demo(out: Console, *, keep: bool = False, err: Console | None = None) ->
     return 1 if failed else 0
 
 
-def _run(out: Console, tmp: Path, data_dir: Path) -> None:
+def _run(out: Console, tmp: Path, data_dir: Path, collect: dict[str, Any] | None) -> None:
     with ExitStack() as stack:
         # Our SMART client key, registered with the sandbox EHR as a partner would.
         jwk = new_key(data_dir / "keys" / f"{PARTNER}.pem", "EC", KID)
@@ -134,7 +142,10 @@ def _run(out: Console, tmp: Path, data_dir: Path) -> None:
         app = create_app(settings, workers=2, configure_logs=False)  # logs: the demo's file
         base = stack.enter_context(AppServer(app, port, lifespan=True)).url
         out.print(f"gateway listening on {base} with 2 job workers")
-        Demo(out, base, data_dir).run(ehr.base_url)
+        demo = Demo(out, base, data_dir)
+        demo.run(ehr.base_url)
+        if collect is not None:
+            collect.update(demo.collected)
     out.print("all servers stopped cleanly")
     store = open_store(Settings(data_dir=data_dir).db_url, key_dir=data_dir / "keys")
     with store.session() as session:
@@ -170,6 +181,7 @@ class Demo:
     def __init__(self, out: Console, base: str, data_dir: Path) -> None:
         self.out, self.base = out, base
         self.http = requests.Session()
+        self.collected: dict[str, Any] = {}
 
         def bearer(role: str, sub: str, partner: str | None = None) -> dict[str, str]:
             token = mint_dev_token(data_dir, role=role, sub=sub, partner=partner)
@@ -214,14 +226,6 @@ class Demo:
         )
         _check(resp)
         summary = self.get(f"/cases/{case_id}/summary", self.reviewer)
-        self.out.print("reviewer dr.demo: GET /cases/{id}/summary (completeness)")
-        table = Table()
-        table.add_column("needed for the second opinion")
-        table.add_column("present", justify="right")
-        for need, value in summary["completeness"].items():
-            if isinstance(value, dict):
-                table.add_row(need, "yes" if value["present"] else "[red]missing[/red]")
-        self.out.print(table)
         resp = self.http.get(
             f"{self.base}/cases/{case_id}/bundle", headers=self.reviewer, timeout=60
         )
@@ -233,12 +237,93 @@ class Demo:
             f"{patients} Patient, {len(summary['issues'])} data-quality issues, "
             f"ETag {resp.headers['ETag']}"
         )
+        resources = [e["resource"] for e in bundle["entry"]]
+        self.show_cancer(summary, resources)
+        timeline = self.get(f"/cases/{case_id}/timeline", self.reviewer)
+        self.show_timeline(timeline)
+        self.show_completeness(summary)
+        self.collected.update(bundle=bundle, summary=summary, timeline=timeline)
         studies = self.get(f"/cases/{case_id}/dicom-web/studies", self.reviewer)
         instances = sum(int(s.get("00201208", {}).get("Value", [0])[0]) for s in studies)
         self.out.print(
             f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} study, "
             f"{instances} instances (QIDO-RS, for a viewer such as OHIF)"
         )
+
+    def show_cancer(self, summary: dict[str, Any], resources: list[dict[str, Any]]) -> None:
+        """The primary cancer condition, the question, and CEA as TumorMarkerTests in one unit."""
+        by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources}
+        for found in summary["completeness"].get("cancer", []):
+            condition = by_ref.get(found["condition"], {})
+            profiles = condition.get("meta", {}).get("profile", [])
+            claimed = any(p.endswith("/mcode-primary-cancer-condition") for p in profiles)
+            code = found["code"]
+            self.out.print(
+                f"primary cancer condition: {code.get('display')} (SNOMED {code['code']}) -> "
+                f"{found['label']}{', mCODE PrimaryCancerCondition' if claimed else ''}"
+            )
+        question = summary.get("question") or {}
+        for note in question.get("notes", []):
+            self.out.print(f"question from the referrer: {note}")
+        for specimen in summary.get("specimens", []):
+            containers = ", ".join(
+                f"{c['kind']} {i['value']}"
+                for c in specimen.get("containers", [])
+                for i in c.get("identifiers", [])
+            )
+            accession = (specimen.get("accession") or {}).get("value", "-")
+            self.out.print(f"specimen: accession {accession}; {containers}")
+        table = Table(title="CEA (LOINC 2039-6) as mCODE TumorMarkerTest, one unit")
+        for column in ("date", "value", "as received", "profile"):
+            table.add_column(column)
+        cea = [
+            r
+            for r in resources
+            if r["resourceType"] == "Observation"
+            and any(c.get("code") == "2039-6" for c in r["code"].get("coding", []))
+        ]
+        for r in sorted(cea, key=lambda r: str(r.get("effectiveDateTime"))):
+            q = r.get("valueQuantity", {})
+            original = next(
+                (e["valueQuantity"] for e in q.get("extension", []) if "valueQuantity" in e), q
+            )
+            marker = any(
+                p.endswith("/mcode-tumor-marker-test") for p in r["meta"].get("profile", [])
+            )
+            table.add_row(
+                str(r.get("effectiveDateTime", ""))[:10],
+                f"{q.get('value')} {q.get('code')}",
+                f"{original.get('value')} {original.get('code')}",
+                "TumorMarkerTest" if marker else "-",
+            )
+        self.out.print(table)
+
+    def show_timeline(self, timeline: dict[str, Any], lines: int = 8) -> None:
+        table = Table(
+            title=f"GET /cases/{{id}}/timeline: {timeline['count']} events (first {lines})"
+        )
+        for column in ("date", "kind", "what"):
+            table.add_column(column)
+        for event in timeline["events"][:lines]:
+            value = event.get("value") or {}
+            shown = f" = {value['value']} {value.get('code', '')}" if "value" in value else ""
+            table.add_row(str(event["date"])[:10], event["kind"], f"{event['display']}{shown}")
+        self.out.print(table)
+
+    def show_completeness(self, summary: dict[str, Any]) -> None:
+        completeness = summary["completeness"]
+        types = ", ".join(c["label"] for c in completeness.get("cancer", [])) or "no cancer type"
+        table = Table(title=f"what a second opinion on this case needs ({types})")
+        table.add_column("need")
+        table.add_column("present", justify="right")
+        table.add_column("resources", justify="right")
+        for need in completeness.get("checklist", []):
+            table.add_row(
+                need["key"],
+                "yes" if need["present"] else "[red]missing[/red]",
+                str(need["count"]),
+            )
+        self.out.print(table)
 
     def show_audit(self, case_id: str) -> None:
         patient = self.get(f"/cases/{case_id}", self.admin)["patient"]
@@ -272,6 +357,7 @@ class Demo:
 
     def show_delivery(self, case_id: str, ehr_base: str) -> None:
         report = self.get(f"/cases/{case_id}/report", self.reviewer)
+        self.collected["diagnosticReport"] = report.get("diagnosticReport")
         deliveries = self.get(f"/cases/{case_id}/deliveries", self.reviewer)
         dest = report.get("destination") or {}
         table = Table(title="second opinion delivered to the treating EHR")

@@ -63,7 +63,7 @@ MAPPED_FIELDS: dict[str, frozenset[int]] = {
     "OBR": frozenset({1, 2, 3, 4, 7, 22, 24, 25}),
     "OBX": frozenset({1, 2, 3, 4, 5, 6, 7, 8, 11, 14}),
     "NTE": frozenset({1, 3}),
-    "SPM": frozenset({1, 2, 4, 17}),
+    "SPM": frozenset({1, 2, 4, 17, 30}),
 }
 _OID_RE = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
@@ -635,7 +635,11 @@ def spm_to_specimen(seg: _Segment, state: _State) -> None:
         {
             "resourceType": "Specimen",
             "id": deterministic_id(state.source, "Specimen", order.report["id"], ident or seg.path),
-            "identifier": [{"value": ident}] if ident else None,
+            "identifier": [
+                _specimen_identifier(seg, 1, "PLAC"),
+                _specimen_identifier(seg, 2, "FILL"),
+            ],
+            "accessionIdentifier": _accession(seg, order.report),
             "type": cwe_to_concept(seg, 4),
             "subject": reference(state.patient) if state.patient else None,
             "collection": {"collectedDateTime": _ts(seg, 17, state)},
@@ -645,6 +649,40 @@ def spm_to_specimen(seg: _Segment, state: _State) -> None:
     order.report.setdefault("specimen", []).append(reference(specimen))
     state.resources.append(specimen)
     state.last = specimen
+
+
+def _specimen_identifier(seg: _Segment, comp: int, type_code: str) -> dict[str, Any] | None:
+    """SPM-2 Specimen ID (EIP): component 1 the placer's, 2 the filler's entity identifier (EI:
+    value & namespace & universal id & its type as subcomponents)."""
+    value = seg.get(2, comp, sub=1)
+    if not value:
+        return None
+    namespace, universal, kind = (_subcomponent(seg, 2, comp, n) for n in (2, 3, 4))
+    return _identifier(value, namespace, type_code, universal, kind)
+
+
+def _subcomponent(seg: _Segment, f: int, comp: int, sub: int) -> str:
+    """A subcomponent; empty when the component has none (`get` gives a plain component's whole
+    value for any subcomponent)."""
+    value = seg.get(f, comp, sub=sub)
+    return value if sub == 1 or value != seg.get(f, comp, sub=1) else ""
+
+
+def _accession(seg: _Segment, report: Resource) -> dict[str, Any] | None:
+    """Specimen accession number (STANDARDS UC-23): SPM-30 Accession ID (CX, v2.7+) when sent,
+    else the order's filler order number (OBR-3), which anatomic pathology uses as accession."""
+    value = seg.get(30)
+    if value:
+        namespace, universal, kind = (_subcomponent(seg, 30, 4, n) for n in (1, 2, 3))
+        return _identifier(value, namespace, "ACSN", universal, kind)
+    filler = [
+        i
+        for i in report.get("identifier") or []
+        if any(c.get("code") == "FILL" for c in (i.get("type") or {}).get("coding") or [])
+    ]
+    if not filler:
+        return None
+    return {k: v for k, v in filler[0].items() if k in ("system", "value")}
 
 
 def _finish_order(state: _State) -> None:

@@ -56,6 +56,7 @@ class ClaimContext:
     cancer: set[str] = field(default_factory=set)  # primary + secondary
     cancer_patients: set[str] = field(default_factory=set)
     issues: list[Issue] = field(default_factory=list)
+    scope: str = "source"  # what the context spans, for messages: "source" or "case"
 
 
 # --------------------------------------------------------------------------- small readers
@@ -179,7 +180,8 @@ def _tnm_profile(r: Resource, cls: str, ctx: ClaimContext, basic: bool) -> list[
                 issue(
                     "information",
                     "informational",
-                    f"{cls}: focus was empty; set to the only primary cancer condition here",
+                    f"{cls}: focus was empty; set to the only primary cancer condition of "
+                    f"this {ctx.scope}",
                     where + ".focus",
                 )
             )
@@ -189,7 +191,7 @@ def _tnm_profile(r: Resource, cls: str, ctx: ClaimContext, basic: bool) -> list[
                     "warning",
                     "incomplete",
                     f"{cls}: no focus and {len(ctx.primary)} primary cancer conditions in this "
-                    f"source; mcode-{cls} not claimed",
+                    f"{ctx.scope}; mcode-{cls} not claimed",
                     where + ".focus",
                 )
             )
@@ -199,7 +201,7 @@ def _tnm_profile(r: Resource, cls: str, ctx: ClaimContext, basic: bool) -> list[
             issue(
                 "warning",
                 "business-rule",
-                f"{cls}: focus is not a primary cancer condition of this source; "
+                f"{cls}: focus is not a primary cancer condition of this {ctx.scope}; "
                 f"mcode-{cls} not claimed",
                 where + ".focus",
             )

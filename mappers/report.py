@@ -288,6 +288,26 @@ def npi_is_valid(npi: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ReportSpecimen:
+    """A specimen the report is about: a reference the destination can resolve (the URL on the
+    EHR it came from) and/or its accession identifier, and a one-line label for the PDF."""
+
+    label: str
+    reference: str | None = None
+    identifier: tuple[str, str] | None = None  # (system, value): the accession number
+
+    def fhir(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.reference:
+            out["reference"] = self.reference
+        if self.identifier:
+            system, value = self.identifier
+            out["identifier"] = {"system": system, "value": value} if system else {"value": value}
+        out["display"] = self.label
+        return out
+
+
+@dataclass(frozen=True)
 class ReportContext:
     """What the mapper needs to know about the case and the destination; values, no clock.
 
@@ -312,6 +332,8 @@ class ReportContext:
     report_code: str | None = None
     report_code_display: str | None = None
     references: Mapping[str, str] = field(default_factory=dict)
+    question: str = ""  # the consult question (referral reason and note), shown in the report
+    specimens: tuple[ReportSpecimen, ...] = ()  # DiagnosticReport.specimen + the PDF
 
 
 @dataclass(frozen=True)
@@ -388,6 +410,7 @@ def draft_to_report(
             "effectiveDateTime": ctx.effective.isoformat(),
             "issued": ctx.issued.isoformat(),
             "performer": [reviewer_ref, org_ref],
+            "specimen": [s.fhir() for s in ctx.specimens],
             "resultsInterpreter": [reviewer_ref],
             "result": [{"reference": f"#finding-{i}"} for i in range(1, len(observations) + 1)],
             "conclusion": draft.conclusion,
@@ -625,6 +648,10 @@ def report_text(draft: ReportDraft, ctx: ReportContext, *, status: ReportStatus)
         f"Report identifier: {view.identifier}",
         f"Issued: {view.issued.isoformat()}",
     ]
+    if view.question:
+        lines += ["", "Question from the referrer:", view.question]
+    if view.specimens:
+        lines += ["", "Specimens:"] + [f"- {s}" for s in view.specimens]
     if view.findings:
         lines += ["", "Findings:"] + [f"- {label}: {value}" for label, value in view.findings]
     lines += ["", "Conclusion:", view.conclusion] + [f"- {c}" for c in view.conclusion_codes]
@@ -661,6 +688,8 @@ def _pdf_view(draft: ReportDraft, ctx: ReportContext, *, status: ReportStatus) -
         organization=ctx.organization_name,
         issued=ctx.issued,
         identifier=f"{ctx.identifier_system}|{ctx.identifier_value}",
+        question=ctx.question,
+        specimens=tuple(s.label for s in ctx.specimens),
     )
 
 
@@ -686,6 +715,11 @@ def _narrative(draft: ReportDraft, ctx: ReportContext, status: ReportStatus) -> 
     parts = [f"<p><b>{e(view.title)}</b></p>"]
     if view.status_banner:
         parts.append(f"<p><b>{e(view.status_banner)}</b></p>")
+    if view.question:
+        parts.append(f"<p>Question from the referrer: {e(view.question)}</p>")
+    if view.specimens:
+        items = "".join(f"<li>{e(s)}</li>" for s in view.specimens)
+        parts.append(f"<p>Specimens:</p><ul>{items}</ul>")
     if view.findings:
         items = "".join(f"<li>{e(label)}: {e(value)}</li>" for label, value in view.findings)
         parts.append(f"<ul>{items}</ul>")

@@ -49,6 +49,8 @@ class PdfReport:
     issued: datetime
     identifier: str
     extra_lines: tuple[str, ...] = field(default=())
+    question: str = ""  # what the referrer asked (ServiceRequest reason and note)
+    specimens: tuple[str, ...] = ()  # one line per specimen: type, accession, blocks, slides
 
 
 class _Pdf(FPDF):
@@ -93,6 +95,15 @@ def render_report_pdf(report: PdfReport, fonts: PdfFonts) -> bytes:
     _field(pdf, "Report identifier", report.identifier, wrap_chars=True)
     _field(pdf, "Issued", report.issued.isoformat())
 
+    if report.question:
+        _heading(pdf, "Question from the referrer")
+        pdf.set_font(_FAMILY, "", 11)
+        _para(pdf, report.question)
+    if report.specimens:
+        _heading(pdf, "Specimens")
+        pdf.set_font(_FAMILY, "", 10)
+        for line in report.specimens:
+            _para(pdf, f"• {line}")
     if report.findings:
         _heading(pdf, "Findings")
         for label, value in report.findings:

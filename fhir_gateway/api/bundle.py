@@ -1,7 +1,9 @@
-"""The normalised case bundle and its summary, served from the stored JSON (never re-serialised)."""
+"""The normalised case bundle, its summary and timeline, served from the stored JSON (the bundle
+is never re-serialised)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -13,6 +15,7 @@ from fhir_gateway.api.deps import STAFF, StoreDep
 from fhir_gateway.api.responses import FHIR_JSON
 from fhir_gateway.casebundle import held, normalise
 from fhir_gateway.casebundle.assemble import iter_bundle_json
+from fhir_gateway.casebundle.timeline import TIMELINE_TYPES, timeline
 from fhir_gateway.errors import ConflictError
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
@@ -21,7 +24,9 @@ from fhir_gateway.store.models import Case, CaseBundleState, NormalisedResource
 router = APIRouter(prefix="/cases", tags=["bundle"])
 
 
-def _read_built(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBundleState]:
+def _read_built(
+    s: Session, case_id: str, who: Principal, action: str = "case.bundle"
+) -> tuple[Case, CaseBundleState]:
     """The case and its stored bundle state, the read audited (409 when nothing is built)."""
     case = access.get_case(s, case_id, who)
     state = s.get(CaseBundleState, case.id)
@@ -31,7 +36,7 @@ def _read_built(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBun
         raise ConflictError(f"case not normalised yet{detail}")
     audit.record(
         s,
-        "case.bundle",
+        action,
         who.actor,
         case_id=case.id,
         patient=case.patient_ref,
@@ -79,14 +84,43 @@ def get_summary(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[s
     """Completeness for the reviewer, data-quality issues with source paths, counts per type."""
     with store.session() as s:
         case, state = _read_built(s, case_id, who)
+        summary = dict(state.summary or {})
+        question = summary.pop("question", None)
+        specimens = summary.pop("specimens", [])
         return {
             "case": case.id,
             "bundle": f"Bundle/{state.patient_id}",
             "normalisation": normalise.bundle_state(s, case.id),
-            "completeness": state.summary,
+            "completeness": summary,
+            "question": question,
+            "specimens": specimens,
             "counts": state.counts,
             "resources": state.resource_count,
             "sources": state.sources,
             "issues": state.issues,
             "identity": held.case_identity(s, case.id),
         }
+
+
+@router.get("/{case_id}/timeline")
+def get_timeline(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
+    """The case's events in date order, computed from the stored normalised bundle (audited)."""
+    with store.session() as s:
+        case, state = _read_built(s, case_id, who, "case.timeline")
+        bodies = s.scalars(
+            select(NormalisedResource.body)
+            .where(
+                NormalisedResource.case_id == case.id,
+                NormalisedResource.resource_type.in_(sorted(TIMELINE_TYPES)),
+            )
+            .order_by(NormalisedResource.position)
+        ).all()
+        patient_id, etag = state.patient_id, state.etag
+    events = timeline(json.loads(body) for body in bodies)
+    return {
+        "case": case.id,
+        "bundle": f"Bundle/{patient_id}",
+        "etag": etag,
+        "count": len(events),
+        "events": events,
+    }

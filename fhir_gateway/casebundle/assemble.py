@@ -7,7 +7,10 @@
 - one Provenance per source (agent = the source system as author, the gateway as transmitter;
   STANDARDS.md PV-01..PV-03);
 - every reference resolves inside the bundle (unresolvable ones are reported and kept as display);
-- a completeness summary for the reviewer.
+- mCODE claims that depend on other resources decided again over the whole case
+  (`casebundle.claims`: a staging in one source whose primary cancer is in another);
+- a summary for the reviewer: completeness per cancer type (`casebundle.completeness`), the
+  consult question and the specimens (`casebundle.consult`).
 
 `iter_bundle_json()` streams a Bundle from already-serialised resource JSON (the service keeps
 JSON as stored, DESIGN.md: "serve bundles by streaming stored JSON").
@@ -20,6 +23,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fhir_gateway.casebundle import consult
+from fhir_gateway.casebundle.claims import claim_across_case
+from fhir_gateway.casebundle.completeness import completeness as case_completeness
 from fhir_gateway.resources import Resource, deterministic_id
 
 Issue = dict[str, Any]
@@ -30,21 +36,6 @@ DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 GATEWAY_NAME = "fhir-gateway"
 DEFAULT_BASE_URL = "https://fhir-gateway.local/fhir"
 
-# Completeness summary: what a reviewer needs -> the classes (mappers/codes/classes.json) that
-# provide it.
-COMPLETENESS: dict[str, tuple[str, ...]] = {
-    "primary_cancer_condition": ("primary-cancer-condition",),
-    "pathology_report": ("pathology-report",),
-    "staging": (
-        "tnm-stage-group",
-        "tnm-primary-tumor-category",
-        "tnm-regional-nodes-category",
-        "tnm-distant-metastases-category",
-        "cancer-stage",
-    ),
-    "tumour_markers": ("tumor-marker",),
-    "imaging": ("imaging-study", "imaging-report"),
-}
 _EFFECTIVE_KEYS = (
     "effectiveDateTime",
     "effectivePeriod",
@@ -155,14 +146,6 @@ def _ref(resource: Resource) -> str:
     return f"{resource['resourceType']}/{resource['id']}"
 
 
-def _classes(resource: Resource) -> list[str]:
-    return [
-        str(t.get("code"))
-        for t in (resource.get("meta") or {}).get("tag") or []
-        if t.get("system") == CLASS_SYSTEM
-    ]
-
-
 # --------------------------------------------------------------------------- assembly
 
 
@@ -220,10 +203,20 @@ def assemble_case_bundle(
                 f"{unresolved} references to resources that no source sent; kept as display",
             )
         )
+    claim_across_case(resources, issues)
+    referral = {
+        t
+        for batch, targets in zip(sources, targets_per_source, strict=True)
+        if batch.kind == "referral"
+        for t in targets
+    }
+    summary = completeness(resources)
+    summary["question"] = consult.consult_question(resources, referral)
+    summary["specimens"] = consult.specimens(resources)
     for batch, targets in zip(sources, targets_per_source, strict=True):
         if targets:
             resources.append(_provenance(patient_id, batch, targets))
-    return CaseBundle(patient_id, resources, issues, completeness(resources), base_url)
+    return CaseBundle(patient_id, resources, issues, summary, base_url)
 
 
 def _case_patient(
@@ -428,14 +421,6 @@ def _provenance(patient_id: str, batch: SourceBatch, targets: list[str]) -> Reso
 
 
 def completeness(resources: Iterable[Resource]) -> dict[str, Any]:
-    """{need: {"present": bool, "count": n}} over the classes tagged on the resources."""
-    counts: dict[str, int] = {}
-    for resource in resources:
-        for cls in _classes(resource):
-            counts[cls] = counts.get(cls, 0) + 1
-    summary: dict[str, Any] = {}
-    for need, classes in COMPLETENESS.items():
-        count = sum(counts.get(c, 0) for c in classes)
-        summary[need] = {"present": count > 0, "count": count}
-    summary["missing"] = [need for need in COMPLETENESS if not summary[need]["present"]]
-    return summary
+    """`{need: {"present", "count", "resources"}}` for the general needs, plus `cancer`,
+    `checklist` (general and cancer-type needs) and `missing` (casebundle/completeness.py)."""
+    return case_completeness(resources)

@@ -2,5 +2,5 @@
 job that sends the DiagnosticReport to the treating EHR exactly once; the PDF's fonts.
 
 May import: `store`, `jobs`, `metrics`, `intake`, `security`, `records.partner_clients`,
-`connectors`, `mappers`.
+`casebundle.report_inputs` (the consult question and specimens), `connectors`, `mappers`.
 """

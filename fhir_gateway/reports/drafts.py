@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
+from fhir_gateway.casebundle.report_inputs import report_question_and_specimens
 from fhir_gateway.errors import (
     ConflictError,
     NotFoundError,
@@ -240,6 +241,9 @@ def build_report(
     sr_row = session.get(FhirResource, ("ServiceRequest", case.service_request_id))
     sr_ident = next(iter(identifiers_of(sr_row.body)), None) if sr_row is not None else None
     org = settings.partners.organization
+    question, specimens = report_question_and_specimens(
+        session, case, f"{settings.public_base_url.rstrip('/')}/fhir"
+    )
     ctx = ReportContext(
         case_id=case.id,
         identifier_system=report.identifier_system,
@@ -255,6 +259,8 @@ def build_report(
         patient_name=patient_name,
         report_code=dest.report_code if dest else None,
         references=case_references(session, case, draft, settings),
+        question=question,
+        specimens=specimens,
     )
     return draft_to_report(draft, ctx, status=status, fonts=fonts)
 

@@ -53,6 +53,7 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "case.list": ("search-type", "E"),
     "case.assign": ("update", "U"),
     "case.bundle": ("read", "R"),
+    "case.timeline": ("read", "R"),
     "records.pull": ("create", "C"),
     "images.pull": ("create", "C"),
     "images.retrieve": ("read", "R"),

@@ -113,6 +113,10 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
         lambda c, k, h: c.get(f"/cases/{k.id}/summary", headers=h),
         (401, 403, 403, 409, 403, 403, 409),
     ),
+    "GET /cases/{id}/timeline": (
+        lambda c, k, h: c.get(f"/cases/{k.id}/timeline", headers=h),
+        (401, 403, 403, 409, 403, 403, 409),
+    ),
     "GET /cases/{id}/dicom-web/studies": (
         lambda c, k, h: c.get(f"/cases/{k.id}/dicom-web/studies", headers=h),
         (401, 403, 403, 200, 403, 403, 200),

@@ -72,7 +72,8 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert "Task.status = received" in out
     assert "cases: 1 (no second case)" in out
     # the records of the Synthea patient in the sandbox EHR were pulled over SMART
-    assert re.search(r"Observation\s+│\s+74 │", out), out
+    # 74 Synthea observations + the authored oncology supplement (3 CEA, 1 stage group)
+    assert re.search(r"Observation\s+│\s+78 │", out), out
     assert re.search(r"Procedure\s+│\s+10 │", out), out
     assert "job done" in out
     assert "partial" not in out  # $everything asked only for what the token covers
@@ -85,6 +86,14 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert "Dog" not in out  # the other patient's name is never shown
     assert re.search(r"imaging\s+│\s+yes", out), out
     assert "1 Patient" in out  # the normalised case bundle
+    # the case a specialist needs: primary cancer, CEA in one unit, timeline, completeness
+    assert "primary cancer condition: Primary malignant neoplasm of colon" in out
+    assert "mCODE PrimaryCancerCondition" in out
+    assert re.search(r"2017-06-20 │ 4.1 ng/mL │ 4.1 ug/L\s+│ TumorMarkerTest", out), out
+    assert re.search(r"GET /cases/\{id\}/timeline: \d+ events", out), out
+    assert re.search(r"cea\s+│\s+yes │\s+3 │", out), out
+    assert re.search(r"kras_nras_braf\s+│\s+missing │", out), out
+    assert "accession S17-0412; block S17-0412-A1, slide S17-0412-A1-1" in out
     assert "audit chain verified" in out
     # the second opinion reached the sandbox EHR once and the referral Task is closed
     assert "delivered after 1 attempt(s), HTTP 201" in out

@@ -286,3 +286,43 @@ def test_unusable_font_file_is_a_config_error(tmp_path: Path):
     bad.write_bytes(b"not a font")
     with pytest.raises(ConfigError, match="not a TrueType"):
         find_report_fonts(regular=bad)
+
+
+def test_question_and_specimens_in_report_pdf_and_text(fonts, tmp_path: Path):
+    """The consult question and the specimen identifiers are carried into the report: the PDF,
+    the text form, the narrative, and DiagnosticReport.specimen (reference and accession)."""
+    from mappers.report import ReportSpecimen
+
+    specimens = (
+        ReportSpecimen(
+            "Colon resection specimen; accession S17-0412; block S17-0412-A1",
+            reference=f"{EHR}/Specimen/sp-1",
+            identifier=("urn:oid:2.16.840.1.113883.3.9999.5", "S17-0412"),
+        ),
+        ReportSpecimen("Slide; accession S17-0413", identifier=("", "S17-0413")),
+    )
+    question = "Oncology second opinion for Colon ca. Is adjuvant chemotherapy indicated?"
+    ctx = context(question=question, specimens=specimens)
+    out = draft_to_report(parse_draft(draft_data()), ctx, status="final", fonts=fonts)
+    dr = out.diagnostic_report
+    DiagnosticReport.model_validate(dr)
+    assert dr["meta"]["profile"] == [US_CORE_DR_NOTE]
+    assert dr["specimen"] == [
+        {
+            "reference": f"{EHR}/Specimen/sp-1",
+            "identifier": {"system": "urn:oid:2.16.840.1.113883.3.9999.5", "value": "S17-0412"},
+            "display": specimens[0].label,
+        },
+        {"identifier": {"value": "S17-0413"}, "display": specimens[1].label},
+    ]
+    assert "Question from the referrer:\n" + question in out.text
+    assert "- Slide; accession S17-0413" in out.text
+    assert "adjuvant chemotherapy" in dr["text"]["div"]
+    text = " ".join(pdf_text(out.pdf, tmp_path).split())
+    assert "Question from the referrer" in text
+    assert "S17-0412-A1" in text
+    assert "S17-0413" in text
+    # without a question or specimens the report has neither section
+    plain = draft_to_report(parse_draft(draft_data()), context(), status="final", fonts=fonts)
+    assert "specimen" not in plain.diagnostic_report
+    assert "Question from the referrer" not in plain.text

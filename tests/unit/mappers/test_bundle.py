@@ -64,7 +64,9 @@ def test_conflicting_demographics_are_flagged_not_merged() -> None:
 
 def test_completeness_summary_counts_what_the_reviewer_needs() -> None:
     case = case_of([FIXTURES / "fhir" / "ctms_breast_metastatic_patient_data.json"])
-    assert case.summary["primary_cancer_condition"] == {"present": True, "count": 1}
+    primary = case.summary["primary_cancer_condition"]
+    assert (primary["present"], primary["count"]) == (True, 1)
+    assert primary["resources"][0].startswith("Condition/")
     assert case.summary["tumour_markers"]["present"] is True
     assert case.summary["staging"]["count"] == 2
     assert "pathology_report" in case.summary["missing"]
