@@ -218,14 +218,21 @@ class Excluded:
     studies: frozenset[str] = frozenset()
     patients: frozenset[tuple[str, str]] = field(default_factory=frozenset)
 
+    def keeps_study(self, resource_type: str, body: Any) -> bool:
+        """Whether an ImagingStudy (pulled, or named in the referral) is of no held study."""
+        if resource_type != "ImagingStudy" or not self.studies or not isinstance(body, dict):
+            return True
+        for ident in body.get("identifier") or []:
+            uid = str((ident or {}).get("value") or "").removeprefix("urn:oid:")
+            if uid in self.studies:
+                return False
+        return True
+
     def keeps(self, row: StoredResource) -> bool:
         """Whether a stored resource may enter the bundle."""
         body = row.body if isinstance(row.body, dict) else {}
-        if row.resource_type == "ImagingStudy" and self.studies:
-            for ident in body.get("identifier") or []:
-                uid = str((ident or {}).get("value") or "").removeprefix("urn:oid:")
-                if uid in self.studies:
-                    return False
+        if not self.keeps_study(row.resource_type, body):
+            return False
         if not self.patients:
             return True
         if row.resource_type == "Patient" and (row.source, row.source_id) in self.patients:

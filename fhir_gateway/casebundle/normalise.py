@@ -108,6 +108,8 @@ def _referral_batch(session: Session, case: Case) -> SourceBatch | None:
             if target is not None and target.case_id is None:
                 rows.append(target)
                 frontier.append(target)
+    out = held.excluded(session, case.id)  # a held study named by the referral stays out too
+    rows = [r for r in rows if out.keeps_study(r.resource_type, r.body)]
     if not rows:
         return None
     items = [

@@ -28,7 +28,7 @@ from fhir_gateway.sandbox import SandboxServer
 from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.settings import DicomwebEndpoint, Partner, PartnerIdentifier, Settings
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import AuditRow, HeldItem, Job, StoredResource
+from fhir_gateway.store.models import AuditRow, FhirResource, HeldItem, Job, StoredResource
 from tests.api.test_case_bundle import store_of
 from tests.api.test_pull_end_to_end import pull_job
 from tests.conftest import FHIR_JSON, FIXTURES, SYNTHEA, Tokens, load_fixture, partner_sandbox
@@ -171,6 +171,36 @@ def test_foreign_study_is_held_then_released_into_qido_and_bundle(
         ("identity.release", "op"),
     ]
     assert "identity:mismatch:identifier,name" in actions[0][2]
+
+
+def test_held_study_named_by_an_imagingstudy_in_the_referral_stays_out(
+    imaging: ImagingWorld,
+) -> None:
+    """The referral's own ImagingStudy entry for a held study is kept out of the bundle too."""
+    w = imaging
+    ct, mr = uid(CT2[0]), uid(MR1[0])
+    with w.store.session() as s:
+        s.add(
+            FhirResource(
+                resource_type="ImagingStudy",
+                id="referral-mr",
+                case_id=w.case_id,
+                body={
+                    "resourceType": "ImagingStudy",
+                    "id": "referral-mr",
+                    "status": "available",
+                    "subject": {"reference": f"Patient/pat-{w.case_id}"},
+                    "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{mr}"}],
+                },
+            )
+        )
+    normalise.normalise_case(w.store, w.settings, w.case_id)
+    assert w.bundle_studies() == {ct}
+    (item,) = w.identity()["items"]
+    resp = w.client.post(f"/cases/{w.case_id}/held/{item['id']}/$release", headers=w.admin)
+    assert resp.status_code == 200, resp.text
+    normalise.normalise_case(w.store, w.settings, w.case_id)
+    assert w.bundle_studies() == {ct, mr}
 
 
 def test_rejected_study_stays_out_after_a_re_pull(imaging: ImagingWorld) -> None:
