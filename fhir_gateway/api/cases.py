@@ -36,7 +36,7 @@ def list_cases(
     store: StoreDep, status: str | None = None, who: Principal = STAFF
 ) -> list[dict[str, Any]]:
     """Cases the caller may see (admin: all; reviewer: the ones assigned to them)."""
-    with store.session() as s:
+    with store.session(readonly=True) as s:  # no write lock while reading (SQLite)
         visible = access.visible_case_ids(s, who)
         stmt = select(Case).order_by(Case.created_at.desc())
         if visible is not None:
@@ -44,8 +44,9 @@ def list_cases(
         if status:
             stmt = stmt.where(Case.status == status)
         found = [views.case_summary(c) for c in s.scalars(stmt)]
+    with store.session() as s:  # audited before anything is answered
         audit.record(s, "case.list", who.actor, entity=[f"count:{len(found)}"])
-        return found
+    return found
 
 
 @router.get("/{case_id}")

@@ -12,7 +12,13 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fhir_gateway.errors import AuthError, GatewayError, UpstreamError, operation_outcome
+from fhir_gateway.errors import (
+    AuthError,
+    GatewayError,
+    StoreBusyError,
+    UpstreamError,
+    operation_outcome,
+)
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 log = structlog.get_logger(__name__)
@@ -51,6 +57,14 @@ def add_error_handlers(app: FastAPI) -> None:
             if (type(exc) is AuthError)
             else None
         )
+        if isinstance(exc, StoreBusyError):  # nothing changed: the caller may simply retry
+            log.warning("request.busy", status=exc.status_code)
+            return outcome_response(
+                exc.status_code,
+                exc.issue_code,
+                exc.message,
+                headers={"Retry-After": str(exc.retry_after)},
+            )
         if exc.status_code >= 500:
             log.error("request.failed", error=type(exc).__name__, status=exc.status_code)
             if not isinstance(exc, UpstreamError):  # internal detail (paths, config) stays here

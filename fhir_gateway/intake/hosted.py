@@ -1,15 +1,18 @@
 """Resources we host at /fhir (referral Patient, ServiceRequest, Task, ...): versions, identifiers.
 
 Each write bumps `meta.versionId` (served as `ETag: W/"n"`) and `meta.lastUpdated`; identifiers
-are indexed for conditional create (`If-None-Exist: identifier=...`) and `?identifier=` search.
+are indexed for conditional create (`If-None-Exist: identifier=...`) and `?identifier=` search
+as (partner, type, sha256(system), sha256(value)), unique: any length, one lookup by index.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
+from urllib.parse import unquote
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -94,16 +97,56 @@ def update(session: Session, row: FhirResource, body: Resource) -> FhirResource:
     return row
 
 
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+IdentifierKey = tuple[str, str]  # (sha256 of the system, sha256 of the value)
+
+
+def identifier_keys(resource: Resource) -> list[IdentifierKey]:
+    """The index keys of a resource's identifiers, in order, without repeats."""
+    keys: dict[IdentifierKey, None] = {}
+    for system, value in identifiers_of(resource):
+        keys[(sha256_hex(system), sha256_hex(value))] = None
+    return list(keys)
+
+
 def _index(session: Session, row: FhirResource) -> None:
-    for system, value in set(identifiers_of(row.body)):
+    for system_hash, value_hash in identifier_keys(row.body):
         session.add(
             ResourceIdentifier(
+                partner_id=row.partner_id or "",
                 resource_type=row.resource_type,
+                value_hash=value_hash,
+                system_hash=system_hash,
                 resource_id=row.id,
-                system=system[:512],
-                value=value[:512],
             )
         )
+
+
+def match_identifiers(
+    session: Session, partner_id: str, resource_type: str, keys: Iterable[IdentifierKey]
+) -> dict[IdentifierKey, str]:
+    """Which of `keys` the partner already holds for this type: key -> resource id (batched,
+    by index)."""
+    wanted = set(keys)
+    found: dict[IdentifierKey, str] = {}
+    values = sorted({v for _, v in wanted})
+    for start in range(0, len(values), 500):
+        stmt = select(
+            ResourceIdentifier.system_hash,
+            ResourceIdentifier.value_hash,
+            ResourceIdentifier.resource_id,
+        ).where(
+            ResourceIdentifier.partner_id == partner_id,
+            ResourceIdentifier.resource_type == resource_type,
+            ResourceIdentifier.value_hash.in_(values[start : start + 500]),
+        )
+        for system_hash, value_hash, rid in session.execute(stmt):
+            if (system_hash, value_hash) in wanted:
+                found[(system_hash, value_hash)] = rid
+    return found
 
 
 def read(session: Session, resource_type: str, rid: str) -> FhirResource:
@@ -116,8 +159,8 @@ def read(session: Session, resource_type: str, rid: str) -> FhirResource:
 def find_by_identifier(
     session: Session, resource_type: str, token: str, *, partner_id: str | None
 ) -> Sequence[FhirResource]:
-    """Resources of a type with identifier `system|value` (or bare `value`), for one partner
-    (`partner_id` None: all partners)."""
+    """Resources of a type with identifier `system|value` (or bare `value`: any system), for
+    one partner (`partner_id` None: all partners). One indexed lookup, whatever the length."""
     system, value = split_token(token)
     stmt = (
         select(FhirResource)
@@ -126,14 +169,20 @@ def find_by_identifier(
             (ResourceIdentifier.resource_type == FhirResource.resource_type)
             & (ResourceIdentifier.resource_id == FhirResource.id),
         )
-        .where(ResourceIdentifier.resource_type == resource_type, ResourceIdentifier.value == value)
-        .distinct()
+        .where(
+            ResourceIdentifier.resource_type == resource_type,
+            ResourceIdentifier.value_hash == sha256_hex(value),
+        )
+        .order_by(FhirResource.last_updated, FhirResource.id)
     )
     if system is not None:
-        stmt = stmt.where(ResourceIdentifier.system == system)
+        stmt = stmt.where(ResourceIdentifier.system_hash == sha256_hex(system))
     if partner_id is not None:
-        stmt = stmt.where(FhirResource.partner_id == partner_id)
-    return session.scalars(stmt).all()
+        stmt = stmt.where(ResourceIdentifier.partner_id == partner_id)
+    rows: dict[str, FhirResource] = {}
+    for row in session.scalars(stmt):  # one row per matching identifier: keep each resource once
+        rows.setdefault(row.id, row)
+    return list(rows.values())
 
 
 def conditional_match(
@@ -149,12 +198,16 @@ def conditional_match(
     params = [p for p in criteria.split("&") if p]
     if len(params) != 1 or not params[0].startswith("identifier="):
         raise InputError(
-            f"If-None-Exist supports only 'identifier=system|value', got {criteria!r}",
+            "conditional create supports exactly one criterion, 'identifier=system|value'",
             expression=[f"{resource_type}.identifier"],
         )
-    matches = find_by_identifier(
-        session, resource_type, params[0].split("=", 1)[1], partner_id=partner_id
-    )
+    token = unquote(params[0].split("=", 1)[1])
+    if not token.split("|", 1)[-1]:
+        raise InputError(
+            "conditional create needs an identifier value",
+            expression=[f"{resource_type}.identifier"],
+        )
+    matches = find_by_identifier(session, resource_type, token, partner_id=partner_id)
     if len(matches) > 1:
         raise PreconditionFailedError(
             f"If-None-Exist matched {len(matches)} {resource_type} resources"

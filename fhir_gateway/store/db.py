@@ -1,4 +1,10 @@
-"""Engine and session factory; SQLite in WAL mode with serialised writers, or PostgreSQL."""
+"""Engine and session factory; SQLite in WAL mode with serialised writers, or PostgreSQL.
+
+Writing sessions on SQLite start with `BEGIN IMMEDIATE` (the write lock, so two writers queue
+at BEGIN instead of failing at COMMIT); read-only sessions (`session(readonly=True)`) start a
+plain deferred transaction and read their WAL snapshot without taking or waiting for that lock.
+A database that stays locked or busy surfaces as `StoreBusyError` (503 + Retry-After).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from fhir_gateway.errors import StoreBusyError
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READONLY = "fhir_gateway_readonly"  # execution option of read-only sessions
+# PostgreSQL SQLSTATEs that mean "busy, try again": deadlock, serialization, lock timeout.
+_PG_BUSY = {"40P01", "40001", "55P03"}
 
 
 class Store:
@@ -23,15 +35,30 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._factory = sessionmaker(engine, expire_on_commit=False)
+        self._read_factory = sessionmaker(
+            engine.execution_options(**{READONLY: True}), expire_on_commit=False
+        )
 
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._factory() as session, session.begin():
-            yield session
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """One transaction. `readonly=True`: for reads only (GET handlers, lookups before a
+        write); on SQLite it takes no write lock, so a long write does not hold it up.
+
+        Raises:
+            StoreBusyError: the database stayed locked/busy (nothing was changed).
+        """
+        factory = self._read_factory if readonly else self._factory
+        try:
+            with factory() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            if _is_busy(exc):
+                raise StoreBusyError("the database is busy; retry shortly") from exc
+            raise
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -44,6 +71,14 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _is_busy(exc: OperationalError) -> bool:
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+    return getattr(orig, "sqlstate", None) in _PG_BUSY
 
 
 def alembic_config(url: str) -> Config:
@@ -91,7 +126,10 @@ def _sqlite_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock at BEGIN: two workers claiming a job serialise here
-        # instead of failing at COMMIT with "database is locked".
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # instead of failing at COMMIT with "database is locked". Readers need no lock.
+        if conn.get_execution_options().get(READONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
