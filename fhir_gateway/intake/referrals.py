@@ -417,6 +417,13 @@ def _match(session: Session, plan: _Plan) -> _Matches:
             # identifies another resource of this partner: two resources cannot share it.
             taken = next((i for i, k in enumerate(e.keys) if k in held), None)
             if taken is not None:
+                # Or a concurrent push committed it between the two queries: ask again.
+                again = hosted.conditional_match(
+                    session, e.rtype, str(e.if_none_exist), partner_id=plan.partner.id
+                )
+                if again is not None:
+                    existing[e.index] = again.id
+                    continue
                 raise ConflictError(
                     f"an identifier of this {e.rtype} already identifies another {e.rtype} "
                     "of this partner",

@@ -90,10 +90,11 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Open (and by default migrate) the database at `url`."""
+def open_store(url: str, *, migrate: bool = True, busy_timeout_s: float = 30.0) -> Store:
+    """Open (and by default migrate) the database at `url`. `busy_timeout_s`: how long a
+    SQLite writer waits for the write lock before `StoreBusyError`."""
     engine = (
-        _sqlite_engine(url)
+        _sqlite_engine(url, busy_timeout_s)
         if url.startswith("sqlite")
         else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     )
@@ -103,13 +104,15 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
     return store
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     # hide_parameters: database errors must not carry patient data into logs.
     engine = create_engine(
-        url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+        url,
+        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+        hide_parameters=True,
     )
 
     @event.listens_for(engine, "connect")
@@ -120,7 +123,7 @@ def _sqlite_engine(url: str) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
