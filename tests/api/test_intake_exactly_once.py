@@ -34,7 +34,7 @@ ROUNDS = 3
 def referral(tag: str, *, long: int = 0) -> dict[str, Any]:
     """The fixture referral with its Patient/ServiceRequest/Task identifiers made unique by
     `tag` (and padded to `long` characters when given)."""
-    bundle = copy.deepcopy(load_fixture("referrals/referral-transaction.json"))
+    bundle: dict[str, Any] = copy.deepcopy(load_fixture("referrals/referral-transaction.json"))
     for entry in bundle["entry"]:
         res, req = entry["resource"], entry["request"]
         if res["resourceType"] == "Organization":
