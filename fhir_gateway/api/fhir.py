@@ -42,11 +42,11 @@ FHIR_BODY = {
 }
 
 
-def _etag(row: FhirResource) -> str:
+def _etag(row: FhirResource | referrals.EntryOutcome) -> str:
     return f'W/"{row.version_id}"'
 
 
-def _headers(row: FhirResource) -> dict[str, str]:
+def _headers(row: FhirResource | referrals.EntryOutcome) -> dict[str, str]:
     return {
         "ETag": _etag(row),
         "Location": f"{row.resource_type}/{row.id}/_history/{row.version_id}",
@@ -187,7 +187,7 @@ def _intake_options(settings: Settings) -> referrals.IntakeOptions:
 def _transaction_response(result: referrals.IntakeResult) -> Resource:
     entries = []
     for out in result.entries:
-        row = out.row
+        row = out
         entries.append(
             {
                 "response": {
@@ -238,7 +238,7 @@ async def create(
             store, body, who, settings.partners, if_none_exist, _intake_options(settings)
         )
         out = result.entries[0]
-        return out.row.body, _headers(out.row), 201 if out.created else 200
+        return out.body or {}, _headers(out), 201 if out.created else 200
 
     payload, headers, status = await run_in_threadpool(run)
     return FhirResponse(payload, status_code=status, headers=headers)

@@ -12,14 +12,15 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import delete, select
+from sqlalchemy import Integer, String, Text, column, delete, insert, select, table
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import InputError, NotFoundError, PreconditionFailedError
 from fhir_gateway.resources import Resource, identifiers_of, split_token
-from fhir_gateway.store.models import FhirResource, ResourceIdentifier, utcnow
+from fhir_gateway.store.models import FhirResource, ResourceIdentifier, UTCDateTime, utcnow
 
 # What a partner may push to us (a referral and what supports it).
 HOSTED_TYPES = frozenset(
@@ -123,6 +124,44 @@ def _index(session: Session, row: FhirResource) -> None:
                 resource_id=row.id,
             )
         )
+
+
+# fhir_resources with `body` as plain text: rows whose JSON was serialised before the write
+# transaction began are inserted as they are (Core executemany, no ORM objects).
+_RESOURCE_ROWS = table(
+    "fhir_resources",
+    column("resource_type", String),
+    column("id", String),
+    column("version_id", Integer),
+    column("partner_id", String),
+    column("case_id", String),
+    column("last_updated", UTCDateTime()),
+    column("body", Text),
+)
+
+INSERT_BATCH = 100
+_KEY_ROWS = table(
+    "resource_identifiers",
+    *(column(name, String) for name in ("partner_id", "resource_type", "value_hash")),
+    column("system_hash", String),
+    column("resource_id", String),
+)
+
+
+def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str, str]]) -> None:
+    """Insert new resources (`body` already JSON text) and their identifier keys in bulk.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: an identifier key is taken (a concurrent push of the
+        same resources won): the caller's transaction must be rolled back and re-run.
+    """
+    # In batches: one sqlite3 executemany keeps the GIL between its rows (it hands it back
+    # only around each sqlite3_step and takes it straight back), which starved every other
+    # request of the process for the whole insert (1.3 s at 8,000 rows, /health included).
+    for start in range(0, len(rows), INSERT_BATCH):
+        session.execute(insert(_RESOURCE_ROWS), rows[start : start + INSERT_BATCH])
+    for start in range(0, len(keys), INSERT_BATCH):
+        session.execute(insert(_KEY_ROWS), keys[start : start + INSERT_BATCH])
 
 
 def match_identifiers(

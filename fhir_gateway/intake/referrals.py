@@ -14,14 +14,17 @@ big push holds the SQLite write lock only for its inserts.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,17 +44,23 @@ from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import Case, FhirResource, ResourceIdentifier, utcnow
+from fhir_gateway.store.models import Case, FhirResource, json_text, utcnow
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass
 class EntryOutcome:
-    """What happened to one request entry (one transaction-response entry)."""
+    """What happened to one request entry (one transaction-response entry): the stored
+    resource's type, id and version (its body only for a single POST)."""
 
-    row: FhirResource
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime
     created: bool
+    case_id: str | None = None
+    body: Resource | None = None
 
     @property
     def status(self) -> str:
@@ -241,9 +250,11 @@ def _run(
         prepared = _prepare(plan, matches)
         try:
             with store.session() as s:
-                again = _match(s, plan)
-                if again != matches:  # someone stored some of these since: prepare again
-                    matches, prepared = again, _prepare(plan, again)
+                # Identifiers stored since the lookup make the insert fail (unique key) and the
+                # push run again; conditional criteria are not all keys: ask them again here.
+                if _conditional_changed(s, plan, matches):
+                    matches = _match(s, plan)
+                    prepared = _prepare(plan, matches)
                 return _write(s, plan, matches, prepared, who, options)
         except IntegrityError:
             log.info("referral.intake.race", attempt=attempt, entries=len(entries))
@@ -454,6 +465,19 @@ def _identifier_index(e: _Entry, key_index: int) -> int:
     return key_index
 
 
+def _conditional_changed(session: Session, plan: _Plan, matches: _Matches) -> bool:
+    for e in plan.entries:
+        if (
+            e.if_none_exist
+            and e.index not in matches.existing
+            and hosted.conditional_match(
+                session, e.rtype, e.if_none_exist, partner_id=plan.partner.id
+            )
+        ):
+            return True
+    return False
+
+
 @dataclass
 class _Prepared:
     ids: dict[int, str]  # entry index -> server id
@@ -498,7 +522,7 @@ def _prepare(plan: _Plan, matches: _Matches) -> _Prepared:
                 "partner_id": plan.partner.id,
                 "case_id": None,
                 "last_updated": now,
-                "body": body,
+                "body": json_text(body),  # serialised here, outside the write transaction
             }
         )
         for system_hash, value_hash in e.keys:
@@ -524,40 +548,56 @@ def _write(
     who: Principal,
     options: IntakeOptions,
 ) -> IntakeResult:
-    if prepared.rows:
-        session.execute(insert(FhirResource), prepared.rows)
-    if prepared.keys:
-        session.execute(insert(ResourceIdentifier), prepared.keys)
-    # What the response needs of every entry (bodies only for a single POST).
-    wanted = {(e.rtype, prepared.ids[e.index]) for e in plan.entries}
-    rows = _load(session, wanted, bodies=not plan.bundle_mode)
-    created = {(r["resource_type"], r["id"]) for r in prepared.rows}
-    outcomes = [
-        EntryOutcome(
-            rows[(e.rtype, prepared.ids[e.index])],
-            created=(e.rtype, prepared.ids[e.index]) in created and e.index not in matches.repeats,
-        )
+    """The write transaction: bulk inserts (Core, bodies already serialised), the case, the
+    jobs, the audit row. Kept short: on SQLite it holds the database's one write lock."""
+    started = time.perf_counter()
+    hosted.insert_new(session, prepared.rows, prepared.keys)
+    created_at = {r["id"]: r["last_updated"] for r in prepared.rows}
+    # Version and time of entries that were there already (their bodies only for a single POST).
+    before = {
+        (e.rtype, prepared.ids[e.index])
         for e in plan.entries
-    ]
+        if prepared.ids[e.index] not in created_at
+    }
+    known = _load(session, before, bodies=not plan.bundle_mode)
+    outcomes: list[EntryOutcome] = []
+    for e in plan.entries:
+        rid = prepared.ids[e.index]
+        if rid in created_at:
+            body = (
+                None
+                if plan.bundle_mode
+                else next(json.loads(r["body"]) for r in prepared.rows if r["id"] == rid)
+            )
+            outcomes.append(
+                EntryOutcome(
+                    e.rtype, rid, 1, created_at[rid], e.index not in matches.repeats, None, body
+                )
+            )
+        else:
+            outcomes.append(known[(e.rtype, rid)])
     result = IntakeResult(entries=outcomes, case_id=None, new_case=False)
-    task_entry = next((e for e in plan.entries if e.rtype == "Task"), None)
-    if task_entry is not None:
-        task_out = outcomes[plan.entries.index(task_entry)]
+    task_at = next((i for i, e in enumerate(plan.entries) if e.rtype == "Task"), None)
+    if task_at is not None:
+        task_out = outcomes[task_at]
         if task_out.created:
-            task_row = session.get(FhirResource, ("Task", task_out.row.id))
+            task_row = session.get(FhirResource, ("Task", task_out.id))
             assert task_row is not None
             _open_case(session, task_row, plan.partner, who, options.our_org, result)
-            task_out.row = task_row
+            task_out.version_id, task_out.last_updated = task_row.version_id, task_row.last_updated
+            task_out.case_id = task_row.case_id
+            if task_out.body is not None:
+                task_out.body = task_row.body
         else:
-            result.case_id = task_out.row.case_id
+            result.case_id = task_out.case_id
     if not plan.bundle_mode and result.case_id is None and outcomes[0].created:
-        row = outcomes[0].row
+        out = outcomes[0]
         audit.record(
             session,
             "resource.create",
             who.actor,
-            patient=_patient_of(row.resource_type, row.id, row.body),
-            entity=[f"{row.resource_type}/{row.id}"],
+            patient=_patient_of(out.resource_type, out.id, out.body),
+            entity=[f"{out.resource_type}/{out.id}"],
         )
     log.info(
         "referral.intake.stored",
@@ -565,43 +605,42 @@ def _write(
         entries=len(plan.entries),
         created=len(prepared.rows),
         case_id=result.case_id,
+        write_ms=round((time.perf_counter() - started) * 1000),  # before COMMIT
     )
     return result
 
 
 def _load(
     session: Session, wanted: set[tuple[str, str]], *, bodies: bool
-) -> dict[tuple[str, str], FhirResource]:
-    """Rows by (type, id), batched; without bodies, only what a transaction-response needs."""
+) -> dict[tuple[str, str], EntryOutcome]:
+    """Stored entries by (type, id), batched: version, time, case (and body when asked)."""
     by_type: dict[str, list[str]] = {}
     for rtype, rid in wanted:
         by_type.setdefault(rtype, []).append(rid)
-    out: dict[tuple[str, str], FhirResource] = {}
-    cols = (
-        FhirResource.resource_type,
-        FhirResource.id,
-        FhirResource.version_id,
-        FhirResource.last_updated,
-        FhirResource.case_id,
-    )
+    out: dict[tuple[str, str], EntryOutcome] = {}
     for rtype, ids in by_type.items():
         for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            where = (FhirResource.resource_type == rtype, FhirResource.id.in_(chunk))
+            where = (
+                FhirResource.resource_type == rtype,
+                FhirResource.id.in_(ids[start : start + 500]),
+            )
             if bodies:
                 for row in session.scalars(select(FhirResource).where(*where)):
-                    out[(rtype, row.id)] = row
-            else:
-                for rt, rid, version, updated, case_id in session.execute(
-                    select(*cols).where(*where)
-                ):
-                    out[(rt, rid)] = FhirResource(
-                        resource_type=rt,
-                        id=rid,
-                        version_id=version,
-                        last_updated=updated,
-                        case_id=case_id,
+                    out[(rtype, row.id)] = EntryOutcome(
+                        rtype,
+                        row.id,
+                        row.version_id,
+                        row.last_updated,
+                        False,
+                        row.case_id,
+                        row.body,
                     )
+                continue
+            cols = (FhirResource.id, FhirResource.version_id, FhirResource.last_updated)
+            for rid, version, updated, case_id in session.execute(
+                select(*cols, FhirResource.case_id).where(*where)
+            ):
+                out[(rtype, rid)] = EntryOutcome(rtype, rid, version, updated, False, case_id)
     return out
 
 

@@ -48,6 +48,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def json_text(value: Any) -> str:
+    """JSON as `JsonText` stores it (for writers that serialise before their transaction)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 class JsonText(TypeDecorator[Any]):
     """JSON stored as compact UTF-8 text."""
 
@@ -57,7 +62,7 @@ class JsonText(TypeDecorator[Any]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
         if value is None:
             return None
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return json_text(value)
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
         return None if value is None else json.loads(value)
