@@ -96,8 +96,8 @@ def chunked_push(
     task["resource"]["requester"] = {"identifier": first["entry"][0]["resource"]["identifier"][0]}
     while left > 0:
         size = min(chunk - 1, left)
-        body = {"resourceType": "Bundle", "type": "transaction", "entry": [task]}
-        body["entry"] += observations(f"{tag}-{n}", size, f"Patient/{ids['Patient']}")
+        more = observations(f"{tag}-{n}", size, f"Patient/{ids['Patient']}")
+        body = {"resourceType": "Bundle", "type": "transaction", "entry": [task, *more]}
         resp = requests.post(f"{url}/fhir", json=body, headers=headers, timeout=600)
         worst = max(worst, resp.status_code)
         created += sum(e["response"]["status"].startswith("201") for e in resp.json()["entry"])
