@@ -52,9 +52,10 @@ def list_cases(
 @router.get("/{case_id}")
 def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
     """Status, the referral, and the case's jobs with their state, attempts and progress."""
-    with store.session() as s:
+    with store.session(readonly=True) as s:  # no write lock while reading (SQLite)
         case = access.get_case(s, case_id, who)
         view = views.case_view(s, case)
+    with store.session() as s:  # audited before anything is answered
         audit.record(
             s,
             "case.read",
@@ -63,7 +64,7 @@ def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str,
             patient=case.patient_ref,
             entity=[f"Task/{case.task_id}"],
         )
-        return view
+    return view
 
 
 @router.post("/{case_id}/assignments", status_code=201)
