@@ -21,7 +21,8 @@ GatewayError                      base; status_code + FHIR issue code
 │   ├── UpstreamRejectedError     4xx, often with an OperationOutcome
 │   ├── UpstreamNotFoundError     404/410 from the remote system
 │   └── TokenError                an OAuth token endpoint refused us; carries the OAuth `error`
-└── DeliveryError                 the DiagnosticReport could not be delivered
+├── DeliveryError                 the DiagnosticReport could not be delivered
+└── StoreBusyError                503: our database stayed locked or busy; retry (Retry-After)
 ```
 
 Only this module and `resources` may be imported by `mappers` and `connectors`.
@@ -200,6 +201,16 @@ class UpstreamNotFoundError(UpstreamRejectedError):
 class DeliveryError(GatewayError):
     status_code = 502
     issue_code = "transient"
+
+
+class StoreBusyError(GatewayError):
+    """Our own database stayed locked (SQLite) or hit a lock timeout / deadlock (PostgreSQL)
+    for longer than we wait: the request changed nothing and may be retried after
+    `retry_after` seconds (503 + Retry-After, never a 500)."""
+
+    status_code = 503
+    issue_code = "transient"
+    retry_after: int = 1
 
 
 def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:

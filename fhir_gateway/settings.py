@@ -351,6 +351,7 @@ class ReportSettings(BaseModel):
 class Limits(BaseModel):
     max_json_bytes: int = 20 * 1024 * 1024
     max_json_depth: int = 64
+    max_transaction_entries: int = Field(default=1000, ge=1)  # beyond: 413, nothing stored
 
 
 class ImageSettings(BaseModel):

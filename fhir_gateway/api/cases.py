@@ -37,7 +37,7 @@ def list_cases(
     store: StoreDep, status: str | None = None, who: Principal = STAFF
 ) -> list[dict[str, Any]]:
     """Cases the caller may see (admin: all; reviewer: the ones assigned to them)."""
-    with store.session() as s:
+    with store.session(readonly=True) as s:  # no write lock while reading (SQLite)
         visible = access.visible_case_ids(s, who)
         stmt = select(Case).order_by(Case.created_at.desc())
         if visible is not None:
@@ -45,16 +45,18 @@ def list_cases(
         if status:
             stmt = stmt.where(Case.status == status)
         found = [views.case_summary(c) for c in s.scalars(stmt)]
+    with store.session() as s:  # audited before anything is answered
         audit.record(s, "case.list", who.actor, entity=[f"count:{len(found)}"])
-        return found
+    return found
 
 
 @router.get("/{case_id}")
 def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
     """Status, the referral, and the case's jobs with their state, attempts and progress."""
-    with store.session() as s:
+    with store.session(readonly=True) as s:  # no write lock while reading (SQLite)
         case = access.get_case(s, case_id, who)
         view = views.case_view(s, case)
+    with store.session() as s:  # audited before anything is answered
         audit.record(
             s,
             "case.read",
@@ -63,7 +65,7 @@ def get_case(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str,
             patient=case.patient_ref,
             entity=[f"Task/{case.task_id}"],
         )
-        return view
+    return view
 
 
 @router.post("/{case_id}/assignments", status_code=201)

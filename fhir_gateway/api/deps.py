@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from fhir_gateway.errors import (
     AuthError,
@@ -74,7 +75,10 @@ async def fhir_json_body(
         if size > limit:
             raise PayloadTooLargeError(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks), max_depth=settings.limits.max_json_depth)
+    # Parsed off the event loop: a big push must not stall other requests while it parses.
+    return await run_in_threadpool(
+        parse_json, b"".join(chunks), max_depth=settings.limits.max_json_depth
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -64,11 +64,11 @@ FHIR_BODY = {
 }
 
 
-def _etag(row: FhirResource) -> str:
+def _etag(row: FhirResource | referrals.EntryOutcome) -> str:
     return f'W/"{row.version_id}"'
 
 
-def _headers(row: FhirResource) -> dict[str, str]:
+def _headers(row: FhirResource | referrals.EntryOutcome) -> dict[str, str]:
     return {
         "ETag": _etag(row),
         "Location": f"{row.resource_type}/{row.id}/_history/{row.version_id}",
@@ -196,19 +196,26 @@ async def transaction(
             _require_scope(who, rtype, "c")  # authorised per inner request (RS-32)
 
     def run() -> Resource:
-        with store.session() as s:
-            result = referrals.intake_transaction(
-                s, bundle, who, settings.partners, _our_org(settings)
-            )
-            return _transaction_response(result)
+        result = referrals.intake_transaction(
+            store, bundle, who, settings.partners, _intake_options(settings)
+        )
+        return _transaction_response(result)
 
     return FhirResponse(await run_in_threadpool(run))
+
+
+def _intake_options(settings: Settings) -> referrals.IntakeOptions:
+    return referrals.IntakeOptions(
+        our_org=_our_org(settings),
+        our_base=settings.public_base_url,
+        max_entries=settings.limits.max_transaction_entries,
+    )
 
 
 def _transaction_response(result: referrals.IntakeResult) -> Resource:
     entries = []
     for out in result.entries:
-        row = out.row
+        row = out
         entries.append(
             {
                 "response": {
@@ -225,13 +232,18 @@ def _transaction_response(result: referrals.IntakeResult) -> Resource:
 @router.post("/{resource_type}", response_class=FhirResponse, openapi_extra=FHIR_BODY)
 async def create(
     resource_type: str,
+    request: Request,
     body: Body,
     store: StoreDep,
     settings: SettingsDep,
     if_none_exist: IfNoneExist = None,
     who: Principal = EHR_OR_ADMIN,
 ) -> FhirResponse:
-    """Create one resource, with conditional create (RS-05: 0 -> 201, 1 -> 200, >1 -> 412)."""
+    """Create one resource, with conditional create (RS-05: 0 -> 201, 1 -> 200, >1 -> 412).
+
+    Criteria in the query string (`POST /fhir/Patient?identifier=...`, as fhirpy sends them)
+    are conditional create too, exactly like `If-None-Exist`.
+    """
     if resource_type not in hosted.HOSTED_TYPES:
         raise NotFoundError(f"resource type {resource_type} is not supported here")
     _require_scope(who, resource_type, "c")
@@ -239,22 +251,22 @@ async def create(
         raise ValidationError(
             f"body must be a {resource_type} resource", expression=[resource_type], status_code=400
         )
+    query = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "_format")
+    if query:
+        if if_none_exist is not None and if_none_exist.split("?", 1)[-1] != query:
+            raise ValidationError(
+                "the query string and If-None-Exist carry different criteria; send one",
+                expression=[f"{resource_type}?"],
+                status_code=400,
+            )
+        if_none_exist = query
 
     def run() -> tuple[Resource, dict[str, str], int]:
-        with store.session() as s:
-            result = referrals.intake_single(
-                s, body, who, settings.partners, if_none_exist, _our_org(settings)
-            )
-            out = result.entries[0]
-            if result.case_id is None and out.created:  # a referral Task audits its own intake
-                audit.record(
-                    s,
-                    "resource.create",
-                    who.actor,
-                    patient=_patient_of(out.row),
-                    entity=[f"{out.row.resource_type}/{out.row.id}"],
-                )
-            return out.row.body, _headers(out.row), 201 if out.created else 200
+        result = referrals.intake_single(
+            store, body, who, settings.partners, if_none_exist, _intake_options(settings)
+        )
+        out = result.entries[0]
+        return out.body or {}, _headers(out), 201 if out.created else 200
 
     payload, headers, status = await run_in_threadpool(run)
     return FhirResponse(payload, status_code=status, headers=headers)
@@ -271,9 +283,10 @@ def read(
     if resource_type not in hosted.HOSTED_TYPES:
         raise NotFoundError(f"resource type {resource_type} is not supported here")
     _require_scope(who, resource_type, "r")
-    with store.session() as s:
+    with store.session(readonly=True) as s:  # no write lock while reading
         row = hosted.read(s, resource_type, rid)
         _check_access(row, who, s)
+    with store.session() as s:  # audited before anything is answered
         audit.record(
             s,
             "resource.read",
@@ -282,10 +295,10 @@ def read(
             patient=_patient_of(row),
             entity=[f"{resource_type}/{rid}"],
         )
-        headers = _headers(row)
-        if if_none_match and if_none_match.strip() == _etag(row):
-            return Response(status_code=304, headers={"ETag": headers["ETag"]})
-        return FhirResponse(row.body, headers=headers)
+    headers = _headers(row)
+    if if_none_match and if_none_match.strip() == _etag(row):
+        return Response(status_code=304, headers={"ETag": headers["ETag"]})
+    return FhirResponse(row.body, headers=headers)
 
 
 # Search result parameters we honour (R4 search.html 3.1.1.5 ff.). `_total` asks for a total:
@@ -347,7 +360,7 @@ def search(
     if summary == "count":
         count = 0
     partner = who.partner_id if who.role == "ehr" else None
-    with store.session() as s:
+    with store.session(readonly=True) as s:  # no write lock while reading
         found: dict[str, FhirResource] | None = None
         if identifier:
             rows = hosted.find_by_identifier(s, resource_type, identifier, partner_id=partner)
@@ -365,32 +378,33 @@ def search(
             except ForbiddenError:
                 continue
             visible.append(row)
-        page = visible[offset : offset + count]
+    page = visible[offset : offset + count]
+    with store.session() as s:  # audited before anything is answered
         audit.record(
             s, "resource.search", who.actor, entity=[f"{r.resource_type}/{r.id}" for r in page]
         )
-        base = f"{settings.public_base_url.rstrip('/')}/fhir"
-        query = [(k, v) for k, v in params.multi_items() if k != "_offset"]
-        links = [{"relation": "self", "url": f"{base}/{resource_type}?{request.url.query}"}]
-        if count and offset + count < len(visible):
-            nxt = urlencode([*query, ("_offset", str(offset + count))])
-            links.append({"relation": "next", "url": f"{base}/{resource_type}?{nxt}"})
-        bundle: Resource = {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(visible),
-            "link": links,
-        }
-        if page:
-            bundle["entry"] = [
-                {
-                    "fullUrl": f"{base}/{r.resource_type}/{r.id}",
-                    "resource": r.body,
-                    "search": {"mode": "match"},
-                }
-                for r in page
-            ]
-        return FhirResponse(bundle)
+    base = f"{settings.public_base_url.rstrip('/')}/fhir"
+    query = [(k, v) for k, v in params.multi_items() if k != "_offset"]
+    links = [{"relation": "self", "url": f"{base}/{resource_type}?{request.url.query}"}]
+    if count and offset + count < len(visible):
+        nxt = urlencode([*query, ("_offset", str(offset + count))])
+        links.append({"relation": "next", "url": f"{base}/{resource_type}?{nxt}"})
+    bundle: Resource = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(visible),
+        "link": links,
+    }
+    if page:
+        bundle["entry"] = [
+            {
+                "fullUrl": f"{base}/{r.resource_type}/{r.id}",
+                "resource": r.body,
+                "search": {"mode": "match"},
+            }
+            for r in page
+        ]
+    return FhirResponse(bundle)
 
 
 @router.put("/Task/{rid}", response_class=FhirResponse, openapi_extra=FHIR_BODY)

@@ -16,6 +16,7 @@ from fhir_gateway.errors import (
     AuthError,
     ConfigError,
     GatewayError,
+    StoreBusyError,
     UpstreamError,
     operation_outcome,
 )
@@ -93,6 +94,14 @@ def add_error_handlers(app: FastAPI) -> None:
             if (type(exc) is AuthError)
             else None
         )
+        if isinstance(exc, StoreBusyError):  # nothing changed: the caller may simply retry
+            log.warning("request.busy", status=exc.status_code)
+            return outcome_response(
+                exc.status_code,
+                exc.issue_code,
+                exc.message,
+                headers={"Retry-After": str(exc.retry_after)},
+            )
         if exc.status_code >= 500:
             # A configuration problem's message names settings, files and packages, never
             # patient data: the operator needs it to fix the cause. Others keep only the class.

@@ -3,21 +3,39 @@
 A referral is a Task (`focus` -> ServiceRequest, `for` -> Patient) from a registered partner.
 Intake stores the resources, creates the Case, moves the Task `requested -> received` and queues
 the pulls, all in one database transaction: a crash leaves a whole case or nothing.
+
+Exactly once, by construction: identifiers are unique per partner and type in the database and a
+case is unique per Task and per ServiceRequest, so of two identical pushes racing, one writes and
+the other is re-run and answered with the winner's resources. Right partner: a referral may
+reference only its own partner's resources, entries of the same push, or contained ones.
+The slow part (validation, lookups, reference rewriting) runs before the write transaction, so a
+big push holds the SQLite write lock only for its inserts.
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
-from fhir_gateway.errors import ConflictError, ForbiddenError, UnknownPartnerError, ValidationError
+from fhir_gateway.errors import (
+    ConflictError,
+    ForbiddenError,
+    PayloadTooLargeError,
+    UnknownPartnerError,
+    ValidationError,
+)
 from fhir_gateway.intake import hosted
 from fhir_gateway.intake.tasks import transition_task
 from fhir_gateway.intake.validation import validate_resource
@@ -25,17 +43,24 @@ from fhir_gateway.resources import Resource
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
-from fhir_gateway.store.models import Case, FhirResource
+from fhir_gateway.store import Store
+from fhir_gateway.store.models import Case, FhirResource, json_text, utcnow
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass
 class EntryOutcome:
-    """What happened to one request entry (one transaction-response entry)."""
+    """What happened to one request entry (one transaction-response entry): the stored
+    resource's type, id and version (its body only for a single POST)."""
 
-    row: FhirResource
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime
     created: bool
+    case_id: str | None = None
+    body: Resource | None = None
 
     @property
     def status(self) -> str:
@@ -52,6 +77,12 @@ class IntakeResult:
 
 # --- intake -------------------------------------------------------------------------------
 
+MAX_REFERENCE_CHARS = 512  # a Reference.reference longer than this is refused (422)
+ATTEMPTS = 3  # a push that loses a race to an identical one is re-run against the winner's rows
+_RELATIVE = re.compile(
+    r"^(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-\.]{1,64})(/_history/[A-Za-z0-9\-\.]{1,64})?$"
+)
+
 
 @dataclass
 class _Entry:
@@ -60,33 +91,90 @@ class _Entry:
     resource: Resource
     full_url: str | None
     if_none_exist: str | None
+    keys: list[hosted.IdentifierKey] = field(default_factory=list)
+
+    @property
+    def rtype(self) -> str:
+        return str(self.resource["resourceType"])
+
+
+@dataclass
+class _Plan:
+    """What the input alone decides (no database): the partner, the entries, and the
+    references to resources pushed before, which must be this partner's."""
+
+    entries: list[_Entry]
+    partner: Partner
+    bundle_mode: bool
+    stored_refs: dict[tuple[str, str], str]  # (type, id) -> FHIRPath of the first use
+
+
+@dataclass
+class _Matches:
+    """Which entries are already stored (id) or repeat an earlier entry (its index)."""
+
+    existing: dict[int, str]
+    repeats: dict[int, int]
+
+
+@dataclass
+class IntakeOptions:
+    """Settings intake needs, passed inward as plain values."""
+
+    our_org: Resource | None = None
+    our_base: str | None = None  # our public base URL: absolute references to it are local
+    max_entries: int = 1000
 
 
 def intake_transaction(
-    session: Session,
+    store: Store,
     bundle: Any,
     who: Principal,
     partners: PartnersFile,
-    our_org: Resource | None = None,
+    options: IntakeOptions | None = None,
 ) -> IntakeResult:
-    """Process a transaction Bundle (RS-30): all entries or none.
+    """Process a transaction Bundle (RS-30): all entries or none, each at most once.
 
     Raises:
-        ValidationError, UnknownPartnerError, ForbiddenError, PreconditionFailedError: the
-        whole transaction is rejected and nothing is stored (the caller rolls back).
+        ValidationError, UnknownPartnerError, ForbiddenError, PreconditionFailedError,
+        PayloadTooLargeError: the whole transaction is rejected and nothing is stored.
     """
+    options = options or IntakeOptions()
+    entries = _transaction_entries(bundle, options.max_entries)
+    return _run(store, entries, who, partners, options, bundle_mode=True)
+
+
+def intake_single(
+    store: Store,
+    resource: Any,
+    who: Principal,
+    partners: PartnersFile,
+    if_none_exist: str | None,
+    options: IntakeOptions | None = None,
+) -> IntakeResult:
+    """POST [type]: one resource, with optional conditional create (RS-05)."""
+    resource = validate_resource(resource, allowed=hosted.HOSTED_TYPES)
+    entry = _Entry(0, resource["resourceType"], resource, None, if_none_exist)
+    return _run(store, [entry], who, partners, options or IntakeOptions(), bundle_mode=False)
+
+
+def _transaction_entries(bundle: Any, max_entries: int) -> list[_Entry]:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise ValidationError("expected a Bundle", expression=["Bundle"], status_code=400)
     if bundle.get("type") != "transaction":
         raise ValidationError(
-            f"Bundle.type must be 'transaction', got {bundle.get('type')!r}",
-            expression=["Bundle.type"],
-            status_code=400,
+            "Bundle.type must be 'transaction'", expression=["Bundle.type"], status_code=400
         )
     raw_entries = bundle.get("entry")
     if not isinstance(raw_entries, list) or not raw_entries:
         raise ValidationError(
             "transaction has no entries", expression=["Bundle.entry"], status_code=400
+        )
+    if len(raw_entries) > max_entries:
+        raise PayloadTooLargeError(
+            f"transaction has {len(raw_entries)} entries; at most {max_entries} are accepted "
+            "(limits.max_transaction_entries): split it into several transactions",
+            expression=["Bundle.entry"],
         )
     entries: list[_Entry] = []
     for i, e in enumerate(raw_entries):
@@ -94,55 +182,102 @@ def intake_transaction(
         if not isinstance(e, dict):
             raise ValidationError("entry is not an object", expression=[path], status_code=400)
         request = e.get("request") or {}
+        if not isinstance(request, dict):
+            raise ValidationError(
+                "entry.request is not an object", expression=[f"{path}.request"], status_code=400
+            )
         method = request.get("method")
         if method != "POST":
             raise ValidationError(
-                f"only POST entries are accepted in a referral, got {method!r}",
+                "only POST entries are accepted in a referral",
                 expression=[f"{path}.request.method"],
                 status_code=400,
             )
         resource = validate_resource(
             e.get("resource"), path=f"{path}.resource", allowed=hosted.HOSTED_TYPES
         )
-        url = str(request.get("url") or "").split("?", 1)[0].strip("/")
-        if url != resource["resourceType"]:
+        url, _, query = str(request.get("url") or "").partition("?")
+        if url.strip("/") != resource["resourceType"]:
             raise ValidationError(
-                f"request.url {url!r} does not match resourceType {resource['resourceType']}",
+                "request.url does not name the entry's resourceType",
                 expression=[f"{path}.request.url"],
                 status_code=400,
             )
+        if_none_exist = request.get("ifNoneExist")
+        if query:  # `POST Patient?identifier=...`: conditional create by query (as fhirpy sends)
+            if if_none_exist and if_none_exist != query:
+                raise ValidationError(
+                    "request.url carries search criteria and request.ifNoneExist different ones",
+                    expression=[f"{path}.request.url"],
+                    status_code=400,
+                )
+            if_none_exist = query
+        full_url = e.get("fullUrl")
         entries.append(
-            _Entry(i, f"{path}.resource", resource, e.get("fullUrl"), request.get("ifNoneExist"))
+            _Entry(
+                i,
+                f"{path}.resource",
+                resource,
+                full_url if isinstance(full_url, str) else None,
+                if_none_exist if isinstance(if_none_exist, str) else None,
+            )
         )
-    return _intake(session, entries, who, partners, our_org, bundle_mode=True)
+    return entries
 
 
-def intake_single(
-    session: Session,
-    resource: Any,
-    who: Principal,
-    partners: PartnersFile,
-    if_none_exist: str | None,
-    our_org: Resource | None = None,
-) -> IntakeResult:
-    """POST [type]: one resource, with optional conditional create (RS-05)."""
-    resource = validate_resource(resource, allowed=hosted.HOSTED_TYPES)
-    entry = _Entry(0, resource["resourceType"], resource, None, if_none_exist)
-    return _intake(session, [entry], who, partners, our_org, bundle_mode=False)
-
-
-def _intake(
-    session: Session,
+def _run(
+    store: Store,
     entries: list[_Entry],
     who: Principal,
     partners: PartnersFile,
-    our_org: Resource | None,
+    options: IntakeOptions,
     *,
     bundle_mode: bool,
 ) -> IntakeResult:
+    """Plan from the input, look up what exists in a read-only session (no write lock), prepare
+    the rows, then write them in one short transaction that re-checks the lookup.
+
+    The database makes it exactly once: identifiers are unique per partner and type, and a case
+    is unique per Task and per ServiceRequest. A push that loses a race to an identical one
+    (IntegrityError at insert) is rolled back whole and run again, and then finds the winner's
+    rows: 200 with them, never a second case.
+    """
+    plan = _plan(entries, who, partners, options, bundle_mode=bundle_mode)
+    with store.session(readonly=True) as s:
+        _check_stored_refs(s, plan)
+        matches = _match(s, plan)
+    for attempt in range(1, ATTEMPTS + 1):
+        prepared = _prepare(plan, matches)
+        try:
+            with store.session() as s:
+                # Identifiers stored since the lookup make the insert fail (unique key) and the
+                # push run again; conditional criteria are not all keys: ask them again here.
+                if _conditional_changed(s, plan, matches):
+                    matches = _match(s, plan)
+                    prepared = _prepare(plan, matches)
+                return _write(s, plan, matches, prepared, who, options)
+        except IntegrityError:
+            log.info("referral.intake.race", attempt=attempt, entries=len(entries))
+            with store.session(readonly=True) as s:
+                matches = _match(s, plan)
+    raise ConflictError(
+        "the same resources are being pushed concurrently; retry the request",
+        expression=["Bundle.entry" if bundle_mode else entries[0].path],
+    )
+
+
+def _plan(
+    entries: list[_Entry],
+    who: Principal,
+    partners: PartnersFile,
+    options: IntakeOptions,
+    *,
+    bundle_mode: bool,
+) -> _Plan:
     by_type: dict[str, list[_Entry]] = {}
     for e in entries:
-        by_type.setdefault(e.resource["resourceType"], []).append(e)
+        by_type.setdefault(e.rtype, []).append(e)
+        e.keys = hosted.identifier_keys(e.resource)
     for rtype in ("ServiceRequest", "Task"):
         if len(by_type.get(rtype, [])) > 1:
             extra = by_type[rtype][1]
@@ -159,42 +294,365 @@ def _intake(
         _check_service_request(e)
     for e in by_type.get("Task", []):
         _check_task(e)
+    stored_refs = _check_references(entries, partner, options.our_base)
+    return _Plan(entries, partner, bundle_mode, stored_refs)
 
-    # Conditional / idempotent create: which entries already exist?
-    outcomes: dict[int, EntryOutcome] = {}
-    for e in entries:
-        existing = _existing(session, e, partner.id)
-        if existing is not None:
-            outcomes[e.index] = EntryOutcome(existing, created=False)
 
-    # Assign ids, then rewrite references to them.
-    ref_map: dict[str, str] = {}
-    new_ids: dict[int, str] = {}
-    for e in entries:
-        rtype = e.resource["resourceType"]
-        rid = outcomes[e.index].row.id if e.index in outcomes else str(uuid.uuid4())
-        new_ids[e.index] = rid
-        for key in _aliases(e):
-            ref_map[key] = f"{rtype}/{rid}"
+# --- references: own partner's, same transaction, or contained (DESIGN "right partner") -----
 
+
+def _references(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(FHIRPath of the Reference, its `reference`) for every Reference in `value`."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str):
+            yield path, ref
+        for key, item in value.items():
+            if key != "reference":
+                yield from _references(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _references(item, f"{path}[{i}]")
+
+
+def _check_references(
+    entries: list[_Entry], partner: Partner, our_base: str | None
+) -> dict[tuple[str, str], str]:
+    """Every reference must resolve to a contained resource, an entry of this push, this
+    partner's own systems (its registered FHIR base URLs), or a resource this partner pushed
+    before. Returns the last kind, to be checked against the store; refuses the rest (422)."""
+    aliases = {alias for e in entries for alias in _aliases(e)}
+    partner_bases = [
+        f"{endpoint.base_url}/"
+        for endpoint in (partner.fhir, partner.destination)
+        if endpoint is not None
+    ]
+    own = f"{our_base.rstrip('/')}/fhir/" if our_base else None
+    stored: dict[tuple[str, str], str] = {}
     for e in entries:
-        if e.index in outcomes:
+        contained = {
+            str(c.get("id"))
+            for c in e.resource.get("contained") or []
+            if isinstance(c, dict) and c.get("id")
+        }
+        for path, ref in _references(e.resource, e.path):
+            if len(ref) > MAX_REFERENCE_CHARS:
+                raise ValidationError(
+                    f"reference is longer than {MAX_REFERENCE_CHARS} characters",
+                    expression=[path],
+                )
+            if ref.startswith("#"):
+                if ref == "#" or ref[1:] in contained:
+                    continue
+                raise ValidationError(
+                    "contained reference does not name a contained resource", expression=[path]
+                )
+            if ref in aliases:
+                continue
+            if own is not None and ref.startswith(own):
+                ref = ref[len(own) :]
+            elif "://" in ref:
+                if any(ref.startswith(base) for base in partner_bases):
+                    continue
+                raise ValidationError(
+                    "reference points outside the requesting partner's registered systems",
+                    expression=[path],
+                )
+            match = _RELATIVE.match(ref)
+            if match is None:
+                raise ValidationError(
+                    "reference does not resolve: not contained, not an entry of this "
+                    "transaction, and not a Type/id of a resource stored here",
+                    expression=[path],
+                )
+            stored.setdefault((match["type"], match["id"]), path)
+    return stored
+
+
+def _check_stored_refs(session: Session, plan: _Plan) -> None:
+    """Resources referenced by Type/id must exist and be the requesting partner's. The answer is
+    the same for "not there" and "another partner's": no probing of other partners' ids."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in plan.stored_refs:
+        by_type.setdefault(rtype, []).append(rid)
+    owned: set[tuple[str, str]] = set()
+    for rtype, ids in by_type.items():
+        if rtype not in hosted.HOSTED_TYPES:
             continue
-        body = _rewrite_refs(copy.deepcopy(e.resource), ref_map)
-        row = hosted.create(session, body, partner_id=partner.id, rid=new_ids[e.index])
-        outcomes[e.index] = EntryOutcome(row, created=True)
+        for start in range(0, len(ids), 500):
+            stmt = select(FhirResource.id).where(
+                FhirResource.resource_type == rtype,
+                FhirResource.id.in_(ids[start : start + 500]),
+                FhirResource.partner_id == plan.partner.id,
+            )
+            owned.update((rtype, rid) for rid in session.scalars(stmt))
+    for key, path in plan.stored_refs.items():
+        if key not in owned:
+            raise ValidationError(
+                "reference does not resolve to a resource of the requesting partner (only "
+                "its own resources, entries of this transaction and contained resources)",
+                expression=[path],
+            )
 
-    result = IntakeResult(
-        entries=[outcomes[e.index] for e in entries], case_id=None, new_case=False
-    )
-    task_entry = next(iter(by_type.get("Task", [])), None)
-    if task_entry is not None:
-        task_out = outcomes[task_entry.index]
-        if task_out.created:
-            _open_case(session, task_out.row, partner, who, our_org, result)
+
+# --- exactly once: match, prepare, write ----------------------------------------------------
+
+
+def _match(session: Session, plan: _Plan) -> _Matches:
+    """Which entries exist already (conditional create, or any identifier the partner pushed
+    before) and which repeat an earlier entry of the same push (same type and identifier)."""
+    existing: dict[int, str] = {}
+    by_type: dict[str, set[hosted.IdentifierKey]] = {}
+    for e in plan.entries:
+        if e.if_none_exist:
+            row = hosted.conditional_match(
+                session, e.rtype, e.if_none_exist, partner_id=plan.partner.id
+            )
+            if row is not None:
+                existing[e.index] = row.id
+                continue
+        by_type.setdefault(e.rtype, set()).update(e.keys)
+    found = {
+        rtype: hosted.match_identifiers(session, plan.partner.id, rtype, keys)
+        for rtype, keys in by_type.items()
+        if keys
+    }
+    repeats: dict[int, int] = {}
+    first_with: dict[tuple[str, hosted.IdentifierKey], int] = {}
+    for e in plan.entries:
+        if e.index in existing:
+            continue
+        held = found.get(e.rtype, {})
+        if e.if_none_exist:
+            # Explicit criteria matched nothing, but an identifier of the new resource already
+            # identifies another resource of this partner: two resources cannot share it.
+            taken = next((i for i, k in enumerate(e.keys) if k in held), None)
+            if taken is not None:
+                # Or a concurrent push committed it between the two queries: ask again.
+                again = hosted.conditional_match(
+                    session, e.rtype, str(e.if_none_exist), partner_id=plan.partner.id
+                )
+                if again is not None:
+                    existing[e.index] = again.id
+                    continue
+                raise ConflictError(
+                    f"an identifier of this {e.rtype} already identifies another {e.rtype} "
+                    "of this partner",
+                    expression=[f"{e.path}.identifier[{_identifier_index(e, taken)}]"],
+                )
         else:
-            result.case_id = task_out.row.case_id
+            hit = next((held[k] for k in e.keys if k in held), None)
+            if hit is not None:
+                existing[e.index] = hit
+                continue
+        earlier = next(
+            (first_with[(e.rtype, k)] for k in e.keys if (e.rtype, k) in first_with), None
+        )
+        if earlier is not None:
+            repeats[e.index] = earlier
+            continue
+        for k in e.keys:
+            first_with[(e.rtype, k)] = e.index
+    return _Matches(existing, repeats)
+
+
+def _identifier_index(e: _Entry, key_index: int) -> int:
+    """Position in `identifier` of the entry's `key_index`-th distinct identifier key."""
+    key = e.keys[key_index]
+    for i, ident in enumerate(e.resource.get("identifier") or []):
+        if hosted.identifier_keys({"identifier": [ident]}) == [key]:
+            return i
+    return key_index
+
+
+def _conditional_changed(session: Session, plan: _Plan, matches: _Matches) -> bool:
+    for e in plan.entries:
+        if (
+            e.if_none_exist
+            and e.index not in matches.existing
+            and hosted.conditional_match(
+                session, e.rtype, e.if_none_exist, partner_id=plan.partner.id
+            )
+        ):
+            return True
+    return False
+
+
+@dataclass
+class _Prepared:
+    ids: dict[int, str]  # entry index -> server id
+    rows: list[dict[str, Any]]  # new fhir_resources rows
+    keys: list[dict[str, str]]  # their resource_identifiers rows, in key order
+
+
+def _prepare(plan: _Plan, matches: _Matches) -> _Prepared:
+    """Server ids for every entry, references rewritten to them, rows ready to insert (the
+    expensive part, done before the write transaction starts)."""
+    ids: dict[int, str] = {}
+    for e in plan.entries:
+        if e.index in matches.existing:
+            ids[e.index] = matches.existing[e.index]
+        elif e.index in matches.repeats:
+            ids[e.index] = ids[matches.repeats[e.index]]
+        else:
+            ids[e.index] = str(uuid.uuid4())
+    ref_map: dict[str, str] = {}
+    for e in plan.entries:
+        for alias in _aliases(e):
+            ref_map[alias] = f"{e.rtype}/{ids[e.index]}"
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    keys: list[dict[str, str]] = []
+    for e in plan.entries:
+        if e.index in matches.existing or e.index in matches.repeats:
+            continue
+        rid = ids[e.index]
+        body = _rewrite_refs(e.resource, ref_map)
+        body["id"] = rid
+        body["meta"] = {
+            **(body.get("meta") or {}),
+            "versionId": "1",
+            "lastUpdated": hosted.fhir_instant(now),
+        }
+        rows.append(
+            {
+                "resource_type": e.rtype,
+                "id": rid,
+                "version_id": 1,
+                "partner_id": plan.partner.id,
+                "case_id": None,
+                "last_updated": now,
+                "body": json_text(body),  # serialised here, outside the write transaction
+            }
+        )
+        for system_hash, value_hash in e.keys:
+            keys.append(
+                {
+                    "partner_id": plan.partner.id,
+                    "resource_type": e.rtype,
+                    "value_hash": value_hash,
+                    "system_hash": system_hash,
+                    "resource_id": rid,
+                }
+            )
+    # One lock order for every writer (PostgreSQL): no deadlock between overlapping pushes.
+    keys.sort(key=lambda k: (k["resource_type"], k["value_hash"], k["system_hash"]))
+    return _Prepared(ids, rows, keys)
+
+
+def _write(
+    session: Session,
+    plan: _Plan,
+    matches: _Matches,
+    prepared: _Prepared,
+    who: Principal,
+    options: IntakeOptions,
+) -> IntakeResult:
+    """The write transaction: bulk inserts (Core, bodies already serialised), the case, the
+    jobs, the audit row. Kept short: on SQLite it holds the database's one write lock."""
+    started = time.perf_counter()
+    hosted.insert_new(session, prepared.rows, prepared.keys)
+    created_at = {r["id"]: r["last_updated"] for r in prepared.rows}
+    # Version and time of entries that were there already (their bodies only for a single POST).
+    before = {
+        (e.rtype, prepared.ids[e.index])
+        for e in plan.entries
+        if prepared.ids[e.index] not in created_at
+    }
+    known = _load(session, before, bodies=not plan.bundle_mode)
+    outcomes: list[EntryOutcome] = []
+    for e in plan.entries:
+        rid = prepared.ids[e.index]
+        if rid in created_at:
+            body = (
+                None
+                if plan.bundle_mode
+                else next(json.loads(r["body"]) for r in prepared.rows if r["id"] == rid)
+            )
+            outcomes.append(
+                EntryOutcome(
+                    e.rtype, rid, 1, created_at[rid], e.index not in matches.repeats, None, body
+                )
+            )
+        else:
+            outcomes.append(known[(e.rtype, rid)])
+    result = IntakeResult(entries=outcomes, case_id=None, new_case=False)
+    task_at = next((i for i, e in enumerate(plan.entries) if e.rtype == "Task"), None)
+    if task_at is not None:
+        task_out = outcomes[task_at]
+        if task_out.created:
+            task_row = session.get(FhirResource, ("Task", task_out.id))
+            assert task_row is not None
+            _open_case(session, task_row, plan.partner, who, options.our_org, result)
+            task_out.version_id, task_out.last_updated = task_row.version_id, task_row.last_updated
+            task_out.case_id = task_row.case_id
+            if task_out.body is not None:
+                task_out.body = task_row.body
+        else:
+            result.case_id = task_out.case_id
+    if not plan.bundle_mode and result.case_id is None and outcomes[0].created:
+        out = outcomes[0]
+        audit.record(
+            session,
+            "resource.create",
+            who.actor,
+            patient=_patient_of(out.resource_type, out.id, out.body),
+            entity=[f"{out.resource_type}/{out.id}"],
+        )
+    log.info(
+        "referral.intake.stored",
+        partner=plan.partner.id,
+        entries=len(plan.entries),
+        created=len(prepared.rows),
+        case_id=result.case_id,
+        write_ms=round((time.perf_counter() - started) * 1000),  # before COMMIT
+    )
     return result
+
+
+def _load(
+    session: Session, wanted: set[tuple[str, str]], *, bodies: bool
+) -> dict[tuple[str, str], EntryOutcome]:
+    """Stored entries by (type, id), batched: version, time, case (and body when asked)."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in wanted:
+        by_type.setdefault(rtype, []).append(rid)
+    out: dict[tuple[str, str], EntryOutcome] = {}
+    for rtype, ids in by_type.items():
+        for start in range(0, len(ids), 500):
+            where = (
+                FhirResource.resource_type == rtype,
+                FhirResource.id.in_(ids[start : start + 500]),
+            )
+            if bodies:
+                for row in session.scalars(select(FhirResource).where(*where)):
+                    out[(rtype, row.id)] = EntryOutcome(
+                        rtype,
+                        row.id,
+                        row.version_id,
+                        row.last_updated,
+                        False,
+                        row.case_id,
+                        row.body,
+                    )
+                continue
+            cols = (FhirResource.id, FhirResource.version_id, FhirResource.last_updated)
+            for rid, version, updated, case_id in session.execute(
+                select(*cols, FhirResource.case_id).where(*where)
+            ):
+                out[(rtype, rid)] = EntryOutcome(rtype, rid, version, updated, False, case_id)
+    return out
+
+
+def _patient_of(rtype: str, rid: str, body: Resource | None) -> str | None:
+    """The patient a hosted resource is about (for the audit trail)."""
+    if rtype == "Patient":
+        return f"Patient/{rid}"
+    for key in ("for", "subject", "patient"):
+        ref = ((body or {}).get(key) or {}).get("reference")
+        if isinstance(ref, str):
+            return ref
+    return None
 
 
 def _aliases(e: _Entry) -> Iterator[str]:
@@ -209,6 +667,7 @@ def _aliases(e: _Entry) -> Iterator[str]:
 
 
 def _rewrite_refs(value: Any, ref_map: dict[str, str]) -> Any:
+    """A copy of `value` with references to entries of the push rewritten to server ids."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
@@ -220,21 +679,6 @@ def _rewrite_refs(value: Any, ref_map: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_rewrite_refs(v, ref_map) for v in value]
     return value
-
-
-def _existing(session: Session, e: _Entry, partner_id: str) -> FhirResource | None:
-    rtype = e.resource["resourceType"]
-    if e.if_none_exist:
-        return hosted.conditional_match(session, rtype, e.if_none_exist, partner_id=partner_id)
-    # Identifiers make a re-push idempotent even without If-None-Exist: the same referral
-    # pushed twice never makes two cases, nor two Organizations or Patients.
-    for ident in e.resource.get("identifier") or []:
-        if isinstance(ident, dict) and ident.get("value"):
-            token = f"{ident.get('system') or ''}|{ident['value']}"
-            found = hosted.find_by_identifier(session, rtype, token, partner_id=partner_id)
-            if found:
-                return found[0]
-    return None
 
 
 def _check_service_request(e: _Entry) -> None:
@@ -249,6 +693,12 @@ def _check_service_request(e: _Entry) -> None:
     ):
         raise ValidationError(
             "ServiceRequest.subject must reference the patient", expression=[f"{e.path}.subject"]
+        )
+    subject = sr["subject"]
+    if len(subject.get("reference") or _identifier_ref(subject)) > MAX_REFERENCE_CHARS:
+        raise ValidationError(
+            f"the patient reference is longer than {MAX_REFERENCE_CHARS} characters",
+            expression=[f"{e.path}.subject"],
         )
 
 
@@ -365,7 +815,7 @@ def _open_case(
     sr_row = session.get(FhirResource, ("ServiceRequest", focus.split("/", 1)[1]))
     if sr_row is None or sr_row.partner_id != partner.id:
         raise ValidationError(
-            f"Task.focus {focus} is not a ServiceRequest of this partner", expression=["Task.focus"]
+            "Task.focus is not a ServiceRequest of this partner", expression=["Task.focus"]
         )
     if sr_row.case_id is not None:
         raise ConflictError(

@@ -1,4 +1,10 @@
-"""Engine and session factory; SQLite in WAL mode with serialised writers, or PostgreSQL."""
+"""Engine and session factory; SQLite in WAL mode with serialised writers, or PostgreSQL.
+
+Writing sessions on SQLite start with `BEGIN IMMEDIATE` (the write lock, so two writers queue
+at BEGIN instead of failing at COMMIT); read-only sessions (`session(readonly=True)`) start a
+plain deferred transaction and read their WAL snapshot without taking or waiting for that lock.
+A database that stays locked or busy surfaces as `StoreBusyError` (503 + Retry-After).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,15 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fhir_gateway.errors import ConfigError
+from fhir_gateway.errors import ConfigError, StoreBusyError
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READONLY = "fhir_gateway_readonly"  # execution option of read-only sessions
+# PostgreSQL SQLSTATEs that mean "busy, try again": deadlock, serialization, lock timeout.
+_PG_BUSY = {"40P01", "40001", "55P03"}
 
 
 class Store:
@@ -31,15 +40,32 @@ class Store:
         self.engine = engine
         self.key_dir = key_dir
         self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
+        self._read_factory = sessionmaker(
+            engine.execution_options(**{READONLY: True}),
+            expire_on_commit=False,
+            info={"key_dir": key_dir},
+        )
 
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._factory() as session, session.begin():
-            yield session
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """One transaction. `readonly=True`: for reads only (GET handlers, lookups before a
+        write); on SQLite it takes no write lock, so a long write does not hold it up.
+
+        Raises:
+            StoreBusyError: the database stayed locked/busy (nothing was changed).
+        """
+        factory = self._read_factory if readonly else self._factory
+        try:
+            with factory() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            if _is_busy(exc):
+                raise StoreBusyError("the database is busy; retry shortly") from exc
+            raise
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -56,6 +82,14 @@ class Store:
         self.engine.dispose()
 
 
+def _is_busy(exc: OperationalError) -> bool:
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+    return getattr(orig, "sqlstate", None) in _PG_BUSY
+
+
 def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
@@ -65,9 +99,12 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def open_store(url: str, *, migrate: bool = True, key_dir: Path | None = None) -> Store:
+def open_store(
+    url: str, *, migrate: bool = True, key_dir: Path | None = None, busy_timeout_s: float = 30.0
+) -> Store:
     """Open (and by default migrate) the database at `url`. `key_dir` defaults, for an SQLite
-    file, to `keys/` beside it (the data dir's); other engines need it given.
+    file, to `keys/` beside it (the data dir's); other engines need it given. `busy_timeout_s`:
+    how long a SQLite writer waits for the write lock before `StoreBusyError`.
 
     Raises:
         ConfigError: the database cannot be reached or created (message without credentials).
@@ -78,7 +115,7 @@ def open_store(url: str, *, migrate: bool = True, key_dir: Path | None = None) -
             key_dir = Path(path).parent / "keys"
     try:
         engine = (
-            _sqlite_engine(url)
+            _sqlite_engine(url, busy_timeout_s)
             if url.startswith("sqlite")
             else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
         )
@@ -92,13 +129,15 @@ def open_store(url: str, *, migrate: bool = True, key_dir: Path | None = None) -
     return store
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     # hide_parameters: database errors must not carry patient data into logs.
     engine = create_engine(
-        url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+        url,
+        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+        hide_parameters=True,
     )
 
     @event.listens_for(engine, "connect")
@@ -109,14 +148,17 @@ def _sqlite_engine(url: str) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock at BEGIN: two workers claiming a job serialise here
-        # instead of failing at COMMIT with "database is locked".
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # instead of failing at COMMIT with "database is locked". Readers need no lock.
+        if conn.get_execution_options().get(READONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

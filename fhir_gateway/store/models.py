@@ -48,6 +48,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def json_text(value: Any) -> str:
+    """JSON as `JsonText` stores it (for writers that serialise before their transaction)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 class JsonText(TypeDecorator[Any]):
     """JSON stored as compact UTF-8 text."""
 
@@ -57,7 +62,7 @@ class JsonText(TypeDecorator[Any]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
         if value is None:
             return None
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return json_text(value)
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
         return None if value is None else json.loads(value)
@@ -81,6 +86,9 @@ class Case(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
+    # One case per referral, whoever wins a race: enforced here, not by check-then-insert.
+    __table_args__ = (UniqueConstraint("service_request_id", name="uq_cases_service_request"),)
+
 
 class FhirResource(Base):
     """A resource we host at /fhir (Patient, ServiceRequest, Task, ... pushed by a partner)."""
@@ -97,16 +105,27 @@ class FhirResource(Base):
 
 
 class ResourceIdentifier(Base):
-    """Search index of identifiers of hosted resources (conditional create, `?identifier=`)."""
+    """Identifiers of hosted resources, unique per partner and type: conditional create,
+    idempotent re-push and `?identifier=` search, by index, whatever the value's length.
+
+    The key is (partner, type, sha256 of the system, sha256 of the value): a second resource of
+    the same partner and type with the same identifier cannot be stored, so two concurrent
+    pushes of one referral cannot both create it (the loser re-reads the winner's). Values are
+    kept only as hashes here; the resource body holds them.
+    """
 
     __tablename__ = "resource_identifiers"
 
+    partner_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for none
     resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
-    resource_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    system: Mapped[str] = mapped_column(String(512), primary_key=True)
-    value: Mapped[str] = mapped_column(String(512), primary_key=True)
+    value_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    system_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(64))
 
-    __table_args__ = (Index("ix_resource_identifiers_lookup", "resource_type", "value", "system"),)
+    __table_args__ = (
+        Index("ix_resource_identifiers_resource", "resource_type", "resource_id"),
+        Index("ix_resource_identifiers_value", "resource_type", "value_hash"),
+    )
 
 
 class StoredResource(Base):

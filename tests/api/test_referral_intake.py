@@ -190,22 +190,40 @@ def test_single_posts_with_conditional_create(client, tokens) -> None:
 def test_conditional_create_with_several_matches_is_412(client, tokens) -> None:
     ehr = tokens.headers("ehr") | FHIR_JSON
     patient = entry_of(referral(), "Patient")["resource"]
-    for n in ("1", "2"):
+    for system in ("urn:test:mrn-a", "urn:test:mrn-b"):
         p = copy.deepcopy(patient)
-        p["identifier"] = [
-            {"system": "urn:test:mrn", "value": f"A-{n}"},
-            {"system": "urn:test:shared", "value": "same"},
-        ]
-        # explicit criteria replace the implicit "any identifier matches" rule
-        cond = {"If-None-Exist": f"identifier=urn:test:mrn|A-{n}"}
+        p["identifier"] = [{"system": system, "value": "same"}]
+        cond = {"If-None-Exist": f"identifier={system}|same"}
         assert client.post("/fhir/Patient", json=p, headers=ehr | cond).status_code == 201
+    # a bare value matches every system: two Patients
     resp = client.post(
-        "/fhir/Patient",
-        json=patient,
-        headers=ehr | {"If-None-Exist": "identifier=urn:test:shared|same"},
+        "/fhir/Patient", json=patient, headers=ehr | {"If-None-Exist": "identifier=same"}
     )
     assert resp.status_code == 412
     assert resp.json()["resourceType"] == "OperationOutcome"
+
+
+def test_conditional_create_of_an_identifier_held_by_another_resource_is_409(
+    client, tokens
+) -> None:
+    """Identifiers are unique per partner and type: explicit criteria that match nothing do
+    not let a second Patient take an identifier the first one holds."""
+    ehr = tokens.headers("ehr") | FHIR_JSON
+    patient = entry_of(referral(), "Patient")["resource"]
+    first = copy.deepcopy(patient)
+    first["identifier"] = [{"system": "urn:test:shared", "value": "same"}]
+    assert client.post("/fhir/Patient", json=first, headers=ehr).status_code == 201
+    second = copy.deepcopy(patient)
+    second["identifier"] = [
+        {"system": "urn:test:mrn", "value": "A-2"},
+        {"system": "urn:test:shared", "value": "same"},
+    ]
+    resp = client.post(
+        "/fhir/Patient", json=second, headers=ehr | {"If-None-Exist": "identifier=urn:test:mrn|A-2"}
+    )
+    assert resp.status_code == 409
+    assert resp.json()["issue"][0]["expression"] == ["Patient.identifier[1]"]
+    assert "same" not in resp.text
 
 
 def test_if_none_match_gives_304(client, tokens) -> None:

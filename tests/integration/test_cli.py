@@ -111,13 +111,12 @@ def test_cases_and_jobs_tables(tmp_path) -> None:
 
     store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
     bundle = json.loads((ROOT / "fixtures/referrals/referral-transaction.json").read_text())
-    with store.session() as s:
-        result = referrals.intake_transaction(
-            s,
-            bundle,
-            Principal("e", "ehr", "st-elsewhere"),
-            load_partners(ROOT / "fixtures/partners/partners.toml"),
-        )
+    result = referrals.intake_transaction(
+        store,
+        bundle,
+        Principal("e", "ehr", "st-elsewhere"),
+        load_partners(ROOT / "fixtures/partners/partners.toml"),
+    )
     store.dispose()
     r = cli("cases", data_dir=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -161,8 +161,7 @@ def slow_enqueue(*a, **kw):
 
 jobs.enqueue = slow_enqueue
 store = open_store(url)
-with store.session() as s:
-    referrals.intake_transaction(s, json.loads(Path(bundle_file).read_text()),
+referrals.intake_transaction(store, json.loads(Path(bundle_file).read_text()),
                              Principal("ehr-1", "ehr", "st-elsewhere"),
                              load_partners(Path(partners_file)))
 """
@@ -200,13 +199,12 @@ def test_intake_killed_mid_transaction_leaves_nothing(store, settings, tmp_path)
     from fhir_gateway.intake import referrals
     from fhir_gateway.security.access import Principal
 
-    with store.session() as s:
-        result = referrals.intake_transaction(
-            s,
-            json.loads(bundle.read_text()),
-            Principal("ehr-1", "ehr", "st-elsewhere"),
-            settings.partners,
-        )
+    result = referrals.intake_transaction(
+        store,
+        json.loads(bundle.read_text()),
+        Principal("ehr-1", "ehr", "st-elsewhere"),
+        settings.partners,
+    )
     assert result.new_case
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(Case)) == 1

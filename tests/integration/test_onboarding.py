@@ -190,13 +190,12 @@ def test_tables_keep_ids_whole_when_piped(tmp_path):
     assert run("init", str(inst)).returncode == 0
     store = open_store(f"sqlite:///{inst / 'gateway.db'}")
     bundle = json.loads((ROOT / "fixtures/referrals/referral-transaction.json").read_text())
-    with store.session() as s:
-        result = referrals.intake_transaction(
-            s,
-            bundle,
-            Principal("e", "ehr", "st-elsewhere"),
-            load_partners(ROOT / "fixtures/partners/partners.toml"),
-        )
+    result = referrals.intake_transaction(
+        store,
+        bundle,
+        Principal("e", "ehr", "st-elsewhere"),
+        load_partners(ROOT / "fixtures/partners/partners.toml"),
+    )
     store.dispose()
     assert result.case_id is not None
     for command in ("cases", "jobs"):
