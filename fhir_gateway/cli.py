@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TextIO
 
+import sqlalchemy.exc
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from fhir_gateway import jobs
 from fhir_gateway.errors import GatewayError
 from fhir_gateway.logging import configure_logging
-from fhir_gateway.settings import Settings
+from fhir_gateway.settings import Settings, ensure_data_dir
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,  # local variables can hold patient data
@@ -38,7 +39,10 @@ DataDir = Annotated[
 
 
 def _settings(data_dir: Path | None) -> Settings:
-    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    """Settings, with the data directory created and checked (ConfigError: one line, exit 2)."""
+    settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    ensure_data_dir(settings)
+    return settings
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -70,9 +74,30 @@ def serve(
             f"refusing to bind {host} with the embedded dev token issuer on; configure "
             "FHIR_GATEWAY_AUTH__ISSUER/JWKS_URL and FHIR_GATEWAY_AUTH__DEV_ISSUER=false"
         )
+    if settings.public_base_url is None:
+        if _is_unspecified(host):
+            _fail(
+                f"set FHIR_GATEWAY_PUBLIC_BASE_URL: binding {host} gives no address to "
+                "advertise in SMART discovery, the CapabilityStatement and WADO URLs"
+            )
+        bound = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        settings = settings.model_copy(update={"public_base_url": bound})
+        err.print(
+            f"public base URL {bound} (the bind address; set FHIR_GATEWAY_PUBLIC_BASE_URL "
+            "to the address callers use)",
+            markup=False,
+            highlight=False,
+        )
     count = settings.jobs.workers if workers is None else workers
     application = create_app(settings, workers=count)
     uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -451,6 +476,13 @@ def main() -> None:
         app()
     except GatewayError as exc:
         err.print(f"error: {exc.message}", markup=False, highlight=False)
+        sys.exit(2)
+    except OSError as exc:  # a file or directory the command needs: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.print(f"error: {exc.strerror or type(exc).__name__}{where}", markup=False)
+        sys.exit(2)
+    except sqlalchemy.exc.OperationalError as exc:
+        err.print(f"error: the database cannot be used ({type(exc.orig).__name__})", markup=False)
         sys.exit(2)
 
 

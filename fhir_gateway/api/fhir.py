@@ -30,6 +30,7 @@ from fhir_gateway.store.models import FhirResource
 router = APIRouter(prefix="/fhir", tags=["fhir"])
 
 SEARCHABLE = ("Task", "ServiceRequest", "Patient")
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 IfNoneExist = Annotated[str | None, Header(alias="If-None-Exist")]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
@@ -126,7 +127,7 @@ def capability_statement(settings: Settings) -> Resource:
         "software": {"name": "fhir-gateway", "version": "0.1.0"},
         "implementation": {
             "description": "fhir-gateway referral endpoint",
-            "url": f"{settings.public_base_url.rstrip('/')}/fhir",
+            "url": f"{settings.base_url}/fhir",
         },
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
@@ -134,6 +135,16 @@ def capability_statement(settings: Settings) -> Resource:
             {
                 "mode": "server",
                 "security": {
+                    # SMART's oauth-uris extension (SMART App Launch 2.2 keeps it for older
+                    # clients; .well-known/smart-configuration is the primary discovery).
+                    "extension": [
+                        {
+                            "url": OAUTH_URIS,
+                            "extension": [
+                                {"url": "token", "valueUri": f"{settings.base_url}/auth/token"}
+                            ],
+                        }
+                    ],
                     "cors": False,
                     "service": [
                         {
@@ -300,7 +311,7 @@ def search(
         audit.record(
             s, "resource.search", who.actor, entity=[f"{r.resource_type}/{r.id}" for r in visible]
         )
-        base = settings.public_base_url.rstrip("/")
+        base = settings.base_url
         return FhirResponse(
             {
                 "resourceType": "Bundle",

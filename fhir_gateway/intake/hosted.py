@@ -149,7 +149,7 @@ def conditional_match(
     params = [p for p in criteria.split("&") if p]
     if len(params) != 1 or not params[0].startswith("identifier="):
         raise InputError(
-            f"If-None-Exist supports only 'identifier=system|value', got {criteria!r}",
+            "If-None-Exist supports only 'identifier=system|value'",
             expression=[f"{resource_type}.identifier"],
         )
     matches = find_by_identifier(

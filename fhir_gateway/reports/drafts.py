@@ -285,7 +285,7 @@ def case_references(
                     continue
                 path = f"findings.{i}.{field_name}.{j}"
                 raise ValidationError(
-                    f"{path}: {ref} is not a resource of this case", expression=[path]
+                    f"{path}: the reference is not a resource of this case", expression=[path]
                 )
     return out
 
@@ -405,7 +405,7 @@ def _delivery(session: Session, report_id: str, version: int) -> Delivery | None
 
 
 def _public_url(settings: Settings, ref: str) -> str:
-    return f"{settings.public_base_url.rstrip('/')}/fhir/{ref}"
+    return f"{settings.base_url}/fhir/{ref}"
 
 
 def _patient(session: Session, case: Case) -> tuple[str | None, tuple[str, str] | None, str]:
