@@ -74,7 +74,8 @@ def serve(
             f"refusing to bind {host} with the embedded dev token issuer on; configure "
             "FHIR_GATEWAY_AUTH__ISSUER/JWKS_URL and FHIR_GATEWAY_AUTH__DEV_ISSUER=false"
         )
-    if settings.public_base_url is None:
+    public = settings.public_base_url is not None
+    if not public:
         if _is_unspecified(host):
             _fail(
                 f"set FHIR_GATEWAY_PUBLIC_BASE_URL: binding {host} gives no address to "
@@ -82,14 +83,10 @@ def serve(
             )
         bound = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         settings = settings.model_copy(update={"public_base_url": bound})
-        err.print(
-            f"public base URL {bound} (the bind address; set FHIR_GATEWAY_PUBLIC_BASE_URL "
-            "to the address callers use)",
-            markup=False,
-            highlight=False,
-        )
     count = settings.jobs.workers if workers is None else workers
-    application = create_app(settings, workers=count)
+    application = create_app(settings, workers=count)  # config errors: one line, exit 2
+    note = "" if public else " (the bind; set FHIR_GATEWAY_PUBLIC_BASE_URL to how callers reach us)"
+    err.print(f"public base URL {settings.base_url}{note}", markup=False, highlight=False)
     uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
 
 
