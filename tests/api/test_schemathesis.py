@@ -57,9 +57,12 @@ def app(request: pytest.FixtureRequest):
         yield APP
     if CALLS:
         counts = sorted(CALLS.values())
-        plugins = request.config.pluginmanager
-        with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
-            plugins.get_plugin("terminalreporter").write_line(
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        assert capture is not None
+        assert reporter is not None
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(
                 f"\nschemathesis: {len(counts)} operations x {len(ROLES)} roles, examples per "
                 f"operation min {counts[0]} median {counts[len(counts) // 2]} max {counts[-1]} "
                 f"(asked {MAX_EXAMPLES}), {sum(counts) * len(ROLES)} requests, "

@@ -146,7 +146,8 @@ def _serve(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
 def _get_when_up(proc: subprocess.Popen[str], url: str) -> requests.Response:
     for _ in range(600):
         if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            _, err = proc.communicate()
+            raise AssertionError(f"serve exited {proc.returncode}: {err[-2000:]}")
         try:
             return requests.get(url, timeout=2)
         except requests.ConnectionError:
