@@ -68,6 +68,9 @@ def app(request: pytest.FixtureRequest):
                 f"(asked {MAX_EXAMPLES}), {sum(counts) * len(ROLES)} requests, "
                 f"{len(SERVER_ERRORS)} 5xx"
             )
+            few = sorted(f"{op} ({n})" for op, n in CALLS.items() if n < MAX_EXAMPLES)
+            if few:  # hypothesis stops early when an operation has few distinct inputs
+                reporter.write_line(f"schemathesis: fewer examples: {', '.join(few)}")
 
 
 ROLES = {
