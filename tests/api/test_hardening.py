@@ -454,3 +454,34 @@ def test_api_docs_when_enabled_need_an_admin_token(data_dir, tokens) -> None:
         page = c.get("/docs", headers=tokens.headers("admin")).text
         assert "SwaggerUIBundle" in page
         assert "/cases/{case_id}" in page
+
+
+def test_unwritable_data_directory_is_503_other_os_errors_stay_500() -> None:
+    """EROFS/EACCES/ENOSPC while writing the data dir (images, keys) is 503 like the database;
+    any other OSError is a bug: the catch-all 500 without detail."""
+    import errno
+
+    from fastapi import FastAPI
+
+    from fhir_gateway.api.responses import add_error_handlers, request_id_middleware
+
+    app = FastAPI()
+    app.middleware("http")(request_id_middleware)
+    add_error_handlers(app)
+
+    @app.get("/read-only")
+    def read_only() -> None:
+        raise OSError(errno.EROFS, "Read-only file system", "/data/images/x")
+
+    @app.get("/missing")
+    def missing() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file", "/data/images/y")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        ro = c.get("/read-only")
+        assert _outcome(ro, 503)["issue"][0]["code"] == "transient"
+        assert "/data" not in ro.text
+        other = c.get("/missing")
+        assert _outcome(other, 500)["issue"][0]["diagnostics"].startswith("internal error")
+        assert "/data" not in other.text
+        assert other.headers["Cache-Control"] == "no-store"
