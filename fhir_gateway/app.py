@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_gateway import job_handlers, jobs
 from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, ops, reports, smart
-from fhir_gateway.api.deps import StoreDep
+from fhir_gateway.api.deps import ADMIN, StoreDep
 from fhir_gateway.api.observe import AccessMiddleware
 from fhir_gateway.api.responses import add_error_handlers
 from fhir_gateway.logging import configure_logging
+from fhir_gateway.security.access import Principal
 from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.security.client_keys import JWKS_CACHE_CONTROL, published_jwks
-from fhir_gateway.settings import Settings
+from fhir_gateway.settings import Settings, ensure_data_dir
 from fhir_gateway.store import Store, open_store
 
 
@@ -33,7 +35,7 @@ def create_app(
     settings = settings or Settings()
     if configure_logs:
         configure_logging(settings.log_format, settings.log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(settings)  # ConfigError, one line, if it cannot be written
     _ = settings.partners  # fail at startup, not on the first request, if the file is bad
 
     @asynccontextmanager
@@ -51,7 +53,18 @@ def create_app(
             if own_store:
                 app.state.store.dispose()
 
-    app = FastAPI(title="fhir-gateway", version="0.1.0", lifespan=lifespan)
+    # redirect_slashes off: Starlette's `/cases/` -> `/cases` redirect builds its Location
+    # from the Host header; a URL with a stray slash is simply not found.
+    # OpenAPI pages are off: FastAPI would serve them to anyone. `api_docs` adds them for admins.
+    app = FastAPI(
+        title="fhir-gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.tokens = TokenValidator(settings.auth, settings.data_dir)
     if store is not None:
@@ -85,4 +98,39 @@ def create_app(
             s.execute(text("SELECT 1"))
         return {"status": "ok"}
 
+    if settings.api_docs:
+        add_api_docs(app)
     return app
+
+
+def add_api_docs(app: FastAPI) -> None:
+    """`/openapi.json`, `/docs` and `/redoc` for admins (bearer token). The pages embed the
+    schema, so the browser needs no second authenticated request."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_json(who: Principal = ADMIN) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger(who: Principal = ADMIN) -> HTMLResponse:
+        return HTMLResponse(_DOCS_PAGE.format(spec=_script_json(app.openapi()), ui=_SWAGGER))
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(who: Principal = ADMIN) -> HTMLResponse:
+        return HTMLResponse(_DOCS_PAGE.format(spec=_script_json(app.openapi()), ui=_REDOC))
+
+
+def _script_json(value: object) -> str:
+    return json.dumps(value).replace("<", "\\u003c")  # cannot close the <script> element
+
+
+_DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>fhir-gateway API</title></head>
+<body><div id="ui"></div><script>const spec = {spec};</script>{ui}</body></html>
+"""
+_SWAGGER = """<link rel="stylesheet"
+ href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({spec: spec, dom_id: "#ui"});</script>"""
+_REDOC = """<script src="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"></script>
+<script>Redoc.init(spec, {}, document.getElementById("ui"));</script>"""

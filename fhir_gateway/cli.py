@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TextIO
 
+import sqlalchemy.exc
 import typer
 from pydantic import ValidationError as PydanticValidationError
 from rich.console import Console
@@ -22,7 +23,7 @@ from sqlalchemy import select
 from fhir_gateway import jobs
 from fhir_gateway.errors import ConfigError, GatewayError
 from fhir_gateway.logging import configure_logging
-from fhir_gateway.settings import Settings, secret_problems
+from fhir_gateway.settings import Settings, ensure_data_dir, secret_problems
 from fhir_gateway.store import Store
 
 app = typer.Typer(
@@ -54,11 +55,14 @@ DataDir = Annotated[
 def _settings(data_dir: Path | None) -> Settings:
     """Settings from the environment (and `--data-dir`); a bad value is one line, exit 2."""
     try:
-        return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+        settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
     except PydanticValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"setting {where}: {first['msg']} (FHIR_GATEWAY_* or .env)") from exc
+    if settings.data_dir.exists():  # a fault (not a directory, not writable): one line, exit 2
+        ensure_data_dir(settings)
+    return settings
 
 
 def _make_data_dir(settings: Settings) -> None:
@@ -67,12 +71,7 @@ def _make_data_dir(settings: Settings) -> None:
     Raises:
         ConfigError: it cannot be created (a file in the way, no permission).
     """
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot use data directory {settings.data_dir.resolve()}: {exc.strerror}"
-        ) from exc
+    ensure_data_dir(settings)
 
 
 def _existing_store(settings: Settings) -> Store:
@@ -131,9 +130,20 @@ def serve(
             + "; ".join(missing)
             + " (fhir-gateway partners check lists them)"
         )
+    public = settings.public_base_url is not None
+    if not public:
+        if _is_unspecified(host):
+            _fail(
+                f"set FHIR_GATEWAY_PUBLIC_BASE_URL: binding {host} gives no address to "
+                "advertise in SMART discovery, the CapabilityStatement and WADO URLs"
+            )
+        bound = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        settings = settings.model_copy(update={"public_base_url": bound})
     count = settings.jobs.workers if workers is None else workers
     _make_data_dir(settings)
-    application = create_app(settings, workers=count)
+    application = create_app(settings, workers=count)  # config errors: one line, exit 2
+    note = "" if public else " (the bind; set FHIR_GATEWAY_PUBLIC_BASE_URL to how callers reach us)"
+    err.print(f"public base URL {settings.base_url}{note}", markup=False, highlight=False)
     # Our middleware writes the access log (route templates, no query strings) and applies
     # X-Forwarded-* from `trusted_proxies` only; uvicorn's own would trust 127.0.0.1 always.
     uvicorn.run(
@@ -144,6 +154,13 @@ def serve(
         access_log=False,
         proxy_headers=False,
     )
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -752,6 +769,13 @@ def main() -> None:
         app()
     except GatewayError as exc:
         err.print(f"error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # a file or directory the command needs: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.print(f"error: {exc.strerror or type(exc).__name__}{where}", markup=False)
+        sys.exit(2)
+    except sqlalchemy.exc.OperationalError as exc:
+        err.print(f"error: the database cannot be used ({type(exc.orig).__name__})", markup=False)
         sys.exit(2)
 
 

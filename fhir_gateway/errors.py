@@ -30,6 +30,7 @@ Only this module and `resources` may be imported by `mappers` and `connectors`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -211,6 +212,19 @@ class StoreBusyError(GatewayError):
     status_code = 503
     issue_code = "transient"
     retry_after: int = 1
+
+
+def pydantic_message(err: Mapping[str, Any]) -> str:
+    """The message of one pydantic error dict, never the value that was given: `input` and any
+    copy of it inside the message are left out (a bad birth date must not come back, or go to
+    a log, in the error about it)."""
+    msg = str(err.get("msg") or "invalid value")
+    given = err.get("input")
+    if isinstance(given, (str, int, float)) and not isinstance(given, bool):
+        text = str(given)
+        if len(text) >= 3 and text in msg:
+            msg = msg.replace(text, "(value)")
+    return msg
 
 
 def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -379,6 +381,9 @@ class MetricsSettings(BaseModel):
         return v
 
 
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080"  # `serve`'s default bind
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FHIR_GATEWAY_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -387,18 +392,37 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str | None = None  # default: SQLite in the data dir
     partners_file: Path | None = None  # default: <data_dir>/partners.toml if it exists
-    public_base_url: str = "http://127.0.0.1:8080"  # how callers reach us (for absolute URLs)
+    # How callers reach us: every absolute URL we hand out (SMART discovery, CapabilityStatement,
+    # WADO RetrieveURL, Bundle links) is built from it, never from the request's Host header.
+    # Unset: `serve` fills it from the address it binds (http://HOST:PORT).
+    public_base_url: str | None = None
     # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto we believe (addresses or
     # networks); empty: forwarded headers are ignored and the peer address is the client.
     trusted_proxies: list[str] = Field(default_factory=list)
     metrics: MetricsSettings = MetricsSettings()
     log_format: Literal["console", "json"] = "json"
     log_level: str = "INFO"
+    api_docs: bool = False  # /openapi.json, /docs, /redoc (admin token) when true
     auth: AuthSettings = AuthSettings()
     jobs: JobSettings = JobSettings()
     images: ImageSettings = ImageSettings()
     limits: Limits = Limits()
     reports: ReportSettings = ReportSettings()
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_base(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError("public_base_url must be an absolute http(s) URL without a query")
+        return v.strip().rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        """The public base URL without a trailing slash (the default bind when unset)."""
+        return self.public_base_url or DEFAULT_PUBLIC_BASE_URL
 
     @property
     def db_url(self) -> str:
@@ -413,3 +437,36 @@ class Settings(BaseSettings):
             default = self.data_dir / "partners.toml"
             path = default if default.exists() else None
         return load_partners(path)
+
+
+def ensure_data_dir(settings: Settings) -> None:
+    """Create the data directory if needed and check it (and an existing SQLite database file)
+    can be written, so a fault is one line at startup rather than a traceback or a 500 later.
+
+    Raises:
+        ConfigError: the directory is not a directory, cannot be created, or is not writable;
+            or the SQLite database file is not writable.
+    """
+    d = settings.data_dir
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"data directory {d} is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"data directory {d} does not exist and cannot be created ({exc.strerror})"
+        ) from exc
+    try:
+        with tempfile.TemporaryFile(dir=d, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"data directory {d} is not writable") from exc
+    if settings.database_url is None:
+        db = d / "gateway.db"
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            if path.exists():
+                try:
+                    with path.open("r+b"):
+                        pass
+                except OSError as exc:
+                    raise ConfigError(f"database file {path} is not writable") from exc

@@ -259,7 +259,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _checked_float(text: str) -> float:
     digits = len(text.lstrip("-").split("e")[0].split("E")[0].replace(".", "").lstrip("0"))
     if digits > _MAX_DECIMAL_DIGITS:
-        raise ParseError(f"decimal {text[:40]} has more than 18 significant digits", source="fhir")
+        raise ParseError("a decimal has more than 18 significant digits", source="fhir")
     return float(text)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from fhir_gateway.errors import MappingError, ValidationError
+from fhir_gateway.errors import MappingError, ValidationError, pydantic_message
 from fhir_gateway.resources import (
     LOINC,
     SNOMED,
@@ -188,7 +188,7 @@ class Finding(_Model):
             raise ValueError("a biomarker finding needs its LOINC code in `code`")
         for ref in [*self.focus, *self.derived_from]:
             if not _REF.match(ref):
-                raise ValueError(f"not a FHIR reference (Type/id or absolute URL): {ref!r}")
+                raise ValueError("not a FHIR reference (Type/id or absolute URL)")
         return self
 
 
@@ -238,7 +238,7 @@ class ReportDraft(_Model):
     def _snomed(cls, v: list[CodingIn]) -> list[CodingIn]:
         for c in v:
             if c.system != SNOMED or not _SCTID.match(c.code):
-                raise ValueError(f"conclusion codes must be SNOMED CT concept ids, got {c.code!r}")
+                raise ValueError("conclusion codes must be SNOMED CT concept ids")
         return v
 
 
@@ -258,7 +258,7 @@ def parse_draft(data: Any) -> ReportDraft:
                 {
                     "severity": "error",
                     "code": "invalid",
-                    "diagnostics": f"{path}: {err['msg']}",
+                    "diagnostics": f"{path}: {pydantic_message(err)}",
                     "expression": [path] if path else [],
                 }
             )

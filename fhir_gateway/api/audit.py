@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -27,14 +28,13 @@ def _date_filter(values: list[str]) -> list[ColumnElement[bool]]:
         prefix, value = (raw[:2], raw[2:]) if raw[:2] in PREFIXES else ("eq", raw)
         try:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as exc:
+            when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError) as exc:
             raise ValidationError(
-                f"date {raw!r} is not a FHIR date or dateTime",
+                "date is not a FHIR date or dateTime (with an optional ge/gt/le/lt/eq prefix)",
                 expression=["AuditEvent?date"],
                 status_code=400,
             ) from exc
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
         column = AuditRow.recorded
         clause = {
             "ge": column >= when,
@@ -73,7 +73,7 @@ def search(
         stmt = stmt.where(AuditRow.agent == agent)
     for clause in _date_filter(date or []):
         stmt = stmt.where(clause)
-    server = f"{settings.public_base_url.rstrip('/')}/fhir"
+    server = f"{settings.base_url}/fhir"
     with store.session() as s:
         rows = list(s.scalars(stmt))
         events = [audit.to_audit_event(r, server) for r in rows]
@@ -101,9 +101,9 @@ def read(
 ) -> FhirResponse:
     row = None
     with store.session() as s:
-        if event_id.isdigit():
+        if re.fullmatch(r"[0-9]{1,18}", event_id):  # ASCII digits that fit a BIGINT
             row = s.get(AuditRow, int(event_id))
         if row is None:
-            raise NotFoundError(f"AuditEvent/{event_id} is not known")
+            raise NotFoundError("AuditEvent is not known", expression=["AuditEvent.id"])
         audit.record(s, "audit.read", who.actor, entity=[f"AuditEvent/{row.id}"])
-        return FhirResponse(audit.to_audit_event(row, f"{settings.public_base_url}/fhir"))
+        return FhirResponse(audit.to_audit_event(row, f"{settings.base_url}/fhir"))

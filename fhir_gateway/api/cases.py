@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from fhir_gateway.api import views
@@ -23,7 +23,18 @@ router = APIRouter(prefix="/cases", tags=["cases"])
 class AssignmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reviewer: str = Field(min_length=1, max_length=256)
-    expires_at: datetime | None = None
+    # A time zone is required: a naive time would mean a different instant on every server.
+    expires_at: AwareDatetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_utc_range(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("expires_at is outside the years 1 to 9999 in UTC") from None
 
 
 class StatusIn(BaseModel):

@@ -12,11 +12,13 @@ so `fhir_gateway.sandbox.pacs` answers exactly as this router does, without auth
 from __future__ import annotations
 
 import fnmatch
+import re
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, BinaryIO, Protocol
+from urllib.parse import urlsplit
 
 import requests
 import structlog
@@ -31,6 +33,7 @@ from fhir_gateway.imaging.job import build_image_store
 from fhir_gateway.imaging.store import ImageStore, InstanceRef, read_dataset
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
+from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 
 log = structlog.get_logger(__name__)
@@ -88,6 +91,7 @@ INSTANCE_FIELDS = [
 ]
 CONTROL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
 MAX_LIMIT = 1000
+_COUNT_RE = re.compile(r"[0-9]{1,9}")
 
 
 class InstanceSource(Protocol):
@@ -163,15 +167,27 @@ def _query(params: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], se
                 if item.strip():
                     include.add("all" if item.strip() == "all" else _tag(item.strip()))
         elif key in ("limit", "offset"):
-            if not value.isdigit():
-                raise InputError(f"{key} must be a non-negative integer", expression=[key])
+            number = _count_param(key, value)
             if key == "limit":
-                limit = min(int(value), MAX_LIMIT)
+                limit = min(number, MAX_LIMIT)
             else:
-                offset = int(value)
+                offset = number
         elif key not in CONTROL_PARAMS and value != "":
             matches.append((_tag(key), value))
     return matches, include, limit, offset
+
+
+def _count_param(key: str, value: str) -> int:
+    """`limit` / `offset` (PS3.18 8.3.4.4: unsigned integers), ASCII digits, at most 9 of them.
+
+    Raises:
+        InputError: anything else (`²` is a digit to `str.isdigit`, not to us).
+    """
+    if not _COUNT_RE.fullmatch(value):
+        raise InputError(
+            f"{key} must be a non-negative integer of at most 9 digits", expression=[key]
+        )
+    return int(value)
 
 
 def _put(dataset: Json, tag: str, vr: str, values: list[Any]) -> None:
@@ -356,9 +372,9 @@ def frames(
     try:
         numbers = [int(n) for n in frame_list.split(",")]
     except ValueError as exc:
-        raise InputError(f"bad frame list {frame_list!r}") from exc
+        raise InputError("the frame list must be comma-separated frame numbers") from exc
     if not numbers or min(numbers) < 1:
-        raise InputError(f"bad frame list {frame_list!r}: frames are numbered from 1")
+        raise InputError("bad frame list: frames are numbered from 1")
     ts = UID(ref.transfer_syntax_uid)
     if ts.is_compressed:
         raise NotAcceptableError(
@@ -437,7 +453,7 @@ def refs_of(
 
 
 def offset_of(params: Sequence[tuple[str, str]]) -> int:
-    return next((int(v) for k, v in params if k == "offset" and v.isdigit()), 0)
+    return next((int(v) for k, v in params if k == "offset" and _COUNT_RE.fullmatch(v)), 0)
 
 
 # --- the per-case router ------------------------------------------------------------------
@@ -471,7 +487,9 @@ class CaseImages:
 
     @property
     def root(self) -> str:
-        return f"{str(self.request.base_url).rstrip('/')}/cases/{self.case_id}/dicom-web"
+        """Absolute, from the configured public base URL (never the request's Host header)."""
+        settings: Settings = self.request.app.state.settings
+        return f"{settings.base_url}/cases/{self.case_id}/dicom-web"
 
     @property
     def accept(self) -> str:
@@ -520,7 +538,7 @@ def _qido(
     log.info(
         "dicomweb.search.done", case_id=ctx.case_id, level=level, count=len(found), total=total
     )
-    host = ctx.request.url.hostname or "gateway"
+    host = urlsplit(ctx.request.app.state.settings.base_url).hostname or "gateway"
     return search_response(found, total, offset_of(params), host)
 
 

@@ -52,6 +52,7 @@ def json_only(request: Request) -> None:
 router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(json_only)])
 
 SEARCHABLE = ("Task", "ServiceRequest", "Patient")
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 IfNoneExist = Annotated[str | None, Header(alias="If-None-Exist")]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
@@ -151,7 +152,7 @@ def capability_statement(settings: Settings) -> Resource:
         "software": {"name": "fhir-gateway", "version": "0.1.0"},
         "implementation": {
             "description": "fhir-gateway referral endpoint",
-            "url": f"{settings.public_base_url.rstrip('/')}/fhir",
+            "url": f"{settings.base_url}/fhir",
         },
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
@@ -159,6 +160,16 @@ def capability_statement(settings: Settings) -> Resource:
             {
                 "mode": "server",
                 "security": {
+                    # SMART's oauth-uris extension (SMART App Launch 2.2 keeps it for older
+                    # clients; .well-known/smart-configuration is the primary discovery).
+                    "extension": [
+                        {
+                            "url": OAUTH_URIS,
+                            "extension": [
+                                {"url": "token", "valueUri": f"{settings.base_url}/auth/token"}
+                            ],
+                        }
+                    ],
                     "cors": False,
                     "service": [
                         {
@@ -207,7 +218,7 @@ async def transaction(
 def _intake_options(settings: Settings) -> referrals.IntakeOptions:
     return referrals.IntakeOptions(
         our_org=_our_org(settings),
-        our_base=settings.public_base_url,
+        our_base=settings.base_url,
         max_entries=settings.limits.max_transaction_entries,
     )
 
@@ -383,7 +394,7 @@ def search(
         audit.record(
             s, "resource.search", who.actor, entity=[f"{r.resource_type}/{r.id}" for r in page]
         )
-    base = f"{settings.public_base_url.rstrip('/')}/fhir"
+    base = f"{settings.base_url}/fhir"
     query = [(k, v) for k, v in params.multi_items() if k != "_offset"]
     links = [{"relation": "self", "url": f"{base}/{resource_type}?{request.url.query}"}]
     if count and offset + count < len(visible):

@@ -1,4 +1,5 @@
-"""Per-request observability: the request id, one access log line, and the HTTP metrics.
+"""Per-request observability: the request id, one access log line, the HTTP metrics, and the
+security headers every response carries (`api.responses.security_headers`).
 
 A plain ASGI middleware (not `BaseHTTPMiddleware`), so the duration runs until the last byte of
 a streamed response. The access line carries the request id, method, route template (never the
@@ -13,8 +14,10 @@ import uuid
 from typing import Any
 
 import structlog
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fhir_gateway.api.responses import security_headers
 from fhir_gateway.metrics import HTTP_DURATION, HTTP_REQUESTS
 
 log = structlog.get_logger("fhir_gateway.access")
@@ -79,9 +82,10 @@ class AccessMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
-                headers = list(message.get("headers") or [])
-                headers.append((b"x-request-id", rid.encode("ascii")))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": list(message.get("headers") or [])}
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = rid
+                security_headers(scope.get("path", ""), headers)
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish()

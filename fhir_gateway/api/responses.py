@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from typing import Any
 
+import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fhir_gateway.errors import (
@@ -19,10 +22,13 @@ from fhir_gateway.errors import (
     StoreBusyError,
     UpstreamError,
     operation_outcome,
+    pydantic_message,
 )
 from fhir_gateway.security import audit
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
+# Errors of a data directory that cannot be written: 503, not 500.
+STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 log = structlog.get_logger(__name__)
 
 
@@ -126,7 +132,7 @@ def add_error_handlers(app: FastAPI) -> None:
                 {
                     "severity": "error",
                     "code": "invalid",
-                    "diagnostics": f"{where}: {err.get('msg')}",
+                    "diagnostics": f"{where}: {pydantic_message(err)}",
                     "expression": [where],
                 }
             )
@@ -142,12 +148,49 @@ def add_error_handlers(app: FastAPI) -> None:
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
         )
 
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _database(request: Request, exc: sqlalchemy.exc.OperationalError) -> Response:
+        # A database that cannot be reached or written (read-only file or mount, full disk,
+        # lost connection): the caller may retry later; nothing was stored.
+        log.error("request.database_unavailable", error=type(exc.orig).__name__)
+        return _unavailable("the database is unavailable or cannot be written")
+
+    @app.exception_handler(OSError)
+    async def _storage(request: Request, exc: OSError) -> Response:
+        if exc.errno not in STORAGE_ERRNOS:
+            return await _unexpected(request, exc)
+        log.error("request.storage_unavailable", error=type(exc).__name__, errno=exc.errno)
+        return _unavailable("the gateway's storage cannot be written")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # Never a traceback to the caller; the log has the class and the request id.
         log.exception("request.error", error=type(exc).__name__)
-        return outcome_response(
+        response = outcome_response(
             500,
             "exception",
             "internal error; see the gateway log for the request id in X-Request-ID",
         )
+        security_headers(request.url.path, response.headers)  # this one bypasses middleware
+        return response
+
+
+def _unavailable(message: str) -> FhirResponse:
+    return outcome_response(
+        503, "transient", f"{message}; try again later", headers={"Retry-After": "30"}
+    )
+
+
+# Public documents without PHI that caches may keep (they set their own Cache-Control).
+CACHEABLE_PATHS = frozenset(
+    {"/fhir/metadata", "/fhir/.well-known/smart-configuration", "/.well-known/jwks.json"}
+)
+
+
+def security_headers(path: str, headers: MutableHeaders) -> None:
+    """`nosniff` on every response; `Cache-Control: no-store` on every response but the public
+    discovery documents, so no browser or proxy keeps a copy of PHI (a bundle, an image, an
+    error naming a case)."""
+    headers["X-Content-Type-Options"] = "nosniff"
+    if path not in CACHEABLE_PATHS:
+        headers["Cache-Control"] = "no-store"

@@ -45,13 +45,13 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def _token_url(settings: Settings) -> str:
-    return f"{settings.public_base_url.rstrip('/')}/auth/token"
+    return f"{settings.base_url}/auth/token"
 
 
 @router.get("/fhir/.well-known/smart-configuration")
 def smart_configuration(settings: SettingsDep) -> JSONResponse:
     """SMART discovery on our FHIR base (SM-20), absolute URLs."""
-    base = settings.public_base_url.rstrip("/")
+    base = settings.base_url
     return JSONResponse(
         {
             "issuer": base,

@@ -214,7 +214,7 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
         NotFoundError: no such case. CaseClosedError: the case was cancelled or rejected.
     """
     started = time.monotonic()
-    base_url = settings.public_base_url.rstrip("/") + "/fhir"
+    base_url = settings.base_url + "/fhir"
     for attempt in range(1, MAX_BUILDS + 1):
         with store.session() as s:
             case = s.get(Case, case_id)

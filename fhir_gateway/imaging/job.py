@@ -132,7 +132,7 @@ def build_image_store(settings: Settings, store: Store, session: requests.Sessio
 
 
 def case_dicomweb_url(settings: Settings, case_id: str) -> str:
-    return f"{settings.public_base_url.rstrip('/')}/cases/{case_id}/dicom-web"
+    return f"{settings.base_url}/cases/{case_id}/dicom-web"
 
 
 def pull_for_partner(

@@ -163,7 +163,9 @@ def _transaction_entries(bundle: Any, max_entries: int) -> list[_Entry]:
         raise ValidationError("expected a Bundle", expression=["Bundle"], status_code=400)
     if bundle.get("type") != "transaction":
         raise ValidationError(
-            "Bundle.type must be 'transaction'", expression=["Bundle.type"], status_code=400
+            "Bundle.type must be 'transaction'",
+            expression=["Bundle.type"],
+            status_code=400,
         )
     raw_entries = bundle.get("entry")
     if not isinstance(raw_entries, list) or not raw_entries:
@@ -710,7 +712,7 @@ def _check_task(e: _Entry) -> None:
         )
     if task.get("status") not in ("requested", "draft"):
         raise ValidationError(
-            f"a new referral Task must have status 'requested', got {task.get('status')!r}",
+            "a new referral Task must have status 'requested' (or 'draft')",
             expression=[f"{e.path}.status"],
         )
     if not (task.get("focus") or {}).get("reference"):
@@ -744,9 +746,7 @@ def _resolve_partner(entries: list[_Entry], who: Principal, partners: PartnersFi
     for system, value, path in named:
         found = partners.by_identifier(system, value)
         if found is None:
-            raise UnknownPartnerError(
-                f"requester {system}|{value} is not a registered partner", expression=[path]
-            )
+            raise UnknownPartnerError("requester is not a registered partner", expression=[path])
         if partner is not None and found.id != partner.id:
             raise ValidationError(
                 "Task and ServiceRequest name different requesters", expression=[path]

@@ -46,7 +46,7 @@ def transition_task(
     """
     current = task_row.body.get("status", "")
     if new_status not in TRANSITIONS:
-        raise ValidationError(f"unknown Task status {new_status!r}", expression=["Task.status"])
+        raise ValidationError("Task.status is not a Task status code", expression=["Task.status"])
     if new_status not in TRANSITIONS.get(current, frozenset()):
         raise ConflictError(
             f"Task cannot move from {current!r} to {new_status!r}", expression=["Task.status"]

@@ -7,38 +7,119 @@ is a FHIRPath to the element (e.g. `Bundle.entry[1].resource.code`).
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import pydantic
 from fhir.resources.R4B import get_fhir_model_class
 
-from fhir_gateway.errors import ParseError, ValidationError
+from fhir_gateway.errors import ParseError, ValidationError, pydantic_message
 from fhir_gateway.resources import Resource
+
+# Strings are removed before brackets are counted, so `"[[["` does not count as nesting.
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+# FHIR strings SHALL NOT hold characters below U+0020 except tab, CR and LF (R4 datatypes).
+_CONTROL_ESCAPE_RE = re.compile(r"\\u00(?:0[0-8bBcCeEfF]|1[0-9a-fA-F])")
+MAX_DECIMAL_DIGITS = 18  # FHIR decimal (R4 datatypes): at most 18 significant digits
+MAX_INTEGER_DIGITS = 19  # FHIR integer64 fits 19 digits; integer (32-bit) is checked by the models
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays/objects nest in JSON `text`, found without parsing it (no recursion,
+    so a body nested 100,000 levels costs one pass, not a RecursionError)."""
+    brackets = _BRACKET_RE.findall(_JSON_STRING_RE.sub("", text))
+    depth = deepest = 0
+    for b in brackets:
+        depth += 1 if b in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def parse_json(data: bytes, *, max_depth: int = 64) -> Any:
-    """Parse a JSON request body.
+    """Parse a JSON request body strictly.
+
+    Nesting is measured before parsing; numbers FHIR cannot hold (NaN, Infinity, decimals
+    with more than 18 significant digits, integers over 19 digits) and escaped control
+    characters are refused. Messages name the rule broken and where, never the value.
 
     Raises:
-        ParseError: not UTF-8, not JSON, or nested deeper than `max_depth`.
+        ParseError: not UTF-8, not JSON, nested deeper than `max_depth`, or such a number.
     """
     try:
-        value = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ParseError(f"body is not UTF-8 (byte {exc.start})") from exc
-    except _DuplicateKey as exc:
+    if json_depth(text) > max_depth:
+        raise ParseError(f"JSON nested deeper than {max_depth} levels")
+    if _CONTROL_ESCAPE_RE.search(text):
+        raise ParseError(
+            "a JSON string holds a control character (below U+0020, other than tab, CR, LF)"
+        )
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_float=_checked_decimal,
+            parse_int=_checked_integer,
+            parse_constant=_no_constant,
+        )
+    except _BadNumber as exc:
+        where = _number_path(text)
+        raise ParseError(f"body is not valid FHIR JSON: {exc}", path=where) from exc
+    except _BadJson as exc:
         raise ParseError(f"body is not valid FHIR JSON: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ParseError(
             f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
-    if _depth(value) > max_depth:
-        raise ParseError(f"JSON nested deeper than {max_depth} levels")
-    return value
+    except (RecursionError, ValueError) as exc:  # belt and braces: never a 500 from parsing
+        raise ParseError("body is not valid JSON") from exc
 
 
-class _DuplicateKey(ValueError):
+class _BadJson(ValueError):
     pass
+
+
+class _BadNumber(_BadJson):
+    pass
+
+
+_OFFENDING = object()
+
+
+def _number_path(text: str) -> str:
+    """FHIRPath-like location of the first number the checks refuse (for the message)."""
+
+    def mark(check: Any) -> Any:
+        def hook(literal: str) -> Any:
+            try:
+                return check(literal)
+            except _BadNumber:
+                return _OFFENDING
+
+        return hook
+
+    try:
+        value = json.loads(
+            text, parse_float=mark(_checked_decimal), parse_int=mark(_checked_integer)
+        )
+    except ValueError:
+        return ""
+    root = value.get("resourceType") if isinstance(value, dict) else None
+    stack: list[tuple[str, Any]] = [
+        (root if isinstance(root, str) and root.isalpha() else "", value)
+    ]
+    while stack:
+        path, node = stack.pop()
+        if node is _OFFENDING:
+            return path.lstrip(".") or "$"
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return ""
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -46,23 +127,31 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(f"property {key!r} appears twice in one object")
+            raise _BadJson(f"property {key!r} appears twice in one object")
         out[key] = value
     return out
 
 
-def _depth(value: Any) -> int:
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        nxt: list[Any] = []
-        for v in level:
-            if isinstance(v, dict):
-                nxt.extend(v.values())
-            elif isinstance(v, list):
-                nxt.extend(v)
-        level = nxt
-    return depth - 1
+def _checked_decimal(literal: str) -> float:
+    mantissa = re.split("[eE]", literal.lstrip("-"))[0].replace(".", "").lstrip("0")
+    if len(mantissa) > MAX_DECIMAL_DIGITS:
+        raise _BadNumber(
+            f"a decimal has more than {MAX_DECIMAL_DIGITS} significant digits (FHIR decimal)"
+        )
+    value = float(literal)
+    if math.isinf(value):
+        raise _BadNumber("a decimal is out of range")
+    return value
+
+
+def _checked_integer(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _BadNumber(f"an integer has more than {MAX_INTEGER_DIGITS} digits")
+    return int(literal)
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadJson("NaN and Infinity are not JSON numbers")
 
 
 def _model(resource_type: str) -> type[pydantic.BaseModel]:
@@ -108,7 +197,7 @@ def validate_resource(
         ) from exc
     except (TypeError, ValueError) as exc:  # validators that raise outside pydantic
         raise ValidationError(
-            f"{rtype} is not valid FHIR R4: {exc}", expression=[where], status_code=400
+            f"{rtype} is not valid FHIR R4", expression=[where], status_code=400
         ) from exc
     check_required_codes(resource, where)
     return resource
@@ -203,7 +292,7 @@ def check_required_codes(resource: Resource, where: str) -> None:
     for (type_, element), allowed in REQUIRED_CODES.items():
         if type_ == rtype and element in resource and resource[element] not in allowed:
             raise ValidationError(
-                f"{rtype}.{element} {resource[element]!r} is not in its required value set",
+                f"{rtype}.{element} is not a code of its required value set",
                 expression=[f"{where}.{element}"],
                 status_code=400,
             )
@@ -211,7 +300,7 @@ def check_required_codes(resource: Resource, where: str) -> None:
 
 def _issue(err: Any, prefix: str) -> dict[str, Any]:
     loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()))
-    msg = str(err.get("msg", "invalid"))
+    msg = pydantic_message(err)
     code = "required" if err.get("type") == "missing" else "structure"
     return {
         "severity": "error",

@@ -242,7 +242,7 @@ def build_report(
     sr_ident = next(iter(identifiers_of(sr_row.body)), None) if sr_row is not None else None
     org = settings.partners.organization
     question, specimens = report_question_and_specimens(
-        session, case, f"{settings.public_base_url.rstrip('/')}/fhir"
+        session, case, f"{settings.base_url}/fhir"
     )
     ctx = ReportContext(
         case_id=case.id,
@@ -297,7 +297,7 @@ def case_references(
                     continue
                 path = f"findings.{i}.{field_name}.{j}"
                 raise ValidationError(
-                    f"{path}: {ref} is not a resource of this case", expression=[path]
+                    f"{path}: the reference is not a resource of this case", expression=[path]
                 )
     return out
 
@@ -417,7 +417,7 @@ def _delivery(session: Session, report_id: str, version: int) -> Delivery | None
 
 
 def _public_url(settings: Settings, ref: str) -> str:
-    return f"{settings.public_base_url.rstrip('/')}/fhir/{ref}"
+    return f"{settings.base_url}/fhir/{ref}"
 
 
 def _patient(session: Session, case: Case) -> tuple[str | None, tuple[str, str] | None, str]:

@@ -23,7 +23,7 @@ from fhir_gateway.app import create_app
 from fhir_gateway.imaging.retrieval import pull_case_images, study_selectors_for_case
 from fhir_gateway.imaging.store import FileImageStore
 from fhir_gateway.sandbox.pacs import PacsServer
-from fhir_gateway.sandbox.server import AppServer
+from fhir_gateway.sandbox.server import AppServer, free_port
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store, open_store
 from fhir_gateway.store.models import AuditRow
@@ -74,8 +74,10 @@ def world(settings: Settings, tokens: Tokens, tmp_path: Path) -> Iterator[World]
             selectors = study_selectors_for_case(store, case_id, None)
             counts = pull_case_images(store, case_id, client, images, selectors)
             assert counts.rejected == []
-    app = create_app(settings, store=store, configure_logs=False)
-    with AppServer(app) as server:
+    port = free_port()  # the public base URL is the server's, as a deployment configures it
+    public = settings.model_copy(update={"public_base_url": f"http://127.0.0.1:{port}"})
+    app = create_app(public, store=store, configure_logs=False)
+    with AppServer(app, port) as server:
         admin = tokens.headers("admin", sub="op")
         r = requests.post(
             f"{server.url}/cases/{c1}/assignments", json={"reviewer": "rev-1"}, headers=admin

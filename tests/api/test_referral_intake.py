@@ -91,12 +91,15 @@ def test_missing_service_request_element_names_it(client, tokens, element) -> No
     assert case_count(client, tokens) == 0
 
 
-def test_unknown_partner_is_422_naming_it(client, tokens) -> None:
+def test_unknown_partner_is_422_naming_where(client, tokens) -> None:
     bundle = referral()
     entry_of(bundle, "Organization")["resource"]["identifier"][0]["value"] = "nobody-we-know"
     resp = post_bundle(client, tokens, bundle)
     assert resp.status_code == 422
-    assert "nobody-we-know" in resp.json()["issue"][0]["diagnostics"]
+    issue = resp.json()["issue"][0]
+    assert "not a registered partner" in issue["diagnostics"]
+    assert issue["expression"][0].endswith(".requester")
+    assert "nobody-we-know" not in resp.text  # the rule and the place, never the value
     assert case_count(client, tokens) == 0
 
 

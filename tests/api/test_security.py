@@ -12,7 +12,17 @@ import pytest
 from sqlalchemy import func, select
 
 from fhir_gateway.app import create_app
-from fhir_gateway.store.models import AuditRow, Case, FhirResource, Job
+from fhir_gateway.intake import hosted
+from fhir_gateway.store.models import (
+    Assignment,
+    AuditRow,
+    Case,
+    FhirResource,
+    Job,
+    NormalisedResource,
+    Report,
+    StoredResource,
+)
 from tests.api.test_referral_intake import post_bundle, referral
 from tests.conftest import FIXTURES
 
@@ -53,11 +63,54 @@ def _counts(store) -> dict[str, int]:
     with store.session() as s:
         return {
             t.__name__: s.scalar(select(func.count()).select_from(t)) or 0
-            for t in (Case, FhirResource, Job, AuditRow)
+            for t in (
+                Case,
+                FhirResource,
+                Job,
+                AuditRow,
+                Assignment,
+                Report,
+                StoredResource,
+                NormalisedResource,
+            )
         }
 
 
+def _versions(store) -> dict[tuple[str, str], str]:
+    with store.session() as s:
+        return {(r.resource_type, r.id): r.version_id for r in s.scalars(select(FhirResource))}
+
+
 BAD = sorted(p for p in (FIXTURES / "bad").rglob("*") if p.is_file())
+
+
+def body_endpoints(case_id: str, task_id: str) -> list[tuple[str, str, str]]:
+    """(method, path, role) of every operation that takes a request body."""
+    return [
+        ("POST", "/fhir", "ehr"),  # transaction
+        *[("POST", f"/fhir/{t}", "ehr") for t in sorted(hosted.HOSTED_TYPES)],
+        ("PUT", f"/fhir/Task/{task_id}", "ehr"),
+        ("PUT", f"/cases/{case_id}/report", "admin"),
+        ("POST", f"/cases/{case_id}/assignments", "admin"),
+        ("POST", f"/cases/{case_id}/status", "admin"),
+        ("POST", "/auth/token", "none"),
+        ("POST", "/auth/introspect", "admin"),
+    ]
+
+
+def test_body_endpoints_cover_every_operation_with_a_body(settings) -> None:
+    """The list above is complete: a new endpoint with a body must join the sweep."""
+    app = create_app(settings, configure_logs=False)
+    with_body = {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method, op in operations.items()
+        if "requestBody" in op
+    }
+    listed = {(m, p) for m, p, _ in body_endpoints("{case_id}", "{rid}")}
+    listed.add(("POST", "/fhir/{resource_type}"))  # swept as every hosted type
+    assert with_body - listed == set()
+    assert len(with_body) >= 5
 
 
 @pytest.fixture
@@ -73,27 +126,38 @@ def partner_server(httpserver, data_dir: Path) -> object:
 def test_bad_corpus_files_are_refused_and_change_nothing(
     client, tokens, partner_server, path: Path
 ) -> None:
-    post_bundle(client, tokens, referral())  # something stored already
+    """Each bad/ file at every endpoint that takes a body (as its own media type and as FHIR
+    JSON): 4xx with an OperationOutcome that gives a reason, and nothing stored changes."""
+    first = post_bundle(client, tokens, referral())  # something stored already
+    task_id = first.json()["entry"][3]["response"]["location"].split("/")[1]
     store = client.app.state.store
-    before = _counts(store)
+    case_id = client.get("/cases", headers=tokens.headers("admin")).json()[0]["id"]
+    before, versions = _counts(store), _versions(store)
     data = path.read_bytes()
     ctype = {
         ".json": "application/fhir+json",
         ".ndjson": "application/fhir+ndjson",
         ".xml": "application/fhir+xml",
     }.get(path.suffix, "application/octet-stream")
-    targets = ["/fhir", "/fhir/Patient", "/fhir/ServiceRequest", "/fhir/Task"]
-    for target in targets:
-        for content_type in {ctype, "application/fhir+json"}:
-            resp = client.post(
-                target, content=data, headers=tokens.headers("ehr") | {"Content-Type": content_type}
+    checked = 0
+    for method, target, role in body_endpoints(case_id, task_id):
+        auth = {} if role == "none" else tokens.headers(role)
+        for content_type in sorted({ctype, "application/fhir+json", "application/json"}):
+            resp = client.request(
+                method, target, content=data, headers=auth | {"Content-Type": content_type}
             )
-            assert 400 <= resp.status_code < 500, (target, resp.status_code, resp.text[:300])
-            outcome = resp.json()
-            assert outcome["resourceType"] == "OperationOutcome"
-            assert outcome["issue"][0]["diagnostics"], "a reason is given"
-    after = _counts(store)
-    assert after == before, "a rejected input changed what is stored"
+            where = (method, target, content_type, resp.status_code, resp.text[:300])
+            assert 400 <= resp.status_code < 500, where
+            body = resp.json()
+            if target.startswith("/auth/"):  # OAuth 2.0 error JSON (RFC 6749 5.2)
+                assert body["error"] == "invalid_request", where
+            else:
+                assert body["resourceType"] == "OperationOutcome", where
+                assert body["issue"][0]["diagnostics"], "a reason is given"
+            checked += 1
+    assert checked >= 17 * 2
+    assert _counts(store) == before, "a rejected input changed what is stored"
+    assert _versions(store) == versions, "a rejected input changed a stored resource"
     assert len(partner_server.log) == 0, "bad input made an outbound request"
 
 

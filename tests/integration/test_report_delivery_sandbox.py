@@ -240,7 +240,7 @@ def test_referral_to_delivered_report_read_back_from_the_ehr(flow, tmp_path):
         task = s.get(FhirResource, ("Task", case.task_id)).body
     (based_on,) = read_back["basedOn"]
     assert based_on["reference"] == (
-        f"{flow.settings.public_base_url}/fhir/ServiceRequest/{case.service_request_id}"
+        f"{flow.settings.base_url}/fhir/ServiceRequest/{case.service_request_id}"
     )
     assert based_on["identifier"] == {k: sr["identifier"][0][k] for k in ("system", "value")}
     # subject: the patient by the referral's identifier, which resolves to one patient on the EHR.

@@ -214,5 +214,5 @@ def test_pull_for_partner_uses_referral_and_patient_search(
     studies = [r.body for r in rows if r.resource_type == "ImagingStudy"]
     assert {s["identifier"][0]["value"].removeprefix("urn:oid:") for s in studies} == expected
     (endpoint_row,) = [r.body for r in rows if r.resource_type == "Endpoint"]
-    assert endpoint_row["address"] == f"{settings.public_base_url}/cases/{case_id}/dicom-web"
+    assert endpoint_row["address"] == f"{settings.base_url}/cases/{case_id}/dicom-web"
     assert all(s["subject"] == {"reference": f"Patient/pat-{case_id}"} for s in studies)
