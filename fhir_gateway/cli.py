@@ -84,6 +84,13 @@ def _existing_store(settings: Settings) -> Store:
     from fhir_gateway.store import open_store
 
     if settings.database_url is None:
+        if not settings.data_dir.is_dir():
+            raise ConfigError(
+                f"no gateway database in data directory {settings.data_dir.resolve()}: the "
+                "directory does not exist; pass --data-dir or set "
+                "FHIR_GATEWAY_DATA_DIR to the directory `serve` uses "
+                "(`fhir-gateway init DIR` makes a new one)"
+            )
         db = settings.data_dir / "gateway.db"
         if not db.is_file():
             raise ConfigError(
@@ -182,6 +189,7 @@ def worker(
     from fhir_gateway.store import open_store
 
     settings = _settings(data_dir)
+    _make_data_dir(settings)
     configure_logging(settings.log_format, settings.log_level)
     store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
     job_handlers.register_all()

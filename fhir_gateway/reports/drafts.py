@@ -241,9 +241,7 @@ def build_report(
     sr_row = session.get(FhirResource, ("ServiceRequest", case.service_request_id))
     sr_ident = next(iter(identifiers_of(sr_row.body)), None) if sr_row is not None else None
     org = settings.partners.organization
-    question, specimens = report_question_and_specimens(
-        session, case, f"{settings.base_url}/fhir"
-    )
+    question, specimens = report_question_and_specimens(session, case, f"{settings.base_url}/fhir")
     ctx = ReportContext(
         case_id=case.id,
         identifier_system=report.identifier_system,

@@ -70,7 +70,7 @@ def _not_a_directory(tmp: Path) -> tuple[Path, str]:
 
 def _read_only_database(tmp: Path) -> tuple[Path, str]:
     d = tmp / "data"
-    made = cli("cases", "--data-dir", str(d))  # creates and migrates gateway.db
+    made = cli("init", str(d))  # creates and migrates gateway.db
     assert made.returncode == 0, made.stderr
     (d / "gateway.db").chmod(0o444)
     return d, "gateway.db is not writable"
@@ -90,6 +90,8 @@ COMMANDS = {
     "audit-verify": ["audit", "verify"],
 }
 
+READ_ONLY_COMMANDS = frozenset({"cases", "audit-verify"})
+
 
 @pytest.fixture
 def tmp(tmp_path: Path) -> Iterator[Path]:
@@ -103,6 +105,8 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_data_dir_fault_is_one_line_exit_2(tmp: Path, fault: str, command: str) -> None:
     data_dir, reason = FAULTS[fault](tmp)
+    if fault == "missing" and command in READ_ONLY_COMMANDS:
+        reason = "does not exist"  # they read an existing database; they never create one
     r = cli(*COMMANDS[command], "--data-dir", str(data_dir), timeout=60)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr + r.stdout

@@ -167,7 +167,7 @@ def test_read_commands_refuse_to_create_a_database(tmp_path):
     ("args", "env", "expected"),
     [
         (["jobs"], {"FHIR_GATEWAY_JOBS__WORKERS": "many"}, "error: setting jobs.workers: "),
-        (["token", "--role", "admin", "--sub", "x", "--data-dir", "afile"], {}, "cannot use data"),
+        (["token", "--role", "admin", "--sub", "x", "--data-dir", "afile"], {}, "not a directory"),
         (["cases"], {"FHIR_GATEWAY_DATABASE_URL": "nonsense"}, "error: cannot open database"),
         (["sandbox", "--clients", "missing.json", "--data", "."], {}, "cannot read sandbox"),
     ],
