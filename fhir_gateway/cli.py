@@ -853,7 +853,7 @@ def v2_decide(settings: Settings, message_id: str, case_id: str | None) -> str:
             if case_id is None:
                 row = v2inbox.discard(s, message_id, who)
                 return f"message {row.id} discarded"
-            row = v2inbox.assign(s, message_id, case_id, who)
+            row = v2inbox.assign(s, message_id, case_id, who, settings)
             return f"message {row.id} assigned to case {case_id}; the case is normalised again"
     finally:
         store.dispose()

@@ -253,11 +253,15 @@ class _State:
     patient: Resource | None = None
     order: _Order | None = None
     last: Resource | None = None  # the resource an NTE attaches to
+    authorities: dict[str, str] = field(default_factory=dict)  # PID-3.4 namespace -> system
 
 
-def message_to_resources(message: Message, source: str) -> tuple[list[Resource], list[Issue]]:
-    """One parsed ORU^R01 message -> FHIR resources + issues."""
-    state = _State(source, message, [])
+def message_to_resources(
+    message: Message, source: str, authorities: dict[str, str] | None = None
+) -> tuple[list[Resource], list[Issue]]:
+    """One parsed ORU^R01 message -> FHIR resources + issues. `authorities` maps a PID-3.4
+    namespace id to the identifier system the sender's organisation uses (partners file)."""
+    state = _State(source, message, [], authorities=dict(authorities or {}))
     if message.version not in SUPPORTED_VERSIONS:
         state.issues.append(
             issue(
@@ -334,6 +338,10 @@ def pid_to_patient(seg: _Segment, state: _State) -> None:
         for rep in range(1, seg.repetitions(3) + 1)
         if seg.get(3, 1, rep)
     ]
+    for entry, rep in zip(identifiers, range(1, seg.repetitions(3) + 1), strict=False):
+        known = state.authorities.get(seg.get(3, 4, rep, 1))
+        if known:
+            entry["system"] = known
     birth, _ = ts_to_datetime(seg.get(7))
     patient: Resource = compact(
         {
@@ -719,11 +727,13 @@ _HANDLERS = {
 }
 
 
-def document_to_resources(data: bytes, source: str) -> MapResult:
+def document_to_resources(
+    data: bytes, source: str, authorities: dict[str, str] | None = None
+) -> MapResult:
     """Parse + map every message of an ER7 file."""
     result = MapResult(kind="hl7v2")
     for message in parse_message(data):
-        resources, issues = message_to_resources(message, source)
+        resources, issues = message_to_resources(message, source, authorities)
         result.resources += resources
         result.issues += issues
     return result

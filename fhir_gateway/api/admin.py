@@ -142,12 +142,16 @@ def list_v2_messages(
 
 @router.post("/v2-messages/{message_id}/$assign")
 def assign_v2_message(
-    message_id: str, body: V2Assign, store: StoreDep, who: Principal = ADMIN
+    message_id: str,
+    body: V2Assign,
+    store: StoreDep,
+    settings: SettingsDep,
+    who: Principal = ADMIN,
 ) -> dict[str, Any]:
     """Put a held result message into a case (identity check, then the case is normalised
     again). 404 unknown message or case; 409 not held or the case is closed."""
     with store.session() as s:
-        return v2inbox.message_view(v2inbox.assign(s, message_id, body.case, who.actor))
+        return v2inbox.message_view(v2inbox.assign(s, message_id, body.case, who.actor, settings))
 
 
 @router.post("/v2-messages/{message_id}/$discard")

@@ -169,7 +169,7 @@ def v2_source(row: V2Message) -> str:
     return f"urn:fhir-gateway:v2:{hashlib.sha256(sender.encode()).hexdigest()[:16]}"
 
 
-def _v2_batches(session: Session, case_id: str) -> list[SourceBatch]:
+def _v2_batches(session: Session, case_id: str, settings: Settings) -> list[SourceBatch]:
     """HL7 v2 result messages matched or assigned to the case, one batch per message, mapped
     by `mappers.hl7v2`; a message whose PID the identity check holds stays out."""
     out = held.excluded(session, case_id)
@@ -182,7 +182,9 @@ def _v2_batches(session: Session, case_id: str) -> list[SourceBatch]:
     for row in rows:
         source = v2_source(row)
         try:
-            result = v2_to_resources(row.body, source)
+            partner = settings.partners.by_v2_facility(row.sending_facility)
+            authorities = partner.v2_authorities if partner else None
+            result = v2_to_resources(row.body, source, authorities)
         except InputError as exc:
             issue = {"severity": "error", "code": "invalid", "diagnostics": exc.message}
             batches.append(
@@ -263,7 +265,7 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
             seen = _inputs_mark(s, case_id)
             batches = [b for b in [_referral_batch(s, case)] if b is not None]
             batches += _stored_batches(s, case_id)
-            batches += _v2_batches(s, case_id)
+            batches += _v2_batches(s, case_id, settings)
             patient_id = case_patient_id(case)
         built = _build(case_id, patient_id, batches, base_url)
         with store.session() as s:

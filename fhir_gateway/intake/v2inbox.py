@@ -52,7 +52,7 @@ from fhir_gateway.jobs import JobContext
 from fhir_gateway.resources import identifiers_of
 from fhir_gateway.security import audit
 from fhir_gateway.security.audit import Actor
-from fhir_gateway.settings import PartnersFile
+from fhir_gateway.settings import PartnersFile, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Case, FhirResource, V2Message, utcnow
 from mappers.hl7v2 import (
@@ -134,7 +134,7 @@ class V2Inbox:
             state=RECEIVED,
         )
         if self._exists(row):
-            log.info("v2.message.duplicate", kind=kind)
+            log.debug("v2.message.duplicate", kind=kind)
             return AckDecision.accept()
         try:
             with self.store.session() as s:
@@ -149,10 +149,10 @@ class V2Inbox:
                 )
         except IntegrityError:  # the same control id from the same sender, stored meanwhile
             if self._exists(row):
-                log.info("v2.message.duplicate", kind=kind)
+                log.debug("v2.message.duplicate", kind=kind)
                 return AckDecision.accept()
             raise
-        log.info("v2.message.stored", message_id=row.id, kind=kind, size=row.size)
+        log.debug("v2.message.stored", message_id=row.id, kind=kind, size=row.size)
         return AckDecision.accept()
 
     def _exists(self, row: V2Message) -> bool:
@@ -254,7 +254,7 @@ def run_route_v2(ctx: JobContext) -> None:
         if found.case_id is None:
             _hold(s, row, found.reason or NO_PATIENT)
             return
-        _into_case(s, row, parsed, found.case_id, MATCHED, audit.SYSTEM)
+        _into_case(s, row, parsed, found.case_id, MATCHED, audit.SYSTEM, ctx.settings)
 
 
 def _hold(session: Session, row: V2Message, reason: str) -> None:
@@ -269,7 +269,13 @@ def _hold(session: Session, row: V2Message, reason: str) -> None:
 
 
 def _into_case(
-    session: Session, row: V2Message, parsed: Message, case_id: str, state: str, by: Actor
+    session: Session,
+    row: V2Message,
+    parsed: Message,
+    case_id: str,
+    state: str,
+    by: Actor,
+    settings: Settings,
 ) -> None:
     """The message enters the case: identity check of its PID, normalisation queued."""
     jobs.require_case_open(session, case_id, "adding an HL7 v2 message")
@@ -277,7 +283,8 @@ def _into_case(
     if state == ASSIGNED:
         row.decided_by, row.decided_at = by.sub, utcnow()
     source = v2_source(row)
-    resources, _ = message_to_resources(parsed, source)
+    partner = settings.partners.by_v2_facility(row.sending_facility)
+    resources, _ = message_to_resources(parsed, source, partner.v2_authorities if partner else None)
     patient = next((r for r in resources if r["resourceType"] == "Patient"), None)
     if patient is not None:
         held.check_patient(session, case_id, source, patient)
@@ -313,7 +320,9 @@ def _decidable(session: Session, message_id: str) -> V2Message:
     return row
 
 
-def assign(session: Session, message_id: str, case_id: str, by: Actor) -> V2Message:
+def assign(
+    session: Session, message_id: str, case_id: str, by: Actor, settings: Settings
+) -> V2Message:
     """An operator puts a held result message into a case (identity check and normalisation
     follow as for a matched one).
 
@@ -326,7 +335,7 @@ def assign(session: Session, message_id: str, case_id: str, by: Actor) -> V2Mess
         raise NotFoundError("no case with this id")
     if case.status in CLOSED:
         raise ConflictError(f"the case is {case.status}: nothing more enters it")
-    _into_case(session, row, parse_message(row.body)[0], case_id, ASSIGNED, by)
+    _into_case(session, row, parse_message(row.body)[0], case_id, ASSIGNED, by, settings)
     return row
 
 
