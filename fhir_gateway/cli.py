@@ -207,6 +207,44 @@ def worker(
 
 
 @app.command()
+def mllp(
+    port: Annotated[int, typer.Option(help="port to listen on (MLLP, HL7 v2)")],
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    data_dir: DataDir = None,
+    workers: Annotated[
+        int, typer.Option(help="job worker threads in this process (0: `serve`/`worker` route)")
+    ] = 0,
+) -> None:
+    """Receive HL7 v2 messages over MLLP: each is stored in the database before its ACK (AA);
+    what cannot be accepted is answered AE/AR with the reason. See docs/hl7v2.md."""
+    from connectors.mllp import serve as serve_mllp
+    from fhir_gateway import job_handlers
+    from fhir_gateway.intake.v2inbox import V2Inbox
+    from fhir_gateway.store import open_store
+
+    settings = _settings(data_dir)
+    configure_logging(settings.log_format, settings.log_level)
+    _make_data_dir(settings)
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    running: list[jobs.Worker] = []
+    if workers > 0:
+        job_handlers.register_all()
+        running = jobs.start_worker_threads(store, settings, workers)
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve_mllp(V2Inbox(store), host, port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        jobs.stop_workers(running)
+        store.dispose()
+
+
+@app.command()
 def token(
     role: Annotated[str, typer.Option(help="ehr, reviewer or admin")],
     sub: Annotated[str, typer.Option(help="subject (user or system name)")],
@@ -754,6 +792,94 @@ def held_decide(settings: Settings, held_id: str, decision: str) -> str:
                 "released; the case is normalised again" if decision == "released" else "rejected"
             )
             return f"held item {item.id} (case {item.case_id}) {what}"
+    finally:
+        store.dispose()
+
+
+v2_app = typer.Typer(
+    no_args_is_help=True, help="HL7 v2 messages received over MLLP and held for an operator."
+)
+app.add_typer(v2_app, name="v2")
+
+
+@v2_app.command("list")
+def v2_list(
+    data_dir: DataDir = None,
+    state: Annotated[
+        str, typer.Option(help="held (default), matched, assigned, referral, discarded or all")
+    ] = "held",
+) -> None:
+    """Received HL7 v2 messages: type, sender, control id, state and the rule that held them."""
+    out.print(v2_table(_settings(data_dir), None if state == "all" else state))
+
+
+@v2_app.command("assign")
+def v2_assign(
+    message_id: Annotated[str, typer.Argument(help="a held message (an id from `v2 list`)")],
+    case_id: Annotated[str, typer.Argument(help="the case it belongs to")],
+    data_dir: DataDir = None,
+) -> None:
+    """Put a held result message into a case; the case is normalised again (queued)."""
+    out.print(v2_decide(_settings(data_dir), message_id, case_id))
+
+
+@v2_app.command("discard")
+def v2_discard(
+    message_id: Annotated[str, typer.Argument(help="a held message (an id from `v2 list`)")],
+    data_dir: DataDir = None,
+) -> None:
+    """Discard a held message (kept stored, marked discarded)."""
+    out.print(v2_decide(_settings(data_dir), message_id, None))
+
+
+def v2_table(settings: Settings, state: str | None) -> Table:
+    """`fhir-gateway v2 list`: one row per message (ids, type, sender, state; no content)."""
+    from fhir_gateway.intake import v2inbox
+
+    store = _existing_store(settings)
+    table = Table(title="HL7 v2 messages")
+    for col in ("message", "type", "sender", "control id", "received", "state", "rule", "case"):
+        table.add_column(col)
+    try:
+        with store.session() as s:
+            for row in v2inbox.list_messages(s, state):
+                v = v2inbox.message_view(row)
+                table.add_row(
+                    v["id"],
+                    v["type"],
+                    f"{v['sendingApplication']}@{v['sendingFacility']}",
+                    v["controlId"],
+                    v["received"],
+                    v["state"],
+                    v["reason"] or "",
+                    v["case"] or "",
+                )
+    finally:
+        store.dispose()
+    return table
+
+
+def v2_decide(settings: Settings, message_id: str, case_id: str | None) -> str:
+    """Assign (case_id given) or discard a held message as the operator on this host (audited
+    as `cli:<user>`).
+
+    Raises:
+        NotFoundError: no such message or case. ConflictError: not held, or the case is closed.
+    """
+    import getpass
+
+    from fhir_gateway.intake import v2inbox
+    from fhir_gateway.security.audit import Actor
+
+    who = Actor(f"cli:{getpass.getuser()}", "admin")
+    store = _existing_store(settings)
+    try:
+        with store.session() as s:
+            if case_id is None:
+                row = v2inbox.discard(s, message_id, who)
+                return f"message {row.id} discarded"
+            row = v2inbox.assign(s, message_id, case_id, who, settings)
+            return f"message {row.id} assigned to case {case_id}; the case is normalised again"
     finally:
         store.dispose()
 

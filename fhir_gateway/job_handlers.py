@@ -8,6 +8,8 @@ from __future__ import annotations
 from fhir_gateway import jobs
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.imaging import job as imaging_job
+from fhir_gateway.intake import v2_referrals, v2inbox
+from fhir_gateway.intake.tasks import STATUS_KIND as V2_STATUS
 from fhir_gateway.records import pull
 from fhir_gateway.reports import delivery
 from fhir_gateway.reports.drafts import DELIVER_REPORT
@@ -17,6 +19,8 @@ HANDLERS: dict[str, jobs.Handler] = {
     imaging_job.KIND: imaging_job.run_pull_imaging,
     normalise.KIND: normalise.run_normalise_case,
     DELIVER_REPORT: delivery.deliver_report_job,
+    v2inbox.KIND: v2inbox.run_route_v2,
+    V2_STATUS: v2_referrals.run_send_v2_status,
 }
 
 

@@ -162,6 +162,12 @@ class Partner(_Strict):
     dimse: DimseEndpoint | None = None
     destination: DestinationEndpoint | None = None
     client: PartnerClient | None = None  # the partner's systems calling us (SMART)
+    # HL7 v2 over MLLP (docs/hl7v2.md): the MSH-4 sending facilities (namespace id) that are
+    # this partner, PID-3.4 namespace -> FHIR identifier system, and where 360X OSU^O51
+    # status messages go ("host:port").
+    v2_facilities: list[str] = Field(default_factory=list)
+    v2_authorities: dict[str, str] = Field(default_factory=dict)
+    v2_destination: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
 class OurOrganization(_Strict):
@@ -183,6 +189,19 @@ class PartnersFile(_Strict):
 
     def by_id(self, partner_id: str) -> Partner | None:
         return next((p for p in self.partners if p.id == partner_id), None)
+
+    def by_v2_facility(self, facility: str) -> Partner | None:
+        """The partner whose `v2_facilities` names this MSH-4 (its namespace id, or the whole
+        HD as sent)."""
+        namespace = facility.split("^", 1)[0]
+        return next(
+            (
+                p
+                for p in self.partners
+                if facility in p.v2_facilities or namespace in p.v2_facilities
+            ),
+            None,
+        )
 
     def by_identifier(self, system: str, value: str) -> Partner | None:
         return next(

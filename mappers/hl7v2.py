@@ -253,11 +253,15 @@ class _State:
     patient: Resource | None = None
     order: _Order | None = None
     last: Resource | None = None  # the resource an NTE attaches to
+    authorities: dict[str, str] = field(default_factory=dict)  # PID-3.4 namespace -> system
 
 
-def message_to_resources(message: Message, source: str) -> tuple[list[Resource], list[Issue]]:
-    """One parsed ORU^R01 message -> FHIR resources + issues."""
-    state = _State(source, message, [])
+def message_to_resources(
+    message: Message, source: str, authorities: dict[str, str] | None = None
+) -> tuple[list[Resource], list[Issue]]:
+    """One parsed ORU^R01 message -> FHIR resources + issues. `authorities` maps a PID-3.4
+    namespace id to the identifier system the sender's organisation uses (partners file)."""
+    state = _State(source, message, [], authorities=dict(authorities or {}))
     if message.version not in SUPPORTED_VERSIONS:
         state.issues.append(
             issue(
@@ -334,6 +338,10 @@ def pid_to_patient(seg: _Segment, state: _State) -> None:
         for rep in range(1, seg.repetitions(3) + 1)
         if seg.get(3, 1, rep)
     ]
+    for entry, rep in zip(identifiers, range(1, seg.repetitions(3) + 1), strict=False):
+        known = state.authorities.get(seg.get(3, 4, rep, 1))
+        if known:
+            entry["system"] = known
     birth, _ = ts_to_datetime(seg.get(7))
     patient: Resource = compact(
         {
@@ -719,11 +727,60 @@ _HANDLERS = {
 }
 
 
-def document_to_resources(data: bytes, source: str) -> MapResult:
+def document_to_resources(
+    data: bytes, source: str, authorities: dict[str, str] | None = None
+) -> MapResult:
     """Parse + map every message of an ER7 file."""
     result = MapResult(kind="hl7v2")
     for message in parse_message(data):
-        resources, issues = message_to_resources(message, source)
+        resources, issues = message_to_resources(message, source, authorities)
         result.resources += resources
         result.issues += issues
     return result
+
+
+# --------------------------------------------------------------------------- matching keys
+
+
+@dataclass(frozen=True)
+class MessageKeys:
+    """What a message says about whose it is and which order it answers (for matching it to a
+    case): PID-3 identifiers as (system, value) with the system derived from the assigning
+    authority as `pid_to_patient` does, and the order/accession numbers it carries."""
+
+    patient_identifiers: tuple[tuple[str, str], ...]
+    authorities: tuple[str, ...]  # PID-3.4.1 namespace ids, for a partner's authority table
+    order_numbers: tuple[str, ...]
+
+
+def message_keys(message: Message, authorities: dict[str, str] | None = None) -> MessageKeys:
+    """PID-3 (every repetition), ORC-2/ORC-3 and OBR-2/OBR-3 (EI.1), SPM-2 (both EIP parts)
+    and SPM-30 of one parsed message. `authorities` maps a PID-3.4 namespace id to the FHIR
+    identifier system a partner uses for it (the partners file); otherwise the universal id
+    (ISO OID as `urn:oid:`) or our URN for the namespace is the system."""
+    table = authorities or {}
+    patients: list[tuple[str, str]] = []
+    names: list[str] = []
+    orders: list[str] = []
+    for seg in message.segments:
+        if seg.name == "PID":
+            for rep in range(1, seg.repetitions(3) + 1):
+                value = seg.get(3, 1, rep)
+                if not value:
+                    continue
+                namespace = seg.get(3, 4, rep, 1)
+                universal, kind = seg.get(3, 4, rep, 2), seg.get(3, 4, rep, 3)
+                system = table.get(namespace) or _authority_system(namespace, universal, kind)
+                if system:
+                    patients.append((system, value))
+                if namespace:
+                    names.append(namespace)
+        elif seg.name in ("ORC", "OBR"):
+            orders += [seg.get(f, 1) for f in (2, 3)]
+        elif seg.name == "SPM":
+            orders += [seg.get(2, 1, sub=1), seg.get(2, 2, sub=1), seg.get(30, 1)]
+    return MessageKeys(
+        tuple(dict.fromkeys(patients)),
+        tuple(dict.fromkeys(names)),
+        tuple(dict.fromkeys(o for o in orders if o)),
+    )

@@ -1,10 +1,12 @@
-"""Operator API (admin): partners (read-only view of the partners file), jobs and deliveries."""
+"""Operator API (admin): partners (read-only view of the partners file), jobs, deliveries,
+identity holds, and HL7 v2 messages held for an operator."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from fhir_gateway import jobs
@@ -12,12 +14,19 @@ from fhir_gateway.api import views
 from fhir_gateway.api.deps import ADMIN, SettingsDep, StoreDep
 from fhir_gateway.casebundle import held
 from fhir_gateway.errors import ConflictError, NotFoundError
+from fhir_gateway.intake import v2inbox
 from fhir_gateway.reports import drafts as reports
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.store.models import Delivery, Job, utcnow
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class V2Assign(BaseModel):
+    """Body of `$assign`: the case a held HL7 v2 message belongs to."""
+
+    case: str = Field(min_length=1, max_length=36)
 
 
 @router.get("/partners")
@@ -115,3 +124,38 @@ def list_held(
         rows = held.list_items(s, case, None if state == "all" else state)
         audit.record(s, "identity.list", who.actor, case_id=case, entity=[f"count:{len(rows)}"])
         return [held.item_view(r) for r in rows]
+
+
+@router.get("/v2-messages")
+def list_v2_messages(
+    store: StoreDep,
+    state: Literal["held", "matched", "assigned", "referral", "discarded", "all"] = "held",
+    who: Principal = ADMIN,
+) -> list[dict[str, Any]]:
+    """HL7 v2 messages received over MLLP (default: held for an operator, with the matching
+    rule that failed); ids, type, sender and state only, never content."""
+    with store.session() as s:
+        rows = v2inbox.list_messages(s, None if state == "all" else state)
+        audit.record(s, "v2.list", who.actor, entity=[f"count:{len(rows)}"])
+        return [v2inbox.message_view(r) for r in rows]
+
+
+@router.post("/v2-messages/{message_id}/$assign")
+def assign_v2_message(
+    message_id: str,
+    body: V2Assign,
+    store: StoreDep,
+    settings: SettingsDep,
+    who: Principal = ADMIN,
+) -> dict[str, Any]:
+    """Put a held result message into a case (identity check, then the case is normalised
+    again). 404 unknown message or case; 409 not held or the case is closed."""
+    with store.session() as s:
+        return v2inbox.message_view(v2inbox.assign(s, message_id, body.case, who.actor, settings))
+
+
+@router.post("/v2-messages/{message_id}/$discard")
+def discard_v2_message(message_id: str, store: StoreDep, who: Principal = ADMIN) -> dict[str, Any]:
+    """Discard a held message (kept, marked discarded). 404 unknown; 409 not held."""
+    with store.session() as s:
+        return v2inbox.message_view(v2inbox.discard(s, message_id, who.actor))

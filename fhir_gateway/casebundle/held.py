@@ -123,6 +123,19 @@ def check_records(store: Store, case_id: str, source: str, requested_patient_id:
     return count
 
 
+def check_patient(session: Session, case_id: str, source: str, patient: Mapping[str, Any]) -> bool:
+    """Check one Patient that came with a message (HL7 v2 PID) against the referral's, in the
+    caller's transaction; True when it is held (it and what the message says stay out)."""
+    case = session.get(Case, case_id)
+    reference = reference_demographics(session, case) if case is not None else None
+    if reference is None:
+        log.info("identity.check.skipped", case_id=case_id, reason="no-referral-patient")
+        return False
+    verdict = compare(reference, patient_to_demographics(dict(patient)))
+    row = _record(session, case_id, PATIENT, source, f"Patient/{patient['id']}", verdict)
+    return row is not None and row.state == HELD
+
+
 def check_studies(
     store: Store,
     case_id: str,
@@ -324,6 +337,7 @@ __all__ = [
     "RELEASED",
     "Excluded",
     "case_identity",
+    "check_patient",
     "check_records",
     "check_studies",
     "decide",

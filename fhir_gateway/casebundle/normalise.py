@@ -44,14 +44,18 @@ from fhir_gateway.store.models import (
     Job,
     NormalisedResource,
     StoredResource,
+    V2Message,
     utcnow,
 )
 from mappers.fhir import InboundResource, check_resource, resources_to_normalised
+from mappers.hl7v2 import document_to_resources as v2_to_resources
 
 log = structlog.get_logger(__name__)
 
 KIND = "normalise_case"
 PULL_KINDS = ("pull_fhir", "pull_imaging")
+V2_IN_CASE = ("matched", "assigned")  # HL7 v2 message states whose results enter the case
+IN_CASE = V2_IN_CASE
 IMAGING_TYPES = frozenset({"ImagingStudy", "Endpoint"})
 # Hosted resources a referral may point at without being the case's own (never another case's).
 SHARED_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})
@@ -158,6 +162,44 @@ def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
     return batches
 
 
+def v2_source(row: V2Message) -> str:
+    """The source name of a v2 sender's messages in the case bundle (ids derive from it): the
+    MSH-4 facility (else MSH-3), hashed so no free text becomes part of a URI."""
+    sender = (row.sending_facility or row.sending_application).split("^", 1)[0] or "unknown"
+    return f"urn:fhir-gateway:v2:{hashlib.sha256(sender.encode()).hexdigest()[:16]}"
+
+
+def _v2_batches(session: Session, case_id: str, settings: Settings) -> list[SourceBatch]:
+    """HL7 v2 result messages matched or assigned to the case, one batch per message, mapped
+    by `mappers.hl7v2`; a message whose PID the identity check holds stays out."""
+    out = held.excluded(session, case_id)
+    rows = session.scalars(
+        select(V2Message)
+        .where(V2Message.case_id == case_id, V2Message.state.in_(V2_IN_CASE))
+        .order_by(V2Message.received_at, V2Message.id)
+    )
+    batches = []
+    for row in rows:
+        source = v2_source(row)
+        try:
+            partner = settings.partners.by_v2_facility(row.sending_facility)
+            authorities = partner.v2_authorities if partner else None
+            result = v2_to_resources(row.body, source, authorities)
+        except InputError as exc:
+            issue = {"severity": "error", "code": "invalid", "diagnostics": exc.message}
+            batches.append(
+                SourceBatch(source, [], [with_source(issue, f"v2:{row.id}")], "hl7v2", row.id)
+            )
+            continue
+        patients = {r["id"] for r in result.resources if r["resourceType"] == "Patient"}
+        if any((source, pid) in out.patients for pid in patients):
+            continue
+        issues = [with_source(i, f"v2:{row.id}") for i in result.issues]
+        received = _instant(row.received_at)
+        batches.append(SourceBatch(source, result.resources, issues, "hl7v2", row.id, received))
+    return batches
+
+
 def _batch(
     source: str, items: list[InboundResource], kind: str, document: str, received: str
 ) -> SourceBatch:
@@ -223,6 +265,7 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
             seen = _inputs_mark(s, case_id)
             batches = [b for b in [_referral_batch(s, case)] if b is not None]
             batches += _stored_batches(s, case_id)
+            batches += _v2_batches(s, case_id, settings)
             patient_id = case_patient_id(case)
         built = _build(case_id, patient_id, batches, base_url)
         with store.session() as s:
@@ -275,7 +318,12 @@ def _inputs_mark(session: Session, case_id: str) -> tuple[Any, ...]:
     holds = session.execute(
         select(func.count(), func.max(HeldItem.updated_at)).where(HeldItem.case_id == case_id)
     ).one()
-    return (*stored, *hosted_rows, *holds)
+    v2 = session.execute(
+        select(func.count(), func.max(V2Message.decided_at)).where(
+            V2Message.case_id == case_id, V2Message.state.in_(V2_IN_CASE)
+        )
+    ).one()
+    return (*stored, *hosted_rows, *holds, *v2)
 
 
 def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:

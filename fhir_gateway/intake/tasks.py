@@ -17,6 +17,7 @@ from fhir_gateway import jobs
 from fhir_gateway.errors import ConflictError, ValidationError
 from fhir_gateway.intake import hosted
 from fhir_gateway.store.models import Case, Delivery, FhirResource, utcnow
+from mappers.hl7v2_360x import ORIGIN_TAG, TASK_ORDER_STATUS
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "rejected": frozenset(),
     "cancelled": frozenset(),
 }
+STATUS_KIND = "send_v2_status"  # intake/v2_referrals.py: an OSU^O51 per change of a 360X Task
 REASON_REQUIRED = frozenset({"rejected", "on-hold", "cancelled", "failed"})  # RF-04
 
 
@@ -72,11 +74,38 @@ def transition_task(
     else:
         body.pop("statusReason", None)
     hosted.update(session, task_row, body)
+    queue_v2_status(session, task_row, new_status)
     if case is not None:
         case.status = new_status
         if new_status in jobs.CLOSED_CASE_STATUSES:
             close_case(session, case, new_status)
     return task_row
+
+
+def from_360x(task: dict[str, object]) -> bool:
+    """Whether a Task came from a 360X OMG^O19 (tagged by `mappers.hl7v2_360x`)."""
+    meta = task.get("meta")
+    tags = meta.get("tag") if isinstance(meta, dict) else None
+    return any(
+        isinstance(t, dict)
+        and t.get("system") == ORIGIN_TAG["system"]
+        and t.get("code") == ORIGIN_TAG["code"]
+        for t in tags or []
+    )
+
+
+def queue_v2_status(session: Session, task_row: FhirResource, status: str) -> None:
+    """In the Task change's transaction: one OSU^O51 job (`send_v2_status`) for this change of
+    a 360X Task, keyed by the Task version (never two for one change). The job has no case id,
+    so closing the case (cancelled/rejected) does not cancel the message that says so."""
+    if status not in TASK_ORDER_STATUS or not from_360x(task_row.body):
+        return
+    jobs.enqueue(
+        session,
+        STATUS_KIND,
+        payload={"task": task_row.id, "status": status, "version": task_row.version_id},
+        dedup_key=f"{STATUS_KIND}:{task_row.id}:{task_row.version_id}",
+    )
 
 
 def close_case(session: Session, case: Case, status: str) -> None:

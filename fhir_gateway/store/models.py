@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -374,4 +375,35 @@ class HeldItem(Base):
 
     __table_args__ = (
         UniqueConstraint("case_id", "kind", "source", "key", name="uq_held_items_item"),
+    )
+
+
+class V2Message(Base):
+    """One HL7 v2 message received over MLLP (intake/v2inbox.py), stored as received before it
+    was acknowledged. `state`: received (routing queued) | matched (in `case_id`) | held
+    (awaiting an operator: `reason` says which rule failed) | assigned (by an operator, in
+    `case_id`) | referral (a 360X order that opened `case_id`) | discarded. A sender's control
+    id is stored once (the unique constraint): a resend is acknowledged again, not stored."""
+
+    __tablename__ = "v2_messages"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    sending_application: Mapped[str] = mapped_column(String(227))  # MSH-3 (HD) as sent
+    sending_facility: Mapped[str] = mapped_column(String(227))  # MSH-4 (HD) as sent
+    control_id: Mapped[str] = mapped_column(String(199))  # MSH-10
+    message_type: Mapped[str] = mapped_column(String(32))  # MSH-9, e.g. ORU^R01^ORU_R01
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # the message bytes as received
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(String(64))  # why held (a rule name, no values)
+    case_id: Mapped[str | None] = mapped_column(ForeignKey("cases.id"), index=True)
+    decided_by: Mapped[str | None] = mapped_column(String(256))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "sending_application", "sending_facility", "control_id", name="uq_v2_messages_control"
+        ),
     )

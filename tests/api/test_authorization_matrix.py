@@ -150,6 +150,20 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
         lambda c, k, h: c.post(f"/cases/{k.id}/held/no-such-item/$reject", headers=h),
         (401, 403, 403, 403, 403, 403, 404),
     ),
+    "GET /admin/v2-messages": (
+        lambda c, k, h: c.get("/admin/v2-messages", headers=h),
+        (401, 403, 403, 403, 403, 403, 200),
+    ),
+    "POST /admin/v2-messages/{id}/$assign": (
+        lambda c, k, h: c.post(
+            "/admin/v2-messages/no-such-message/$assign", json={"case": k.id}, headers=h
+        ),
+        (401, 403, 403, 403, 403, 403, 404),
+    ),
+    "POST /admin/v2-messages/{id}/$discard": (
+        lambda c, k, h: c.post("/admin/v2-messages/no-such-message/$discard", headers=h),
+        (401, 403, 403, 403, 403, 403, 404),
+    ),
 }
 
 CELLS = [
