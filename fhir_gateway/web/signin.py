@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fhir_gateway.api.deps import SettingsDep, StoreDep
-from fhir_gateway.errors import AuthError, ConfigError, ForbiddenError
+from fhir_gateway.errors import AuthError, ConfigError, ForbiddenError, UpstreamUnavailableError
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.audit import Actor
@@ -67,8 +67,18 @@ def sign_in_page(request: Request, settings: SettingsDep) -> Response:
 async def login(request: Request, settings: SettingsDep) -> Response:
     """Redirect to the provider (state, nonce and the PKCE verifier kept in the session)."""
     client = oidc_client(request, settings)
-    response: Response = await client.authorize_redirect(request, _redirect_url(settings))
+    try:
+        response: Response = await client.authorize_redirect(request, _redirect_url(settings))
+    except OAuthError:
+        raise
+    except Exception as exc:  # the provider's discovery document could not be read
+        raise _unavailable(exc) from None
     return response
+
+
+def _unavailable(exc: Exception) -> UpstreamUnavailableError:
+    log.warning("web.sign_in.provider_failed", error=type(exc).__name__)
+    return UpstreamUnavailableError("the identity provider did not answer", system="oidc")
 
 
 @router.get("/auth/callback")
@@ -81,6 +91,8 @@ async def callback(request: Request, settings: SettingsDep, store: StoreDep) -> 
     except OAuthError as exc:
         log.warning("web.sign_in.refused", reason=exc.error)
         raise AuthError(f"the identity provider refused the sign-in ({exc.error})") from None
+    except Exception as exc:  # transport or server error at the token or JWKS endpoint
+        raise _unavailable(exc) from None
     claims = token.get("userinfo") or {}
     cfg = settings.auth
     role = claims.get(cfg.role_claim)
