@@ -144,9 +144,9 @@ def _studies(case_id: str, resources: list[Resource]) -> list[dict[str, Any]]:
             None,
         )
         modalities = sorted(
-            {m.get("code") for m in r.get("modality") or [] if m.get("code")}
+            {str(m.get("code")) for m in r.get("modality") or [] if m.get("code")}
             | {
-                (s.get("modality") or {}).get("code")
+                str((s.get("modality") or {}).get("code"))
                 for s in r.get("series") or []
                 if (s.get("modality") or {}).get("code")
             }
@@ -184,6 +184,7 @@ def case_page(
             patient=case.patient_ref,
             entity=[f"Task/{case.task_id}"],
         )
+        pending: str | None = None
         try:
             summary: dict[str, Any] | None = reading.summary(s, case_id, who)
             case, state, resources = reading.timeline_resources(s, case_id, who)
@@ -191,8 +192,6 @@ def case_page(
         except ConflictError as exc:  # not normalised yet: say so, show the rest
             summary, resources, timeline = None, [], {"count": 0, "events": []}
             pending = exc.message
-        else:
-            pending = None
     by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources}
     limit = settings.web.timeline_rows
     return render(
