@@ -283,7 +283,7 @@ def _field_of(expression: str) -> str:
     head = expression.split(".")[0]
     if head == "reviewer":
         parts = expression.split(".")
-        return f"reviewer.{parts[1]}" if len(parts) > 1 else "reviewer.family"
+        return f"reviewer.{parts[1]}" if len(parts) > 1 else "reviewer.npi"
     return head if head in FIELDS else ""
 
 
