@@ -119,7 +119,7 @@ def test_bad_draft_comes_back_beside_its_field_and_nothing_is_stored(env):
     assert "the reviewer needs an NPI" in resp.text.split('id="f-reviewer-npi-error">')[1][:200]
     form["reviewer.npi"] = "1234567893"
     resp = c.post(f"/app/cases/{env['case']}/report", data=form, follow_redirects=False)
-    assert resp.status_code == 303, re.findall(r'field-error[^>]*>([^<]*)', resp.text)
+    assert resp.status_code == 303, re.findall(r"field-error[^>]*>([^<]*)", resp.text)
     assert _reports(env["store"]) == 1
 
 
