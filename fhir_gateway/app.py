@@ -22,6 +22,7 @@ from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.security.client_keys import JWKS_CACHE_CONTROL, published_jwks
 from fhir_gateway.settings import Settings, ensure_data_dir
 from fhir_gateway.store import Store, open_store
+from fhir_gateway.web import app as web
 
 
 def create_app(
@@ -83,6 +84,7 @@ def create_app(
     app.include_router(dicomweb.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    web.install(app, settings)  # the reviewer workspace at /app
 
     @app.get("/.well-known/jwks.json", tags=["ops"])
     def jwks() -> JSONResponse:

@@ -886,7 +886,13 @@ def v2_decide(settings: Settings, message_id: str, case_id: str | None) -> str:
 
 @app.command()
 def demo(
-    keep: Annotated[bool, typer.Option(help="keep the temporary data directory")] = False,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            help="leave the stack running (until Ctrl-C) with the reviewer workspace at /app, "
+            "and keep the temporary data directory"
+        ),
+    ] = False,
 ) -> None:
     """Run the main job on embedded defaults: start the service, push a referral, show the case."""
     from fhir_gateway.demo import run_demo

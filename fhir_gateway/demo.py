@@ -96,7 +96,7 @@ def run_demo(
     with log_path.open("w", encoding="utf-8") as log_file:
         configure_logging("console", "INFO", stream=log_file)
         try:
-            _run(out, tmp, data_dir, collect)
+            _run(out, tmp, data_dir, collect, keep=keep)
         except (GatewayError, requests.RequestException, RuntimeError) as exc:
             failed = True
             _explain_failure(err, exc, log_path, tmp)
@@ -109,7 +109,14 @@ def run_demo(
     return 1 if failed else 0
 
 
-def _run(out: Console, tmp: Path, data_dir: Path, collect: dict[str, Any] | None) -> None:
+def _run(
+    out: Console,
+    tmp: Path,
+    data_dir: Path,
+    collect: dict[str, Any] | None,
+    *,
+    keep: bool = False,
+) -> None:
     with ExitStack() as stack:
         # Our SMART client key, registered with the sandbox EHR as a partner would.
         jwk = new_key(data_dir / "keys" / f"{PARTNER}.pem", "EC", KID)
@@ -146,6 +153,12 @@ def _run(out: Console, tmp: Path, data_dir: Path, collect: dict[str, Any] | None
         demo.run(ehr.base_url)
         if collect is not None:
             collect.update(demo.collected)
+        out.print(
+            f"reviewer workspace: {base}/app (case page {base}/app/cases/{demo.case_id}); "
+            "browser tests and screenshots: docs/screenshots/"
+        )
+        if keep:
+            _serve_until_interrupted(out, base)
     out.print("all servers stopped cleanly")
     store = open_store(Settings(data_dir=data_dir).db_url, key_dir=data_dir / "keys")
     with store.session() as session:
@@ -154,6 +167,23 @@ def _run(out: Console, tmp: Path, data_dir: Path, collect: dict[str, Any] | None
     if not result.ok:
         raise RuntimeError(f"audit chain NOT verified: {'; '.join(result.problems)}")
     out.print(f"audit chain verified: {result.count} events")
+
+
+def _serve_until_interrupted(out: Console, base: str) -> None:
+    """`demo --keep`: leave the gateway, the sandbox EHR and PACS running until Ctrl-C."""
+    out.print(
+        f"[bold]the stack keeps running[/bold]. Workspace: {base}/app\n"
+        f"sign in as the demo reviewer: {base}/app/sign-in/dev?reviewer=dr.demo\n"
+        f"or as the operator (admin pages): {base}/app/sign-in/dev"
+        "?reviewer=demo-operator&role=admin\n"
+        "press Ctrl-C to stop",
+        soft_wrap=True,
+    )
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        out.print("stopping ...")
 
 
 def _explain_failure(err: Console, exc: BaseException, log_path: Path, tmp: Path) -> None:
@@ -182,6 +212,7 @@ class Demo:
         self.out, self.base = out, base
         self.http = requests.Session()
         self.collected: dict[str, Any] = {}
+        self.case_id = ""
 
         def bearer(role: str, sub: str, partner: str | None = None) -> dict[str, str]:
             token = mint_dev_token(data_dir, role=role, sub=sub, partner=partner)
@@ -197,7 +228,7 @@ class Demo:
         return resp.json()
 
     def run(self, ehr_base: str) -> None:
-        case_id = self.push_referral()
+        case_id = self.case_id = self.push_referral()
         self.wait_for_jobs(case_id, ("pull_fhir", "pull_imaging"))
         self.show_pull(case_id)
         self.show_held(case_id)

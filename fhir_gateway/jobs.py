@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import (
     CaseClosedError,
+    ConflictError,
     GatewayError,
     InputError,
     NotFoundError,
@@ -178,6 +179,21 @@ def enqueue(
     )
     session.add(job)
     session.flush()
+    return job
+
+
+def requeue_dead(session: Session, job_id: str) -> Job:
+    """Put a dead job back in the queue with fresh attempts (admin).
+
+    Raises:
+        NotFoundError: unknown job. ConflictError: the job is not dead.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"job {job_id} is not known")
+    if job.state != DEAD:
+        raise ConflictError(f"job {job_id} is {job.state}, not dead")
+    job.state, job.attempts, job.run_at, job.finished_at = QUEUED, 0, utcnow(), None
     return job
 
 

@@ -349,6 +349,22 @@ class AuthSettings(BaseModel):
     token_burst_per_client: int = Field(default=10, ge=1)
 
 
+class WebSettings(BaseModel):
+    """The reviewer workspace at /app: sign-in through the organisation's OpenID Connect
+    provider (authorization code + PKCE), and the dev sign-in for the demo (loopback only)."""
+
+    oidc_issuer: str | None = None  # e.g. https://login.example.org/realms/oncology
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_redirect_url: str | None = None  # default: <public_base_url>/app/auth/callback
+    oidc_scopes: str = "openid profile email"
+    # Dev sign-in (a named reviewer, no password): only while auth.dev_issuer is on, the public
+    # base URL is loopback and the browser is on loopback.
+    dev_sign_in: bool = True
+    session_max_age_s: int = Field(default=8 * 3600, ge=60, le=7 * 24 * 3600)
+    timeline_rows: int = Field(default=500, ge=10, le=100_000)  # rows shown on the case page
+
+
 class JobSettings(BaseModel):
     workers: int = 2  # worker threads in `serve`
     lease_s: float = 60.0
@@ -427,6 +443,7 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     limits: Limits = Limits()
     reports: ReportSettings = ReportSettings()
+    web: WebSettings = WebSettings()
 
     @field_validator("public_base_url")
     @classmethod

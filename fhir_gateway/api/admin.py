@@ -13,12 +13,11 @@ from fhir_gateway import jobs
 from fhir_gateway.api import views
 from fhir_gateway.api.deps import ADMIN, SettingsDep, StoreDep
 from fhir_gateway.casebundle import held
-from fhir_gateway.errors import ConflictError, NotFoundError
 from fhir_gateway.intake import v2inbox
 from fhir_gateway.reports import drafts as reports
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
-from fhir_gateway.store.models import Delivery, Job, utcnow
+from fhir_gateway.store.models import Delivery, Job
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -72,12 +71,7 @@ def requeue_job(
 ) -> dict[str, Any]:
     """Put a dead job back in the queue with fresh attempts (409 unless it is dead)."""
     with store.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFoundError(f"job {job_id} is not known")
-        if job.state != jobs.DEAD:
-            raise ConflictError(f"job {job_id} is {job.state}, not dead")
-        job.state, job.attempts, job.run_at, job.finished_at = jobs.QUEUED, 0, utcnow(), None
+        job = jobs.requeue_dead(s, job_id)
         audit.record(s, "job.requeue", who.actor, case_id=job.case_id, entity=[f"job:{job.id}"])
         return {**views.job_view(job), "case": job.case_id}
 

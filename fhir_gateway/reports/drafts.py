@@ -7,6 +7,7 @@ Submitting twice delivers once.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
 from typing import Any
@@ -298,6 +299,23 @@ def case_references(
                     f"{path}: the reference is not a resource of this case", expression=[path]
                 )
     return out
+
+
+def preview_pdf(session: Session, case_id: str, who: access.Principal, settings: Settings) -> bytes:
+    """The PDF the saved draft would be delivered as now (mapper run, nothing stored or sent).
+
+    Raises:
+        NotFoundError: no draft. ValidationError (422): the draft names resources not in the case.
+    """
+    access.require_role(who, "reviewer", "admin")
+    case = access.get_case(session, case_id, who)
+    report = _report_of(session, case.id)
+    draft = parse_draft(report.draft)
+    built = build_report(session, case, report, draft, settings, status="final", now=utcnow())
+    for form in built.diagnostic_report.get("presentedForm") or []:
+        if form.get("contentType") == "application/pdf" and form.get("data"):
+            return base64.b64decode(form["data"])
+    raise NotFoundError("the report mapper made no PDF for this draft")
 
 
 def report_view(session: Session, case_id: str, who: access.Principal) -> dict[str, Any]:

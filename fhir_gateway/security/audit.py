@@ -76,6 +76,7 @@ INTERACTIONS: dict[str, tuple[str, str]] = {
     "identity.release": ("update", "U"),
     "identity.reject": ("update", "U"),
     "identity.list": ("search-type", "E"),
+    "user.sign_in": ("create", "E"),
 }
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"

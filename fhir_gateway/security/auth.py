@@ -24,6 +24,7 @@ DEV_ISSUER = "urn:fhir-gateway:dev-issuer"
 DEV_KEY_FILE = Path("keys") / "dev-jwt.key"
 SMART_ISSUER = "urn:fhir-gateway:smart"  # access tokens our token endpoint issues to partners
 SMART_KEY_FILE = Path("keys") / "access-token.key"
+SESSION_KEY_FILE = Path("keys") / "web-session.key"
 SMART_CLAIMS = ["exp", "sub", "iss", "aud", "scope", "partner"]
 
 
@@ -60,6 +61,11 @@ def issue_access_token(
         "jti": secrets.token_hex(12),
     }
     return jwt.encode(claims, smart_key(data_dir), algorithm="HS256")
+
+
+def session_key(data_dir: Path) -> str:
+    """The key the workspace signs its session cookies with (0600, created on first use)."""
+    return _secret_key(data_dir / SESSION_KEY_FILE).decode()
 
 
 def _secret_key(path: Path) -> bytes:

@@ -1,0 +1,9 @@
+"""The reviewer workspace at /app: server-rendered pages (Jinja2, autoescape on, htmx for the
+parts that change), sign-in through the organisation's OpenID Connect provider, and the dev
+sign-in for the demo.
+
+A page handler does what an API handler does: it authenticates (the session's `Principal`),
+calls the step packages (`casebundle`, `reports`, `security.access`, `jobs`) and renders.
+May import: the step packages, `security`, `jobs`, `store`, `settings`, `errors`, and
+`api.views` (the JSON shapes of a case). Templates receive plain dicts.
+"""
