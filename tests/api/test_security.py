@@ -95,6 +95,8 @@ def body_endpoints(case_id: str, task_id: str) -> list[tuple[str, str, str]]:
         ("POST", f"/cases/{case_id}/status", "admin"),
         ("POST", "/auth/token", "none"),
         ("POST", "/auth/introspect", "admin"),
+        # no such message: refused before or after the body, 4xx either way, nothing stored
+        ("POST", "/admin/v2-messages/{message_id}/$assign", "admin"),
     ]
 
 
