@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -238,6 +239,7 @@ class Demo:
         self.wait_for_jobs(case_id, ("deliver_report",))
         self.show_delivery(case_id, ehr_base)
         self.show_audit(case_id)
+        self.show_metrics()
 
     def wait_for_bundle(self, case_id: str, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
@@ -365,6 +367,30 @@ class Demo:
         self.out.print(
             "audit events for this patient: "
             + ", ".join(f"{k} x{v}" for k, v in sorted(steps.items()))
+        )
+
+    def show_metrics(self) -> None:
+        """What an operator's Prometheus scrapes from /metrics after this one case."""
+        resp = self.http.get(f"{self.base}/metrics", headers=self.admin, timeout=30)
+        _check(resp)
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                key = sample.name
+                if key == "fhir_gateway_deliveries_total":
+                    key += f":{sample.labels.get('outcome')}"
+                totals[key] = totals.get(key, 0.0) + sample.value
+        shown = {
+            "jobs run": "fhir_gateway_job_duration_seconds_count",
+            "FHIR resources pulled": "fhir_gateway_pull_resources_total",
+            "DICOM instances pulled": "fhir_gateway_pull_instances_total",
+            "bytes pulled": "fhir_gateway_pull_bytes_total",
+            "reports delivered": "fhir_gateway_deliveries_total:delivered",
+            "HTTP requests": "fhir_gateway_http_requests_total",
+        }
+        self.out.print(
+            "GET /metrics (Prometheus): "
+            + ", ".join(f"{label} {totals.get(name, 0.0):.0f}" for label, name in shown.items())
         )
 
     def report(self, case_id: str) -> None:

@@ -95,6 +95,12 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert re.search(r"kras_nras_braf\s+│\s+missing │", out), out
     assert "accession S17-0412; block S17-0412-A1, slide S17-0412-A1-1" in out
     assert "audit chain verified" in out
+    scraped = re.search(r"GET /metrics \(Prometheus\): (.*)", out)
+    assert scraped is not None, out
+    counts = dict(re.findall(r"([A-Za-z /]+?) (\d+)(?:,|$)", scraped.group(1)))
+    for counter in ("jobs run", "FHIR resources pulled", "DICOM instances pulled"):
+        assert int(counts[counter.strip()]) > 0, (counter, scraped.group(1))
+    assert int(counts["reports delivered"]) == 1
     # the second opinion reached the sandbox EHR once and the referral Task is closed
     assert "delivered after 1 attempt(s), HTTP 201" in out
     assert re.search(r"referral Task .*\n?.*completed", out), out
