@@ -97,10 +97,11 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     assert "audit chain verified" in out
     scraped = re.search(r"GET /metrics \(Prometheus\): (.*)", out)
     assert scraped is not None, out
-    counts = dict(re.findall(r"([A-Za-z /]+?) (\d+)(?:,|$)", scraped.group(1)))
+    found = re.findall(r"([A-Za-z /]+?) (\d+)(?:,|$)", scraped.group(1))
+    counts = {name.strip(): int(value) for name, value in found}
     for counter in ("jobs run", "FHIR resources pulled", "DICOM instances pulled"):
-        assert int(counts[counter.strip()]) > 0, (counter, scraped.group(1))
-    assert int(counts["reports delivered"]) == 1
+        assert counts[counter] > 0, (counter, scraped.group(1))
+    assert counts["reports delivered"] == 1
     # the second opinion reached the sandbox EHR once and the referral Task is closed
     assert "delivered after 1 attempt(s), HTTP 201" in out
     assert re.search(r"referral Task .*\n?.*completed", out), out
