@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from fhir_gateway import jobs
+from fhir_gateway import job_handlers, jobs
 from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import Job
 from tests.integration.imaging.cases import make_case, study_ref
@@ -34,8 +34,7 @@ def test_worker_runs_pull_imaging(orthanc, gw_store, settings: Settings, tmp_pat
     case_id = make_case(gw_store, supporting_info=[study_ref(study_uid)])
     with gw_store.session() as s:
         job_id = jobs.enqueue(s, "pull_imaging", case_id=case_id).id
-    import fhir_gateway.imaging.retrieval  # noqa: F401  (registers the handler, as the worker does)
-
+    job_handlers.register_all()  # as `serve` and `worker` do
     assert jobs.Worker(gw_store, cfg).run_once()
     with gw_store.session() as s:
         job = s.get(Job, job_id)
