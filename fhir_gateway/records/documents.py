@@ -292,7 +292,12 @@ def keep_document(
     source_doc = source_of(doc_id)
     ident = found.ident if found is not None else identify(data, declared_type)
     text_sha = None
-    if found is not None and found.text is not None and ident.kind == ContentKind.PDF:
+    if (
+        found is not None
+        and found.text
+        and not found.no_text_layer
+        and ident.kind == ContentKind.PDF
+    ):
         text_sha = write_binary(data_dir, found.text.encode("utf-8"))
     with store.session() as s:
         jobs.require_case_open(s, case_id, "keeping a document")

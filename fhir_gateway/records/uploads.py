@@ -403,13 +403,23 @@ def dicom_files_of(root: Path) -> tuple[list[Path], str]:
         if fs is not None:
             base = dicomdir.parent
             files = []
-            for instance in fs:
-                candidate = base.joinpath(*instance.ReferencedFileID)
-                if candidate.is_file():
-                    files.append(candidate)
+            try:
+                for instance in fs:
+                    candidate = base.joinpath(*instance.ReferencedFileID)
+                    if candidate.is_file():
+                        files.append(candidate)
+            finally:
+                close_fileset(fs)
             if files:
                 return files, "DICOMDIR"
     return [p for p in sorted(root.rglob("*")) if p.is_file() and _is_part10(p)], "scan"
+
+
+def close_fileset(fs: FileSet) -> None:
+    """Remove the staging directory every FileSet makes (pydicom 3 offers no close())."""
+    stage = getattr(fs, "_stage", {}).get("t")
+    if stage is not None:
+        stage.cleanup()
 
 
 def _is_part10(path: Path) -> bool:
