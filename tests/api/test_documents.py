@@ -33,6 +33,7 @@ from fhir_gateway.store.models import (
     Job,
     StoredResource,
 )
+from tests.api.test_case_bundle import store_of
 from tests.conftest import FHIR_JSON, FIXTURES, SYNTHEA, Tokens, load_fixture, partner_sandbox
 
 CCD = FIXTURES / "ccda" / "CCD_2.xml"  # Isabella Jones, F, 1950-12-19, MRN 98765432
@@ -86,8 +87,8 @@ def v2_for_jones() -> bytes:
     return b"\r".join(out)
 
 
-def build(client, settings, case_id):
-    normalise.normalise_case(client.app.state.store, settings, case_id)
+def build(client: TestClient, settings: Settings, case_id: str) -> Any:
+    normalise.normalise_case(store_of(client), settings, case_id)
     resp = client.get(
         f"/cases/{case_id}/bundle", headers=Tokens(settings.data_dir).headers("admin")
     )
@@ -171,8 +172,8 @@ def test_pdf_with_text_kept_beside_the_original_and_counts_as_pathology(
     assert state.summary["pathology_report"]["present"] is True
 
 
-def _state(client, case_id):
-    with client.app.state.store.session() as s:
+def _state(client: TestClient, case_id: str) -> Any:
+    with store_of(client).session() as s:
         return s.get(CaseBundleState, case_id)
 
 
@@ -284,7 +285,7 @@ def _dicom_for_case(tmp: Path, src: Path, name: str) -> Path:
     return out
 
 
-def _studies(client, tokens, case_id):
+def _studies(client: TestClient, tokens: Tokens, case_id: str) -> Any:
     resp = client.get(f"/cases/{case_id}/dicom-web/studies", headers=tokens.headers("admin"))
     assert resp.status_code == 200
     return resp.json()
