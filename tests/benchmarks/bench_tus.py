@@ -98,7 +98,10 @@ def main() -> None:
         store = open_store(Settings(data_dir=data_dir).db_url)
         add_case(store, "bench-case", "Patient/bench", partner_id="p1")
         token = mint_dev_token(data_dir, role="ehr", sub="bench", partner="p1")
-        auth = ["-H", f"Authorization: Bearer {token}", "-H", "Tus-Resumable: 1.0.0"]
+        auth = [
+            *("-H", f"Authorization: Bearer {token}", "-H", "Tus-Resumable: 1.0.0"),
+            *("-H", "Expect:"),  # no 100-continue round trip
+        ]
         uploads = f"{base}/cases/bench-case/uploads/"
         before = rss_mb(server.pid)
 
@@ -123,8 +126,8 @@ def main() -> None:
                 *headers,
                 "-X",
                 "PATCH",
-                "--data-binary",
-                f"@{path}",
+                "-T",
+                str(path),
                 "-o",
                 "/dev/null",
                 "-w",
@@ -174,8 +177,8 @@ def main() -> None:
                 "Upload-Offset: 0",
                 "-X",
                 "PATCH",
-                "--data-binary",
-                f"@{src}",
+                "-T",
+                str(src),
                 "--limit-rate",
                 f"{max(size // 4, 1 << 20)}",
                 "-o",
