@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
@@ -327,8 +328,8 @@ def keep_document(
                 (sha, len(data), ident.media_type),
                 *([(text_sha, 0, "text/plain; charset=utf-8")] if text_sha else []),
             ):
-                if digest and s.get(Binary, digest) is None:
-                    s.add(Binary(sha256=digest, size=size, content_type=ctype))
+                if digest:
+                    _add_binary(s, digest, size, ctype)
             s.flush()
             _save_resources(s, row, found, base_url, case, attached, title)
         audit.record(
@@ -352,6 +353,18 @@ def keep_document(
         resources=len(found.resources) if found else 0,
     )
     return Kept(doc_id, ident.kind.value, row.status, count, new, row.no_text_layer)
+
+
+def _add_binary(session: Session, sha: str, size: int, content_type: str) -> None:
+    """The Binary row of a file, once: Binary rows are shared by every case, so two cases
+    receiving the same file at once race here; the loser's insert is undone (a savepoint)."""
+    if session.get(Binary, sha) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(Binary(sha256=sha, size=size, content_type=content_type))
+    except IntegrityError:
+        pass  # the other transaction stored it
 
 
 def _save_resources(
@@ -490,7 +503,9 @@ def document_view(row: CaseDocument, base_url: str) -> dict[str, Any]:
 
 def queue_normalise(session: Session, case_id: str, shas: Iterable[str]) -> None:
     """Queue the case's normalisation after documents or images arrived: once per set of
-    contents (the same upload again queues nothing new)."""
+    contents (the same upload again queues nothing new). Under the case's lock, so two
+    requests queueing the same key at once do not race on the dedup key."""
+    jobs.require_case_open(session, case_id, "queueing normalisation")
     digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()[:32]
     key = f"normalise:{case_id}:received:{digest}"
     jobs.enqueue(session, NORMALISE_KIND, case_id=case_id, payload={"key": key}, dedup_key=key)
