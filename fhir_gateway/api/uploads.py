@@ -157,8 +157,9 @@ def _checksum(request: Request) -> tuple[str, bytes] | None:
 
 
 @router.options("/")
-def tus_options(case_id: str, settings: SettingsDep) -> Response:
-    """tus discovery: version, extensions, the largest upload, checksum algorithms."""
+def tus_options(grant: Grant, settings: SettingsDep) -> Response:
+    """tus discovery: version, extensions, the largest upload, checksum algorithms (for a
+    caller who may upload into the case: every endpoint but discovery and health needs a token)."""
     return Response(
         status_code=204,
         headers={

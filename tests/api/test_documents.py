@@ -396,7 +396,7 @@ def test_tus_upload_interrupted_and_resumed(client, tokens, settings) -> None:
 
     case_id = refer(client, tokens)
     data = TEXT_PDF.read_bytes()
-    opts = client.options(f"/cases/{case_id}/uploads/")
+    opts = client.options(f"/cases/{case_id}/uploads/", headers=tokens.headers("ehr"))
     assert "checksum" in opts.headers["Tus-Extension"]
     created = client.post(
         f"/cases/{case_id}/uploads/",
