@@ -12,7 +12,20 @@ from sqlalchemy import text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_gateway import job_handlers, jobs
-from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, ops, reports, smart
+from fhir_gateway.api import (
+    admin,
+    audit,
+    bundle,
+    cases,
+    dicomweb,
+    documents,
+    fhir,
+    ops,
+    reports,
+    smart,
+    stow,
+    uploads,
+)
 from fhir_gateway.api.deps import ADMIN, StoreDep
 from fhir_gateway.api.observe import AccessMiddleware
 from fhir_gateway.api.responses import add_error_handlers
@@ -82,6 +95,9 @@ def create_app(
     app.include_router(reports.router)
     app.include_router(bundle.router)
     app.include_router(dicomweb.router)
+    app.include_router(documents.router)
+    app.include_router(stow.router)
+    app.include_router(uploads.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
     web.install(app, settings)  # the reviewer workspace at /app

@@ -233,6 +233,9 @@ class Demo:
         self.wait_for_jobs(case_id, ("pull_fhir", "pull_imaging"))
         self.show_pull(case_id)
         self.show_held(case_id)
+        self.upload_note(case_id)
+        self.show_documents(case_id)
+        self.wait_for_jobs(case_id, ("normalise_case",))
         self.wait_for_bundle(case_id)
         self.review(case_id)
         self.report(case_id)
@@ -520,6 +523,39 @@ class Demo:
             f"instances, {counts.get('bytes', 0)} bytes, "
             f"{counts.get('rejected', 0)} rejected"
         )
+
+    def upload_note(self, case_id: str) -> None:
+        """The partner uploads a C-CDA consultation note into its case (multipart/form-data)."""
+        note = DEMO_DATA / "uploads" / "consult-note.xml"
+        resp = self.http.post(
+            f"{self.base}/cases/{case_id}/documents",
+            headers=self.ehr,
+            files=[("file", ("consult-note.xml", note.read_bytes(), "application/xml"))],
+            timeout=60,
+        )
+        _check(resp)
+        (result,) = resp.json()["files"]
+        self.out.print(
+            f"POST /cases/{{id}}/documents (the partner's C-CDA note) -> {result['result']} "
+            f"as {result['kind']}" + (" [held]" if result.get("held") else "")
+        )
+
+    def show_documents(self, case_id: str) -> None:
+        """Every document of the case, read by its content (pulled attachments and uploads)."""
+        docs = self.get(f"/cases/{case_id}/documents", self.admin)
+        table = Table(title="documents in the case")
+        for column in ("kind", "origin", "status", "text"):
+            table.add_column(column)
+        for doc in docs:
+            text = "no text (scanned)" if doc["noTextLayer"] else ("kept" if doc["text"] else "-")
+            table.add_row(doc["kind"], doc["origin"], doc["status"], text)
+        self.out.print(table)
+        pdf = next((d for d in docs if d["kind"] == "pdf" and d["text"]), None)
+        if pdf is not None:
+            resp = self.http.get(pdf["text"], headers=self.admin, timeout=30)
+            _check(resp)
+            first = resp.text.strip().splitlines()[0] if resp.text.strip() else ""
+            self.out.print(f"GET .../documents/{{doc}}/content?format=text -> {first[:60]!r}")
 
     def show_held(self, case_id: str) -> None:
         """What the identity check held out of the case (field names only), as an admin sees it."""

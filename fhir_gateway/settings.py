@@ -389,6 +389,14 @@ class Limits(BaseModel):
     max_json_bytes: int = 20 * 1024 * 1024
     max_json_depth: int = 64
     max_transaction_entries: int = Field(default=1000, ge=1)  # beyond: 413, nothing stored
+    # Uploads into a case (POST /cases/{id}/documents, STOW-RS): one request's body, and one
+    # file of it; a DICOM CD as a .zip is read up to max_zip_bytes unpacked. Larger: tus.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_document_bytes: int = 100 * 1024 * 1024
+    max_zip_bytes: int = 4 * 1024 * 1024 * 1024
+    max_zip_members: int = 20_000
+    # Resumable uploads (tus, /cases/{id}/uploads/): the largest Upload-Length accepted.
+    max_tus_bytes: int = 8 * 1024 * 1024 * 1024
 
 
 class ImageSettings(BaseModel):

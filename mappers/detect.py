@@ -17,6 +17,7 @@ from fhir_gateway.resources import reference
 from mappers import ccda, dicom, fhir, hl7v2
 from mappers._common import MapResult
 from mappers._xml import parse_xml
+from mappers.content import ContentKind, content_kind
 
 log = structlog.get_logger(__name__)
 
@@ -29,23 +30,34 @@ DICOM_JSON_HEAD = re.compile(rb'\[?\s*\{\s*"[0-9A-Fa-f]{8}"\s*:')
 OFFLINE_ENDPOINT = "urn:fhir-gateway:offline-dicom"
 
 
+# What each kind found by content (mappers/content.py) is dispatched as.
+_DISPATCH_KIND: dict[ContentKind, str] = {
+    ContentKind.DICOM: "dicom",
+    ContentKind.FHIR_JSON: "fhir-json",
+    ContentKind.FHIR_NDJSON: "fhir-json",  # fhir.parse_fhir reads NDJSON too
+    ContentKind.CCDA: "xml",
+    ContentKind.XML: "xml",
+    ContentKind.HL7V2: "hl7v2",
+    ContentKind.PDF: "pdf",
+    ContentKind.TEXT: "text",
+}
+
+
 def sniff(data: bytes, filename: str = "") -> str:
-    """The kind from the first bytes: fhir-json, dicom-json, xml, hl7v2, dicom or '' (unknown)."""
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
+    """The kind to dispatch on, by content (`mappers.content`): fhir-json, dicom-json, xml,
+    hl7v2, dicom, pdf, text or '' (unknown). DICOM JSON (a QIDO answer) is told apart from FHIR
+    JSON here; a file name is consulted only for a DICOM file without its Part 10 preamble."""
     head = data[:3].removeprefix(b"\xef\xbb\xbf") + data[3:512]
-    head = head.lstrip(b" \t\r\n")
-    if DICOM_JSON_HEAD.match(head):
+    if DICOM_JSON_HEAD.match(head.lstrip(b" \t\r\n")):
         return "dicom-json"
-    if head.startswith(b"{"):
-        return "fhir-json"
-    if head.startswith(b"<"):
-        return "xml"
-    if head.startswith(b"MSH"):
-        return "hl7v2"
-    if filename.lower().endswith((".dcm", ".dicom")):
+    kind, _ = content_kind(data)
+    if kind == ContentKind.UNKNOWN and filename.lower().endswith((".dcm", ".dicom")):
         return "dicom"
-    return ""
+    if kind == ContentKind.TEXT and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return "fhir-json"  # JSON without resourceType: the FHIR parser says what is wrong
+    if kind == ContentKind.TEXT and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        return "xml"  # not well-formed XML: the XML parser says where
+    return _DISPATCH_KIND.get(kind, "")
 
 
 def map_document(data: bytes, filename: str, source: str) -> MapResult:
@@ -94,6 +106,12 @@ def _dispatch(kind: str, data: bytes, filename: str, source: str) -> MapResult:
         return _map_dicom([dicom.parse_part10(data, check_pixels=True)], source, kind)
     if kind == "dicom-json":
         return _map_dicom(_dicom_json(data, source), source, kind)
+    if kind in ("pdf", "text"):
+        raise ParseError(
+            f"unrecognised format for records: {'PDF' if kind == 'pdf' else 'plain text'} carries"
+            " no structured records (a case keeps it as a document: records/documents.py)",
+            source="detect",
+        )
     raise ParseError(
         "unrecognised format: not FHIR JSON/NDJSON, C-CDA XML, HL7 v2 ER7 or DICOM Part 10",
         source="detect",

@@ -415,7 +415,9 @@ def _provenance(patient_id: str, batch: SourceBatch, targets: list[str]) -> Reso
             },
         ],
     }
-    if batch.document:
+    if batch.document.startswith("DocumentReference/"):  # a document read into the case
+        provenance["entity"] = [{"role": "source", "what": {"reference": batch.document}}]
+    elif batch.document:
         provenance["entity"] = [{"role": "source", "what": {"display": batch.document}}]
     return provenance
 

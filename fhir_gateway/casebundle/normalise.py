@@ -39,6 +39,7 @@ from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
     Case,
     CaseBundleState,
+    CaseDocument,
     FhirResource,
     HeldItem,
     Job,
@@ -151,6 +152,10 @@ def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
     for row in rows:
         if out.keeps(row):
             by_source.setdefault(row.source, []).append(row)
+    documents = {
+        f"{DOCUMENT_SOURCE}{d.id}": d
+        for d in session.scalars(select(CaseDocument).where(CaseDocument.case_id == case_id))
+    }
     batches = []
     for source, found in by_source.items():
         # Patient first: the first Patient of the first source is the case Patient's base.
@@ -158,7 +163,21 @@ def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
         items = [InboundResource(r.body, f"{r.resource_type}/{r.source_id}") for r in found]
         kind = "dicom" if all(r.resource_type in IMAGING_TYPES for r in found) else "fhir"
         received = _instant(max(r.fetched_at for r in found))
-        batches.append(_batch(source, items, kind, source, received))
+        doc = documents.get(source)
+        if doc is None:
+            batches.append(_batch(source, items, kind, source, received))
+            continue
+        # A document (records/documents.py): what was mapped from it has its DocumentReference
+        # as the Provenance entity; a scanned PDF or an unreadable one is an issue of the case.
+        docref = next((r for r in found if r.resource_type == "DocumentReference"), None)
+        entity = (
+            f"DocumentReference/{deterministic_id(source, 'DocumentReference', docref.source_id)}"
+            if docref is not None
+            else source
+        )
+        batch = _batch(source, items, doc.kind, entity, received)
+        batch.issues += [with_source(i, source) for i in _document_issues(doc, entity)]
+        batches.append(batch)
     return batches
 
 
@@ -198,6 +217,32 @@ def _v2_batches(session: Session, case_id: str, settings: Settings) -> list[Sour
         received = _instant(row.received_at)
         batches.append(SourceBatch(source, result.resources, issues, "hl7v2", row.id, received))
     return batches
+
+
+DOCUMENT_SOURCE = "urn:fhir-gateway:document:"  # = records.documents.SOURCE_PREFIX
+
+
+def _document_issues(doc: CaseDocument, where: str) -> list[Issue]:
+    out: list[Issue] = []
+    if doc.no_text_layer:
+        out.append(
+            {
+                "severity": "warning",
+                "code": "incomplete",
+                "diagnostics": "no text (scanned): the PDF has no text layer; read it as an image",
+                "expression": [where],
+            }
+        )
+    if doc.status == "failed":
+        out.append(
+            {
+                "severity": "error",
+                "code": "processing",
+                "diagnostics": f"document kept as received, not read: {doc.detail or 'unknown'}",
+                "expression": [where],
+            }
+        )
+    return out
 
 
 def _batch(

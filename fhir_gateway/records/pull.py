@@ -38,6 +38,7 @@ from fhir_gateway.errors import (
     UpstreamRejectedError,
 )
 from fhir_gateway.jobs import JobContext
+from fhir_gateway.records import documents
 from fhir_gateway.records.partner_clients import session_for, token_provider_for
 from fhir_gateway.resources import Resource, identifiers_of
 from fhir_gateway.security import audit
@@ -545,6 +546,16 @@ def pull_case(
     )
     # Right patient: the pulled Patient(s) and records about other patients against the referral.
     held.check_records(store, case_id, client.base_url, patient_id)
+    # Every attachment is read by its content: documents of the case, checked the same way.
+    documents.read_in_pulled(
+        store,
+        settings.data_dir,
+        settings.base_url,
+        case_id,
+        client.base_url,
+        [(b.sha256, b.content_type, b.resource) for b in result.binaries],
+        result.resources,
+    )
     return result, saved
 
 

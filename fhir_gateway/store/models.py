@@ -407,3 +407,30 @@ class V2Message(Base):
             "sending_application", "sending_facility", "control_id", name="uq_v2_messages_control"
         ),
     )
+
+
+class CaseDocument(Base):
+    """A document of a case (an attachment pulled from the EHR, or a file uploaded): the bytes
+    are a `Binary` file, the kind is what its content is (mappers/content.py), not what it was
+    declared as. One row per (case, content): the same file twice is the same document.
+    `records/documents.py` reads it; the case bundle shows it as a DocumentReference."""
+
+    __tablename__ = "case_documents"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid5(case, sha256)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))  # ContentKind: pdf | ccda | hl7v2 | ...
+    content_type: Mapped[str] = mapped_column(String(128))  # served as (by content)
+    declared_type: Mapped[str] = mapped_column(String(128))  # as sent ("" when none)
+    origin: Mapped[str] = mapped_column(String(16))  # pulled | upload
+    source: Mapped[str] = mapped_column(String(512))  # the EHR's base URL, or the uploader
+    attached_to: Mapped[str | None] = mapped_column(String(256))  # "DocumentReference/<id>"
+    text_sha256: Mapped[str | None] = mapped_column(String(64))  # extracted text (PDF)
+    no_text_layer: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16))  # mapped | stored | failed
+    detail: Mapped[str | None] = mapped_column(Text)  # why not mapped (no values, no PHI)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("case_id", "sha256", name="uq_case_documents_content"),)

@@ -54,7 +54,8 @@ def test_every_route_needs_a_token(settings) -> None:
                 url = re.sub(r"\{[^}]+\}", "x", path)
                 resp = client.request(method.upper(), url)
                 assert resp.status_code == 401, (method, path, resp.status_code)
-                assert resp.json()["resourceType"] == "OperationOutcome"
+                if method != "head":  # a HEAD response has no body (tus HEAD)
+                    assert resp.json()["resourceType"] == "OperationOutcome"
                 checked += 1
     assert checked >= 15
 
