@@ -24,6 +24,7 @@ DEV_ISSUER = "urn:fhir-gateway:dev-issuer"
 DEV_KEY_FILE = Path("keys") / "dev-jwt.key"
 SMART_ISSUER = "urn:fhir-gateway:smart"  # access tokens our token endpoint issues to partners
 SMART_KEY_FILE = Path("keys") / "access-token.key"
+SESSION_KEY_FILE = Path("keys") / "session.key"
 SMART_CLAIMS = ["exp", "sub", "iss", "aud", "scope", "partner"]
 
 
@@ -35,6 +36,11 @@ def dev_key(data_dir: Path) -> bytes:
 def smart_key(data_dir: Path) -> bytes:
     """The key our token endpoint signs partners' access tokens with (HS256, 0600)."""
     return _secret_key(data_dir / SMART_KEY_FILE)
+
+
+def session_key(data_dir: Path) -> bytes:
+    """The key browser session cookies are signed with (HS256, 0600; `security.sessions`)."""
+    return _secret_key(data_dir / SESSION_KEY_FILE)
 
 
 def issue_access_token(
