@@ -11,7 +11,19 @@ from sqlalchemy import text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_gateway import job_handlers, jobs
-from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, ops, reports, smart
+from fhir_gateway.api import (
+    admin,
+    audit,
+    bundle,
+    cases,
+    dicomweb,
+    fhir,
+    ops,
+    reports,
+    smart,
+    viewer,
+)
+from fhir_gateway.api.cors import DicomwebCORSMiddleware
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.observe import AccessMiddleware
 from fhir_gateway.api.responses import add_error_handlers
@@ -56,6 +68,12 @@ def create_app(
     app.state.tokens = TokenValidator(settings.auth, settings.data_dir)
     if store is not None:
         app.state.store = store
+    if settings.cors.allow_origins:
+        app.add_middleware(
+            DicomwebCORSMiddleware,
+            allow_origins=settings.cors.allow_origins,
+            max_age=settings.cors.max_age_s,
+        )
     app.add_middleware(AccessMiddleware)
     if settings.trusted_proxies:
         # Outside the access middleware, so the access log shows the client the proxy reports.
@@ -70,6 +88,8 @@ def create_app(
     app.include_router(dicomweb.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(viewer.router)
+    viewer.mount_viewer(app, settings)
 
     @app.get("/.well-known/jwks.json", tags=["ops"])
     def jwks() -> JSONResponse:

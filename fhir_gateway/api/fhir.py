@@ -159,7 +159,7 @@ def capability_statement(settings: Settings) -> Resource:
             {
                 "mode": "server",
                 "security": {
-                    "cors": False,
+                    "cors": bool(settings.cors.allow_origins),
                     "service": [
                         {
                             "coding": [
