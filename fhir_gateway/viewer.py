@@ -165,13 +165,27 @@ def patch_public_path(root: Path, public_url: str) -> int:
 def app_config_js(gateway_url: str | None = None) -> str:
     """OHIF's `window.config` for the gateway (see the module docstring)."""
     base = json.dumps(gateway_url.rstrip("/")) if gateway_url else "window.location.origin"
-    auth = (
+    # OHIF's DICOMweb data source takes its Authorization header from the user authentication
+    # service only; a config given as a function receives the services manager, and the
+    # service's documented `setServiceImplementation` plugs the header in once it exists.
+    hook = (
         f"""
-      requestOptions: {{
-        auth: function () {{
-          return 'Bearer ' + (window.sessionStorage.getItem({json.dumps(TOKEN_KEY)}) || '');
+  var config = window.config;
+  window.config = Object.assign(function (ctx) {{
+    (function plug() {{
+      var auth = ctx.servicesManager.services.userAuthenticationService;
+      if (!auth) {{
+        return setTimeout(plug, 0);
+      }}
+      auth.setServiceImplementation({{
+        getAuthorizationHeader: function () {{
+          var token = window.sessionStorage.getItem({json.dumps(TOKEN_KEY)});
+          return token ? {{ Authorization: 'Bearer ' + token }} : {{}};
         }},
-      }},"""
+      }});
+    }})();
+    return config;
+  }}, config);"""
         if gateway_url
         else ""
     )
@@ -228,10 +242,10 @@ def app_config_js(gateway_url: str | None = None) -> str:
           staticWado: false,
           singlepart: 'bulkdata,video',
           bulkDataURI: {{ enabled: false }},
-          omitQuotationForMultipartRequest: true,{auth}
+          omitQuotationForMultipartRequest: true,
         }},
       }},
     ],
-  }};
+  }};{hook}
 }})();
 """
