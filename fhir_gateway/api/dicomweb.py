@@ -632,7 +632,7 @@ def retrieve_frames(
 
 # --- rendered and thumbnail (PS3.18 §8.3.5 and §9.5) ---------------------------------------
 
-PIXEL_DATA, ROWS, SERIES_NUMBER, INSTANCE_NUMBER = "7FE00010", "00280010", "00200011", "00200013"
+ROWS, SERIES_NUMBER, INSTANCE_NUMBER = "00280010", "00200011", "00200013"
 
 
 def _first_int(md: Json, tag: str) -> int:
@@ -645,7 +645,7 @@ def _first_int(md: Json, tag: str) -> int:
 
 def representative(source: InstanceSource, refs: list[InstanceRef]) -> InstanceRef:
     """The instance a study or series thumbnail shows: the middle image (by Instance Number)
-    of the first series (by Series Number) that has images.
+    of the first series (by Series Number) that has images (Rows present).
 
     Raises:
         NotFoundError: none of the instances has pixel data.
@@ -654,7 +654,7 @@ def representative(source: InstanceSource, refs: list[InstanceRef]) -> InstanceR
     order: dict[str, tuple[int, str]] = {}
     for ref in refs:
         md = source.metadata(ref)
-        if PIXEL_DATA not in md or ROWS not in md:
+        if ROWS not in md:  # no Image Pixel module (SR, KOS, ...); metadata omits Pixel Data
             continue
         images.setdefault(ref.series_uid, []).append(
             (_first_int(md, INSTANCE_NUMBER), ref.sop_uid, ref)

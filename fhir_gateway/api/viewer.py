@@ -31,12 +31,14 @@ class ViewerFiles(StaticFiles):
         super().__init__(directory=directory, check_dir=False)
         self.root = directory
 
-    async def get_response(self, path: str, scope: Scope) -> Response:
+    async def check_config(self) -> None:
         if not (self.root / "index.html").is_file():
             raise NotFoundError(
                 "the viewer is not installed: run `fhir-gateway viewer install` "
                 "(see README, The image viewer)"
             )
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
         try:
             return await super().get_response(path, scope)
         except StarletteHTTPException as exc:
