@@ -7,8 +7,9 @@ and writes `app-config.js` for the gateway. The API serves D at `/viewer` (`api/
 
 OHIF's published build is made for the site root (`PUBLIC_URL=/`). OHIF's own documentation
 serves it under a path by rebuilding with another `PUBLIC_URL`; we set the same value in the
-built files instead: `window.PUBLIC_URL` and the absolute `src`/`href` in `index.html`, and
-webpack's public path (`__webpack_require__.p = "/"`) in the bundles that carry one. Each
+built files instead: `window.PUBLIC_URL` and the absolute `src`/`href` in `index.html`,
+webpack's public path (`__webpack_require__.p = "/"`) in the bundles that carry one, and the
+root-relative `url(/...)` of fonts in the CSS. Each
 replacement is checked (the install fails if the build no longer has what we replace), and
 nothing else in OHIF is changed: configure it, don't fork it.
 
@@ -159,6 +160,12 @@ def patch_public_path(root: Path, public_url: str) -> int:
             changed += 1
     if changed == 1:
         raise ConfigError("no OHIF bundle sets webpack's public path as expected")
+    for css in sorted(root.glob("*.css")):  # fonts: url(/<hash>.woff2)
+        text = css.read_text(encoding="utf-8", errors="surrogateescape")
+        new = re.sub(r"url\((['\"]?)/(?!/)", rf"url(\1{public_url}", text)
+        if new != text:
+            css.write_text(new, encoding="utf-8", errors="surrogateescape")
+            changed += 1
     return changed
 
 

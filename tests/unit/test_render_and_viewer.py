@@ -84,6 +84,7 @@ def _mini_build(root: Path) -> Path:
         '<script src="/app.bundle.1.js"></script><a href="//cdn.example/x">',
         "package/dist/app.bundle.1.js": 'x(); __webpack_require__.p = "/"; y();',
         "package/dist/other.js": "no public path here",
+        "package/dist/app.bundle.css": "@font-face{src:url(/f1.woff2)} a{b:url('//cdn/x')}",
         "package/LICENSE": "MIT",
         "package/package.json": "{}",
     }
@@ -104,16 +105,20 @@ def test_install_extracts_dist_and_serves_it_under_viewer(tmp_path: Path) -> Non
     assert sorted(p.name for p in stage.iterdir()) == [
         "LICENSE-OHIF",
         "app.bundle.1.js",
+        "app.bundle.css",
         "index.html",
         "other.js",
     ]
-    assert patch_public_path(stage, "/viewer/") == 2
+    assert patch_public_path(stage, "/viewer/") == 3
     html = (stage / "index.html").read_text()
     assert 'window.PUBLIC_URL="/viewer/"' in html
     assert 'src="/viewer/app-config.js"' in html
     assert 'href="/viewer/assets/x.css"' in html
     assert 'href="//cdn.example/x"' in html  # protocol-relative URLs untouched
     assert '__webpack_require__.p = "/viewer/"' in (stage / "app.bundle.1.js").read_text()
+    css = (stage / "app.bundle.css").read_text()
+    assert "url(/viewer/f1.woff2)" in css
+    assert "url('//cdn/x')" in css
 
 
 def test_install_refuses_a_build_it_does_not_recognise(tmp_path: Path) -> None:
