@@ -21,7 +21,7 @@ from tests.integration.imaging.cases import make_case, study_ref
 DICOM = FIXTURES / "dicom"
 CT2 = sorted((DICOM / "series_77654033_CT2").glob("*.dcm"))
 CT_SMALL = DICOM / "ct" / "CT_small.dcm"
-MR_RLE = DICOM / "mr" / "MR_small_RLE.dcm"
+MR_RLE = FIXTURES / "rendering" / "MR_small_RLE.dcm"  # same SOP UID as MR_small.dcm
 
 
 def uid(path: Path, attr: str = "StudyInstanceUID") -> str:
