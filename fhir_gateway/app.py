@@ -25,7 +25,9 @@ from fhir_gateway.api import (
     smart,
     stow,
     uploads,
+    viewer,
 )
+from fhir_gateway.api.cors import DicomwebCORSMiddleware
 from fhir_gateway.api.deps import ADMIN, StoreDep
 from fhir_gateway.api.observe import AccessMiddleware
 from fhir_gateway.api.responses import add_error_handlers
@@ -83,6 +85,12 @@ def create_app(
     app.state.tokens = TokenValidator(settings.auth, settings.data_dir)
     if store is not None:
         app.state.store = store
+    if settings.cors.allow_origins:
+        app.add_middleware(
+            DicomwebCORSMiddleware,
+            allow_origins=settings.cors.allow_origins,
+            max_age=settings.cors.max_age_s,
+        )
     app.add_middleware(AccessMiddleware)
     if settings.trusted_proxies:
         # Outside the access middleware, so the access log shows the client the proxy reports.
@@ -101,6 +109,8 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(ops.router)
     web.install(app, settings)  # the reviewer workspace at /app
+    app.include_router(viewer.router)
+    viewer.mount_viewer(app, settings)
 
     @app.get("/.well-known/jwks.json", tags=["ops"])
     def jwks() -> JSONResponse:

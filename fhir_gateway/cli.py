@@ -557,6 +557,41 @@ def keys_new(
     print(json.dumps(jwk, indent=2))
 
 
+viewer_app = typer.Typer(no_args_is_help=True, help="The OHIF image viewer served at /viewer.")
+app.add_typer(viewer_app, name="viewer")
+
+
+@viewer_app.command("install")
+def viewer_install(
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="where to put it (default: viewer.dir, else <data dir>/viewer)"),
+    ] = None,
+    version: Annotated[str, typer.Option(help="npm version or range of @ohif/app")] = "3.13",
+    gateway_url: Annotated[
+        str | None,
+        typer.Option(
+            help="configure for a viewer served from another origin, reading this gateway "
+            "(CORS on the gateway, bearer token from the page's sessionStorage)"
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Install OHIF Viewer (npm pack @ohif/app, needs Node.js and npm) and write its
+    app-config.js for the gateway's per-case DICOMweb; serve restarts are not needed."""
+    from fhir_gateway.viewer import install
+
+    settings = _settings(data_dir)
+    target = directory or settings.viewer_dir
+    done = install(target, version=version, gateway_url=gateway_url)  # ConfigError: one line
+    err.print(
+        f"OHIF {done.version} installed in {done.directory} "
+        f"({done.files} files, {done.bytes / 1e6:.0f} MB); served at /viewer"
+    )
+    if directory is not None and settings.viewer.dir != directory:
+        err.print(f"set FHIR_GATEWAY_VIEWER__DIR={done.directory} for `serve` to use it")
+
+
 KEY_NAME = "gateway"  # init's SMART client key: keys/gateway.pem (+ gateway.jwks.json)
 KEY_KID = "gateway-1"
 

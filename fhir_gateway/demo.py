@@ -8,6 +8,7 @@ servers are shut down cleanly.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -284,6 +286,23 @@ class Demo:
         self.out.print(
             f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} study, "
             f"{instances} instances (QIDO-RS, for a viewer such as OHIF)"
+        )
+        if studies:
+            self.show_viewer_access(case_id, studies[0]["0020000D"]["Value"][0])
+
+    def show_viewer_access(self, case_id: str, study_uid: str) -> None:
+        """The reviewer's browser session reads a thumbnail, as OHIF at /viewer does."""
+        _check(self.http.post(f"{self.base}/session", headers=self.reviewer, timeout=30))
+        url = f"{self.base}/cases/{case_id}/dicom-web/studies/{study_uid}/thumbnail"
+        thumb = self.http.get(url, timeout=30)  # the session cookie only, no bearer token
+        self.http.cookies.clear()
+        _check(thumb)
+        with Image.open(io.BytesIO(thumb.content)) as image:
+            width, height = image.size
+        self.out.print(
+            f"GET .../studies/{{uid}}/thumbnail with the reviewer's session cookie -> "
+            f"{thumb.headers['content-type']} {width}x{height}; the OHIF viewer opens "
+            f"/viewer/viewer?StudyInstanceUIDs={{uid}}&case={{id}} (`fhir-gateway viewer install`)"
         )
 
     def show_cancer(self, summary: dict[str, Any], resources: list[dict[str, Any]]) -> None:

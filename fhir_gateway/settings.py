@@ -410,6 +410,36 @@ class ImageSettings(BaseModel):
     timeout_s: float = 120.0
 
 
+class ViewerSettings(BaseModel):
+    """The OHIF viewer served at `/viewer` and the browser session it reads images with.
+
+    `dir`: where `fhir-gateway viewer install` put OHIF's built files (default
+    `<data_dir>/viewer`); missing: `/viewer` answers 404 saying how to install it.
+    """
+
+    dir: Path | None = None
+    session_lifetime_s: int = Field(default=8 * 3600, ge=60, le=24 * 3600)
+
+
+class CorsSettings(BaseModel):
+    """Cross-origin access to the per-case DICOMweb for a viewer served elsewhere (off by
+    default): exact origins such as `https://viewer.example.org`, no wildcards."""
+
+    allow_origins: list[str] = Field(default_factory=list)
+    max_age_s: int = 600
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for item in v:
+            scheme, sep, rest = item.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(
+                    "cors.allow_origins entries are origins: scheme://host[:port], no path"
+                )
+        return v
+
+
 class MetricsSettings(BaseModel):
     """Who may scrape `/metrics` without a token: client addresses or networks (as the gateway
     sees them, after trusted-proxy headers). An admin bearer token is always accepted."""
@@ -452,6 +482,8 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     reports: ReportSettings = ReportSettings()
     web: WebSettings = WebSettings()
+    viewer: ViewerSettings = ViewerSettings()
+    cors: CorsSettings = CorsSettings()
 
     @field_validator("public_base_url")
     @classmethod
@@ -473,6 +505,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @property
+    def viewer_dir(self) -> Path:
+        return self.viewer.dir or self.data_dir / "viewer"
 
     @cached_property
     def partners(self) -> PartnersFile:

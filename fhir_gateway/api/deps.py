@@ -14,6 +14,7 @@ from fhir_gateway.errors import (
     UnsupportedMediaTypeError,
 )
 from fhir_gateway.intake.validation import parse_json
+from fhir_gateway.security import sessions
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.settings import Settings
@@ -41,6 +42,23 @@ def get_principal(request: Request) -> Principal:
     who = validator.validate(token.strip())
     request.state.principal = who
     return who
+
+
+SAFE_METHODS = ("GET", "HEAD")
+
+
+def get_reader(request: Request) -> Principal:
+    """The caller of a read: a bearer token, or else (GET/HEAD only) the browser session cookie
+    (`security.sessions`), which is how the same-origin viewer reaches the case's DICOMweb."""
+    if request.headers.get("authorization"):
+        return get_principal(request)
+    cookie = request.cookies.get(sessions.COOKIE)
+    if cookie and request.method in SAFE_METHODS:
+        settings: Settings = request.app.state.settings
+        who = sessions.read(settings.data_dir, cookie)
+        request.state.principal = who
+        return who
+    raise AuthError("a bearer token or a signed-in session is required")
 
 
 def role(*roles: str) -> Any:
@@ -86,6 +104,17 @@ async def fhir_json_body(
     )
 
 
+def reader_role(*roles: str) -> Any:
+    """Dependency: the caller of a read (bearer or session), who must hold one of `roles`."""
+
+    def check(who: Annotated[Principal, Depends(get_reader)]) -> Principal:
+        if who.role not in roles:
+            raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
+        return who
+
+    return Depends(check)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[Store, Depends(get_store)]
 Body = Annotated[Any, Depends(fhir_json_body)]
@@ -93,3 +122,4 @@ EHR_OR_ADMIN = role("ehr", "admin")
 ANY_ROLE = role("ehr", "reviewer", "admin")
 STAFF = role("reviewer", "admin")
 ADMIN = role("admin")
+STAFF_READER = reader_role("reviewer", "admin")

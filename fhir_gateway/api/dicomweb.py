@@ -1,9 +1,12 @@
 """Per-case DICOMweb for reviewers and viewers: `/cases/{case_id}/dicom-web` (DICOM PS3.18).
 
 QIDO-RS (studies / series / instances, DICOM JSON), WADO-RS (study / series / instance as
-`multipart/related; type="application/dicom"` with the stored bytes, metadata, native frames).
+`multipart/related; type="application/dicom"` with the stored bytes, metadata, native frames),
+rendered instances and frames (JPEG/PNG, windowed) and thumbnails of studies, series, instances
+and frames (`imaging/render.py`).
 Only the case's own instances (the image store's index rows) are visible; anything else is 404.
-Every search and retrieve writes an audit row (`images.search` / `images.retrieve`).
+Every search, retrieve, rendered image and thumbnail writes an audit row (`images.search` /
+`images.retrieve`).
 
 The serving functions take any `InstanceSource` (the image store, or the sandbox PACS's folder),
 so `fhir_gateway.sandbox.pacs` answers exactly as this router does, without auth and audit.
@@ -12,6 +15,7 @@ so `fhir_gateway.sandbox.pacs` answers exactly as this router does, without auth
 from __future__ import annotations
 
 import fnmatch
+import io
 import re
 import secrets
 import threading
@@ -27,8 +31,9 @@ from fastapi.responses import StreamingResponse
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 
-from fhir_gateway.api.deps import STAFF, StoreDep
+from fhir_gateway.api.deps import STAFF_READER, StoreDep
 from fhir_gateway.errors import InputError, NotAcceptableError, NotFoundError
+from fhir_gateway.imaging import render
 from fhir_gateway.imaging.job import build_image_store
 from fhir_gateway.imaging.store import ImageStore, InstanceRef, read_dataset
 from fhir_gateway.security import access, audit
@@ -516,7 +521,7 @@ def case_images(
     case_id: str,
     store: StoreDep,
     images: Annotated[ImageStore, Depends(get_image_store)],
-    who: Principal = STAFF,
+    who: Principal = STAFF_READER,
 ) -> CaseImages:
     return CaseImages(request, case_id, store, images, who)
 
@@ -641,3 +646,147 @@ def retrieve_frames(
     response = frames(ctx.images, ref, frame_list, ctx.accept, url)
     ctx.audit("images.retrieve", patient, _uids(study_uid, series_uid, sop_uid))
     return response
+
+
+# --- rendered and thumbnail (PS3.18 §8.3.5 and §9.5) ---------------------------------------
+
+ROWS, SERIES_NUMBER, INSTANCE_NUMBER = "00280010", "00200011", "00200013"
+
+
+def _first_int(md: Json, tag: str) -> int:
+    values = (md.get(tag) or {}).get("Value") or [0]
+    try:
+        return int(values[0])
+    except (TypeError, ValueError):
+        return 0
+
+
+def representative(source: InstanceSource, refs: list[InstanceRef]) -> InstanceRef:
+    """The instance a study or series thumbnail shows: the middle image (by Instance Number)
+    of the first series (by Series Number) that has images (Rows present).
+
+    Raises:
+        NotFoundError: none of the instances has pixel data.
+    """
+    images: dict[str, list[tuple[int, str, InstanceRef]]] = {}
+    order: dict[str, tuple[int, str]] = {}
+    for ref in refs:
+        md = source.metadata(ref)
+        if ROWS not in md:  # no Image Pixel module (SR, KOS, ...); metadata omits Pixel Data
+            continue
+        images.setdefault(ref.series_uid, []).append(
+            (_first_int(md, INSTANCE_NUMBER), ref.sop_uid, ref)
+        )
+        order.setdefault(ref.series_uid, (_first_int(md, SERIES_NUMBER), ref.series_uid))
+    if not images:
+        raise NotFoundError("nothing here has pixel data to render")
+    series = min(order, key=lambda s: order[s])
+    members = sorted(images[series], key=lambda m: (m[0], m[1]))
+    return members[len(members) // 2][2]
+
+
+def render_options(request: Request, *, thumbnail: bool) -> render.RenderOptions:
+    """The rendered-resource query parameters (§8.3.5.1) and Accept, checked before any read.
+
+    Raises:
+        InputError: a bad window, viewport or quality (400).
+        NotAcceptableError: neither JPEG nor PNG acceptable (406).
+    """
+    q = request.query_params
+    accept = q.get("accept") or request.headers.get("accept", "")
+    return render.RenderOptions(
+        media_type=render.choose_media_type(accept),
+        window=render.parse_window(q["window"]) if "window" in q and not thumbnail else None,
+        viewport=render.parse_viewport(q["viewport"])
+        if "viewport" in q
+        else (render.THUMBNAIL_SIZE if thumbnail else None),
+        quality=render.parse_quality(q["quality"]) if "quality" in q else 90,
+    )
+
+
+def rendered_image(
+    source: InstanceSource, ref: InstanceRef, frame: int, options: render.RenderOptions
+) -> Response:
+    """One frame of `ref` rendered as asked (decode, window, fit, encode)."""
+    with source.open_instance(ref) as fh:
+        readable: BinaryIO = fh if fh.seekable() else io.BytesIO(fh.read())
+        ds, pixels = render.decode_frame(readable, ref.transfer_syntax_uid, frame)
+    body = render.render(ds, pixels, options)
+    return Response(body, media_type=options.media_type)
+
+
+def _one_frame(frame_list: str) -> int:
+    if not frame_list.isdigit() or int(frame_list) < 1:
+        raise InputError(
+            "rendered and thumbnail frames take one frame number (an integer from 1)",
+            expression=["frames"],
+        )
+    return int(frame_list)
+
+
+def _render(
+    ctx: CaseImages,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    frame: int = 1,
+    *,
+    thumbnail: bool,
+) -> Response:
+    options = render_options(ctx.request, thumbnail=thumbnail)
+    patient = ctx.authorise()
+    refs = refs_of(ctx.images, ctx.case_id, study_uid, series_uid, sop_uid)
+    ref = refs[0] if sop_uid else representative(ctx.images, refs)
+    response = rendered_image(ctx.images, ref, frame, options)
+    ctx.audit("images.retrieve", patient, _uids(study_uid, ref.series_uid, ref.sop_uid))
+    log.info(
+        "dicomweb.render.done",
+        case_id=ctx.case_id,
+        thumbnail=thumbnail,
+        media_type=options.media_type,
+        bytes=len(response.body),
+    )
+    return response
+
+
+@router.get("/studies/{study_uid}/thumbnail")
+def study_thumbnail(study_uid: str, ctx: Ctx) -> Response:
+    """Thumbnail of the study: its first series' middle image (PS3.18 §9.5)."""
+    return _render(ctx, study_uid, thumbnail=True)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/thumbnail")
+def series_thumbnail(study_uid: str, series_uid: str, ctx: Ctx) -> Response:
+    """Thumbnail of the series: its middle image."""
+    return _render(ctx, study_uid, series_uid, thumbnail=True)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/thumbnail")
+def instance_thumbnail(study_uid: str, series_uid: str, sop_uid: str, ctx: Ctx) -> Response:
+    return _render(ctx, study_uid, series_uid, sop_uid, thumbnail=True)
+
+
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{frame_list}/thumbnail"
+)
+def frame_thumbnail(
+    study_uid: str, series_uid: str, sop_uid: str, frame_list: str, ctx: Ctx
+) -> Response:
+    return _render(ctx, study_uid, series_uid, sop_uid, _one_frame(frame_list), thumbnail=True)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/rendered")
+def instance_rendered(study_uid: str, series_uid: str, sop_uid: str, ctx: Ctx) -> Response:
+    """RetrieveRenderedInstance: the first frame as JPEG (default) or PNG, windowed by
+    `window=` or the dataset's VOI window, fitted into `viewport=` if given."""
+    return _render(ctx, study_uid, series_uid, sop_uid, thumbnail=False)
+
+
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{frame_list}/rendered"
+)
+def frame_rendered(
+    study_uid: str, series_uid: str, sop_uid: str, frame_list: str, ctx: Ctx
+) -> Response:
+    """RetrieveRenderedFrames for one frame."""
+    return _render(ctx, study_uid, series_uid, sop_uid, _one_frame(frame_list), thumbnail=False)

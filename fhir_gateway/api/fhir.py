@@ -170,7 +170,7 @@ def capability_statement(settings: Settings) -> Resource:
                             ],
                         }
                     ],
-                    "cors": False,
+                    "cors": bool(settings.cors.allow_origins),
                     "service": [
                         {
                             "coding": [

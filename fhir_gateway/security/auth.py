@@ -24,7 +24,8 @@ DEV_ISSUER = "urn:fhir-gateway:dev-issuer"
 DEV_KEY_FILE = Path("keys") / "dev-jwt.key"
 SMART_ISSUER = "urn:fhir-gateway:smart"  # access tokens our token endpoint issues to partners
 SMART_KEY_FILE = Path("keys") / "access-token.key"
-SESSION_KEY_FILE = Path("keys") / "web-session.key"
+SESSION_KEY_FILE = Path("keys") / "session.key"  # the viewer's session cookie (JWT)
+WEB_SESSION_KEY_FILE = Path("keys") / "web-session.key"  # the workspace's signed cookie
 SMART_CLAIMS = ["exp", "sub", "iss", "aud", "scope", "partner"]
 
 
@@ -36,6 +37,11 @@ def dev_key(data_dir: Path) -> bytes:
 def smart_key(data_dir: Path) -> bytes:
     """The key our token endpoint signs partners' access tokens with (HS256, 0600)."""
     return _secret_key(data_dir / SMART_KEY_FILE)
+
+
+def session_key(data_dir: Path) -> bytes:
+    """The key browser session cookies are signed with (HS256, 0600; `security.sessions`)."""
+    return _secret_key(data_dir / SESSION_KEY_FILE)
 
 
 def issue_access_token(
@@ -63,9 +69,9 @@ def issue_access_token(
     return jwt.encode(claims, smart_key(data_dir), algorithm="HS256")
 
 
-def session_key(data_dir: Path) -> str:
+def web_session_key(data_dir: Path) -> str:
     """The key the workspace signs its session cookies with (0600, created on first use)."""
-    return _secret_key(data_dir / SESSION_KEY_FILE).decode()
+    return _secret_key(data_dir / WEB_SESSION_KEY_FILE).decode()
 
 
 def _secret_key(path: Path) -> bytes:

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 
 from fhir_gateway.errors import AuthError, ConfigError, GatewayError, UpstreamError
-from fhir_gateway.security.auth import session_key
+from fhir_gateway.security.auth import web_session_key
 from fhir_gateway.settings import Settings
 from fhir_gateway.web import pages, session, signin
 from fhir_gateway.web.render import STATIC, render
@@ -27,7 +27,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     """Add the workspace to `app` (after the API's error handlers are in place)."""
     app.add_middleware(
         SessionMiddleware,
-        secret_key=session_key(settings.data_dir),
+        secret_key=web_session_key(settings.data_dir),
         **session.session_options(settings),
     )
     app.include_router(signin.router)

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fhir_gateway.api.deps import SettingsDep, StoreDep
 from fhir_gateway.errors import AuthError, ConfigError, ForbiddenError, UpstreamUnavailableError
-from fhir_gateway.security import audit
+from fhir_gateway.security import audit, sessions
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.audit import Actor
 from fhir_gateway.security.auth import ROLES, TokenValidator, mint_dev_token
@@ -102,7 +102,7 @@ async def callback(request: Request, settings: SettingsDep, store: StoreDep) -> 
     who = Principal(sub=sub, role=str(role))
     session.sign_in(request, who, "oidc")
     _audit_sign_in(store, who, "oidc")
-    return RedirectResponse("/app", status_code=303)
+    return _to_workspace(settings, who)
 
 
 @router.get("/sign-in/dev", response_class=HTMLResponse)
@@ -137,13 +137,37 @@ def dev_sign_in(
     who = tokens.validate(token)
     session.sign_in(request, who, "dev")
     _audit_sign_in(store, who, "dev")
-    return RedirectResponse("/app", status_code=303)
+    return _to_workspace(settings, who)
 
 
 @router.post("/sign-out")
 def sign_out(request: Request, fields: dict[str, str] = Depends(session.form)) -> Response:
     request.session.clear()
-    return RedirectResponse("/app/sign-in", status_code=303)
+    response = RedirectResponse("/app/sign-in", status_code=303)
+    response.delete_cookie(sessions.COOKIE, path="/", httponly=True, samesite="lax")
+    return response
+
+
+def _to_workspace(settings: Settings, who: Principal) -> Response:
+    """To /app, with the image session cookie (`security.sessions`) that the viewer at /viewer
+    reads the case's DICOMweb with: signing in to the workspace opens the images too."""
+    response = RedirectResponse("/app", status_code=303)
+    spec = sessions.issue(
+        settings.data_dir,
+        who,
+        lifetime_s=settings.viewer.session_lifetime_s,
+        secure=settings.base_url.startswith("https://"),
+    )
+    response.set_cookie(
+        spec.name,
+        spec.value,
+        max_age=spec.max_age,
+        path=spec.path,
+        secure=spec.secure,
+        httponly=spec.httponly,
+        samesite="lax",
+    )
+    return response
 
 
 def _audit_sign_in(store: Any, who: Principal, via: str) -> None:

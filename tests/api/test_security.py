@@ -33,6 +33,7 @@ PUBLIC = {
     ("GET", "/fhir/.well-known/smart-configuration"),
     ("GET", "/.well-known/jwks.json"),
     ("POST", "/auth/token"),  # authenticated by the client assertion in the body
+    ("DELETE", "/session"),  # sign-out: only removes the caller's own session cookie
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
     ("GET", "/docs/oauth2-redirect"),

@@ -1,0 +1,93 @@
+"""Browser sessions: a signed, HttpOnly cookie naming a signed-in reviewer or admin.
+
+Why a cookie: the OHIF viewer at `/viewer` is served from our own origin, and the browser sends
+a same-origin cookie with every DICOMweb request it makes (XHR and fetch), so the viewer reaches
+`/cases/{id}/dicom-web` with the reviewer's session and no token ever appears in a URL, in
+OHIF's configuration or in script-readable storage. The reviewer pages' sign-in (OIDC) calls
+`issue()` once it knows who signed in; `POST /session` exchanges a bearer token for the same
+cookie (tools, tests, the demo).
+
+The cookie value is a compact JWT (HS256, PyJWT, key `<data_dir>/keys/session.key`, 0600) with
+`sub`, `role`, `iat`, `exp` and a random `jti`. The cookie is `HttpOnly`, `SameSite=Lax`,
+`Path=/`, and `Secure` when the public base URL is https. Sessions are honoured for safe methods
+only (GET/HEAD, see `api/deps.get_reader`), so a cross-site form cannot use one to change
+anything; pages that post forms add their own CSRF token.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from fhir_gateway.errors import AuthError, ForbiddenError
+from fhir_gateway.security.access import Principal
+from fhir_gateway.security.auth import session_key
+
+COOKIE = "fg_session"
+ISSUER = "urn:fhir-gateway:session"
+AUDIENCE = "fhir-gateway-browser"
+SESSION_ROLES = ("reviewer", "admin")  # partners' systems never get a browser session
+
+
+@dataclass(frozen=True)
+class CookieSpec:
+    """What `Response.set_cookie` needs."""
+
+    value: str
+    max_age: int
+    secure: bool
+    name: str = COOKIE
+    httponly: bool = True
+    samesite: str = "lax"
+    path: str = "/"
+
+
+def issue(data_dir: Path, who: Principal, *, lifetime_s: int, secure: bool) -> CookieSpec:
+    """A session cookie for `who` (a reviewer or an admin).
+
+    Raises:
+        ForbiddenError: the caller's role may not hold a browser session.
+    """
+    if who.role not in SESSION_ROLES:
+        raise ForbiddenError(f"role {who.role!r} may not open a browser session")
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": who.sub,
+        "role": who.role,
+        "iat": now,
+        "exp": now + lifetime_s,
+        "jti": secrets.token_hex(12),
+    }
+    token = jwt.encode(claims, session_key(data_dir), algorithm="HS256")
+    return CookieSpec(value=token, max_age=lifetime_s, secure=secure)
+
+
+def read(data_dir: Path, value: str) -> Principal:
+    """The signed-in caller of a session cookie.
+
+    Raises:
+        AuthError: forged, expired or malformed cookie (the reason names no cookie content).
+    """
+    try:
+        claims = jwt.decode(
+            value,
+            session_key(data_dir),
+            algorithms=["HS256"],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"require": ["exp", "sub", "iss", "aud", "iat"]},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise AuthError("session has expired; sign in again") from exc
+    except jwt.PyJWTError as exc:
+        raise AuthError(f"session cookie rejected: {type(exc).__name__}") from exc
+    role = claims.get("role")
+    if role not in SESSION_ROLES or not isinstance(claims.get("sub"), str):
+        raise AuthError("session cookie names no reviewer or admin")
+    return Principal(sub=claims["sub"], role=role)
