@@ -33,7 +33,9 @@ def ohif_dir() -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API runs an event loop in this thread while it is open, and
+# later tests that run their own asyncio loop here (the MLLP client) must not find it running.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         _missing(f"chromium not found at {CHROMIUM}")
