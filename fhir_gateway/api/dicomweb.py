@@ -11,10 +11,12 @@ so `fhir_gateway.sandbox.pacs` answers exactly as this router does, without auth
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import json
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, BinaryIO, Protocol
 
@@ -36,7 +38,9 @@ from fhir_gateway.store import Store
 log = structlog.get_logger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-CHUNK = 1 << 20
+# WADO-RS bodies are read in batches of whole parts of about this size, each batch by one worker
+# thread while the previous one is sent (no thread hop per small chunk).
+BATCH = 8 << 20
 Json = dict[str, Any]
 
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
@@ -295,51 +299,126 @@ def _multipart(
 ) -> Iterator[bytes]:
     delim = f"--{boundary}\r\n".encode()
     for headers, body in parts:
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        yield delim + head.encode("latin-1") + b"\r\n"
+        yield delim + _part_head(headers)
         yield from body
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
 
 
-def _file_chunks(source: InstanceSource, ref: InstanceRef) -> Iterator[bytes]:
-    with source.open_instance(ref) as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+def _part_head(headers: dict[str, str]) -> bytes:
+    return ("".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1")
+
+
+def _read_into(fh: BinaryIO, view: memoryview) -> None:
+    """Fill `view` from `fh` (a file, or the Orthanc backend's HTTP stream).
+
+    Raises:
+        NotFoundError: the stored bytes are shorter than the index says.
+    """
+    while view:
+        n = fh.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            raise NotFoundError("stored instance is shorter than its index row says")
+        view = view[n:]
+
+
+def _read_batch(source: InstanceSource, parts: list[tuple[bytes, InstanceRef]]) -> memoryview:
+    """Several whole parts (head, stored bytes, CRLF) read into one buffer: one copy of the
+    bytes, no joins."""
+    total = sum(len(head) + ref.size + 2 for head, ref in parts)
+    buf = bytearray(total)
+    view, at = memoryview(buf), 0
+    for head, ref in parts:
+        view[at : at + len(head)] = head
+        at += len(head)
+        with source.open_instance(ref) as fh:
+            _read_into(fh, view[at : at + ref.size])
+        at += ref.size
+        view[at : at + 2] = b"\r\n"
+        at += 2
+    return view
+
+
+async def _multipart_body(
+    source: InstanceSource, batches: list[list[tuple[bytes, InstanceRef]]], closing: bytes
+) -> AsyncIterator[bytes | memoryview]:
+    """The batches read in a worker thread, the next one while this one is sent; an instance
+    larger than a batch (a whole-slide image) goes alone, a batch at a time."""
+    loop = asyncio.get_running_loop()
+
+    def start(batch: list[tuple[bytes, InstanceRef]]) -> asyncio.Future[memoryview] | None:
+        if len(batch) == 1 and batch[0][1].size > BATCH:
+            return None
+        return loop.run_in_executor(None, _read_batch, source, batch)
+
+    pending = start(batches[0]) if batches else None
+    for i, batch in enumerate(batches):
+        current = pending
+        pending = start(batches[i + 1]) if i + 1 < len(batches) else None
+        if current is not None:
+            yield await current
+            continue
+        head, ref = batch[0]
+        yield head
+        fh = await loop.run_in_executor(None, source.open_instance, ref)
+        try:
+            left = ref.size
+            while left:
+                view = memoryview(bytearray(min(left, BATCH)))
+                await loop.run_in_executor(None, _read_into, fh, view)
+                left -= len(view)
+                yield view
+        finally:
+            fh.close()
+        yield b"\r\n"
+    yield closing
 
 
 def retrieve(
     source: InstanceSource, refs: list[InstanceRef], root_url: str, accept: str
 ) -> Response:
-    """The instances as `multipart/related; type="application/dicom"`, streamed from the store:
-    one instance's chunk in memory at a time, bytes as stored."""
+    """The instances as `multipart/related; type="application/dicom"`, streamed from the store
+    as stored: about `BATCH` bytes in memory at a time (two batches while one is sent and the
+    next read), with a Content-Length (sizes are in the index)."""
     check_accept(accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     boundary = secrets.token_hex(16)
-    parts = (
-        (
+    delim = f"--{boundary}\r\n".encode()
+    batches: list[list[tuple[bytes, InstanceRef]]] = [[]]
+    size = length = 0
+    for ref in refs:
+        head = delim + _part_head(
             {
                 "Content-Type": f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}",
                 "Content-Location": f"{root_url}/studies/{ref.study_uid}/series/"
                 f"{ref.series_uid}/instances/{ref.sop_uid}",
                 "Content-Length": str(ref.size),
-            },
-            _file_chunks(source, ref),
+            }
         )
-        for ref in refs
-    )
+        if size and size + ref.size > BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append((head, ref))
+        size += len(head) + ref.size + 2
+        length += len(head) + ref.size + 2
+    closing = f"--{boundary}--\r\n".encode()
     return StreamingResponse(
-        _multipart(parts, boundary),
+        _multipart_body(source, batches, closing),
         media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        headers={"Content-Length": str(length + len(closing))},
     )
 
 
 def metadata(source: InstanceSource, refs: list[InstanceRef]) -> Response:
-    """WADO-RS metadata: DICOM JSON of each instance, bulk data elements left out."""
-    items = []
-    for ref in refs:
-        md = source.metadata(ref)
-        items.append({t: e for t, e in md.items() if e.get("BulkDataURI") != ""})
-    return _json(items)
+    """WADO-RS metadata: DICOM JSON of each instance, bulk data elements left out (the text
+    kept at ingest, joined as it is)."""
+    texts = [
+        ref.metadata_json
+        if ref.metadata_json is not None
+        else json.dumps(source.metadata(ref), ensure_ascii=False, separators=(",", ":"))
+        for ref in refs
+    ]
+    body = ("[" + ",".join(texts) + "]").encode("utf-8")
+    return Response(body, media_type=DICOM_JSON)
 
 
 def frames(
@@ -396,8 +475,6 @@ def frames(
 
 
 def _json(content: Any, headers: dict[str, str] | None = None) -> Response:
-    import json
-
     body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return Response(body, media_type=DICOM_JSON, headers=headers)
 

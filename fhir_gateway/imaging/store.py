@@ -9,13 +9,15 @@ WADO-RS bodies, `metadata()` for WADO-RS metadata.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -50,6 +52,8 @@ class InstanceRef:
     sha256: str
     size: int
     orthanc_id: str | None = None
+    # DICOM JSON text taken at ingest (`instance_json`), when the index has it.
+    metadata_json: str | None = field(default=None, compare=False, repr=False)
 
 
 class ImageStore(Protocol):
@@ -164,7 +168,11 @@ class _IndexedStore:
             return _ref(row)
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
-        """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out."""
+        """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out: as taken at
+        ingest; from the file for rows indexed before that was kept."""
+        if ref.metadata_json is not None:
+            out: dict[str, Any] = json.loads(ref.metadata_json)
+            return out
         with self.open_instance(ref) as fh:
             return instance_json(fh)
 
@@ -193,7 +201,8 @@ class _IndexedStore:
     def add_batch(
         self, case_id: str, items: Sequence[RetrievedInstance], source: str
     ) -> list[InstanceRef]:
-        placed = [(item, self._place(item)) for item in items]
+        described = [(item, _describe(item)) for item in items]  # before the file moves
+        placed = [(item, self._place(item), text) for item, text in described]
         return self._index(case_id, placed, source)
 
     def _place(self, item: RetrievedInstance) -> str | None:
@@ -201,10 +210,13 @@ class _IndexedStore:
         raise NotImplementedError
 
     def _index(
-        self, case_id: str, placed: Sequence[tuple[RetrievedInstance, str | None]], source: str
+        self,
+        case_id: str,
+        placed: Sequence[tuple[RetrievedInstance, str | None, str]],
+        source: str,
     ) -> list[InstanceRef]:
         refs = []
-        uids = [item.sop_uid for item, _ in placed]
+        uids = [item.sop_uid for item, _, _ in placed]
         with self._store.session() as s:
             # Under the case's lock: a cancelled or rejected case gets no more instances.
             jobs.require_case_open(s, case_id, "storing images")
@@ -216,7 +228,7 @@ class _IndexedStore:
                     )
                 )
             }
-            for item, orthanc_id in placed:
+            for item, orthanc_id, text in placed:
                 row = existing.get(item.sop_uid)
                 if row is None:
                     row = existing[item.sop_uid] = ImageInstance(
@@ -228,6 +240,7 @@ class _IndexedStore:
                 row.transfer_syntax_uid = item.transfer_syntax_uid
                 row.sha256, row.size, row.source = item.sha256, item.size, source
                 row.backend, row.orthanc_id = self.backend, orthanc_id
+                row.dicom_json = text
                 refs.append(row)
             s.flush()
             return [_ref(r) for r in refs]
@@ -264,11 +277,26 @@ def read_dataset(fh: BinaryIO, *, stop_before_pixels: bool = True) -> pydicom.Da
 
 def instance_json(fh: BinaryIO) -> dict[str, Any]:
     """A Part 10 file's attributes as DICOM JSON (PS3.18 F), bulk data (pixels...) left out."""
-    ds = read_dataset(fh)
+    return dataset_json(read_dataset(fh))
+
+
+def dataset_json(ds: pydicom.Dataset) -> dict[str, Any]:
+    """A dataset's attributes as DICOM JSON (PS3.18 F), bulk data elements left out."""
     out: dict[str, Any] = ds.to_json_dict(
         bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
     )
-    return out
+    return {tag: e for tag, e in out.items() if e.get("BulkDataURI") != ""}
+
+
+def _describe(item: RetrievedInstance) -> str:
+    """The instance's DICOM JSON text: from the header bytes kept while it streamed in, or
+    (a part that only pydicom could check) from its file, once, at ingest."""
+    if item.header is not None:
+        ds: pydicom.Dataset = pydicom.dcmread(io.BytesIO(item.header), stop_before_pixels=True)
+    else:
+        with item.path.open("rb") as fh:
+            ds = read_dataset(fh)
+    return json.dumps(dataset_json(ds), ensure_ascii=False, separators=(",", ":"))
 
 
 def held_studies(case_id: str) -> Select[str]:
@@ -291,6 +319,7 @@ def _ref(row: ImageInstance) -> InstanceRef:
         sha256=row.sha256,
         size=row.size,
         orthanc_id=row.orthanc_id,
+        metadata_json=row.dicom_json,
     )
 
 

@@ -11,6 +11,7 @@ with `limit`/`offset` and a `Warning: 299` when more remain, and retrievals stre
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from fhir_gateway.api import dicomweb as dw
 from fhir_gateway.api.responses import add_error_handlers
-from fhir_gateway.imaging.store import InstanceRef, instance_json
+from fhir_gateway.imaging.store import InstanceRef, dataset_json, instance_json
 from fhir_gateway.sandbox.server import AppServer
 
 log = structlog.get_logger(__name__)
@@ -60,6 +61,9 @@ class FolderSource:
         return self.paths[ref.sop_uid].open("rb")
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
+        if ref.metadata_json is not None:
+            out: dict[str, Any] = json.loads(ref.metadata_json)
+            return out
         with self.open_instance(ref) as fh:
             return instance_json(fh)
 
@@ -82,6 +86,7 @@ def _index(path: Path) -> InstanceRef | None:
         transfer_syntax_uid=str(ts),
         sha256="",
         size=path.stat().st_size,
+        metadata_json=json.dumps(dataset_json(ds), ensure_ascii=False, separators=(",", ":")),
     )
 
 
