@@ -98,7 +98,12 @@ class InstanceSource(Protocol):
     """What the DICOMweb service reads: `ImageStore` satisfies it."""
 
     def iter_instances(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        with_metadata: bool = False,
     ) -> Iterator[InstanceRef]: ...
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
@@ -204,7 +209,9 @@ def search(
     the index); instance attributes from each instance's header.
     """
     matches, include, limit, offset = _query(params)
-    refs = list(source.iter_instances(scope, study_uid, series_uid))
+    refs = list(
+        source.iter_instances(scope, study_uid, series_uid, with_metadata=level == "instances")
+    )
     groups: dict[tuple[str, ...], list[InstanceRef]] = {}
     for ref in refs:
         key = {
@@ -496,15 +503,17 @@ def refs_of(
     study_uid: str,
     series_uid: str | None = None,
     sop_uid: str | None = None,
+    *,
+    with_metadata: bool = False,
 ) -> list[InstanceRef]:
-    """The instances named by a WADO-RS path, in the scope.
+    """The instances named by a WADO-RS path, in the scope (their DICOM JSON `with_metadata`).
 
     Raises:
         NotFoundError: nothing there in this scope.
     """
     refs = [
         r
-        for r in source.iter_instances(scope, study_uid, series_uid)
+        for r in source.iter_instances(scope, study_uid, series_uid, with_metadata=with_metadata)
         if sop_uid is None or r.sop_uid == sop_uid
     ]
     if not refs:
@@ -610,7 +619,9 @@ def _wado(
     as_metadata: bool = False,
 ) -> Response:
     patient = ctx.authorise()
-    refs = refs_of(ctx.images, ctx.case_id, study_uid, series_uid, sop_uid)
+    refs = refs_of(
+        ctx.images, ctx.case_id, study_uid, series_uid, sop_uid, with_metadata=as_metadata
+    )
     if not as_metadata:
         check_accept(ctx.accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     entity = _uids(study_uid, *(r.series_uid for r in refs), *(r.sop_uid for r in refs))

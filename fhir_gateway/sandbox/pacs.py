@@ -49,7 +49,12 @@ class FolderSource:
         log.info("pacs.indexed", instances=len(self._refs), skipped=skipped)
 
     def iter_instances(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        with_metadata: bool = False,  # always in memory here
     ) -> Iterator[InstanceRef]:
         for ref in self._refs:
             if (study_uid is None or ref.study_uid == study_uid) and (
