@@ -106,6 +106,10 @@ class InstanceSource(Protocol):
         with_metadata: bool = False,
     ) -> Iterator[InstanceRef]: ...
 
+    def iter_series(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[tuple[InstanceRef, int]]: ...
+
     def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]: ...
@@ -209,17 +213,15 @@ def search(
     the index); instance attributes from each instance's header.
     """
     matches, include, limit, offset = _query(params)
-    refs = list(
-        source.iter_instances(scope, study_uid, series_uid, with_metadata=level == "instances")
-    )
-    groups: dict[tuple[str, ...], list[InstanceRef]] = {}
-    for ref in refs:
-        key = {
-            "studies": (ref.study_uid,),
-            "series": (ref.study_uid, ref.series_uid),
-            "instances": (ref.study_uid, ref.series_uid, ref.sop_uid),
-        }[level]
-        groups.setdefault(key, []).append(ref)
+    # Per key: each series' first instance and its instance count (instances: itself, 1).
+    groups: dict[tuple[str, ...], list[tuple[InstanceRef, int]]] = {}
+    if level == "instances":
+        for ref in source.iter_instances(scope, study_uid, series_uid, with_metadata=True):
+            groups[(ref.study_uid, ref.series_uid, ref.sop_uid)] = [(ref, 1)]
+    else:
+        for ref, count in source.iter_series(scope, study_uid, series_uid):
+            series_key = ref.series_uid if level == "series" else ""
+            groups.setdefault((ref.study_uid, series_key), []).append((ref, count))
     results: list[Json] = []
     for key, members in groups.items():
         full = _group_attributes(source, level, members)
@@ -241,20 +243,21 @@ def _level_match(full: Json, level: str, tag: str, value: str) -> bool:
     return _matches(full, tag, value)
 
 
-def _group_attributes(source: InstanceSource, level: str, members: list[InstanceRef]) -> Json:
-    full = dict(source.metadata(members[0]))
+def _group_attributes(
+    source: InstanceSource, level: str, members: list[tuple[InstanceRef, int]]
+) -> Json:
+    """Attributes of the group's first instance, plus the counts (`members`: its series' first
+    instances with their counts)."""
+    full = dict(source.metadata(members[0][0]))
     if level == "studies":
-        by_series: dict[str, InstanceRef] = {}
-        for ref in members:
-            by_series.setdefault(ref.series_uid, ref)
         modalities = sorted(
-            {m for ref in by_series.values() for m in _values(source.metadata(ref), MODALITY)}
+            {m for ref, _ in members for m in _values(source.metadata(ref), MODALITY)}
         )
         _put(full, MODALITIES_IN_STUDY, "CS", modalities)
-        _put(full, "00201206", "IS", [len(by_series)])
-        _put(full, "00201208", "IS", [len(members)])
+        _put(full, "00201206", "IS", [len(members)])
+        _put(full, "00201208", "IS", [sum(count for _, count in members)])
     elif level == "series":
-        _put(full, "00201209", "IS", [len(members)])
+        _put(full, "00201209", "IS", [members[0][1]])
     return full
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import pydicom
 import structlog
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
@@ -91,6 +91,13 @@ class ImageStore(Protocol):
         """The case's instances; studies held or rejected by the identity check only with
         `include_held` (the pull and the identity check see them; DICOMweb does not); their
         DICOM JSON text loaded along `with_metadata` (else `metadata()` fetches it)."""
+        ...
+
+    def iter_series(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[tuple[InstanceRef, int]]:
+        """Per series of the case (held studies left out): its first instance (by SOP Instance
+        UID, with its DICOM JSON) and its instance count; counted by the database."""
         ...
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
@@ -163,7 +170,32 @@ class _IndexedStore:
         with self._store.session() as s:
             rows = s.execute(q).all()
         for row in rows:
-            yield InstanceRef(*row)
+            yield _ref_of_columns(row)
+
+    def iter_series(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[tuple[InstanceRef, int]]:
+        row_ = ImageInstance
+        q = select(row_.study_uid, row_.series_uid, func.min(row_.sop_uid), func.count()).where(
+            row_.case_id == case_id, row_.study_uid.not_in(held_studies(case_id))
+        )
+        if study_uid:
+            q = q.where(row_.study_uid == study_uid)
+        if series_uid:
+            q = q.where(row_.series_uid == series_uid)
+        q = q.group_by(row_.study_uid, row_.series_uid).order_by(row_.study_uid, row_.series_uid)
+        with self._store.session() as s:
+            counts = s.execute(q).all()
+            firsts = {
+                row.sop_uid: _ref_of_columns(row)
+                for row in s.execute(
+                    select(*_REF_COLUMNS).where(
+                        row_.case_id == case_id, row_.sop_uid.in_([c[2] for c in counts])
+                    )
+                )
+            }
+        for _study, _series, first, count in counts:
+            yield firsts[first], int(count)
 
     def get(self, case_id: str, sop_uid: str) -> InstanceRef:
         with self._store.session() as s:
@@ -333,6 +365,11 @@ _REF_COLUMNS = (  # InstanceRef's fields, in order
     ImageInstance.orthanc_id,
     ImageInstance.dicom_json,
 )
+
+
+def _ref_of_columns(row: Sequence[Any]) -> InstanceRef:
+    """An `InstanceRef` from a row of `_REF_COLUMNS` (or all but the last)."""
+    return InstanceRef(*row)
 
 
 def _ref(row: ImageInstance) -> InstanceRef:

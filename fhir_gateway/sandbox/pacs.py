@@ -62,6 +62,15 @@ class FolderSource:
             ):
                 yield ref
 
+    def iter_series(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[tuple[InstanceRef, int]]:
+        groups: dict[tuple[str, str], list[InstanceRef]] = {}
+        for ref in self.iter_instances(case_id, study_uid, series_uid):
+            groups.setdefault((ref.study_uid, ref.series_uid), []).append(ref)
+        for members in groups.values():
+            yield members[0], len(members)
+
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         return self.paths[ref.sop_uid].open("rb")
 
