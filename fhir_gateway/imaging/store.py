@@ -94,7 +94,12 @@ class ImageStore(Protocol):
         ...
 
     def iter_series(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        include_held: bool = False,
     ) -> Iterator[tuple[InstanceRef, int]]:
         """Per series of the case (held studies left out): its first instance (by SOP Instance
         UID, with its DICOM JSON) and its instance count; counted by the database."""
@@ -173,12 +178,19 @@ class _IndexedStore:
             yield _ref_of_columns(row)
 
     def iter_series(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        include_held: bool = False,
     ) -> Iterator[tuple[InstanceRef, int]]:
         row_ = ImageInstance
         q = select(row_.study_uid, row_.series_uid, func.min(row_.sop_uid), func.count()).where(
-            row_.case_id == case_id, row_.study_uid.not_in(held_studies(case_id))
+            row_.case_id == case_id
         )
+        if not include_held:
+            q = q.where(row_.study_uid.not_in(held_studies(case_id)))
         if study_uid:
             q = q.where(row_.study_uid == study_uid)
         if series_uid:
