@@ -308,6 +308,9 @@ class CaseBundleState(Base):
     issues: Mapped[Any] = mapped_column(JsonText)  # data-quality issues with source paths
     sources: Mapped[Any] = mapped_column(JsonText)  # [{source, kind, resources}]
     built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What the inputs were when built (normalise._inputs_mark, as text): a normalise job whose
+    # inputs are unchanged does not build again. NULL before migration 0013.
+    inputs_mark: Mapped[str | None] = mapped_column(String(512))
 
 
 class SmartJti(Base):

@@ -19,7 +19,7 @@ TAGS = {f"{tag_for_keyword(k):08X}" for k in IMAGING_STUDY_KEYWORDS}
 
 
 def _headers(folder: Path) -> list[pydicom.Dataset]:
-    out = []
+    out: list[pydicom.Dataset] = []
     for path in sorted(folder.rglob("*.dcm")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
