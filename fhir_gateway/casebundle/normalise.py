@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
@@ -393,6 +393,7 @@ def run_normalise_case(ctx: JobContext) -> None:
         ctx.progress({"normalise": {"unchanged": True}})
         return
     built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
+    _supersede_rechecks(ctx)
     ctx.progress(
         {
             "normalise": {
@@ -403,6 +404,35 @@ def run_normalise_case(ctx: JobContext) -> None:
             }
         }
     )
+
+
+def _supersede_rechecks(ctx: JobContext) -> None:
+    """Once a build has run with no pull outstanding, the re-checks queued by earlier
+    normalisations (`_defer`) have nothing left to wait for: they end now, so the case does not
+    show as stale until their timer fires. Only still-queued ones, in one conditional update."""
+    assert ctx.case_id is not None
+    with ctx.store.session() as s:
+        if pending_pull(s, ctx.case_id, ctx.payload.get("after")) is not None:
+            return
+        rechecks = [
+            job.id
+            for job in s.scalars(
+                select(Job).where(
+                    Job.case_id == ctx.case_id,
+                    Job.kind == KIND,
+                    Job.state == jobs.QUEUED,
+                    Job.id != ctx.job_id,
+                )
+            )
+            if "defers" in (job.payload or {})
+        ]
+        if rechecks:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(rechecks), Job.state == jobs.QUEUED)
+                .values(state=jobs.DONE, finished_at=utcnow(), progress={"superseded": True})
+            )
+            log.info("normalise.case.rechecks_superseded", count=len(rechecks))
 
 
 def _defer(session: Session, ctx: JobContext, waiting: Job) -> dict[str, Any]:
