@@ -137,7 +137,7 @@ def main() -> None:
     from fhir_gateway.security.auth import mint_dev_token
     from fhir_gateway.security.client_keys import new_key
     from fhir_gateway.settings import Settings
-    from tests.benchmarks.bench_dicomweb import report
+    from tests.benchmarks.ratios import report
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-case-", dir=args.work_dir))

@@ -15,7 +15,6 @@ Ratio = ours / Orthanc (median of `--repeat`); target <= 1.0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks.bench_wado import ACCEPT, upload_study  # noqa: E402
+from tests.benchmarks.ratios import report  # noqa: E402
 
 CASE = "bench-dw"
 PATIENT = {
@@ -147,23 +147,6 @@ def main() -> None:
         )
     for name, t_ours, t_theirs, _, _ in rows:
         report(f"per-case {name} ({args.instances} inst.)", t_ours, t_theirs, "<= 1.0", "Orthanc")
-
-
-def report(metric: str, ours: float, anchor: float, target: str, anchor_name: str) -> None:
-    """One `RATIO` line for tests/benchmarks/run_all.py (ratio = ours / anchor)."""
-    print(
-        "RATIO "
-        + json.dumps(
-            {
-                "metric": metric,
-                "ours_s": round(ours, 4),
-                "anchor": anchor_name,
-                "anchor_s": round(anchor, 4),
-                "ratio": round(ours / anchor, 3) if anchor else None,
-                "target": target,
-            }
-        )
-    )
 
 
 if __name__ == "__main__":
