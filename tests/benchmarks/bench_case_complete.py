@@ -285,12 +285,7 @@ def main() -> None:
         "<= 2.0",
         "raw transfers",
     )
-    print(
-        "PEAK_RSS_MB "
-        + json.dumps(
-            {"metric": "case complete peak RSS MB", "value": round(peak), "target": "< 200"}
-        )
-    )
+    print(f"RSS gateway peak {peak:.0f} MB (target < 200)")
 
 
 if __name__ == "__main__":
