@@ -17,7 +17,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -115,6 +115,9 @@ class RetrievedInstance:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    # The bytes before Pixel Data when they arrived within the first HEAD_KEEP bytes: the store
+    # describes the instance (DICOM JSON) from them without reading the file again.
+    header: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -492,7 +495,8 @@ class _PartFile:
     def finish(self, study: str, series: str, sop: str) -> Retrieved:
         fd = self._fd
         # Fast structural check from the bytes kept in memory; pydicom decides when it is unsure.
-        info = scan_part10(bytes(self._head), self.size, lambda at, n: os.pread(fd, n, at))
+        head = bytes(self._head)
+        info = scan_part10(head, self.size, lambda at, n: os.pread(fd, n, at))
         self._close()
         if info is None:
             try:
@@ -508,6 +512,9 @@ class _PartFile:
             sop_uid=info.sop_uid,
             sop_class_uid=info.sop_class_uid,
             transfer_syntax_uid=info.transfer_syntax_uid,
+            header=head[: info.header_end]
+            if info.header_end is not None and info.header_end <= len(head)
+            else None,
         )
 
 

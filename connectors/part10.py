@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ReadAt = Callable[[int, int], bytes]  # (offset, length) -> bytes (shorter at end of file)
 
@@ -59,6 +59,9 @@ class Part10Info:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    # Where the header ends: the offset of top-level Pixel Data (else the file's size); the bytes
+    # before it are all a DICOM JSON of the instance needs (`stop_before_pixels`).
+    header_end: int | None = field(default=None, compare=False)
 
 
 def scan_part10(head: bytes, size: int, read_at: ReadAt) -> Part10Info | None:
@@ -81,6 +84,7 @@ class _Walk:
         self.values: dict[str, str] = {}
         self.numbers: dict[str, int] = {}
         self.pixel_len: int | None = None
+        self.pixel_at: int | None = None
 
     def read(self, pos: int, n: int) -> bytes:
         if pos + n <= len(self.head):
@@ -104,7 +108,10 @@ class _Walk:
             return None
         if ts in _NATIVE and self.pixel_len is not None and self.pixel_shortfall() > 0:
             return None
-        return Part10Info(v["study_uid"], v["series_uid"], v["sop_uid"], v["sop_class_uid"], ts)
+        header_end = self.size if self.pixel_at is None else self.pixel_at
+        return Part10Info(
+            v["study_uid"], v["series_uid"], v["sop_uid"], v["sop_class_uid"], ts, header_end
+        )
 
     def meta(self, pos: int) -> tuple[int, str]:
         """The File Meta group (always explicit VR little endian); returns end and TS UID."""
@@ -156,6 +163,8 @@ class _Walk:
             if tag >> 16 == 0xFFFE:
                 raise _Unsure  # an item or delimiter at top level
             if tag in _WANTED:
+                if tag == _PIXEL_DATA and self.pixel_at is None:
+                    self.pixel_at = pos
                 self.collect(tag, vpos, length)
             if length != _UNDEFINED:
                 pos = vpos + length

@@ -288,6 +288,15 @@ class Demo:
             f"{instances} instances (QIDO-RS, for a viewer such as OHIF)"
         )
         if studies:
+            root = f"/cases/{case_id}/dicom-web/studies/{studies[0]['0020000D']['Value'][0]}"
+            series = self.get(f"{root}/series", self.reviewer)
+            uid = series[0]["0020000E"]["Value"][0]
+            started = time.perf_counter()
+            meta = self.get(f"{root}/series/{uid}/metadata", self.reviewer)
+            self.out.print(
+                f"GET .../series/{{uid}}/metadata -> {len(meta)} instances' DICOM JSON in "
+                f"{(time.perf_counter() - started) * 1000:.0f} ms (kept at ingest: no file read)"
+            )
             self.show_viewer_access(case_id, studies[0]["0020000D"]["Value"][0])
 
     def show_viewer_access(self, case_id: str, study_uid: str) -> None:

@@ -180,6 +180,31 @@ def endpoint_resource(endpoint_url: str) -> Resource:
     }
 
 
+# What `datasets_to_imaging_studies` reads of each instance: a caller holding DICOM JSON may
+# hand it only these attributes (pydicom's from_json costs per attribute).
+IMAGING_STUDY_KEYWORDS = (
+    "AccessionNumber",
+    "BodyPartExamined",
+    "ImageLaterality",
+    "ImageType",
+    "InstanceNumber",
+    "Laterality",
+    "Modality",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesDate",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesTime",
+    "StudyDate",
+    "StudyDescription",
+    "StudyInstanceUID",
+    "StudyTime",
+    "TimezoneOffsetFromUTC",
+)
+
+
 def datasets_to_imaging_studies(
     datasets: Iterable[Dataset | Mapping[str, Any]], subject: dict[str, str], endpoint_url: str
 ) -> list[Resource]:

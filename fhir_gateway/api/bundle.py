@@ -3,6 +3,7 @@ is never re-serialised)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -45,12 +46,23 @@ def get_bundle(case_id: str, request: Request, store: StoreDep, who: Principal =
             .order_by(NormalisedResource.position)
         ).all()
         patient_id, base_url = state.patient_id, state.base_url
-    entries = ((t, i, b) for t, i, b in rows)
-    return StreamingResponse(
-        iter_bundle_json(patient_id, entries, base_url=base_url),
-        media_type=FHIR_JSON,
-        headers=headers,
+    # The body is assembled here, in the worker thread, in 1 MiB chunks, then sent from the
+    # event loop: a sync iterator would cost a thread hop per chunk (~150 for 10,000 resources).
+    chunks = list(
+        iter_bundle_json(
+            patient_id, ((t, i, b) for t, i, b in rows), base_url=base_url, chunk_size=BODY_CHUNK
+        )
     )
+    del rows
+    return StreamingResponse(_sent(chunks), media_type=FHIR_JSON, headers=headers)
+
+
+BODY_CHUNK = 1 << 20
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    while chunks:
+        yield chunks.pop(0)  # each chunk freed once sent
 
 
 @router.get("/{case_id}/summary")

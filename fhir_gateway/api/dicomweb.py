@@ -14,12 +14,14 @@ so `fhir_gateway.sandbox.pacs` answers exactly as this router does, without auth
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import io
+import json
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
@@ -44,7 +46,9 @@ from fhir_gateway.store import Store
 log = structlog.get_logger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-CHUNK = 1 << 20
+# WADO-RS bodies are read in batches of whole parts of about this size, each batch by one worker
+# thread while the previous one is sent (no thread hop per small chunk).
+BATCH = 8 << 20
 Json = dict[str, Any]
 
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
@@ -103,8 +107,17 @@ class InstanceSource(Protocol):
     """What the DICOMweb service reads: `ImageStore` satisfies it."""
 
     def iter_instances(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        with_metadata: bool = False,
     ) -> Iterator[InstanceRef]: ...
+
+    def iter_series(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[tuple[InstanceRef, int]]: ...
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
 
@@ -221,15 +234,15 @@ def search(
     the index); instance attributes from each instance's header.
     """
     matches, include, limit, offset = _query(params)
-    refs = list(source.iter_instances(scope, study_uid, series_uid))
-    groups: dict[tuple[str, ...], list[InstanceRef]] = {}
-    for ref in refs:
-        key = {
-            "studies": (ref.study_uid,),
-            "series": (ref.study_uid, ref.series_uid),
-            "instances": (ref.study_uid, ref.series_uid, ref.sop_uid),
-        }[level]
-        groups.setdefault(key, []).append(ref)
+    # Per key: each series' first instance and its instance count (instances: itself, 1).
+    groups: dict[tuple[str, ...], list[tuple[InstanceRef, int]]] = {}
+    if level == "instances":
+        for ref in source.iter_instances(scope, study_uid, series_uid, with_metadata=True):
+            groups[(ref.study_uid, ref.series_uid, ref.sop_uid)] = [(ref, 1)]
+    else:
+        for ref, count in source.iter_series(scope, study_uid, series_uid):
+            series_key = ref.series_uid if level == "series" else ""
+            groups.setdefault((ref.study_uid, series_key), []).append((ref, count))
     results: list[Json] = []
     for key, members in groups.items():
         full = _group_attributes(source, level, members)
@@ -251,20 +264,21 @@ def _level_match(full: Json, level: str, tag: str, value: str) -> bool:
     return _matches(full, tag, value)
 
 
-def _group_attributes(source: InstanceSource, level: str, members: list[InstanceRef]) -> Json:
-    full = dict(source.metadata(members[0]))
+def _group_attributes(
+    source: InstanceSource, level: str, members: list[tuple[InstanceRef, int]]
+) -> Json:
+    """Attributes of the group's first instance, plus the counts (`members`: its series' first
+    instances with their counts)."""
+    full = dict(source.metadata(members[0][0]))
     if level == "studies":
-        by_series: dict[str, InstanceRef] = {}
-        for ref in members:
-            by_series.setdefault(ref.series_uid, ref)
         modalities = sorted(
-            {m for ref in by_series.values() for m in _values(source.metadata(ref), MODALITY)}
+            {m for ref, _ in members for m in _values(source.metadata(ref), MODALITY)}
         )
         _put(full, MODALITIES_IN_STUDY, "CS", modalities)
-        _put(full, "00201206", "IS", [len(by_series)])
-        _put(full, "00201208", "IS", [len(members)])
+        _put(full, "00201206", "IS", [len(members)])
+        _put(full, "00201208", "IS", [sum(count for _, count in members)])
     elif level == "series":
-        _put(full, "00201209", "IS", [len(members)])
+        _put(full, "00201209", "IS", [members[0][1]])
     return full
 
 
@@ -316,51 +330,126 @@ def _multipart(
 ) -> Iterator[bytes]:
     delim = f"--{boundary}\r\n".encode()
     for headers, body in parts:
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        yield delim + head.encode("latin-1") + b"\r\n"
+        yield delim + _part_head(headers)
         yield from body
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
 
 
-def _file_chunks(source: InstanceSource, ref: InstanceRef) -> Iterator[bytes]:
-    with source.open_instance(ref) as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+def _part_head(headers: dict[str, str]) -> bytes:
+    return ("".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1")
+
+
+def _read_into(fh: BinaryIO, view: memoryview) -> None:
+    """Fill `view` from `fh` (a file, or the Orthanc backend's HTTP stream).
+
+    Raises:
+        NotFoundError: the stored bytes are shorter than the index says.
+    """
+    while view:
+        n = fh.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            raise NotFoundError("stored instance is shorter than its index row says")
+        view = view[n:]
+
+
+def _read_batch(source: InstanceSource, parts: list[tuple[bytes, InstanceRef]]) -> memoryview:
+    """Several whole parts (head, stored bytes, CRLF) read into one buffer: one copy of the
+    bytes, no joins."""
+    total = sum(len(head) + ref.size + 2 for head, ref in parts)
+    buf = bytearray(total)
+    view, at = memoryview(buf), 0
+    for head, ref in parts:
+        view[at : at + len(head)] = head
+        at += len(head)
+        with source.open_instance(ref) as fh:
+            _read_into(fh, view[at : at + ref.size])
+        at += ref.size
+        view[at : at + 2] = b"\r\n"
+        at += 2
+    return view
+
+
+async def _multipart_body(
+    source: InstanceSource, batches: list[list[tuple[bytes, InstanceRef]]], closing: bytes
+) -> AsyncIterator[bytes | memoryview]:
+    """The batches read in a worker thread, the next one while this one is sent; an instance
+    larger than a batch (a whole-slide image) goes alone, a batch at a time."""
+    loop = asyncio.get_running_loop()
+
+    def start(batch: list[tuple[bytes, InstanceRef]]) -> asyncio.Future[memoryview] | None:
+        if len(batch) == 1 and batch[0][1].size > BATCH:
+            return None
+        return loop.run_in_executor(None, _read_batch, source, batch)
+
+    pending = start(batches[0]) if batches else None
+    for i, batch in enumerate(batches):
+        current = pending
+        pending = start(batches[i + 1]) if i + 1 < len(batches) else None
+        if current is not None:
+            yield await current
+            continue
+        head, ref = batch[0]
+        yield head
+        fh = await loop.run_in_executor(None, source.open_instance, ref)
+        try:
+            left = ref.size
+            while left:
+                view = memoryview(bytearray(min(left, BATCH)))
+                await loop.run_in_executor(None, _read_into, fh, view)
+                left -= len(view)
+                yield view
+        finally:
+            fh.close()
+        yield b"\r\n"
+    yield closing
 
 
 def retrieve(
     source: InstanceSource, refs: list[InstanceRef], root_url: str, accept: str
 ) -> Response:
-    """The instances as `multipart/related; type="application/dicom"`, streamed from the store:
-    one instance's chunk in memory at a time, bytes as stored."""
+    """The instances as `multipart/related; type="application/dicom"`, streamed from the store
+    as stored: about `BATCH` bytes in memory at a time (two batches while one is sent and the
+    next read), with a Content-Length (sizes are in the index)."""
     check_accept(accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     boundary = secrets.token_hex(16)
-    parts = (
-        (
+    delim = f"--{boundary}\r\n".encode()
+    batches: list[list[tuple[bytes, InstanceRef]]] = [[]]
+    size = length = 0
+    for ref in refs:
+        head = delim + _part_head(
             {
                 "Content-Type": f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}",
                 "Content-Location": f"{root_url}/studies/{ref.study_uid}/series/"
                 f"{ref.series_uid}/instances/{ref.sop_uid}",
                 "Content-Length": str(ref.size),
-            },
-            _file_chunks(source, ref),
+            }
         )
-        for ref in refs
-    )
+        if size and size + ref.size > BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append((head, ref))
+        size += len(head) + ref.size + 2
+        length += len(head) + ref.size + 2
+    closing = f"--{boundary}--\r\n".encode()
     return StreamingResponse(
-        _multipart(parts, boundary),
+        _multipart_body(source, batches, closing),
         media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        headers={"Content-Length": str(length + len(closing))},
     )
 
 
 def metadata(source: InstanceSource, refs: list[InstanceRef]) -> Response:
-    """WADO-RS metadata: DICOM JSON of each instance, bulk data elements left out."""
-    items = []
-    for ref in refs:
-        md = source.metadata(ref)
-        items.append({t: e for t, e in md.items() if e.get("BulkDataURI") != ""})
-    return _json(items)
+    """WADO-RS metadata: DICOM JSON of each instance, bulk data elements left out (the text
+    kept at ingest, joined as it is)."""
+    texts = [
+        ref.metadata_json
+        if ref.metadata_json is not None
+        else json.dumps(source.metadata(ref), ensure_ascii=False, separators=(",", ":"))
+        for ref in refs
+    ]
+    body = ("[" + ",".join(texts) + "]").encode("utf-8")
+    return Response(body, media_type=DICOM_JSON)
 
 
 def frames(
@@ -417,8 +506,6 @@ def frames(
 
 
 def _json(content: Any, headers: dict[str, str] | None = None) -> Response:
-    import json
-
     body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return Response(body, media_type=DICOM_JSON, headers=headers)
 
@@ -440,15 +527,17 @@ def refs_of(
     study_uid: str,
     series_uid: str | None = None,
     sop_uid: str | None = None,
+    *,
+    with_metadata: bool = False,
 ) -> list[InstanceRef]:
-    """The instances named by a WADO-RS path, in the scope.
+    """The instances named by a WADO-RS path, in the scope (their DICOM JSON `with_metadata`).
 
     Raises:
         NotFoundError: nothing there in this scope.
     """
     refs = [
         r
-        for r in source.iter_instances(scope, study_uid, series_uid)
+        for r in source.iter_instances(scope, study_uid, series_uid, with_metadata=with_metadata)
         if sop_uid is None or r.sop_uid == sop_uid
     ]
     if not refs:
@@ -556,7 +645,9 @@ def _wado(
     as_metadata: bool = False,
 ) -> Response:
     patient = ctx.authorise()
-    refs = refs_of(ctx.images, ctx.case_id, study_uid, series_uid, sop_uid)
+    refs = refs_of(
+        ctx.images, ctx.case_id, study_uid, series_uid, sop_uid, with_metadata=as_metadata
+    )
     if not as_metadata:
         check_accept(ctx.accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     entity = _uids(study_uid, *(r.series_uid for r in refs), *(r.sop_uid for r in refs))

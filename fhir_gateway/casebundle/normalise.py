@@ -10,7 +10,9 @@ The `normalise_case` job is queued by every pull job at its end (`queue_after_pu
 while another pull of the case is still queued or running, it does not build a half bundle: it
 queues itself again a little later and ends, so it re-checks until every pull is done or dead
 (a dead pull never queues a normalise, so waiting on it would lose the update; skipping would
-too when the other pull then fails).
+too when the other pull then fails). The last pull to finish queues its own normalisation, which
+builds at once; a re-check that finds the inputs unchanged since the last build (the mark kept
+in `CaseBundleState.inputs_mark`) ends without building again: one build per change of inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
@@ -315,9 +317,11 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
         built = _build(case_id, patient_id, batches, base_url)
         with store.session() as s:
             jobs.require_case_open(s, case_id, "writing the case bundle")
-            if _inputs_mark(s, case_id) != seen and attempt < MAX_BUILDS:
+            now = _inputs_mark(s, case_id)
+            if now != seen and attempt < MAX_BUILDS:
                 log.info("normalise.case.inputs_changed", case_id=case_id, attempt=attempt)
                 continue
+            built.state.inputs_mark = _mark_text(seen, base_url) if now == seen else None
             _write(s, built)
         break
     log.info(
@@ -369,6 +373,18 @@ def _inputs_mark(session: Session, case_id: str) -> tuple[Any, ...]:
         )
     ).one()
     return (*stored, *hosted_rows, *holds, *v2)
+
+
+def _mark_text(mark: tuple[Any, ...], base_url: str) -> str:
+    return json.dumps([*map(str, mark), base_url])
+
+
+def inputs_unchanged(session: Session, case_id: str, base_url: str) -> bool:
+    """Whether the stored bundle was built from the case's current inputs."""
+    state = session.get(CaseBundleState, case_id)
+    if state is None or state.inputs_mark is None:
+        return False
+    return state.inputs_mark == _mark_text(_inputs_mark(session, case_id), base_url)
 
 
 def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:
@@ -460,10 +476,17 @@ def run_normalise_case(ctx: JobContext) -> None:
     with ctx.store.session() as s:
         waiting = pending_pull(s, ctx.case_id, after)
         deferred = _defer(s, ctx, waiting) if waiting is not None else None
+        base_url = ctx.settings.base_url + "/fhir"
+        unchanged = deferred is None and inputs_unchanged(s, ctx.case_id, base_url)
     if deferred is not None:  # progress is its own transaction: after ours has committed
         ctx.progress({"deferred": deferred})
         return
+    if unchanged:  # another normalisation already built from these very inputs
+        log.info("normalise.case.unchanged", case_id=ctx.case_id)
+        ctx.progress({"normalise": {"unchanged": True}})
+        return
     built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
+    _supersede_rechecks(ctx)
     ctx.progress(
         {
             "normalise": {
@@ -474,6 +497,35 @@ def run_normalise_case(ctx: JobContext) -> None:
             }
         }
     )
+
+
+def _supersede_rechecks(ctx: JobContext) -> None:
+    """Once a build has run with no pull outstanding, the re-checks queued by earlier
+    normalisations (`_defer`) have nothing left to wait for: they end now, so the case does not
+    show as stale until their timer fires. Only still-queued ones, in one conditional update."""
+    assert ctx.case_id is not None
+    with ctx.store.session() as s:
+        if pending_pull(s, ctx.case_id, ctx.payload.get("after")) is not None:
+            return
+        rechecks = [
+            job.id
+            for job in s.scalars(
+                select(Job).where(
+                    Job.case_id == ctx.case_id,
+                    Job.kind == KIND,
+                    Job.state == jobs.QUEUED,
+                    Job.id != ctx.job_id,
+                )
+            )
+            if "defers" in (job.payload or {})
+        ]
+        if rechecks:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(rechecks), Job.state == jobs.QUEUED)
+                .values(state=jobs.DONE, finished_at=utcnow(), progress={"superseded": True})
+            )
+            log.info("normalise.case.rechecks_superseded", count=len(rechecks))
 
 
 def _defer(session: Session, ctx: JobContext, waiting: Job) -> dict[str, Any]:

@@ -8,6 +8,7 @@ wires it to the case's partner and settings (and the DIMSE bridge), is `fhir_gat
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 from sqlalchemy import select
 
 from connectors.dicomweb import (
@@ -28,11 +30,11 @@ from connectors.dicomweb import (
 )
 from fhir_gateway import metrics
 from fhir_gateway.casebundle import held
-from fhir_gateway.imaging.store import ImageStore, read_dataset
+from fhir_gateway.imaging.store import ImageStore, InstanceRef, read_dataset
 from fhir_gateway.resources import DICOM_UID, Resource
 from fhir_gateway.store.db import Store
 from fhir_gateway.store.models import Case, FhirResource
-from mappers.dicom import datasets_to_imaging_studies
+from mappers.dicom import IMAGING_STUDY_KEYWORDS, datasets_to_imaging_studies, json_to_dataset
 
 if TYPE_CHECKING:
     from fhir_gateway.settings import DicomwebEndpoint
@@ -282,27 +284,39 @@ def study_headers(
     image_store: ImageStore, case_id: str, study_uids: Iterable[str]
 ) -> dict[str, list[Dataset]]:
     """One header (no pixels) per series of each study held for the case: what the identity
-    check compares."""
+    check compares (from the DICOM JSON kept at ingest)."""
+    wanted = set(study_uids)
     out: dict[str, list[Dataset]] = {}
-    for study_uid in study_uids:
-        seen: set[str] = set()
-        for ref in image_store.iter_instances(case_id, study_uid, include_held=True):
-            if ref.series_uid in seen:
-                continue
-            seen.add(ref.series_uid)
-            with image_store.open_instance(ref) as fh:
-                out.setdefault(study_uid, []).append(read_dataset(fh))
+    for ref, _count in image_store.iter_series(case_id, include_held=True):
+        if ref.study_uid in wanted:
+            out.setdefault(ref.study_uid, []).append(_header(image_store, ref))
     return out
+
+
+def _header(image_store: ImageStore, ref: InstanceRef, tags: set[str] | None = None) -> Dataset:
+    """The instance's header from its DICOM JSON (`tags` only, when given); from the file for
+    an index row without it."""
+    if ref.metadata_json is None:
+        with image_store.open_instance(ref) as fh:
+            return read_dataset(fh)
+    attrs = json.loads(ref.metadata_json)
+    if tags is not None:
+        attrs = {t: e for t, e in attrs.items() if t in tags}
+    return json_to_dataset(attrs)
+
+
+_STUDY_TAGS = {f"{tag_for_keyword(k):08X}" for k in IMAGING_STUDY_KEYWORDS}
 
 
 def case_imaging_studies(
     image_store: ImageStore, case_id: str, subject: dict[str, str], endpoint_url: str
 ) -> list[Resource]:
-    """Endpoint + one ImagingStudy per study held for the case, from the stored headers."""
-    datasets = []
-    for ref in image_store.iter_instances(case_id, include_held=True):  # held: left out later
-        with image_store.open_instance(ref) as fh:
-            datasets.append(read_dataset(fh))
+    """Endpoint + one ImagingStudy per study held for the case, from the headers kept at
+    ingest (only the attributes the mapper reads)."""
+    datasets = [  # held: left out later
+        _header(image_store, ref, _STUDY_TAGS)
+        for ref in image_store.iter_instances(case_id, include_held=True, with_metadata=True)
+    ]
     return datasets_to_imaging_studies(datasets, subject, endpoint_url) if datasets else []
 
 

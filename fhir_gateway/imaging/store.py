@@ -9,19 +9,21 @@ WADO-RS bodies, `metadata()` for WADO-RS metadata.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import pydicom
 import structlog
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
@@ -50,6 +52,8 @@ class InstanceRef:
     sha256: str
     size: int
     orthanc_id: str | None = None
+    # DICOM JSON text taken at ingest (`instance_json`), when the index has it.
+    metadata_json: str | None = field(default=None, compare=False, repr=False)
 
 
 class ImageStore(Protocol):
@@ -82,9 +86,23 @@ class ImageStore(Protocol):
         series_uid: str | None = None,
         *,
         include_held: bool = False,
+        with_metadata: bool = False,
     ) -> Iterator[InstanceRef]:
         """The case's instances; studies held or rejected by the identity check only with
-        `include_held` (the pull and the identity check see them; DICOMweb does not)."""
+        `include_held` (the pull and the identity check see them; DICOMweb does not); their
+        DICOM JSON text loaded along `with_metadata` (else `metadata()` fetches it)."""
+        ...
+
+    def iter_series(
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        include_held: bool = False,
+    ) -> Iterator[tuple[InstanceRef, int]]:
+        """Per series of the case (held studies left out): its first instance (by SOP Instance
+        UID, with its DICOM JSON) and its instance count; counted by the database."""
         ...
 
     def open_instance(self, ref: InstanceRef) -> BinaryIO: ...
@@ -142,8 +160,11 @@ class _IndexedStore:
         series_uid: str | None = None,
         *,
         include_held: bool = False,
+        with_metadata: bool = False,
     ) -> Iterator[InstanceRef]:
-        q = select(ImageInstance).where(ImageInstance.case_id == case_id)
+        # Columns, not ORM objects: building 500 mapped instances cost more than the query.
+        columns = _REF_COLUMNS if with_metadata else _REF_COLUMNS[:-1]
+        q = select(*columns).where(ImageInstance.case_id == case_id)
         if not include_held:
             q = q.where(ImageInstance.study_uid.not_in(held_studies(case_id)))
         if study_uid:
@@ -152,9 +173,41 @@ class _IndexedStore:
             q = q.where(ImageInstance.series_uid == series_uid)
         q = q.order_by(ImageInstance.study_uid, ImageInstance.series_uid, ImageInstance.sop_uid)
         with self._store.session() as s:
-            rows = list(s.scalars(q))
+            rows = s.execute(q).all()
         for row in rows:
-            yield _ref(row)
+            yield _ref_of_columns(row)
+
+    def iter_series(
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        include_held: bool = False,
+    ) -> Iterator[tuple[InstanceRef, int]]:
+        row_ = ImageInstance
+        q = select(row_.study_uid, row_.series_uid, func.min(row_.sop_uid), func.count()).where(
+            row_.case_id == case_id
+        )
+        if not include_held:
+            q = q.where(row_.study_uid.not_in(held_studies(case_id)))
+        if study_uid:
+            q = q.where(row_.study_uid == study_uid)
+        if series_uid:
+            q = q.where(row_.series_uid == series_uid)
+        q = q.group_by(row_.study_uid, row_.series_uid).order_by(row_.study_uid, row_.series_uid)
+        with self._store.session() as s:
+            counts = s.execute(q).all()
+            firsts = {
+                row.sop_uid: _ref_of_columns(row)
+                for row in s.execute(
+                    select(*_REF_COLUMNS).where(
+                        row_.case_id == case_id, row_.sop_uid.in_([c[2] for c in counts])
+                    )
+                )
+            }
+        for _study, _series, first, count in counts:
+            yield firsts[first], int(count)
 
     def get(self, case_id: str, sop_uid: str) -> InstanceRef:
         with self._store.session() as s:
@@ -164,7 +217,19 @@ class _IndexedStore:
             return _ref(row)
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
-        """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out."""
+        """The instance's attributes as DICOM JSON (PS3.18 F), bulk data left out: as taken at
+        ingest; from the file for rows indexed before that was kept."""
+        text = ref.metadata_json
+        if text is None:
+            with self._store.session() as s:
+                text = s.scalar(
+                    select(ImageInstance.dicom_json).where(
+                        ImageInstance.case_id == ref.case_id, ImageInstance.sop_uid == ref.sop_uid
+                    )
+                )
+        if text is not None:
+            out: dict[str, Any] = json.loads(text)
+            return out
         with self.open_instance(ref) as fh:
             return instance_json(fh)
 
@@ -193,7 +258,8 @@ class _IndexedStore:
     def add_batch(
         self, case_id: str, items: Sequence[RetrievedInstance], source: str
     ) -> list[InstanceRef]:
-        placed = [(item, self._place(item)) for item in items]
+        described = [(item, _describe(item)) for item in items]  # before the file moves
+        placed = [(item, self._place(item), text) for item, text in described]
         return self._index(case_id, placed, source)
 
     def _place(self, item: RetrievedInstance) -> str | None:
@@ -201,10 +267,13 @@ class _IndexedStore:
         raise NotImplementedError
 
     def _index(
-        self, case_id: str, placed: Sequence[tuple[RetrievedInstance, str | None]], source: str
+        self,
+        case_id: str,
+        placed: Sequence[tuple[RetrievedInstance, str | None, str]],
+        source: str,
     ) -> list[InstanceRef]:
         refs = []
-        uids = [item.sop_uid for item, _ in placed]
+        uids = [item.sop_uid for item, _, _ in placed]
         with self._store.session() as s:
             # Under the case's lock: a cancelled or rejected case gets no more instances.
             jobs.require_case_open(s, case_id, "storing images")
@@ -216,7 +285,7 @@ class _IndexedStore:
                     )
                 )
             }
-            for item, orthanc_id in placed:
+            for item, orthanc_id, text in placed:
                 row = existing.get(item.sop_uid)
                 if row is None:
                     row = existing[item.sop_uid] = ImageInstance(
@@ -228,6 +297,7 @@ class _IndexedStore:
                 row.transfer_syntax_uid = item.transfer_syntax_uid
                 row.sha256, row.size, row.source = item.sha256, item.size, source
                 row.backend, row.orthanc_id = self.backend, orthanc_id
+                row.dicom_json = text
                 refs.append(row)
             s.flush()
             return [_ref(r) for r in refs]
@@ -264,11 +334,26 @@ def read_dataset(fh: BinaryIO, *, stop_before_pixels: bool = True) -> pydicom.Da
 
 def instance_json(fh: BinaryIO) -> dict[str, Any]:
     """A Part 10 file's attributes as DICOM JSON (PS3.18 F), bulk data (pixels...) left out."""
-    ds = read_dataset(fh)
+    return dataset_json(read_dataset(fh))
+
+
+def dataset_json(ds: pydicom.Dataset) -> dict[str, Any]:
+    """A dataset's attributes as DICOM JSON (PS3.18 F), bulk data elements left out."""
     out: dict[str, Any] = ds.to_json_dict(
         bulk_data_threshold=1024, bulk_data_element_handler=_no_bulk
     )
-    return out
+    return {tag: e for tag, e in out.items() if e.get("BulkDataURI") != ""}
+
+
+def _describe(item: RetrievedInstance) -> str:
+    """The instance's DICOM JSON text: from the header bytes kept while it streamed in, or
+    (a part that only pydicom could check) from its file, once, at ingest."""
+    if item.header is not None:
+        ds: pydicom.Dataset = pydicom.dcmread(io.BytesIO(item.header), stop_before_pixels=True)
+    else:
+        with item.path.open("rb") as fh:
+            ds = read_dataset(fh)
+    return json.dumps(dataset_json(ds), ensure_ascii=False, separators=(",", ":"))
 
 
 def held_studies(case_id: str) -> Select[str]:
@@ -278,6 +363,25 @@ def held_studies(case_id: str) -> Select[str]:
         HeldItem.kind == held.STUDY,
         HeldItem.state.in_(held.OUT),
     )
+
+
+_REF_COLUMNS = (  # InstanceRef's fields, in order
+    ImageInstance.case_id,
+    ImageInstance.study_uid,
+    ImageInstance.series_uid,
+    ImageInstance.sop_uid,
+    ImageInstance.sop_class_uid,
+    ImageInstance.transfer_syntax_uid,
+    ImageInstance.sha256,
+    ImageInstance.size,
+    ImageInstance.orthanc_id,
+    ImageInstance.dicom_json,
+)
+
+
+def _ref_of_columns(row: Sequence[Any]) -> InstanceRef:
+    """An `InstanceRef` from a row of `_REF_COLUMNS` (or all but the last)."""
+    return InstanceRef(*row)
 
 
 def _ref(row: ImageInstance) -> InstanceRef:
@@ -291,6 +395,7 @@ def _ref(row: ImageInstance) -> InstanceRef:
         sha256=row.sha256,
         size=row.size,
         orthanc_id=row.orthanc_id,
+        metadata_json=row.dicom_json,
     )
 
 

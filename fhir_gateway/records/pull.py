@@ -160,6 +160,7 @@ def pull_patient_records(
                     _cancel(futures.values())
                     raise
                 _merge(result, resource_type, found)
+    report.flush()
     if binary_dir is not None:
         _pull_attachments(client, result, binary_dir, checkpoint)
     result.counts = _count_types(result.resources)
@@ -265,27 +266,59 @@ def _search_pages(
     return result
 
 
+PROGRESS_EVERY_S = 0.5  # at most one progress write per this, plus the final one
+
+
 class _Progress:
+    """Per-type progress at a bounded rate: the latest counts are kept and handed to the
+    callback (a database write per type) at most every `PROGRESS_EVERY_S`, and at `flush()`.
+    A mixed-type search ($everything) is counted page by page, not recounted whole."""
+
     def __init__(self, callback: ProgressCallback | None, checkpoint: Checkpoint | None) -> None:
         self._callback = callback
         self._checkpoint = checkpoint
         self._lock = threading.Lock()
+        self._latest: dict[str, tuple[int, int]] = {}
+        self._dirty: set[str] = set()
+        self._last = time.monotonic()
+        self._counted = 0  # resources of the mixed-type search already counted
+        self._by_type: dict[str, int] = {}
 
     def __call__(self, result: SearchResult, label: str) -> None:
         if self._checkpoint is not None:
             self._checkpoint()
-        if self._callback is not None:
-            with self._lock:
-                self._callback(label, len(result.resources), result.pages)
+        with self._lock:
+            self._note(label, len(result.resources), result.pages)
+        self._maybe_flush()
 
     def by_type(self, result: SearchResult) -> None:
-        """Progress of a mixed-type search ($everything), one call per resource type."""
+        """Progress of a mixed-type search ($everything): the new page's resources counted."""
         if self._checkpoint is not None:
             self._checkpoint()
-        if self._callback is not None:
-            with self._lock:
-                for resource_type, count in _count_types(result.resources).items():
-                    self._callback(resource_type, count, result.pages)
+        with self._lock:
+            for resource in result.resources[self._counted :]:
+                rtype = resource["resourceType"]
+                self._by_type[rtype] = self._by_type.get(rtype, 0) + 1
+                self._note(rtype, self._by_type[rtype], result.pages)
+            self._counted = len(result.resources)
+        self._maybe_flush()
+
+    def _note(self, label: str, done: int, pages: int) -> None:
+        self._latest[label] = (done, pages)
+        self._dirty.add(label)
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last >= PROGRESS_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._callback is None:
+            return
+        with self._lock:
+            self._last = time.monotonic()
+            for label in sorted(self._dirty):
+                self._callback(label, *self._latest[label])
+            self._dirty.clear()
 
 
 def _merge(result: PullResult, label: str, found: SearchResult) -> None:

@@ -11,6 +11,7 @@ with `limit`/`offset` and a `Warning: 299` when more remain, and retrievals stre
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from fhir_gateway.api import dicomweb as dw
 from fhir_gateway.api.responses import add_error_handlers
-from fhir_gateway.imaging.store import InstanceRef, instance_json
+from fhir_gateway.imaging.store import InstanceRef, dataset_json, instance_json
 from fhir_gateway.sandbox.server import AppServer
 
 log = structlog.get_logger(__name__)
@@ -48,7 +49,12 @@ class FolderSource:
         log.info("pacs.indexed", instances=len(self._refs), skipped=skipped)
 
     def iter_instances(
-        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+        self,
+        case_id: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        with_metadata: bool = False,  # always in memory here
     ) -> Iterator[InstanceRef]:
         for ref in self._refs:
             if (study_uid is None or ref.study_uid == study_uid) and (
@@ -56,10 +62,22 @@ class FolderSource:
             ):
                 yield ref
 
+    def iter_series(
+        self, case_id: str, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[tuple[InstanceRef, int]]:
+        groups: dict[tuple[str, str], list[InstanceRef]] = {}
+        for ref in self.iter_instances(case_id, study_uid, series_uid):
+            groups.setdefault((ref.study_uid, ref.series_uid), []).append(ref)
+        for members in groups.values():
+            yield members[0], len(members)
+
     def open_instance(self, ref: InstanceRef) -> BinaryIO:
         return self.paths[ref.sop_uid].open("rb")
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
+        if ref.metadata_json is not None:
+            out: dict[str, Any] = json.loads(ref.metadata_json)
+            return out
         with self.open_instance(ref) as fh:
             return instance_json(fh)
 
@@ -82,6 +100,7 @@ def _index(path: Path) -> InstanceRef | None:
         transfer_syntax_uid=str(ts),
         sha256="",
         size=path.stat().st_size,
+        metadata_json=json.dumps(dataset_json(ds), ensure_ascii=False, separators=(",", ":")),
     )
 
 

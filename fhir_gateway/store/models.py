@@ -293,6 +293,10 @@ class ImageInstance(Base):
     orthanc_id: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(512))  # e.g. the partner's DICOMweb base URL
     stored_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The instance's attributes as DICOM JSON text (PS3.18 F, bulk data left out), taken at
+    # ingest: QIDO-RS and WADO-RS metadata serve it without reading the file. NULL for rows
+    # stored before migration 0013 (the file is read then).
+    dicom_json: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_image_instances_series", "case_id", "study_uid", "series_uid"),)
 
@@ -324,6 +328,9 @@ class CaseBundleState(Base):
     issues: Mapped[Any] = mapped_column(JsonText)  # data-quality issues with source paths
     sources: Mapped[Any] = mapped_column(JsonText)  # [{source, kind, resources}]
     built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What the inputs were when built (normalise._inputs_mark, as text): a normalise job whose
+    # inputs are unchanged does not build again. NULL before migration 0013.
+    inputs_mark: Mapped[str | None] = mapped_column(String(512))
 
 
 class SmartJti(Base):

@@ -219,6 +219,55 @@ def test_normalise_waits_for_outstanding_pulls(client: TestClient, settings: Set
         assert any(i["code"] == "required" for i in state.issues)  # no source sent a Patient
 
 
+def test_one_build_per_change_of_inputs(store: Store, settings: Settings) -> None:
+    """On SQLite and PostgreSQL: the normalisation queued by each of two pulls builds once;
+    the second finds the inputs unchanged and ends; a new stored row builds again."""
+    add_case(store, "c3", "Patient/p3")
+    with store.session() as s:
+        pulls = [jobs.enqueue(s, kind, case_id="c3") for kind in normalise.PULL_KINDS]
+        for pull in pulls:
+            pull.state = jobs.DONE
+    for pull in pulls:
+        normalise.queue_after_pull(context(store, settings, pull))
+    with store.session() as s:
+        queued = list(
+            s.scalars(select(Job).where(Job.kind == "normalise_case", Job.case_id == "c3"))
+        )
+    assert len(queued) == 2
+    progress: list[dict[str, Any]] = []
+
+    def run(job: Job) -> None:
+        ctx = jobs.JobContext(
+            job.id, job.kind, "c3", dict(job.payload), 1, store, settings, None, progress.append
+        )
+        normalise.run_normalise_case(ctx)
+
+    run(queued[0])
+    with store.session() as s:
+        first = s.get(CaseBundleState, "c3")
+        assert first is not None
+        built_at = first.built_at
+    run(queued[1])
+    assert progress[-1] == {"normalise": {"unchanged": True}}
+    with store.session() as s:
+        assert s.get(CaseBundleState, "c3").built_at == built_at  # type: ignore[union-attr]
+        s.add(
+            StoredResource(
+                case_id="c3",
+                source="https://ehr.example/fhir",
+                resource_type="Patient",
+                source_id="p3",
+                body={"resourceType": "Patient", "id": "p3", "gender": "male"},
+            )
+        )
+    run(queued[1])
+    assert progress[-1]["normalise"]["resources"] >= 1  # built again
+    with store.session() as s:
+        again = s.get(CaseBundleState, "c3")
+        assert again is not None
+        assert again.built_at > built_at
+
+
 def test_a_bad_stored_resource_is_reported_not_fatal(store: Store, settings: Settings) -> None:
     """On SQLite and PostgreSQL: the bundle is built without the refused resource, reported."""
     add_case(store, "c2", "Patient/p2")

@@ -31,6 +31,7 @@ from connectors.bulk import BulkExportClient, iter_resources
 from connectors.fhir_client import FhirEhrClient
 from connectors.smart import SmartTokenProvider, generate_private_key, jwks
 from fhir_gateway.sandbox import Faults, SandboxClient, SandboxConfig, SandboxServer
+from tests.benchmarks.ratios import quick, report
 
 COUNTS = {
     "Patient": 1,
@@ -43,7 +44,7 @@ COUNTS = {
 TOTAL = sum(COUNTS.values())
 LATENCY_S = 0.02
 PAGE = 200  # the sandbox's max page size
-REPEATS = 3
+REPEATS = 1 if quick() else 3
 
 
 def make_data(folder: Path) -> None:
@@ -150,6 +151,8 @@ def main() -> None:
     print(f"medians of {REPEATS} repeats, rotating order; anchor = $export (parsed)")
     for name, median in medians.items():
         print(f"  {name:<30} {median:7.3f} s   ratio {median / anchor:5.2f}")
+        if name != "$export (parsed)":
+            report(f"bulk: {name}", median, anchor, "-", "$export (parsed)")
     print(
         f"  (sandbox requests: {requests_by_kind['all']}, of them $export: "
         f"{requests_by_kind['export']})"

@@ -26,6 +26,7 @@ from fhir.resources.R4B.bundle import Bundle  # noqa: E402
 
 from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle, iter_bundle_json  # noqa: E402
 from mappers import fhir  # noqa: E402
+from tests.benchmarks.ratios import report  # noqa: E402
 
 SYNTHEA = [
     ROOT / "fixtures/fhir/colon_Darin_Skiles.json",
@@ -88,6 +89,7 @@ def main() -> None:
         f"{count / t_anchor:,.0f} resources/s"
     )
     print(f"ratio normalise vs anchor: {t_anchor / t_ours:.2f}x (target >= 1x)")
+    report(f"normalise {count} resources", t_ours, t_anchor, "<= 1.0", "fhir.resources R4B")
 
     # One source batch: the copies differ only in ids, so across sources they would (rightly)
     # be merged as duplicates; within one source distinct ids stay distinct resources.

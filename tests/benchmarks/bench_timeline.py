@@ -33,6 +33,7 @@ from fhir_gateway.settings import Settings  # noqa: E402
 from fhir_gateway.store import open_store  # noqa: E402
 from fhir_gateway.store.models import NormalisedResource  # noqa: E402
 from tests.benchmarks.bench_bundle_api import CASE, store_case  # noqa: E402
+from tests.benchmarks.ratios import report  # noqa: E402
 
 RUNS = 5
 
@@ -97,6 +98,7 @@ def main() -> None:
             f"median {t_bundle:.3f} s (same run, {RUNS} each, rotating order): "
             f"{t_timeline / t_bundle:.2f}x the bundle read"
         )
+        report("GET case timeline", t_timeline, t_bundle, "-", "GET case bundle")
         print(
             f"timeline(json.loads(body) ...) over {len(bodies)} stored rows of timeline types: "
             f"{t_build * 1000:.1f} ms = {t_build / t_parse:.2f}x json.loads alone of the same "

@@ -287,6 +287,14 @@ def main() -> None:
             for v in variants:
                 rows.append((f"{total / 1e6:.0f} MB / {n}", v, summarise(runs[v])))
     print_table(rows)
+    from tests.benchmarks.ratios import report
+
+    curl = {size: r for size, v, r in rows if v == "curl"}
+    for size, v, r in rows:
+        if v == "ours" and size in curl:
+            # Throughput target >= 80% of curl's: time ratio <= 1.25.
+            report(f"WADO-RS pull into the store ({size})", r["wall_s"], curl[size]["wall_s"],
+                   "<= 1.25", "curl same study")  # fmt: skip
 
 
 def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
