@@ -136,6 +136,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         f"{len(terms)} fixture patient names/identifiers/birth dates: {len(hits)} hits"
     )
     if reporter is not None:
+        from tests.summary import LINES
+
+        for extra in LINES:
+            reporter.write_line(extra)
         reporter.write_line(line)
         for name, term, text in hits[:20]:
             reporter.write_line(f"  PHI in log of {name}: {term!r} in {text!r}")

@@ -26,6 +26,7 @@ from mappers.report import (
     report_transaction,
     split_contained,
 )
+from tests.summary import LINES as summary_lines
 from tests.unit.test_medplum_validation import MEDPLUM
 
 
@@ -83,7 +84,7 @@ def test_everything_the_demo_produces_validates_with_medplum() -> None:
     results = validate(node, [bundle, report, *companions, transaction])
     summary = results[-1]
     failures = [r for r in results[:-1] if r["errors"]]
-    print(  # noqa: T201
+    summary_lines.append(
         f"Medplum validateResource over the demo: {summary['validated']} resources "
         f"(case bundle {len(bundle['entry'])} entries, DiagnosticReport, {len(companions)} "
         f"companions, transaction {len(transaction['entry'])} entries), "
