@@ -11,7 +11,18 @@ from sqlalchemy import text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_gateway import job_handlers, jobs
-from fhir_gateway.api import admin, audit, bundle, cases, dicomweb, fhir, ops, reports, smart
+from fhir_gateway.api import (
+    admin,
+    audit,
+    bundle,
+    cases,
+    dicomweb,
+    fhir,
+    ops,
+    reports,
+    smart,
+    subscriptions,
+)
 from fhir_gateway.api.deps import StoreDep
 from fhir_gateway.api.observe import AccessMiddleware
 from fhir_gateway.api.responses import add_error_handlers
@@ -63,6 +74,7 @@ def create_app(
     add_error_handlers(app)
     app.include_router(smart.router)  # before /fhir/{type}
     app.include_router(audit.router)
+    app.include_router(subscriptions.router)  # before /fhir/{type}
     app.include_router(fhir.router)
     app.include_router(cases.router)
     app.include_router(reports.router)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fhir_gateway import jobs
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.imaging import job as imaging_job
+from fhir_gateway.notify import channel, subscriptions
 from fhir_gateway.records import pull
 from fhir_gateway.reports import delivery
 from fhir_gateway.reports.drafts import DELIVER_REPORT
@@ -17,6 +18,10 @@ HANDLERS: dict[str, jobs.Handler] = {
     imaging_job.KIND: imaging_job.run_pull_imaging,
     normalise.KIND: normalise.run_normalise_case,
     DELIVER_REPORT: delivery.deliver_report_job,
+    subscriptions.HANDSHAKE: channel.run_handshake,
+    subscriptions.NOTIFY: channel.run_notify,
+    subscriptions.HEARTBEAT: channel.run_heartbeat,
+    subscriptions.TASK_UPDATE: channel.run_task_update,
 }
 
 

@@ -110,6 +110,19 @@ class DestinationEndpoint(FhirEndpoint):
     task_on_destination: bool = False
 
 
+class RecipientEndpoint(DestinationEndpoint):
+    """A further recipient of the partner's reports (e.g. the pathology lab, the primary care
+    practice): delivered like the destination, each exactly once, never completing the Task."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9\-\.]{1,64}$")
+
+    @model_validator(mode="after")
+    def _not_destination(self) -> RecipientEndpoint:
+        if self.name == "destination":
+            raise ValueError("a recipient cannot be named 'destination' (the treating EHR's name)")
+        return self
+
+
 class PartnerClient(_Strict):
     """How the partner's own systems authenticate to us: SMART Backend Services with the
     partner's registered public keys (a JWKS URL, or a JWKS file) and its pre-authorised scopes."""
@@ -130,6 +143,8 @@ class PartnerClient(_Strict):
             "system/Condition.c",
             "system/DiagnosticReport.c",
             "system/Observation.c",
+            "system/Subscription.crud",
+            "system/Communication.cr",
         ]
     )
 
@@ -160,6 +175,25 @@ class Partner(_Strict):
     dimse: DimseEndpoint | None = None
     destination: DestinationEndpoint | None = None
     client: PartnerClient | None = None  # the partner's systems calling us (SMART)
+    recipients: list[RecipientEndpoint] = Field(default_factory=list)  # more report copies
+    # "write": each referral Task status change is written to the destination EHR's Task
+    # (for partners that do not subscribe); "none": they poll or subscribe.
+    task_updates: Literal["none", "write"] = "none"
+
+    @model_validator(mode="after")
+    def _unique_recipients(self) -> Partner:
+        names = [r.name for r in self.recipients]
+        if len(names) != len(set(names)):
+            raise ValueError("recipient names must be unique within a partner")
+        if self.task_updates == "write" and self.destination is None:
+            raise ValueError("task_updates = 'write' needs a destination endpoint")
+        return self
+
+    def recipient(self, name: str) -> DestinationEndpoint | None:
+        """The endpoint a delivery goes to: the destination, or a further recipient by name."""
+        if name == "destination":
+            return self.destination
+        return next((r for r in self.recipients if r.name == name), None)
 
 
 class OurOrganization(_Strict):
@@ -346,6 +380,15 @@ class ReportSettings(BaseModel):
     font_regular: Path | None = None  # default: the packaged DejaVuSans.ttf
     font_bold: Path | None = None
     font_fallbacks: list[Path] | None = None  # default: the packaged Droid Sans Fallback (CJK)
+    max_questions_per_case: int = Field(default=5, ge=0)  # follow-up questions (422 beyond)
+
+
+class NotificationSettings(BaseModel):
+    """Topic-based subscriptions (R4 Backport IG 1.1.0) for partners' EHRs."""
+
+    max_subscriptions_per_partner: int = Field(default=10, ge=0)
+    min_heartbeat_s: int = Field(default=1, ge=1)  # shorter heartbeatPeriod values are refused
+    timeout_s: float = Field(default=10.0, gt=0)  # per notification POST (channel timeout caps)
 
 
 class Limits(BaseModel):
@@ -398,6 +441,7 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     limits: Limits = Limits()
     reports: ReportSettings = ReportSettings()
+    notifications: NotificationSettings = NotificationSettings()
 
     @property
     def db_url(self) -> str:

@@ -395,7 +395,12 @@ def search(
 
 @router.put("/Task/{rid}", response_class=FhirResponse, openapi_extra=FHIR_BODY)
 async def update_task(
-    rid: str, body: Body, store: StoreDep, if_match: IfMatch = None, who: Principal = EHR_OR_ADMIN
+    rid: str,
+    body: Body,
+    store: StoreDep,
+    settings: SettingsDep,
+    if_match: IfMatch = None,
+    who: Principal = EHR_OR_ADMIN,
 ) -> FhirResponse:
     """The requester changes the Task's status (e.g. `cancelled` with a statusReason).
 
@@ -424,7 +429,8 @@ async def update_task(
                 raise ForbiddenError("a requester may only cancel its referral Task")
             reason = (task.get("statusReason") or {}).get("text")
             if new_status != row.body.get("status"):
-                tasks.transition_task(s, row, str(new_status), reason)
+                partner = settings.partners.by_id(row.partner_id) if row.partner_id else None
+                tasks.transition_task(s, row, str(new_status), reason, partner=partner)
             if "businessStatus" in task:
                 hosted.update(
                     s, row, {**copy.deepcopy(row.body), "businessStatus": task["businessStatus"]}

@@ -128,7 +128,7 @@ def run_delivery(
         raise error from exc
     if work.delivered is not None:
         # Delivered on an earlier run whose Task update failed: only that is left to do.
-        _complete_task(store, sink, dest, work, work.delivered)
+        _complete_task(store, sink, dest, work, work.delivered, partner)
         return work.delivered
     try:
         receipt = _send(sink, work, use_transaction=dest.use_transaction)
@@ -152,7 +152,7 @@ def run_delivery(
         _record_failure(store, delivery_id, exc, dead=False)
         raise
     _record_success(store, delivery_id, receipt)
-    _complete_task(store, sink, dest, work, receipt)
+    _complete_task(store, sink, dest, work, receipt, partner)
     return receipt
 
 
@@ -297,6 +297,7 @@ def _complete_task(
     dest: DestinationEndpoint,
     work: _Work,
     receipt: DeliveryReceipt,
+    partner: Partner,
 ) -> None:
     """RF-21: the referral Task -> completed, output -> the delivered report (absolute URL)."""
     if work.action == "retract":
@@ -315,7 +316,7 @@ def _complete_task(
         row = s.get(FhirResource, ("Task", work.task_id))
         if row is None:
             return
-        _close_hosted_task(s, row, report_url)
+        _close_hosted_task(s, row, report_url, partner)
 
 
 _PATH_TO_COMPLETED = {
@@ -327,7 +328,9 @@ _PATH_TO_COMPLETED = {
 }
 
 
-def _close_hosted_task(session: Session, row: FhirResource, report_url: str) -> None:
+def _close_hosted_task(
+    session: Session, row: FhirResource, report_url: str, partner: Partner | None = None
+) -> None:
     status = row.body.get("status", "")
     outputs = [
         o
@@ -341,7 +344,7 @@ def _close_hosted_task(session: Session, row: FhirResource, report_url: str) -> 
     if status == "completed" and len(outputs) < len(row.body.get("output") or []):
         return  # already closed with this report
     for step in _PATH_TO_COMPLETED.get(status, []):
-        tasks.transition_task(session, row, step)
+        tasks.transition_task(session, row, step, partner=partner)
     if row.body.get("status") != "completed":
         log.warning("report.task.not_completed", task_id=row.id, status=status)
         return
