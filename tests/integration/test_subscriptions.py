@@ -188,7 +188,7 @@ def test_partner_isolation_and_validation(app, settings, store, tokens, receiver
         assert s.get(SubscriptionState, other_sid).events_since_start == 0
         assert s.get(SubscriptionState, sid).events_since_start == 1
 
-    bad_cases = [
+    bad_cases: list[tuple[dict[str, Any], str]] = [
         ({"criteria": "http://elsewhere/topic"}, "Subscription.criteria"),
         ({"channel": {"type": "websocket"}}, "Subscription.channel.type"),
         (
@@ -218,7 +218,8 @@ def test_partner_isolation_and_validation(app, settings, store, tokens, receiver
         outcome = resp.json()
         assert outcome["resourceType"] == "OperationOutcome"
         assert outcome["issue"][0]["expression"] == [where]
-        assert "secret-1" not in resp.text and "elsewhere/topic" not in resp.text
+        assert "secret-1" not in resp.text
+        assert "elsewhere/topic" not in resp.text
         with store.session() as s:
             after = len(
                 s.scalars(
