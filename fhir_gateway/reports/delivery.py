@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from connectors.delivery import (
@@ -32,7 +33,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.intake import hosted, tasks
 from fhir_gateway.records.partner_clients import session_for, token_provider_for
-from fhir_gateway.reports.drafts import DEAD, DELIVERED, SUPERSEDED
+from fhir_gateway.reports.drafts import DEAD, DELIVERED, DESTINATION, SUPERSEDED
 from fhir_gateway.resources import Resource, identifiers_of
 from fhir_gateway.security import audit
 from fhir_gateway.settings import DestinationEndpoint, Partner, Settings
@@ -98,6 +99,7 @@ class _Work:
     dest_version: str | None
     task_id: str
     started: datetime
+    recipient: str = DESTINATION
     delivered: DeliveryReceipt | None = None
 
 
@@ -120,7 +122,10 @@ def run_delivery(
     try:
         if partner is None or partner.destination is None:
             raise ConfigError("the partner has no destination endpoint configured")
-        dest = partner.destination
+        found = partner.recipient(work.recipient)
+        if found is None:
+            raise ConfigError(f"the partner has no recipient named {work.recipient!r}")
+        dest = found
         sink = SINK_FACTORY(dest, settings)
     except ConfigError as exc:
         error = UpstreamRejectedError(f"cannot deliver: {exc.message}")
@@ -219,15 +224,35 @@ def _load_work(store: Store, delivery_id: str) -> _Work | None:
             return None
         else:
             delivery.attempts += 1
+        dest = (report.dest_type, report.dest_id, report.dest_version)
+        if delivery.recipient != DESTINATION:
+            # A further recipient: where its earlier version went, from its own deliveries.
+            earlier = s.scalar(
+                select(Delivery)
+                .where(
+                    Delivery.report_id == report.id,
+                    Delivery.recipient == delivery.recipient,
+                    Delivery.status == DELIVERED,
+                    Delivery.report_version < delivery.report_version,
+                )
+                .order_by(Delivery.report_version.desc())
+                .limit(1)
+            )
+            dest = (
+                (earlier.server_type, earlier.server_id, earlier.server_version)
+                if earlier is not None
+                else (None, None, None)
+            )
         return _Work(
             delivery_id=delivery.id,
             action=delivery.action,
             report=report.diagnostic_report,
-            dest_type=report.dest_type,
-            dest_id=report.dest_id,
-            dest_version=report.dest_version,
+            dest_type=dest[0],
+            dest_id=dest[1],
+            dest_version=dest[2],
             task_id=case.task_id,
             started=delivery.created_at,
+            recipient=delivery.recipient,
             delivered=delivered,
         )
 
@@ -269,11 +294,12 @@ def _record_success(store: Store, delivery_id: str, receipt: DeliveryReceipt) ->
             receipt.version,
         )
         d.fallback_used = receipt.fallback_used
-        report.dest_type, report.dest_id, report.dest_version = (
-            receipt.resource_type,
-            receipt.server_id,
-            receipt.version,
-        )
+        if d.recipient == DESTINATION:
+            report.dest_type, report.dest_id, report.dest_version = (
+                receipt.resource_type,
+                receipt.server_id,
+                receipt.version,
+            )
         audit.record(
             s,
             "report.deliver",
@@ -299,8 +325,9 @@ def _complete_task(
     receipt: DeliveryReceipt,
     partner: Partner,
 ) -> None:
-    """RF-21: the referral Task -> completed, output -> the delivered report (absolute URL)."""
-    if work.action == "retract":
+    """RF-21: the referral Task -> completed, output -> the delivered report (absolute URL).
+    Only the treating EHR's delivery completes the Task; further recipients get copies."""
+    if work.action == "retract" or work.recipient != DESTINATION:
         return
     report_url = f"{dest.base_url}/{receipt.reference}"
     if dest.task_on_destination:
