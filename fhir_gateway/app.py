@@ -16,6 +16,7 @@ from fhir_gateway.api import (
     audit,
     bundle,
     cases,
+    communications,
     dicomweb,
     fhir,
     ops,
@@ -75,6 +76,7 @@ def create_app(
     app.include_router(smart.router)  # before /fhir/{type}
     app.include_router(audit.router)
     app.include_router(subscriptions.router)  # before /fhir/{type}
+    app.include_router(communications.router)
     app.include_router(fhir.router)
     app.include_router(cases.router)
     app.include_router(reports.router)

@@ -10,7 +10,7 @@ from fhir_gateway.casebundle import normalise
 from fhir_gateway.imaging import job as imaging_job
 from fhir_gateway.notify import channel, subscriptions
 from fhir_gateway.records import pull
-from fhir_gateway.reports import delivery
+from fhir_gateway.reports import delivery, questions
 from fhir_gateway.reports.drafts import DELIVER_REPORT
 
 HANDLERS: dict[str, jobs.Handler] = {
@@ -18,6 +18,7 @@ HANDLERS: dict[str, jobs.Handler] = {
     imaging_job.KIND: imaging_job.run_pull_imaging,
     normalise.KIND: normalise.run_normalise_case,
     DELIVER_REPORT: delivery.deliver_report_job,
+    questions.SEND_REPLY: questions.send_reply_job,
     subscriptions.HANDSHAKE: channel.run_handshake,
     subscriptions.NOTIFY: channel.run_notify,
     subscriptions.HEARTBEAT: channel.run_heartbeat,
