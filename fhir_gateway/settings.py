@@ -15,7 +15,7 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -276,6 +276,10 @@ def _resolve_paths(partner: Partner, base: Path) -> Partner:
         endpoint = getattr(partner, name)
         if endpoint is not None:
             updates[name] = endpoint.model_copy(update={"auth": fix(endpoint.auth)})
+    if partner.recipients:
+        updates["recipients"] = [
+            r.model_copy(update={"auth": fix(r.auth)}) for r in partner.recipients
+        ]
     return partner.model_copy(update=updates)
 
 
@@ -288,8 +292,11 @@ def secret_problems(partners: PartnersFile) -> list[str]:
     """
     problems: list[str] = []
     for i, partner in enumerate(partners.partners):
-        for name in ("fhir", "dicomweb", "dimse", "destination"):
-            endpoint = getattr(partner, name)
+        endpoints: list[tuple[str, Any]] = [
+            (name, getattr(partner, name)) for name in ("fhir", "dicomweb", "dimse", "destination")
+        ]
+        endpoints += [(f"recipients.{j}", r) for j, r in enumerate(partner.recipients)]
+        for name, endpoint in endpoints:
             if endpoint is None:
                 continue
             where = f"partners.{i}.{name}.auth ({partner.id})"

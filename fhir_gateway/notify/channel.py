@@ -25,12 +25,13 @@ from fhir_gateway import jobs
 from fhir_gateway.errors import UpstreamError, UpstreamRejectedError, UpstreamUnavailableError
 from fhir_gateway.intake import hosted
 from fhir_gateway.notify import bundles
-from fhir_gateway.notify.subscriptions import HEARTBEAT, channel_of, task_token
+from fhir_gateway.notify.subscriptions import HEARTBEAT, TASK_UPDATE, channel_of, task_token
 from fhir_gateway.reports import delivery
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
     FhirResource,
+    Job,
     SubscriptionEvent,
     SubscriptionState,
     utcnow,
@@ -344,21 +345,34 @@ def run_heartbeat(ctx: jobs.JobContext) -> None:
 
 
 def run_task_update(ctx: jobs.JobContext) -> None:
-    """Partner setting `task_updates = "write"`: put the referral Task's current status (and
-    reason) onto the partner's EHR's copy of the Task, found by its identifier. Writing the
-    current status makes a late or repeated job harmless."""
+    """Partner setting `task_updates = "write"`: put this change's status onto the partner's
+    EHR's copy of the referral Task (found by its identifier), once per change and in order:
+    a change waits while an earlier change of the same Task is still to be written."""
     partner = ctx.settings.partners.by_id(str(ctx.payload["partner"]))
     if partner is None or partner.destination is None or partner.task_updates != "write":
         return
+    task_id, version = str(ctx.payload["task"]), int(ctx.payload["version"])
+    status = str(ctx.payload["status"])
     with ctx.store.session() as s:
-        row = s.get(FhirResource, ("Task", str(ctx.payload["task"])))
+        earlier = s.scalars(
+            select(Job.dedup_key).where(
+                Job.kind == TASK_UPDATE,
+                Job.dedup_key.like(f"task-update:{task_id}:%"),
+                Job.state.in_((jobs.QUEUED, jobs.RUNNING)),
+                Job.id != ctx.job_id,
+            )
+        ).all()
+        if any(int(str(k).rsplit(":", 1)[-1]) < version for k in earlier):
+            raise SenderBusyError("an earlier change of this Task is still to be written")
+        row = s.get(FhirResource, ("Task", task_id))
         if row is None:
             return
         token = task_token(row.body)
-        status = str(row.body.get("status"))
-        reason = (row.body.get("statusReason") or {}).get("text")
+        reason = None
+        if row.version_id == version:  # the reason is the Task's, when this is still it
+            reason = (row.body.get("statusReason") or {}).get("text")
     if token is None:
         raise UpstreamRejectedError("the referral Task has no identifier to find it by")
     sink = delivery.http_sink(partner.destination, ctx.settings)
     sink.set_task_status(token, status, reason)
-    log.info("task.update.written", task_id=ctx.payload["task"], status=status)
+    log.info("task.update.written", task_id=task_id, version=version, status=status)

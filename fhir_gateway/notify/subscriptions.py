@@ -327,7 +327,12 @@ def task_changed(session: Session, task_row: FhirResource, partner: Partner | No
         jobs.enqueue(
             session,
             TASK_UPDATE,
-            payload={"partner": partner_id, "task": task_row.id},
+            payload={
+                "partner": partner_id,
+                "task": task_row.id,
+                "version": task_row.version_id,
+                "status": task_row.body.get("status"),
+            },
             dedup_key=f"task-update:{task_row.id}:{task_row.version_id}",
             max_attempts=_FOREVER,
         )

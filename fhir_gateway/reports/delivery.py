@@ -60,7 +60,8 @@ SinkFactory = Callable[[DestinationEndpoint, Settings], FhirReportSink]
 
 
 # What delivery writes (and reads back): the report or its DocumentReference fallback, their
-# Provenance, the Observations and Practitioner of a transaction, and the referral Task.
+# Provenance, the Observations and Practitioner of a transaction, the referral Task, and the
+# reply to a follow-up question.
 DELIVERY_TYPES = (
     "DiagnosticReport",
     "DocumentReference",
@@ -68,6 +69,7 @@ DELIVERY_TYPES = (
     "Observation",
     "Practitioner",
     "Task",
+    "Communication",
 )
 
 
