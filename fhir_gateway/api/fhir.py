@@ -22,6 +22,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.intake import hosted, referrals, tasks
 from fhir_gateway.intake.validation import validate_resource
+from fhir_gateway.notify import bundles
 from fhir_gateway.resources import Resource
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
@@ -143,6 +144,24 @@ def capability_statement(settings: Settings) -> Resource:
         res("ServiceRequest", ["read", "create", "search-type"], True),
         res("Patient", ["read", "create", "search-type"], True),
     ] + [res(t, ["read", "create"], False) for t in sorted(hosted.HOSTED_TYPES - set(SEARCHABLE))]
+    base = f"{settings.public_base_url.rstrip('/')}/fhir"
+    subscription = res("Subscription", ["create", "read", "delete"], False)
+    subscription["conditionalCreate"] = False
+    subscription["supportedProfile"] = [bundles.SUBSCRIPTION_PROFILE]
+    subscription["extension"] = [
+        {"url": bundles.TOPIC_CANONICAL_EXT, "valueCanonical": bundles.topic_url(base)}
+    ]
+    subscription["operation"] = [
+        {
+            "name": "$status",
+            "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
+        }
+    ]
+    resources += [
+        subscription,
+        res("Communication", ["create", "read"], False),
+        {**res("Basic", ["read"], False), "conditionalCreate": False},
+    ]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -271,3 +271,18 @@ def _task_id(store: Store, case_id: str) -> str:
         case = s.get(Case, case_id)
         assert case is not None
         return case.task_id
+
+
+def test_capability_statement_and_topic_name_what_is_served(app, tokens, store):
+    cs = app.get("/fhir/metadata").json()
+    by_type = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    sub = by_type["Subscription"]
+    assert {i["code"] for i in sub["interaction"]} == {"create", "read", "delete"}
+    [canonical] = [e["valueCanonical"] for e in sub["extension"]]
+    assert canonical == "http://127.0.0.1:8080/fhir/SubscriptionTopic/referral-task-status"
+    assert {i["code"] for i in by_type["Communication"]["interaction"]} == {"create", "read"}
+    topic = app.get("/fhir/Basic/referral-task-status", headers=tokens.headers("ehr")).json()
+    assert topic["code"]["coding"][0]["code"] == "SubscriptionTopic"
+    urls = {e["url"].rsplit(".", 1)[-1]: e for e in topic["extension"]}
+    assert urls["url"]["valueUri"] == canonical
+    assert app.get("/fhir/Basic/other", headers=tokens.headers("ehr")).status_code == 404
