@@ -27,6 +27,7 @@ from fhir_gateway.intake import hosted
 from fhir_gateway.notify import bundles
 from fhir_gateway.notify.subscriptions import HEARTBEAT, TASK_UPDATE, channel_of, task_token
 from fhir_gateway.reports import delivery
+from fhir_gateway.security import audit
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
@@ -247,7 +248,7 @@ def _drain(store: Store, settings: Settings, sub_id: str, owner: str) -> int:
                 timestamp=hosted.fhir_instant(utcnow()),
                 key=f"event-{ev.event_number}",
             )
-            number = ev.event_number
+            number, focus = ev.event_number, ev.focus
         try:
             _post(settings, channel.endpoint, bundle, channel.headers, channel.timeout_s)
         except UpstreamError as exc:
@@ -280,6 +281,12 @@ def _drain(store: Store, settings: Settings, sub_id: str, owner: str) -> int:
                     sender_until=now + timedelta(seconds=_hold_s(settings)),
                 )
                 .execution_options(synchronize_session=False)
+            )
+            audit.record(  # a disclosure of the referral's progress to the partner's EHR
+                s,
+                "subscription.notify",
+                audit.Actor(sub="fhir-gateway", role="system"),
+                entity=[f"Subscription/{sub_id}", focus],
             )
         sent += 1
         log.info("subscription.event.sent", subscription_id=sub_id, event_number=number)
