@@ -138,6 +138,41 @@ class FhirReportSink:
             self._post_provenance(provenance, receipt)
         return receipt
 
+    def create(self, resource: Resource) -> DeliveryReceipt:
+        """Create any resource once: POST with `If-None-Exist: identifier=...` (its first
+        identifier), so a retry after a lost answer finds the first write (RS-05).
+
+        Raises:
+            UpstreamUnavailableError / UpstreamRejectedError: as for `deliver`.
+        """
+        return self._create(resource)
+
+    def set_task_status(self, task_token: str, status: str, reason: str | None) -> DeliveryReceipt:
+        """Write a referral Task status change onto the destination's copy of the Task (found by
+        `identifier=system|value`); nothing is written when it already has that status.
+
+        Raises:
+            UpstreamRejectedError: no Task, or several, carry that identifier; or a 4xx.
+        """
+        task = self.find_one("Task", task_token)
+
+        def apply(_ours: Resource, current: Resource) -> Resource:
+            out = {**current, "status": status}
+            if reason:
+                out["statusReason"] = {"text": reason}
+            else:
+                out.pop("statusReason", None)
+            return out
+
+        if task.get("status") == status:
+            return _receipt("Task", None, task, None, status_code=200)
+        return self.update(
+            apply(task, task),
+            server_id=str(task["id"]),
+            version=_version_of(task, None),
+            reapply=apply,
+        )
+
     def _post_provenance(self, provenance: Resource, receipt: DeliveryReceipt) -> None:
         """RF-24: a Provenance for the write, once: conditional create on its target.
 

@@ -17,6 +17,7 @@ from fhir_gateway.api import (
     audit,
     bundle,
     cases,
+    communications,
     dicomweb,
     documents,
     fhir,
@@ -24,6 +25,7 @@ from fhir_gateway.api import (
     reports,
     smart,
     stow,
+    subscriptions,
     uploads,
     viewer,
 )
@@ -98,6 +100,8 @@ def create_app(
     add_error_handlers(app)
     app.include_router(smart.router)  # before /fhir/{type}
     app.include_router(audit.router)
+    app.include_router(subscriptions.router)  # before /fhir/{type}
+    app.include_router(communications.router)
     app.include_router(fhir.router)
     app.include_router(cases.router)
     app.include_router(reports.router)

@@ -12,8 +12,10 @@ import io
 import json
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,11 @@ search_by_patient = false
 
 [partners.destination]
 base_url = "{ehr}"
+auth = {{ type = "smart", client_id = "{client}", key_file = "keys/{partner}.pem", kid = "{kid}" }}
+
+[[partners.recipients]]            # a copy of the report for the pathology lab
+name = "pathology-lab"
+base_url = "{lab}"
 auth = {{ type = "smart", client_id = "{client}", key_file = "keys/{partner}.pem", kid = "{kid}" }}
 """
 
@@ -132,6 +139,13 @@ def _run(
             )
         )
         out.print(f"sandbox EHR (FHIR R4, SMART Backend Services, ES384) at {ehr.base_url}")
+        lab = stack.enter_context(
+            SandboxServer(
+                SandboxConfig(clients={CLIENT_ID: SandboxClient(CLIENT_ID, {"keys": [jwk]})})
+            )
+        )
+        out.print(f"sandbox pathology lab EHR (a further report recipient) at {lab.base_url}")
+        receiver = stack.enter_context(_Receiver())
         pacs = stack.enter_context(PacsServer(_copy_tree(DEMO_DATA / "pacs", tmp / "pacs")))
         out.print(
             "sandbox PACS (DICOMweb: the patient's CT series, and another patient's X-ray) "
@@ -139,7 +153,12 @@ def _run(
         )
         (data_dir / "partners.toml").write_text(
             PARTNERS_TOML.format(
-                partner=PARTNER, ehr=ehr.base_url, pacs=pacs.base_url, client=CLIENT_ID, kid=KID
+                partner=PARTNER,
+                ehr=ehr.base_url,
+                pacs=pacs.base_url,
+                lab=lab.base_url,
+                client=CLIENT_ID,
+                kid=KID,
             )
         )
         port = free_port()
@@ -153,6 +172,7 @@ def _run(
         base = stack.enter_context(AppServer(app, port, lifespan=True)).url
         out.print(f"gateway listening on {base} with 2 job workers")
         demo = Demo(out, base, data_dir)
+        demo.receiver = receiver
         demo.run(ehr.base_url)
         if collect is not None:
             collect.update(demo.collected)
@@ -221,6 +241,7 @@ class Demo:
             token = mint_dev_token(data_dir, role=role, sub=sub, partner=partner)
             return {"Authorization": f"Bearer {token}"}
 
+        self.receiver: _Receiver | None = None
         self.ehr = bearer("ehr", "demo-ehr", PARTNER)
         self.admin = bearer("admin", "demo-operator")
         self.reviewer = bearer("reviewer", "dr.demo")
@@ -231,6 +252,7 @@ class Demo:
         return resp.json()
 
     def run(self, ehr_base: str) -> None:
+        self.subscribe()
         case_id = self.case_id = self.push_referral()
         self.wait_for_jobs(case_id, ("pull_fhir", "pull_imaging"))
         self.show_pull(case_id)
@@ -243,6 +265,8 @@ class Demo:
         self.report(case_id)
         self.wait_for_jobs(case_id, ("deliver_report",))
         self.show_delivery(case_id, ehr_base)
+        self.follow_up(case_id)
+        self.show_notifications()
         self.show_audit(case_id)
         self.show_metrics()
 
@@ -458,7 +482,7 @@ class Demo:
         table.add_row("report status", f"{report.get('fhirStatus')}")
         for d in deliveries:
             table.add_row(
-                f"delivery {str(d.get('id', ''))[:8]}",
+                f"delivery to {d.get('recipient', 'destination')}",
                 f"{d.get('status')} after {d.get('attempts')} attempt(s), HTTP "
                 f"{d.get('lastStatusCode', d.get('last_status_code'))}",
             )
@@ -604,6 +628,156 @@ class Demo:
             f"GET /admin/held -> {len(waiting)} awaiting an admin: kept out of the bundle and the "
             "per-case DICOMweb until released (POST /cases/{id}/held/{held_id}/$release)"
         )
+
+    # ---------------------------------------------------------------- closing the loop
+
+    def subscribe(self) -> None:
+        """The partner's EHR subscribes to its referrals' Task status changes (rest-hook)."""
+        assert self.receiver is not None
+        topic = f"{self.base}/fhir/SubscriptionTopic/referral-task-status"
+        backport = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
+        body = {
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "referral progress",
+            "criteria": topic,
+            "channel": {
+                "type": "rest-hook",
+                "endpoint": self.receiver.url,
+                "payload": FHIR_JSON,
+                "_payload": {
+                    "extension": [
+                        {"url": f"{backport}/backport-payload-content", "valueCode": "id-only"}
+                    ]
+                },
+            },
+        }
+        resp = self.http.post(
+            f"{self.base}/fhir/Subscription",
+            data=json.dumps(body),
+            headers={**self.ehr, "Content-Type": FHIR_JSON},
+            timeout=30,
+        )
+        _check(resp)
+        self.subscription = resp.json()["id"]
+        deadline = time.monotonic() + 30
+        while not self.receiver.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.out.print(
+            f"partner EHR: POST /fhir/Subscription -> {resp.status_code} (topic-based, "
+            f"rest-hook, id-only); handshake received: {bool(self.receiver.received)}"
+        )
+
+    def follow_up(self, case_id: str) -> None:
+        """The treating team asks about the report; the reviewer answers with an addendum."""
+        deliveries = self.get(f"/cases/{case_id}/deliveries", self.reviewer)
+        treating = next(d for d in deliveries if d["recipient"] == "destination")
+        case = self.get(f"/cases/{case_id}", self.admin)
+        sr = self.get(f"/fhir/{case['serviceRequest']}", self.ehr)
+        question = {
+            "resourceType": "Communication",
+            "identifier": [{"system": "urn:demo-hospital:communication", "value": "Q-1"}],
+            "status": "completed",
+            "basedOn": [{"identifier": sr["identifier"][0]}],
+            "about": [{"reference": f"DiagnosticReport/{treating['server']['id']}"}],
+            "payload": [{"contentString": "Is adjuvant chemotherapy still advised at 79?"}],
+        }
+        resp = self.http.post(
+            f"{self.base}/fhir/Communication",
+            data=json.dumps(question),
+            headers={**self.ehr, "Content-Type": FHIR_JSON},
+            timeout=30,
+        )
+        _check(resp)
+        [q] = self.get(f"/cases/{case_id}/questions", self.reviewer)
+        self.out.print(
+            f"treating team: POST /fhir/Communication (question about the report) -> "
+            f"{resp.status_code}; the reviewer sees {_n(1, 'open question')}"
+        )
+        resp = self.http.post(
+            f"{self.base}/cases/{case_id}/questions/{q['id']}/answer",
+            json={"text": "Yes, if fit: discuss at the tumour board with the geriatric review."},
+            headers=self.reviewer,
+            timeout=30,
+        )
+        _check(resp)
+        deadline = time.monotonic() + 120
+        with self.out.status("delivering the amended report and the reply ..."):
+            while True:
+                deliveries = self.get(f"/cases/{case_id}/deliveries", self.reviewer)
+                jobs = self.get(f"/cases/{case_id}", self.admin)["jobs"]
+                reply = [j for j in jobs if j["kind"] == "send_question_reply"]
+                if all(d["status"] in ("delivered", "superseded") for d in deliveries) and all(
+                    j["state"] == "done" for j in reply
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the amended report was not delivered in time")
+                time.sleep(0.2)
+        table = Table(title="report deliveries (each recipient exactly once per version)")
+        for col in ("version", "recipient", "action", "status", "HTTP"):
+            table.add_column(col)
+        for d in deliveries:
+            table.add_row(
+                str(d["reportVersion"]),
+                d["recipient"],
+                d["action"],
+                d["status"],
+                str(d["lastStatusCode"]),
+            )
+        self.out.print(table)
+        report = self.get(f"/cases/{case_id}/report", self.reviewer)
+        self.out.print(
+            f"answer sent: report now [bold]{report['fhirStatus']}[/bold] with the addendum in "
+            "its conclusion and PDF; a reply Communication (inResponseTo the question) was "
+            "created on the treating EHR"
+        )
+
+    def show_notifications(self) -> None:
+        assert self.receiver is not None
+        events = []
+        for bundle in self.receiver.received:
+            params = {p["name"]: p for p in bundle["entry"][0]["resource"]["parameter"]}
+            if params["type"]["valueCode"] == "event-notification":
+                number = params["notification-event"]["part"][0]["valueString"]
+                events.append(number)
+        status = self.get(f"/fhir/Subscription/{self.subscription}/$status", self.ehr)
+        params = {p["name"]: p for p in status["entry"][0]["resource"]["parameter"]}
+        since = params["events-since-subscription-start"]["valueString"]
+        self.out.print(
+            f"rest-hook receiver got {_n(len(events), 'Task notification')} (event numbers "
+            f"{', '.join(events)}); $status: eventsSinceSubscriptionStart = {since}"
+        )
+
+
+class _Receiver:
+    """The partner EHR's rest-hook endpoint, on loopback (records what it is sent)."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                owner.received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/notify"
+
+    def __enter__(self) -> _Receiver:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:

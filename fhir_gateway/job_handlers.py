@@ -10,8 +10,9 @@ from fhir_gateway.casebundle import normalise
 from fhir_gateway.imaging import job as imaging_job
 from fhir_gateway.intake import v2_referrals, v2inbox
 from fhir_gateway.intake.tasks import STATUS_KIND as V2_STATUS
+from fhir_gateway.notify import channel, subscriptions
 from fhir_gateway.records import pull
-from fhir_gateway.reports import delivery
+from fhir_gateway.reports import delivery, questions
 from fhir_gateway.reports.drafts import DELIVER_REPORT
 
 HANDLERS: dict[str, jobs.Handler] = {
@@ -21,6 +22,11 @@ HANDLERS: dict[str, jobs.Handler] = {
     DELIVER_REPORT: delivery.deliver_report_job,
     v2inbox.KIND: v2inbox.run_route_v2,
     V2_STATUS: v2_referrals.run_send_v2_status,
+    questions.SEND_REPLY: questions.send_reply_job,
+    subscriptions.HANDSHAKE: channel.run_handshake,
+    subscriptions.NOTIFY: channel.run_notify,
+    subscriptions.HEARTBEAT: channel.run_heartbeat,
+    subscriptions.TASK_UPDATE: channel.run_task_update,
 }
 
 

@@ -16,7 +16,7 @@ import tempfile
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -112,6 +112,19 @@ class DestinationEndpoint(FhirEndpoint):
     task_on_destination: bool = False
 
 
+class RecipientEndpoint(DestinationEndpoint):
+    """A further recipient of the partner's reports (e.g. the pathology lab, the primary care
+    practice): delivered like the destination, each exactly once, never completing the Task."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9\-\.]{1,64}$")
+
+    @model_validator(mode="after")
+    def _not_destination(self) -> RecipientEndpoint:
+        if self.name == "destination":
+            raise ValueError("a recipient cannot be named 'destination' (the treating EHR's name)")
+        return self
+
+
 class PartnerClient(_Strict):
     """How the partner's own systems authenticate to us: SMART Backend Services with the
     partner's registered public keys (a JWKS URL, or a JWKS file) and its pre-authorised scopes."""
@@ -132,6 +145,8 @@ class PartnerClient(_Strict):
             "system/Condition.c",
             "system/DiagnosticReport.c",
             "system/Observation.c",
+            "system/Subscription.crud",
+            "system/Communication.cr",
         ]
     )
 
@@ -168,6 +183,26 @@ class Partner(_Strict):
     v2_facilities: list[str] = Field(default_factory=list)
     v2_authorities: dict[str, str] = Field(default_factory=dict)
     v2_destination: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+
+    recipients: list[RecipientEndpoint] = Field(default_factory=list)  # more report copies
+    # "write": each referral Task status change is written to the destination EHR's Task
+    # (for partners that do not subscribe); "none": they poll or subscribe.
+    task_updates: Literal["none", "write"] = "none"
+
+    @model_validator(mode="after")
+    def _unique_recipients(self) -> Partner:
+        names = [r.name for r in self.recipients]
+        if len(names) != len(set(names)):
+            raise ValueError("recipient names must be unique within a partner")
+        if self.task_updates == "write" and self.destination is None:
+            raise ValueError("task_updates = 'write' needs a destination endpoint")
+        return self
+
+    def recipient(self, name: str) -> DestinationEndpoint | None:
+        """The endpoint a delivery goes to: the destination, or a further recipient by name."""
+        if name == "destination":
+            return self.destination
+        return next((r for r in self.recipients if r.name == name), None)
 
 
 class OurOrganization(_Strict):
@@ -263,6 +298,10 @@ def _resolve_paths(partner: Partner, base: Path) -> Partner:
         endpoint = getattr(partner, name)
         if endpoint is not None:
             updates[name] = endpoint.model_copy(update={"auth": fix(endpoint.auth)})
+    if partner.recipients:
+        updates["recipients"] = [
+            r.model_copy(update={"auth": fix(r.auth)}) for r in partner.recipients
+        ]
     return partner.model_copy(update=updates)
 
 
@@ -275,8 +314,11 @@ def secret_problems(partners: PartnersFile) -> list[str]:
     """
     problems: list[str] = []
     for i, partner in enumerate(partners.partners):
-        for name in ("fhir", "dicomweb", "dimse", "destination"):
-            endpoint = getattr(partner, name)
+        endpoints: list[tuple[str, Any]] = [
+            (name, getattr(partner, name)) for name in ("fhir", "dicomweb", "dimse", "destination")
+        ]
+        endpoints += [(f"recipients.{j}", r) for j, r in enumerate(partner.recipients)]
+        for name, endpoint in endpoints:
             if endpoint is None:
                 continue
             where = f"partners.{i}.{name}.auth ({partner.id})"
@@ -383,6 +425,15 @@ class ReportSettings(BaseModel):
     font_regular: Path | None = None  # default: the packaged DejaVuSans.ttf
     font_bold: Path | None = None
     font_fallbacks: list[Path] | None = None  # default: the packaged Droid Sans Fallback (CJK)
+    max_questions_per_case: int = Field(default=5, ge=0)  # follow-up questions (422 beyond)
+
+
+class NotificationSettings(BaseModel):
+    """Topic-based subscriptions (R4 Backport IG 1.1.0) for partners' EHRs."""
+
+    max_subscriptions_per_partner: int = Field(default=10, ge=0)
+    min_heartbeat_s: int = Field(default=1, ge=1)  # shorter heartbeatPeriod values are refused
+    timeout_s: float = Field(default=10.0, gt=0)  # per notification POST (channel timeout caps)
 
 
 class Limits(BaseModel):
@@ -499,6 +550,8 @@ class Settings(BaseSettings):
     def base_url(self) -> str:
         """The public base URL without a trailing slash (the default bind when unset)."""
         return self.public_base_url or DEFAULT_PUBLIC_BASE_URL
+
+    notifications: NotificationSettings = NotificationSettings()
 
     @property
     def db_url(self) -> str:

@@ -223,6 +223,15 @@ class Reviewer(_Model):
         return out + [{"system": i.system, "value": i.value} for i in self.identifiers]
 
 
+class Addendum(_Model):
+    """The reviewer's answer to a follow-up question from the treating team, added to the
+    delivered report (which then goes out `amended`)."""
+
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    question: str = Field(min_length=1, max_length=4000)
+    answer: str = Field(min_length=1, max_length=20000)
+
+
 class ReportDraft(_Model):
     """What a reviewer writes (PUT /cases/{id}/report)."""
 
@@ -232,6 +241,7 @@ class ReportDraft(_Model):
     findings: list[Finding] = Field(default_factory=list, max_length=100)
     recommendations: list[str] = Field(default_factory=list, max_length=50)
     reviewer: Reviewer
+    addenda: list[Addendum] = Field(default_factory=list, max_length=50)
 
     @field_validator("conclusion_codes")
     @classmethod
@@ -413,7 +423,7 @@ def draft_to_report(
             "specimen": [s.fhir() for s in ctx.specimens],
             "resultsInterpreter": [reviewer_ref],
             "result": [{"reference": f"#finding-{i}"} for i in range(1, len(observations) + 1)],
-            "conclusion": draft.conclusion,
+            "conclusion": conclusion_text(draft),
             "conclusionCode": [codeable_concept(c.fhir()) for c in draft.conclusion_codes],
             "presentedForm": [
                 _attachment("application/pdf", pdf, kind.title, ctx),
@@ -658,8 +668,23 @@ def report_text(draft: ReportDraft, ctx: ReportContext, *, status: ReportStatus)
     if view.recommendations:
         lines += ["", "Recommendations:"]
         lines += [f"{i}. {r}" for i, r in enumerate(view.recommendations, 1)]
+    if view.addenda:
+        lines += ["", "Addenda:", *view.addenda]
     lines += ["", f"Reviewed by: {view.reviewer}", view.organization]
     return "\n".join(lines) + "\n"
+
+
+def addendum_lines(draft: ReportDraft) -> list[str]:
+    """Each addendum as one line: its number, date, the question and the answer."""
+    return [
+        f"Addendum {i} ({a.date}). Question from the treating team: {a.question} Answer: {a.answer}"
+        for i, a in enumerate(draft.addenda, 1)
+    ]
+
+
+def conclusion_text(draft: ReportDraft) -> str:
+    """DiagnosticReport.conclusion: the conclusion, then the addenda in order."""
+    return "\n\n".join([draft.conclusion, *addendum_lines(draft)])
 
 
 def _pdf_view(draft: ReportDraft, ctx: ReportContext, *, status: ReportStatus) -> PdfReport:
@@ -690,6 +715,7 @@ def _pdf_view(draft: ReportDraft, ctx: ReportContext, *, status: ReportStatus) -
         identifier=f"{ctx.identifier_system}|{ctx.identifier_value}",
         question=ctx.question,
         specimens=tuple(s.label for s in ctx.specimens),
+        addenda=tuple(addendum_lines(draft)),
     )
 
 
@@ -727,6 +753,9 @@ def _narrative(draft: ReportDraft, ctx: ReportContext, status: ReportStatus) -> 
     if view.recommendations:
         items = "".join(f"<li>{e(r)}</li>" for r in view.recommendations)
         parts.append(f"<p>Recommendations:</p><ol>{items}</ol>")
+    if view.addenda:
+        items = "".join(f"<li>{e(a)}</li>" for a in view.addenda)
+        parts.append(f"<p>Addenda:</p><ol>{items}</ol>")
     parts.append(f"<p>Reviewed by {e(view.reviewer)}, {e(view.organization)}</p>")
     return f'<div xmlns="http://www.w3.org/1999/xhtml">{"".join(parts)}</div>'
 
@@ -798,3 +827,48 @@ def _attachment(content_type: str, data: bytes, title: str, ctx: ReportContext) 
         "title": title,
         "creation": ctx.issued.isoformat(),
     }
+
+
+def reply_communication(
+    question: Resource,
+    *,
+    question_url: str,
+    answer: str,
+    report_reference: str,
+    identifier: tuple[str, str],
+    organization_name: str,
+    organization_identifier: tuple[str, str],
+    sent: datetime,
+) -> Resource:
+    """Our answer to the treating team's question, as a Communication in reply
+    (`inResponseTo` the question) about the amended report, linked to the same referral
+    (`basedOn` / `partOf` copied from the question) and addressed to its sender."""
+    in_response: dict[str, Any] = {"reference": question_url}
+    their_ident = next(iter(question.get("identifier") or []), None)
+    if isinstance(their_ident, dict) and their_ident.get("value"):
+        in_response["identifier"] = {
+            k: their_ident[k] for k in ("system", "value") if k in their_ident
+        }
+    out: Resource = compact(
+        {
+            "resourceType": "Communication",
+            "identifier": [{"system": identifier[0], "value": identifier[1]}],
+            "basedOn": question.get("basedOn"),
+            "partOf": question.get("partOf"),
+            "inResponseTo": [in_response],
+            "status": "completed",
+            "subject": question.get("subject"),
+            "about": [{"reference": report_reference}],
+            "sent": sent.isoformat(),
+            "recipient": question.get("sender") and [question["sender"]],
+            "sender": {
+                "identifier": {
+                    "system": organization_identifier[0],
+                    "value": organization_identifier[1],
+                },
+                "display": organization_name,
+            },
+            "payload": [{"contentString": answer}],
+        }
+    )
+    return out

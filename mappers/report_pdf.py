@@ -51,6 +51,7 @@ class PdfReport:
     extra_lines: tuple[str, ...] = field(default=())
     question: str = ""  # what the referrer asked (ServiceRequest reason and note)
     specimens: tuple[str, ...] = ()  # one line per specimen: type, accession, blocks, slides
+    addenda: tuple[str, ...] = ()  # answers to the treating team's follow-up questions
 
 
 class _Pdf(FPDF):
@@ -118,6 +119,11 @@ def render_report_pdf(report: PdfReport, fonts: PdfFonts) -> bytes:
         pdf.set_font(_FAMILY, "", 11)
         for i, rec in enumerate(report.recommendations, 1):
             _para(pdf, f"{i}. {rec}")
+    if report.addenda:
+        _heading(pdf, "Addenda")
+        pdf.set_font(_FAMILY, "", 11)
+        for line in report.addenda:
+            _para(pdf, line)
     for line in report.extra_lines:
         pdf.set_font(_FAMILY, "", 10)
         _para(pdf, line)

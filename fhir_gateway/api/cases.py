@@ -10,7 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 from sqlalchemy import select
 
 from fhir_gateway.api import views
-from fhir_gateway.api.deps import ADMIN, STAFF, StoreDep
+from fhir_gateway.api.deps import ADMIN, STAFF, SettingsDep, StoreDep
 from fhir_gateway.casebundle import held
 from fhir_gateway.intake import hosted, tasks
 from fhir_gateway.security import access, audit
@@ -95,13 +95,15 @@ def assign(
 
 @router.post("/{case_id}/status")
 def move_status(
-    case_id: str, body: StatusIn, store: StoreDep, who: Principal = ADMIN
+    case_id: str, body: StatusIn, store: StoreDep, settings: SettingsDep, who: Principal = ADMIN
 ) -> dict[str, Any]:
     """Move the referral Task (accepted, in-progress, rejected, failed, ...); 409 if illegal."""
     with store.session() as s:
         case = access.get_case(s, case_id, who)
         task = hosted.read(s, "Task", case.task_id)
-        tasks.transition_task(s, task, body.status, body.reason)
+        tasks.transition_task(
+            s, task, body.status, body.reason, partner=settings.partners.by_id(case.partner_id)
+        )
         audit.record(
             s,
             "task.update",

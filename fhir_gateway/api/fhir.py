@@ -22,6 +22,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.intake import hosted, referrals, tasks
 from fhir_gateway.intake.validation import validate_resource
+from fhir_gateway.notify import bundles
 from fhir_gateway.resources import Resource
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
@@ -144,6 +145,24 @@ def capability_statement(settings: Settings) -> Resource:
         res("ServiceRequest", ["read", "create", "search-type"], True),
         res("Patient", ["read", "create", "search-type"], True),
     ] + [res(t, ["read", "create"], False) for t in sorted(hosted.HOSTED_TYPES - set(SEARCHABLE))]
+    base = f"{settings.base_url}/fhir"
+    subscription = res("Subscription", ["create", "read", "delete"], False)
+    subscription["conditionalCreate"] = False
+    subscription["supportedProfile"] = [bundles.SUBSCRIPTION_PROFILE]
+    subscription["extension"] = [
+        {"url": bundles.TOPIC_CANONICAL_EXT, "valueCanonical": bundles.topic_url(base)}
+    ]
+    subscription["operation"] = [
+        {
+            "name": "$status",
+            "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
+        }
+    ]
+    resources += [
+        subscription,
+        res("Communication", ["create", "read"], False),
+        {**res("Basic", ["read"], False), "conditionalCreate": False},
+    ]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -420,7 +439,12 @@ def search(
 
 @router.put("/Task/{rid}", response_class=FhirResponse, openapi_extra=FHIR_BODY)
 async def update_task(
-    rid: str, body: Body, store: StoreDep, if_match: IfMatch = None, who: Principal = EHR_OR_ADMIN
+    rid: str,
+    body: Body,
+    store: StoreDep,
+    settings: SettingsDep,
+    if_match: IfMatch = None,
+    who: Principal = EHR_OR_ADMIN,
 ) -> FhirResponse:
     """The requester changes the Task's status (e.g. `cancelled` with a statusReason).
 
@@ -449,7 +473,8 @@ async def update_task(
                 raise ForbiddenError("a requester may only cancel its referral Task")
             reason = (task.get("statusReason") or {}).get("text")
             if new_status != row.body.get("status"):
-                tasks.transition_task(s, row, str(new_status), reason)
+                partner = settings.partners.by_id(row.partner_id) if row.partner_id else None
+                tasks.transition_task(s, row, str(new_status), reason, partner=partner)
             if "businessStatus" in task:
                 hosted.update(
                     s, row, {**copy.deepcopy(row.body), "businessStatus": task["businessStatus"]}

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from fhir_gateway.api.deps import STAFF, Body, SettingsDep, StoreDep
 from fhir_gateway.reports import drafts as reports
+from fhir_gateway.reports import questions
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 
@@ -65,6 +67,33 @@ def get_deliveries(case_id: str, store: StoreDep, who: Principal = STAFF) -> lis
         found = reports.list_deliveries(s, case_id, who)
         _audit_read(s, "deliveries.read", case_id, who, [f"count:{len(found)}"])
         return found
+
+
+class AnswerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=20000)
+
+
+@router.get("/{case_id}/questions")
+def get_questions(case_id: str, store: StoreDep, who: Principal = STAFF) -> list[dict[str, Any]]:
+    """The treating team's follow-up questions on the case, with their answers (audited)."""
+    with store.session() as s:
+        return questions.list_questions(s, case_id, who)
+
+
+@router.post("/{case_id}/questions/{question_id}/answer", status_code=202)
+def answer_question(
+    case_id: str,
+    question_id: str,
+    body: AnswerIn,
+    store: StoreDep,
+    settings: SettingsDep,
+    who: Principal = STAFF,
+) -> dict[str, Any]:
+    """Answer: an addendum, the report delivered again `amended`, and a reply Communication
+    to the treating EHR, all queued in one transaction (202)."""
+    with store.session() as s:
+        return questions.answer(s, case_id, question_id, body.text, who, settings)
 
 
 def _audit_read(s: Session, action: str, case_id: str, who: Principal, entity: list[str]) -> None:

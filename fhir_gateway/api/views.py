@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from fhir_gateway.casebundle import held, normalise
 from fhir_gateway.intake import hosted
+from fhir_gateway.reports import questions
 from fhir_gateway.store.models import Case, FhirResource, Job
 
 
@@ -29,6 +30,7 @@ def case_view(session: Session, case: Case) -> dict[str, Any]:
         "jobs": [job_view(j) for j in case_jobs(session, case.id)],
         "normalisation": normalise.bundle_state(session, case.id),
         "identity": held.case_identity(session, case.id),
+        "questions": questions.question_summary(session, case.id),
     }
 
 

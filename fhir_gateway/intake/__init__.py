@@ -3,5 +3,6 @@ resources we host, inbound validation, and HL7 v2 over MLLP (the message inbox, 
 referrals and their OSU^O51 status messages).
 
 May import: `store`, `jobs`, `security`, `casebundle` (to queue normalisation), `mappers`,
-`connectors` (MLLP, in the v2 jobs and the listener's store callback).
+`connectors` (MLLP, in the v2 jobs and the listener's store callback),
+`notify.subscriptions` (a Task move queues its notifications).
 """

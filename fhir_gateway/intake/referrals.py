@@ -852,7 +852,7 @@ def _open_case(
         task_row.body = {**task_row.body, "owner": our_org}
     if task_row.body.get("status") == "draft":
         task_row.body = {**task_row.body, "status": "requested"}
-    transition_task(session, task_row, "received")
+    transition_task(session, task_row, "received", partner=partner)
     queued = []
     if partner.fhir is not None:
         queued.append(

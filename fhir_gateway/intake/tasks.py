@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 from fhir_gateway import jobs
 from fhir_gateway.errors import ConflictError, ValidationError
 from fhir_gateway.intake import hosted
+from fhir_gateway.notify import subscriptions
+from fhir_gateway.settings import Partner
 from fhir_gateway.store.models import Case, Delivery, FhirResource, utcnow
 from mappers.hl7v2_360x import ORIGIN_TAG, TASK_ORDER_STATUS
 
@@ -38,9 +40,18 @@ REASON_REQUIRED = frozenset({"rejected", "on-hold", "cancelled", "failed"})  # R
 
 
 def transition_task(
-    session: Session, task_row: FhirResource, new_status: str, reason: str | None = None
+    session: Session,
+    task_row: FhirResource,
+    new_status: str,
+    reason: str | None = None,
+    *,
+    partner: Partner | None = None,
 ) -> FhirResource:
     """Move a Task to `new_status` if the state machine allows it (RF-03, RF-04).
+
+    Every move queues, in this transaction, one numbered event per matching subscription of
+    the Task's partner, and (with the Task's `partner` settings given, and its
+    `task_updates = "write"`) a write of the change to the partner's EHR (`fhir_gateway.notify`).
 
     Raises:
         ConflictError: illegal transition (409), with from/to in the message.
@@ -75,6 +86,7 @@ def transition_task(
         body.pop("statusReason", None)
     hosted.update(session, task_row, body)
     queue_v2_status(session, task_row, new_status)
+    subscriptions.task_changed(session, task_row, partner)
     if case is not None:
         case.status = new_status
         if new_status in jobs.CLOSED_CASE_STATUSES:

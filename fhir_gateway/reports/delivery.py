@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from connectors.delivery import (
@@ -32,7 +33,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.intake import hosted, tasks
 from fhir_gateway.records.partner_clients import session_for, token_provider_for
-from fhir_gateway.reports.drafts import DEAD, DELIVERED, SUPERSEDED
+from fhir_gateway.reports.drafts import DEAD, DELIVERED, DESTINATION, SUPERSEDED
 from fhir_gateway.resources import Resource, identifiers_of
 from fhir_gateway.security import audit
 from fhir_gateway.settings import DestinationEndpoint, Partner, Settings
@@ -59,7 +60,8 @@ SinkFactory = Callable[[DestinationEndpoint, Settings], FhirReportSink]
 
 
 # What delivery writes (and reads back): the report or its DocumentReference fallback, their
-# Provenance, the Observations and Practitioner of a transaction, and the referral Task.
+# Provenance, the Observations and Practitioner of a transaction, the referral Task, and the
+# reply to a follow-up question.
 DELIVERY_TYPES = (
     "DiagnosticReport",
     "DocumentReference",
@@ -67,6 +69,7 @@ DELIVERY_TYPES = (
     "Observation",
     "Practitioner",
     "Task",
+    "Communication",
 )
 
 
@@ -98,6 +101,7 @@ class _Work:
     dest_version: str | None
     task_id: str
     started: datetime
+    recipient: str = DESTINATION
     delivered: DeliveryReceipt | None = None
 
 
@@ -120,7 +124,10 @@ def run_delivery(
     try:
         if partner is None or partner.destination is None:
             raise ConfigError("the partner has no destination endpoint configured")
-        dest = partner.destination
+        found = partner.recipient(work.recipient)
+        if found is None:
+            raise ConfigError(f"the partner has no recipient named {work.recipient!r}")
+        dest = found
         sink = SINK_FACTORY(dest, settings)
     except ConfigError as exc:
         error = UpstreamRejectedError(f"cannot deliver: {exc.message}")
@@ -128,7 +135,7 @@ def run_delivery(
         raise error from exc
     if work.delivered is not None:
         # Delivered on an earlier run whose Task update failed: only that is left to do.
-        _complete_task(store, sink, dest, work, work.delivered)
+        _complete_task(store, sink, dest, work, work.delivered, partner)
         return work.delivered
     try:
         receipt = _send(sink, work, use_transaction=dest.use_transaction)
@@ -152,7 +159,7 @@ def run_delivery(
         _record_failure(store, delivery_id, exc, dead=False)
         raise
     _record_success(store, delivery_id, receipt)
-    _complete_task(store, sink, dest, work, receipt)
+    _complete_task(store, sink, dest, work, receipt, partner)
     return receipt
 
 
@@ -219,15 +226,35 @@ def _load_work(store: Store, delivery_id: str) -> _Work | None:
             return None
         else:
             delivery.attempts += 1
+        dest = (report.dest_type, report.dest_id, report.dest_version)
+        if delivery.recipient != DESTINATION:
+            # A further recipient: where its earlier version went, from its own deliveries.
+            earlier = s.scalar(
+                select(Delivery)
+                .where(
+                    Delivery.report_id == report.id,
+                    Delivery.recipient == delivery.recipient,
+                    Delivery.status == DELIVERED,
+                    Delivery.report_version < delivery.report_version,
+                )
+                .order_by(Delivery.report_version.desc())
+                .limit(1)
+            )
+            dest = (
+                (earlier.server_type, earlier.server_id, earlier.server_version)
+                if earlier is not None
+                else (None, None, None)
+            )
         return _Work(
             delivery_id=delivery.id,
             action=delivery.action,
             report=report.diagnostic_report,
-            dest_type=report.dest_type,
-            dest_id=report.dest_id,
-            dest_version=report.dest_version,
+            dest_type=dest[0],
+            dest_id=dest[1],
+            dest_version=dest[2],
             task_id=case.task_id,
             started=delivery.created_at,
+            recipient=delivery.recipient,
             delivered=delivered,
         )
 
@@ -269,11 +296,12 @@ def _record_success(store: Store, delivery_id: str, receipt: DeliveryReceipt) ->
             receipt.version,
         )
         d.fallback_used = receipt.fallback_used
-        report.dest_type, report.dest_id, report.dest_version = (
-            receipt.resource_type,
-            receipt.server_id,
-            receipt.version,
-        )
+        if d.recipient == DESTINATION:
+            report.dest_type, report.dest_id, report.dest_version = (
+                receipt.resource_type,
+                receipt.server_id,
+                receipt.version,
+            )
         audit.record(
             s,
             "report.deliver",
@@ -297,9 +325,11 @@ def _complete_task(
     dest: DestinationEndpoint,
     work: _Work,
     receipt: DeliveryReceipt,
+    partner: Partner,
 ) -> None:
-    """RF-21: the referral Task -> completed, output -> the delivered report (absolute URL)."""
-    if work.action == "retract":
+    """RF-21: the referral Task -> completed, output -> the delivered report (absolute URL).
+    Only the treating EHR's delivery completes the Task; further recipients get copies."""
+    if work.action == "retract" or work.recipient != DESTINATION:
         return
     report_url = f"{dest.base_url}/{receipt.reference}"
     if dest.task_on_destination:
@@ -315,7 +345,7 @@ def _complete_task(
         row = s.get(FhirResource, ("Task", work.task_id))
         if row is None:
             return
-        _close_hosted_task(s, row, report_url)
+        _close_hosted_task(s, row, report_url, partner)
 
 
 _PATH_TO_COMPLETED = {
@@ -327,7 +357,9 @@ _PATH_TO_COMPLETED = {
 }
 
 
-def _close_hosted_task(session: Session, row: FhirResource, report_url: str) -> None:
+def _close_hosted_task(
+    session: Session, row: FhirResource, report_url: str, partner: Partner | None = None
+) -> None:
     status = row.body.get("status", "")
     outputs = [
         o
@@ -341,7 +373,7 @@ def _close_hosted_task(session: Session, row: FhirResource, report_url: str) -> 
     if status == "completed" and len(outputs) < len(row.body.get("output") or []):
         return  # already closed with this report
     for step in _PATH_TO_COMPLETED.get(status, []):
-        tasks.transition_task(session, row, step)
+        tasks.transition_task(session, row, step, partner=partner)
     if row.body.get("status") != "completed":
         log.warning("report.task.not_completed", task_id=row.id, status=status)
         return

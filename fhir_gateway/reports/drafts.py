@@ -50,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 DELIVER_REPORT = "deliver_report"
 PENDING, DELIVERED, DEAD, SUPERSEDED = "pending", "delivered", "dead", "superseded"
+DESTINATION = "destination"  # the treating EHR's delivery; further recipients go by their name
 # The window, not the attempt count, ends retries: backoff caps at jobs.backoff_cap_s.
 _JOB_MAX_ATTEMPTS = 100_000
 
@@ -180,27 +181,35 @@ def _new_version(
     report.draft_changed = False
     report.status = {"final": "submitted", "entered-in-error": "retracted"}.get(status, "amended")
     action = {"final": "create", "entered-in-error": "retract"}.get(status, "update")
-    delivery = Delivery(
-        id=str(uuid.uuid4()),
-        report_id=report.id,
-        case_id=case.id,
-        report_version=report.version,
-        action=action,
-        status=PENDING,
-        attempts=0,
-        fallback_used=False,
-    )
-    session.add(delivery)
-    session.flush()
-    job = jobs.enqueue(
-        session,
-        DELIVER_REPORT,
-        case_id=case.id,
-        payload={"delivery_id": delivery.id},
-        dedup_key=f"deliver:{report.id}:{report.version}",
-        max_attempts=_JOB_MAX_ATTEMPTS,
-    )
-    delivery.job_id = job.id
+    partner = settings.partners.by_id(case.partner_id)
+    names = [DESTINATION] + [r.name for r in (partner.recipients if partner else [])]
+    deliveries = []
+    for name in names:  # one delivery and one job per recipient, each sent exactly once
+        d = Delivery(
+            id=str(uuid.uuid4()),
+            report_id=report.id,
+            case_id=case.id,
+            report_version=report.version,
+            action=action,
+            status=PENDING,
+            attempts=0,
+            fallback_used=False,
+            recipient=name,
+        )
+        session.add(d)
+        session.flush()
+        suffix = "" if name == DESTINATION else f":{name}"
+        job = jobs.enqueue(
+            session,
+            DELIVER_REPORT,
+            case_id=case.id,
+            payload={"delivery_id": d.id},
+            dedup_key=f"deliver:{report.id}:{report.version}{suffix}",
+            max_attempts=_JOB_MAX_ATTEMPTS,
+        )
+        d.job_id = job.id
+        deliveries.append(d)
+    delivery = deliveries[0]
     if status == "final":
         case.status = "reported"
     audit.record(
@@ -217,6 +226,7 @@ def _new_version(
         version=report.version,
         status=status,
         delivery_id=delivery.id,
+        recipients=len(deliveries),
     )
     return delivery
 
@@ -344,7 +354,9 @@ def list_deliveries(session: Session, case_id: str, who: access.Principal) -> li
     """GET /cases/{id}/deliveries: attempts, status codes, the EHR's OperationOutcome, next try."""
     case = access.get_case(session, case_id, who)
     rows = session.scalars(
-        select(Delivery).where(Delivery.case_id == case.id).order_by(Delivery.report_version)
+        select(Delivery)
+        .where(Delivery.case_id == case.id)
+        .order_by(Delivery.report_version, Delivery.recipient != DESTINATION, Delivery.recipient)
     )
     return [delivery_view(session, d) for d in rows]
 
@@ -394,6 +406,7 @@ def delivery_view(session: Session, d: Delivery) -> dict[str, Any]:
         "id": d.id,
         "case": d.case_id,
         "reportVersion": d.report_version,
+        "recipient": d.recipient,
         "action": d.action,
         "status": d.status,
         "attempts": d.attempts,
@@ -428,7 +441,11 @@ def _report_of(session: Session, case_id: str, *, lock: bool = False) -> Report:
 
 def _delivery(session: Session, report_id: str, version: int) -> Delivery | None:
     return session.scalar(
-        select(Delivery).where(Delivery.report_id == report_id, Delivery.report_version == version)
+        select(Delivery).where(
+            Delivery.report_id == report_id,
+            Delivery.report_version == version,
+            Delivery.recipient == DESTINATION,
+        )
     )
 
 

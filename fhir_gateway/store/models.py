@@ -266,9 +266,15 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # "destination" (the treating EHR, completes the Task) or the name of a further recipient.
+    recipient: Mapped[str] = mapped_column(
+        String(64), default="destination", server_default="destination"
+    )
 
     __table_args__ = (
-        UniqueConstraint("report_id", "report_version", name="uq_deliveries_report_version"),
+        UniqueConstraint(
+            "report_id", "report_version", "recipient", name="uq_deliveries_report_version"
+        ),
     )
 
 
@@ -441,3 +447,55 @@ class CaseDocument(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("case_id", "sha256", name="uq_case_documents_content"),)
+
+
+class SubscriptionState(Base):
+    """A partner's topic-based Subscription (R4 Backport IG 1.1.0): its status, the event
+    counter, and the send lease that keeps its notifications in order (one sender at a time).
+    The Subscription resource itself is a hosted FhirResource with the same id."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    partner_id: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # requested | active | error | off
+    events_since_start: Mapped[int] = mapped_column(Integer, default=0)
+    last_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sender: Mapped[str | None] = mapped_column(String(64))  # the job holding the send lease
+    sender_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class SubscriptionEvent(Base):
+    """One numbered event of a subscription (a Task status change), queued in the transaction
+    of the change and sent once, in event-number order."""
+
+    __tablename__ = "subscription_events"
+
+    subscription_id: Mapped[str] = mapped_column(ForeignKey("subscriptions.id"), primary_key=True)
+    event_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    focus: Mapped[str] = mapped_column(String(128))  # Task/<id>
+    resource: Mapped[Any] = mapped_column(JsonText)  # the Task as it was after the change
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Question(Base):
+    """A follow-up question from the treating team about a delivered report (a Communication
+    pushed to /fhir) and the reviewer's answer (an addendum plus a reply Communication)."""
+
+    __tablename__ = "questions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    communication_id: Mapped[str] = mapped_column(String(64), unique=True)
+    text: Mapped[str] = mapped_column(Text)  # PHI: shown to the case's reviewer only
+    status: Mapped[str] = mapped_column(String(16))  # open | answered
+    asked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    answer: Mapped[str | None] = mapped_column(Text)
+    answered_by: Mapped[str | None] = mapped_column(String(256))
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    report_version: Mapped[int | None] = mapped_column(Integer)  # the amended version
+    reply_id: Mapped[str | None] = mapped_column(String(64))  # our reply Communication's id

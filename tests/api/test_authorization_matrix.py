@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from tests.api.test_referral_intake import post_bundle, referral
 from tests.conftest import FHIR_JSON, Tokens
+from tests.notify_helpers import subscription
 from tests.report_helpers import draft_data
 
 CALLERS = ["none", "ehr_a", "ehr_b", "reviewer", "reviewer_other", "reviewer_expired", "admin"]
@@ -163,6 +164,39 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
     "POST /admin/v2-messages/{id}/$discard": (
         lambda c, k, h: c.post("/admin/v2-messages/no-such-message/$discard", headers=h),
         (401, 403, 403, 403, 403, 403, 404),
+    ),
+    "GET /cases/{id}/questions": (
+        lambda c, k, h: c.get(f"/cases/{k.id}/questions", headers=h),
+        (401, 403, 403, 200, 403, 403, 200),
+    ),
+    "POST /cases/{id}/questions/{qid}/answer": (
+        lambda c, k, h: c.post(
+            f"/cases/{k.id}/questions/no-such-question/answer", headers=h, json={"text": "x"}
+        ),
+        (401, 403, 403, 404, 403, 403, 404),
+    ),
+    "POST /fhir/Subscription": (  # a partner's EHR only, for its own referrals
+        lambda c, k, h: c.post(
+            "/fhir/Subscription", headers=h | FHIR_JSON, json=subscription("http://127.0.0.1:9/h")
+        ),
+        (401, 201, 201, 403, 403, 403, 403),
+    ),
+    "POST /fhir/Communication": (  # about no report delivered to the caller: 422
+        lambda c, k, h: c.post(
+            "/fhir/Communication",
+            headers=h | FHIR_JSON,
+            json={
+                "resourceType": "Communication",
+                "status": "completed",
+                "about": [{"reference": "DiagnosticReport/none"}],
+                "payload": [{"contentString": "?"}],
+            },
+        ),
+        (401, 422, 422, 403, 403, 403, 403),
+    ),
+    "GET /fhir/Basic/{topic}": (
+        lambda c, k, h: c.get("/fhir/Basic/referral-task-status", headers=h),
+        (401, 200, 200, 200, 200, 200, 200),
     ),
 }
 
