@@ -110,9 +110,9 @@ def open_store(
         ConfigError: the database cannot be reached or created (message without credentials).
     """
     if key_dir is None and url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            key_dir = Path(path).parent / "keys"
+        path = _sqlite_file(url)
+        if path is not None:
+            key_dir = path.parent / "keys"
     try:
         engine = (
             _sqlite_engine(url, busy_timeout_s)
@@ -129,10 +129,19 @@ def open_store(
     return store
 
 
-def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a plain SQLite URL; None for memory and `file:` URIs (opened as
+    given, e.g. read-only, so nothing is created beside them)."""
     path = url.split("///", 1)[-1]
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
+
+
+def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     # hide_parameters: database errors must not carry patient data into logs.
     engine = create_engine(
         url,
