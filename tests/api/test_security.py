@@ -99,6 +99,9 @@ def body_endpoints(case_id: str, task_id: str) -> list[tuple[str, str, str]]:
         ("POST", "/auth/introspect", "admin"),
         # no such message: refused before or after the body, 4xx either way, nothing stored
         ("POST", "/admin/v2-messages/{message_id}/$assign", "admin"),
+        ("POST", "/fhir/Subscription", "ehr"),
+        ("POST", "/fhir/Communication", "ehr"),
+        ("POST", f"/cases/{case_id}/questions/{{question_id}}/answer", "admin"),
     ]
 
 
