@@ -191,7 +191,9 @@ def read_only_client(settings: Settings, tokens: Tokens) -> Iterator[TestClient]
     tests run as root, which file permissions would not stop)."""
     open_store(settings.db_url).dispose()  # migrated
     path = settings.data_dir / "gateway.db"
-    ro = open_store(f"sqlite:///file:{path}?mode=ro&uri=true", migrate=False)
+    ro = open_store(
+        f"sqlite:///file:{path}?mode=ro&uri=true", migrate=False, key_dir=settings.data_dir / "keys"
+    )
     app = create_app(settings, store=ro, configure_logs=False)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c

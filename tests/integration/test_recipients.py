@@ -201,13 +201,23 @@ def _clone_case(store: Store, i: int) -> str:
             },
             partner_id="st-elsewhere",
         )
+        src_sr = s.get(FhirResource, ("ServiceRequest", src.service_request_id))
+        assert src_sr is not None
+        sr = hosted.create(  # a case per ServiceRequest (unique): each clone gets its own
+            s,
+            {
+                **{k: v for k, v in src_sr.body.items() if k not in ("id", "meta")},
+                "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": f"SR-{i}"}],
+            },
+            partner_id="st-elsewhere",
+        )
         s.add(
             Case(
                 id=cid,
                 partner_id="st-elsewhere",
                 status="received",
                 task_id=task.id,
-                service_request_id=src.service_request_id,
+                service_request_id=sr.id,
                 patient_ref=src.patient_ref,
             )
         )
