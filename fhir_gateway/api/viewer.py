@@ -59,22 +59,8 @@ def open_session(
     who: Annotated[Principal, Depends(get_principal)],
 ) -> Response:
     """Exchange the caller's bearer token for a browser session cookie (reviewers, admins)."""
-    spec = sessions.issue(
-        settings.data_dir,
-        who,
-        lifetime_s=settings.viewer.session_lifetime_s,
-        secure=settings.base_url.startswith("https://"),
-    )
     response = Response(status_code=204)
-    response.set_cookie(
-        spec.name,
-        spec.value,
-        max_age=spec.max_age,
-        path=spec.path,
-        secure=spec.secure,
-        httponly=spec.httponly,
-        samesite="lax",
-    )
+    sessions.open_on(response, settings, who)
     log.info("session.opened", role=who.role)
     return response
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+from starlette.responses import Response
 
 from fhir_gateway.errors import AuthError, ForbiddenError
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.auth import session_key
+from fhir_gateway.settings import Settings
 
 COOKIE = "fg_session"
 ISSUER = "urn:fhir-gateway:session"
@@ -44,6 +46,25 @@ class CookieSpec:
     httponly: bool = True
     samesite: str = "lax"
     path: str = "/"
+
+
+def open_on(response: Response, settings: Settings, who: Principal) -> None:
+    """Issue a session for `who` (`issue`) and set it as a cookie on `response`."""
+    spec = issue(
+        settings.data_dir,
+        who,
+        lifetime_s=settings.viewer.session_lifetime_s,
+        secure=settings.base_url.startswith("https://"),
+    )
+    response.set_cookie(
+        spec.name,
+        spec.value,
+        max_age=spec.max_age,
+        path=spec.path,
+        secure=spec.secure,
+        httponly=spec.httponly,
+        samesite="lax",
+    )
 
 
 def issue(data_dir: Path, who: Principal, *, lifetime_s: int, secure: bool) -> CookieSpec:

@@ -152,21 +152,7 @@ def _to_workspace(settings: Settings, who: Principal) -> Response:
     """To /app, with the image session cookie (`security.sessions`) that the viewer at /viewer
     reads the case's DICOMweb with: signing in to the workspace opens the images too."""
     response = RedirectResponse("/app", status_code=303)
-    spec = sessions.issue(
-        settings.data_dir,
-        who,
-        lifetime_s=settings.viewer.session_lifetime_s,
-        secure=settings.base_url.startswith("https://"),
-    )
-    response.set_cookie(
-        spec.name,
-        spec.value,
-        max_age=spec.max_age,
-        path=spec.path,
-        secure=spec.secure,
-        httponly=spec.httponly,
-        samesite="lax",
-    )
+    sessions.open_on(response, settings, who)
     return response
 
 
