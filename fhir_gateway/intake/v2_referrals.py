@@ -68,7 +68,7 @@ def open_referral(store: Store, message_id: str, message: Message, settings: Set
     partner = partners.by_v2_facility(facility)
     if partner is None:
         with store.session() as s:
-            _hold(s, _row(s, message_id), UNKNOWN_SENDER)
+            hold_message(s, _row(s, message_id), UNKNOWN_SENDER)
         return
     who = Principal(sub=f"mllp:{partner.id}", role="ehr", partner_id=partner.id)
     org = partners.organization
@@ -85,7 +85,7 @@ def open_referral(store: Store, message_id: str, message: Message, settings: Set
     except GatewayError as exc:
         log.info("v2.referral.refused", message_id=message_id, error=type(exc).__name__)
         with store.session() as s:
-            _hold(s, _row(s, message_id), INVALID_REFERRAL)
+            hold_message(s, _row(s, message_id), INVALID_REFERRAL)
         return
     case_id = result.case_id
     with store.session() as s:
@@ -106,8 +106,9 @@ def _row(session: Session, message_id: str) -> V2Message:
     return row
 
 
-def _hold(session: Session, row: V2Message, reason: str) -> None:
-    row.state, row.reason = "held", reason
+def hold_message(session: Session, row: V2Message, reason: str) -> None:
+    """Hold a stored v2 message for an operator, naming the rule that failed (audited)."""
+    row.state, row.reason = "held", reason  # = v2inbox.HELD
     audit.record(
         session, "v2.hold", audit.SYSTEM, entity=[f"v2-message:{row.id}", f"rule:{reason}"]
     )

@@ -260,20 +260,9 @@ def run_route_v2(ctx: JobContext) -> None:
         parsed = parse_message(row.body)[0]
         found = match_message(s, parsed, ctx.settings.partners, row.sending_facility)
         if found.case_id is None:
-            _hold(s, row, found.reason or NO_PATIENT)
+            v2_referrals.hold_message(s, row, found.reason or NO_PATIENT)
             return
         _into_case(s, row, parsed, found.case_id, MATCHED, audit.SYSTEM, ctx.settings)
-
-
-def _hold(session: Session, row: V2Message, reason: str) -> None:
-    row.state, row.reason = HELD, reason
-    audit.record(
-        session,
-        "v2.hold",
-        audit.SYSTEM,
-        entity=[f"v2-message:{row.id}", f"rule:{reason}"],
-    )
-    log.info("v2.message.held", message_id=row.id, reason=reason)
 
 
 def _into_case(
