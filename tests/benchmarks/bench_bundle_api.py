@@ -40,6 +40,17 @@ SOURCE = "https://ehr.example/fhir"
 RUNS = 5
 
 
+def big_case(tmp: Path) -> tuple[Settings, int]:
+    """A data directory under `tmp` with the example partners and the big case stored (not yet
+    normalised): (settings, stored resource count). Shared by the bundle, timeline and case-page
+    benchmarks."""
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    shutil.copy(ROOT / "fixtures/partners/partners.toml", data_dir / "partners.toml")
+    settings = Settings(data_dir=data_dir, log_level="WARNING")
+    return settings, store_case(settings)
+
+
 def store_case(settings: Settings) -> int:
     store = open_store(settings.db_url)
     add_case(store, CASE, "Patient/p-bench", partner_id="st-elsewhere")
@@ -70,18 +81,16 @@ def store_case(settings: Settings) -> int:
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-bundle-"))
     try:
-        data_dir = tmp / "data"
-        data_dir.mkdir()
-        shutil.copy(ROOT / "fixtures/partners/partners.toml", data_dir / "partners.toml")
-        settings = Settings(data_dir=data_dir, log_level="WARNING")
-        stored = store_case(settings)
+        settings, stored = big_case(tmp)
         store = open_store(settings.db_url)
         start = time.perf_counter()
         built = normalise_case(store, settings, CASE)
         t_normalise = time.perf_counter() - start
         store.dispose()
 
-        headers = {"Authorization": f"Bearer {mint_dev_token(data_dir, role='admin', sub='b')}"}
+        headers = {
+            "Authorization": f"Bearer {mint_dev_token(settings.data_dir, role='admin', sub='b')}"
+        }
         app = create_app(settings, configure_logs=False)
         with TestClient(app) as client:
             client.get(f"/cases/{CASE}/bundle", headers=headers)  # warm-up

@@ -28,10 +28,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from fhir_gateway.app import create_app  # noqa: E402
 from fhir_gateway.casebundle.normalise import normalise_case  # noqa: E402
 from fhir_gateway.security.auth import mint_dev_token  # noqa: E402
-from fhir_gateway.settings import Settings  # noqa: E402
 from fhir_gateway.store import open_store  # noqa: E402
 from fhir_gateway.store.models import Assignment  # noqa: E402
-from tests.benchmarks.bench_bundle_api import CASE, store_case  # noqa: E402
+from tests.benchmarks.bench_bundle_api import CASE, big_case  # noqa: E402
 
 RUNS = 7
 REVIEWER = "dr.bench"
@@ -40,18 +39,14 @@ REVIEWER = "dr.bench"
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-case-page-"))
     try:
-        data_dir = tmp / "data"
-        data_dir.mkdir()
-        shutil.copy(ROOT / "fixtures/partners/partners.toml", data_dir / "partners.toml")
-        settings = Settings(data_dir=data_dir, log_level="WARNING")
-        stored = store_case(settings)
+        settings, stored = big_case(tmp)
         store = open_store(settings.db_url)
         built = normalise_case(store, settings, CASE)
         with store.session() as s:
             s.add(Assignment(case_id=CASE, reviewer=REVIEWER, assigned_by="bench"))
         store.dispose()
 
-        token = mint_dev_token(data_dir, role="reviewer", sub=REVIEWER)
+        token = mint_dev_token(settings.data_dir, role="reviewer", sub=REVIEWER)
         headers = {"Authorization": f"Bearer {token}"}
         app = create_app(settings, configure_logs=False)
         with TestClient(app, client=("127.0.0.1", 5000)) as client:

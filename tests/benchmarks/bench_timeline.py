@@ -29,10 +29,9 @@ from fhir_gateway.app import create_app  # noqa: E402
 from fhir_gateway.casebundle.normalise import normalise_case  # noqa: E402
 from fhir_gateway.casebundle.timeline import TIMELINE_TYPES, timeline  # noqa: E402
 from fhir_gateway.security.auth import mint_dev_token  # noqa: E402
-from fhir_gateway.settings import Settings  # noqa: E402
 from fhir_gateway.store import open_store  # noqa: E402
 from fhir_gateway.store.models import NormalisedResource  # noqa: E402
-from tests.benchmarks.bench_bundle_api import CASE, store_case  # noqa: E402
+from tests.benchmarks.bench_bundle_api import CASE, big_case  # noqa: E402
 from tests.benchmarks.ratios import report  # noqa: E402
 
 RUNS = 5
@@ -41,11 +40,7 @@ RUNS = 5
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-timeline-"))
     try:
-        data_dir = tmp / "data"
-        data_dir.mkdir()
-        shutil.copy(ROOT / "fixtures/partners/partners.toml", data_dir / "partners.toml")
-        settings = Settings(data_dir=data_dir, log_level="WARNING")
-        stored = store_case(settings)
+        settings, stored = big_case(tmp)
         store = open_store(settings.db_url)
         built = normalise_case(store, settings, CASE)
         with store.session() as s:
@@ -59,7 +54,9 @@ def main() -> None:
             )
         store.dispose()
 
-        headers = {"Authorization": f"Bearer {mint_dev_token(data_dir, role='admin', sub='b')}"}
+        headers = {
+            "Authorization": f"Bearer {mint_dev_token(settings.data_dir, role='admin', sub='b')}"
+        }
         app = create_app(settings, configure_logs=False)
         paths = {"timeline": f"/cases/{CASE}/timeline", "bundle": f"/cases/{CASE}/bundle"}
         times: dict[str, list[float]] = {k: [] for k in paths}
