@@ -58,7 +58,6 @@ log = structlog.get_logger(__name__)
 KIND = "normalise_case"
 PULL_KINDS = ("pull_fhir", "pull_imaging")
 V2_IN_CASE = ("matched", "assigned")  # HL7 v2 message states whose results enter the case
-IN_CASE = V2_IN_CASE
 IMAGING_TYPES = frozenset({"ImagingStudy", "Endpoint"})
 # Hosted resources a referral may point at without being the case's own (never another case's).
 SHARED_TYPES = frozenset({"Organization", "Practitioner", "PractitionerRole", "Location"})

@@ -18,7 +18,6 @@ FILTER_CRITERIA = f"{BACKPORT}/StructureDefinition/backport-filter-criteria"
 PAYLOAD_CONTENT = f"{BACKPORT}/StructureDefinition/backport-payload-content"
 HEARTBEAT_PERIOD = f"{BACKPORT}/StructureDefinition/backport-heartbeat-period"
 TIMEOUT = f"{BACKPORT}/StructureDefinition/backport-timeout"
-MAX_COUNT = f"{BACKPORT}/StructureDefinition/backport-max-count"
 TOPIC_CANONICAL_EXT = (
     f"{BACKPORT}/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"
 )

@@ -415,17 +415,6 @@ def _save_resources(
     log.debug("documents.resources", document_id=doc.id, docref=str(doc_ref.get("id")))
 
 
-def docref_source_id(session: Session, document_id: str) -> str | None:
-    """The source id of a document's DocumentReference among its stored resources."""
-    found: str | None = session.scalar(
-        select(StoredResource.source_id).where(
-            StoredResource.source == source_of(document_id),
-            StoredResource.resource_type == "DocumentReference",
-        )
-    )
-    return found
-
-
 # --------------------------------------------------------------------------- pulled documents
 
 

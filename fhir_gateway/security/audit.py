@@ -279,12 +279,6 @@ def verify(session: Session) -> Verification:
     return out
 
 
-def verify_chain(session: Session) -> tuple[int, int | None]:
-    """(rows checked, id of the first bad row or None) — the row-link part of `verify`."""
-    result = verify(session)
-    return result.count, result.first_bad
-
-
 def to_audit_event(row: AuditRow, server: str) -> Resource:
     """The row as a FHIR R4 AuditEvent shaped after IHE BALP (AU-02..AU-04)."""
     interaction, action = INTERACTIONS.get(row.action, ("read", "R"))

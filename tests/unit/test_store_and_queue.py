@@ -174,9 +174,11 @@ def test_audit_chain_detects_tampering(store) -> None:
         for i in range(5):
             audit.record(s, "case.read", Actor("alice", "reviewer"), case_id=f"c{i}")
     with store.session() as s:
-        assert audit.verify_chain(s) == (5, None)
+        found = audit.verify(s)
+        assert (found.count, found.first_bad, found.ok) == (5, None, True)
         third = s.scalars(select(AuditRow).order_by(AuditRow.id)).all()[2]
         third.agent = "mallory"
     with store.session() as s:
-        _count, bad = audit.verify_chain(s)
-        assert bad == third.id
+        found = audit.verify(s)
+        assert found.first_bad == third.id
+        assert not found.ok
