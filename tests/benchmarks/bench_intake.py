@@ -528,9 +528,9 @@ def pg_template(stored: int) -> Path:
     path.mkdir(parents=True)
     if os.geteuid() == 0:
         shutil.chown(path, "postgres")
+    initdb = [_pg_bin("initdb"), "-D", str(path), "-U", "gateway", "--auth=trust", "-E", "UTF8"]
     subprocess.run(
-        _as_pg([_pg_bin("initdb"), "-D", str(path), "-U", "gateway", "--auth=trust", "-E", "UTF8"])
-        + ["--no-sync"],
+        _as_pg([*initdb, "--no-sync"]),
         check=True,
         capture_output=True,
     )
@@ -611,8 +611,14 @@ def medplum(seed: int) -> Iterator[tuple[str, int]]:
     if not (MEDPLUM / "node_modules" / "@medplum" / "fhir-router").is_dir():
         subprocess.run(["sh", str(MEDPLUM / "install.sh")], check=True, capture_output=True)
     proc = subprocess.Popen(
-        [node, "--max-old-space-size=6144", "--experimental-websocket", "server.mjs", "0"]
-        + [str(seed)],
+        [
+            node,
+            "--max-old-space-size=6144",
+            "--experimental-websocket",
+            "server.mjs",
+            "0",
+            str(seed),
+        ],
         cwd=MEDPLUM,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -744,12 +750,14 @@ def main() -> None:
                 elif engine == "postgresql":
                     data = run_dir / "pgdata"
                     subprocess.run(["cp", "-a", str(pg_tpl), str(data)], check=True)
-                    with pg_cluster(data, explain=args.explain) as (db_url, pg_pid):
-                        with gateway(run_dir, db_url) as (url, headers, pid):
-                            results[(engine, n)] = measure(
-                                engine, n, url, headers, payloads, args.concurrency,
-                                [pid], [pg_pid], warmup,
-                            )  # fmt: skip
+                    with (
+                        pg_cluster(data, explain=args.explain) as (db_url, pg_pid),
+                        gateway(run_dir, db_url) as (url, headers, pid),
+                    ):
+                        results[(engine, n)] = measure(
+                            engine, n, url, headers, payloads, args.concurrency,
+                            [pid], [pg_pid], warmup,
+                        )  # fmt: skip
                     if args.explain:
                         pg_slow_statements(data / "pg.log")
                 shutil.rmtree(run_dir, ignore_errors=True)
