@@ -644,31 +644,74 @@ def sqlite_plans(db: Path) -> None:
     """EXPLAIN QUERY PLAN of the queries intake runs, on the seeded SQLite file."""
     con = sqlite3.connect(db)
     h = sha("x")
-    queries = {
-        "conditional create (find_by_identifier)": (
-            "SELECT fhir_resources.* FROM fhir_resources JOIN resource_identifiers ON "
-            "resource_identifiers.resource_type = fhir_resources.resource_type AND "
-            "resource_identifiers.resource_id = fhir_resources.id WHERE "
-            "resource_identifiers.resource_type = 'Patient' AND resource_identifiers.value_hash "
-            f"= '{h}' AND resource_identifiers.system_hash = '{h}' AND "
-            f"resource_identifiers.partner_id = '{PARTNER}' ORDER BY fhir_resources.last_updated, "
-            "fhir_resources.id"
-        ),
-        "match_identifiers": (
-            "SELECT system_hash, value_hash, resource_id FROM resource_identifiers WHERE "
-            f"partner_id = '{PARTNER}' AND resource_type = 'Patient' AND value_hash IN ('{h}')"
-        ),
-        "_check_stored_refs / _load": (
-            "SELECT id FROM fhir_resources WHERE resource_type = 'Organization' AND id IN ('x') "
-            f"AND partner_id = '{PARTNER}'"
-        ),
-        "audit.record previous hash": "SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1",
-        "audit.record count (no checkpoint yet)": "SELECT count(*) FROM audit_events",
-    }
+    queries = _intake_queries(h, h)
+    queries["audit.record lock"] = queries["audit.record previous hash"]  # no FOR UPDATE here
     for name, q in queries.items():
         plan = "; ".join(r[3] for r in con.execute("EXPLAIN QUERY PLAN " + q))
         print(f"# SQLite plan, {name}: {plan}")
     con.close()
+
+
+def _intake_queries(hit: str, system: str) -> dict[str, str]:
+    """The statements intake runs per referral that read stored rows ($n = parameters, as
+    SQLAlchemy + psycopg send them), for EXPLAIN."""
+    return {
+        "find_by_identifier (If-None-Exist)": (
+            "SELECT f.* FROM fhir_resources f JOIN resource_identifiers r ON r.resource_type = "
+            "f.resource_type AND r.resource_id = f.id WHERE r.resource_type = 'Patient' AND "
+            f"r.value_hash = '{hit}' AND r.system_hash = '{system}' AND r.partner_id = "
+            f"'{PARTNER}' ORDER BY f.last_updated, f.id"
+        ),
+        "match_identifiers": (
+            "SELECT system_hash, value_hash, resource_id FROM resource_identifiers WHERE "
+            f"partner_id = '{PARTNER}' AND resource_type = 'Patient' AND value_hash IN "
+            f"('{hit}', '{sha('new')}')"
+        ),
+        "_load (Organization found)": (
+            "SELECT id, version_id, last_updated, case_id FROM fhir_resources WHERE "
+            "resource_type = 'Organization' AND id IN ('x')"
+        ),
+        "hosted.update: delete the Task's keys": (
+            "DELETE FROM resource_identifiers WHERE resource_type = 'Task' AND resource_id = 'x'"
+        ),
+        "jobs.enqueue dedup": "SELECT * FROM jobs WHERE dedup_key = 'pull_fhir:x'",
+        "subscriptions of the partner": (
+            f"SELECT * FROM subscriptions WHERE partner_id = '{PARTNER}' AND status IN "
+            "('requested', 'active') ORDER BY id"
+        ),
+        "audit.record lock": "SELECT id FROM audit_events ORDER BY id DESC LIMIT 1 FOR UPDATE",
+        "audit.record previous hash": "SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1",
+        "audit.record count (first row only)": "SELECT count(*) FROM audit_events",
+    }
+
+
+def pg_plans(url: str) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of intake's reading statements on the seeded database."""
+    from sqlalchemy import create_engine, text
+
+    value = "5f258739-cc1d-4109-aa6b-28ad184c6258-seed-7"
+    engine = create_engine(url)
+    with engine.connect() as con:
+        for name, q in _intake_queries(sha(value), sha(SYSTEMS["mrn"])).items():
+            plan = con.execute(text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + q)).scalars()
+            print(f"# PostgreSQL plan, {name}:\n#   " + "\n#   ".join(plan))
+            con.rollback()
+        # the generic plan psycopg's prepared statements get after 5 executions
+        con.execute(text("SET plan_cache_mode = force_generic_plan"))
+        con.execute(
+            text(
+                "PREPARE fbi(text, text, text, text) AS SELECT f.* FROM fhir_resources f JOIN "
+                "resource_identifiers r ON r.resource_type = f.resource_type AND "
+                "r.resource_id = f.id WHERE r.resource_type = $1 AND r.value_hash = $2 AND "
+                "r.system_hash = $3 AND r.partner_id = $4 ORDER BY f.last_updated, f.id"
+            )
+        )
+        plan = con.execute(
+            text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE fbi('Patient', :v, :s, :p)"),
+            {"v": sha(value), "s": sha(SYSTEMS["mrn"]), "p": PARTNER},
+        ).scalars()
+        print("# PostgreSQL generic plan, find_by_identifier:\n#   " + "\n#   ".join(plan))
+    engine.dispose()
 
 
 def pg_slow_statements(log: Path, limit: int = 8) -> None:
@@ -758,6 +801,8 @@ def main() -> None:
                             engine, n, url, headers, payloads, args.concurrency,
                             [pid], [pg_pid], warmup,
                         )  # fmt: skip
+                        if args.explain:
+                            pg_plans(db_url)
                     if args.explain:
                         pg_slow_statements(data / "pg.log")
                 shutil.rmtree(run_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "bench_wado": ["--sizes", "100", "--repeat", "1", "--variants", "curl,ours"],
     "bench_dicomweb": ["--quick"],
     "bench_case_complete": ["--quick"],
+    "bench_intake": ["--quick"],  # 0 and 100,000 stored, 300 transactions per run
 }
 
 
