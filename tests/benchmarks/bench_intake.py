@@ -707,9 +707,9 @@ def pg_plans(url: str) -> None:
                 "r.system_hash = $3 AND r.partner_id = $4 ORDER BY f.last_updated, f.id"
             )
         )
+        args = f"'Patient', '{sha(value)}', '{sha(SYSTEMS['mrn'])}', '{PARTNER}'"
         plan = con.execute(
-            text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE fbi('Patient', :v, :s, :p)"),
-            {"v": sha(value), "s": sha(SYSTEMS["mrn"]), "p": PARTNER},
+            text(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE fbi({args})")
         ).scalars()
         print("# PostgreSQL generic plan, find_by_identifier:\n#   " + "\n#   ".join(plan))
     engine.dispose()
