@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -832,11 +833,7 @@ def pull_case_bulk(
                 counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
             tracker.doc.update(counts=counts, not_this_patient=skipped)
             saved = save_pull(
-                store,
-                case_id,
-                source,
-                part,
-                also=lambda session, upto=upto: tracker.mark_loaded(done.url, upto, session),
+                store, case_id, source, part, also=partial(tracker.mark_loaded, done.url, upto)
             )
             tracker.mark_loaded(done.url, upto)  # (the CLI's in-memory tracker)
             totals = SaveCounts(
@@ -900,8 +897,7 @@ def pull_case_bulk(
 
 def _numbered(path: Path) -> Iterator[tuple[int, Resource]]:
     """The file's resources with the count of resources read so far (1, 2, ...)."""
-    for number, resource in enumerate(iter_resources(path), start=1):
-        yield number, resource
+    yield from enumerate(iter_resources(path), start=1)
 
 
 def _export_issue(issue: dict[str, Any]) -> str:
