@@ -9,6 +9,7 @@ real kill; the lease is then expired and a second worker takes the job over.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -297,3 +298,67 @@ def test_bulk_setting_is_validated():
     for bad in ("group:", "system", "group:a/b"):
         with pytest.raises(ValidationError):
             RecordsEndpoint(base_url="http://x/fhir", bulk=bad)
+
+
+class _NoHeartbeat:
+    """Worker A's lease is not extended, so it can lapse while A is stalled."""
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_stalled_worker_taken_over_loads_nothing_twice(ehr, store, settings, monkeypatch):
+    """Worker A stalls half-way through loading (a batch committed), its lease lapses, worker B
+    takes the job over and finishes it; then A wakes up and carries on. A's writes to the job are
+    fenced, the rows stay one per resource, the export was kicked off once. (SQLite and
+    PostgreSQL through the `store` fixture.)"""
+    server = ehr("patient", export_file_lines=20, export_run_s=0.2)
+    monkeypatch.setattr(pull, "BULK_BATCH", 7)
+    open_case(store)
+    job_handlers.register_all()
+    real_save = pull.save_pull
+    stalled, resume = threading.Event(), threading.Event()
+
+    def save_pull(*args: Any, **kwargs: Any) -> Any:
+        saved = real_save(*args, **kwargs)
+        if threading.current_thread().name == "worker-a" and not stalled.is_set():
+            stalled.set()
+            resume.wait(60)
+        return saved
+
+    monkeypatch.setattr(pull, "save_pull", save_pull)
+    monkeypatch.setattr(jobs, "_Heartbeat", _NoHeartbeat)
+    outcome: list[BaseException | None] = []
+
+    def run_a() -> None:
+        try:
+            jobs.Worker(store, settings, name="a").run_once()
+            outcome.append(None)
+        except BaseException as exc:  # pragma: no cover - reported below
+            outcome.append(exc)
+
+    a = threading.Thread(target=run_a, name="worker-a")
+    a.start()
+    assert stalled.wait(60)
+    monkeypatch.undo()  # B: the real save_pull and heartbeat
+    monkeypatch.setattr(pull, "BULK_BATCH", 7)
+    expire_lease(store)
+    assert jobs.Worker(store, settings, name="b", kinds=[pull.KIND]).run_once()
+    done = pull_job(store)
+    assert done.state == "done", done.last_error
+    resume.set()
+    a.join(60)
+    assert outcome == [None]  # A's failure (the export is gone) was recorded, fenced
+    job = pull_job(store)
+    assert job.state == "done"  # A could not overwrite B's result
+    assert job.progress["bulk"] == done.progress["bulk"]
+    assert job.progress["summary"] == done.progress["summary"]
+    _, expected = ehr_patient()
+    assert stored(store) == expected  # one row per resource
+    assert server.state.exports.kickoffs == 1
