@@ -30,7 +30,7 @@ def bulk_ehr(settings: Settings) -> Iterator[SandboxServer]:
         settings,
         FIXTURE,
         everything=True,  # offered, but the partner is set to use $export
-        export_run_s=0.3,
+        export_run_s=1.0,  # long enough that the first status poll finds it running
         export_retry_after="0",
         faults=Faults(
             export_kickoff_throttle=1, export_status_errors=1, export_error_types=("Procedure",)

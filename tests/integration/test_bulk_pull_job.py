@@ -42,7 +42,9 @@ def ehr(settings: Settings) -> Iterator[Any]:
 
     def start(bulk: str = "patient", faults: Faults | None = None, **config: Any) -> SandboxServer:
         client = SandboxClient("fhir-gateway", {"keys": [public_jwk(key, kid="gw-1")]})
-        options: dict[str, Any] = {"export_run_s": 0.3, "export_retry_after": "0", **config}
+        # The export "runs" 1 s, so even on a loaded machine the first status poll finds it
+        # in progress (202 + X-Progress); polls then come every bulk_poll_min_s.
+        options: dict[str, Any] = {"export_run_s": 1.0, "export_retry_after": "0", **config}
         server = SandboxServer(
             SandboxConfig(
                 data_dir=SYNTHEA,
@@ -200,7 +202,7 @@ def test_killed_worker_resumes_without_a_second_kickoff_or_download(
     """Killed while polling, between two downloads, or half-way through loading a file (after
     a batch committed): the second worker resumes the same export; nothing is fetched or
     loaded twice."""
-    server = ehr("patient", export_file_lines=20, export_run_s=0.5)
+    server = ehr("patient", export_file_lines=20, export_run_s=3.0 if where == "polling" else 0.2)
     monkeypatch.setattr(pull, "BULK_BATCH", 7)
     open_case(store)
     job_handlers.register_all()
