@@ -146,6 +146,7 @@ class BulkExportClient:
         group_id: str | None = None,
         types: Sequence[str] = (),
         since: str | None = None,
+        patients: Sequence[str] = (),
         state: ExportState | None = None,
         save: Callable[[ExportState], None] = _no_save,
         on_progress: Callable[[ExportProgress], None] | None = None,
@@ -166,7 +167,9 @@ class BulkExportClient:
             stale.unlink(missing_ok=True)  # a download cut short by a crash
         try:
             if state.status_url is None:
-                state.status_url = self.kick_off(group_id=group_id, types=types, since=since)
+                state.status_url = self.kick_off(
+                    group_id=group_id, types=types, since=since, patients=patients
+                )
                 save(state)
             if state.manifest is None:
                 state.manifest = self.poll(state.status_url, on_progress=on_progress)
@@ -192,11 +195,19 @@ class BulkExportClient:
     # -- steps --------------------------------------------------------------------------
 
     def kick_off(
-        self, *, group_id: str | None = None, types: Sequence[str] = (), since: str | None = None
+        self,
+        *,
+        group_id: str | None = None,
+        types: Sequence[str] = (),
+        since: str | None = None,
+        patients: Sequence[str] = (),
     ) -> str:
         """BD-01..BD-03: the kick-off request; returns the absolute status URL.
 
-        A 429 at kick-off (another export running) is retried by `_http` after `Retry-After`.
+        With `patients` (references such as `Patient/123`) the kick-off is a `POST` with a
+        `Parameters` body, the only form the `patient` parameter has (BD-01/BD-02); otherwise a
+        `GET` with query parameters. A 429 at kick-off (another export running) is retried by
+        `_http` after `Retry-After`.
         """
         path = f"Group/{group_id}/$export" if group_id is not None else "Patient/$export"
         params: list[tuple[str, str]] = [("_outputFormat", NDJSON)]
@@ -204,12 +215,22 @@ class BulkExportClient:
             params.append(("_type", ",".join(types)))
         if since:
             params.append(("_since", since))
-        response = self._send(
-            "GET",
-            f"{self.base_url}/{path}",
-            params=params,
-            headers={"Accept": FHIR_JSON, "Prefer": "respond-async"},
-        )
+        headers = {"Accept": FHIR_JSON, "Prefer": "respond-async"}
+        if patients:
+            body = {
+                "resourceType": "Parameters",
+                "parameter": [{"name": n, "valueString": v} for n, v in params]
+                + [{"name": "patient", "valueReference": {"reference": p}} for p in patients],
+            }
+            response = self._send(
+                "POST",
+                f"{self.base_url}/{path}",
+                json=body,
+                headers={**headers, "Content-Type": FHIR_JSON},
+                idempotent=True,  # a kick-off refused or lost is safe to send again
+            )
+        else:
+            response = self._send("GET", f"{self.base_url}/{path}", params=params, headers=headers)
         location = response.headers.get("Content-Location")
         response.close()
         if response.status_code != 202 or not location:

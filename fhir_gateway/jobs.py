@@ -109,6 +109,21 @@ class JobContext:
     settings: Settings
     partner: Partner | None
     _progress: Callable[[dict[str, Any]], None] = field(repr=False)
+    lease_owner: str | None = None  # the worker holding the lease (fences progress writes)
+
+    def stored_progress(self) -> dict[str, Any]:
+        """The job's progress as committed (what an earlier, interrupted attempt left)."""
+        with self.store.session(readonly=True) as s:
+            job = s.get(Job, self.job_id)
+            return dict(job.progress or {}) if job is not None else {}
+
+    def progress_in(self, session: Session, update_: dict[str, Any]) -> None:
+        """Merge `update_` into the job's progress inside the caller's transaction, so it
+        commits with the work it describes (e.g. "this file is loaded" with its rows). Fenced:
+        a worker whose lease was taken over writes nothing."""
+        job = session.get(Job, self.job_id)
+        if job is not None and (self.lease_owner is None or job.lease_owner == self.lease_owner):
+            job.progress = {**(job.progress or {}), **update_}
 
     def progress(self, update_: dict[str, Any]) -> None:
         """Merge `update_` into the job's progress and commit it at once (shown in the case).
@@ -394,6 +409,7 @@ class Worker:
             settings=self.settings,
             partner=self._partner_of(claimed.case_id),
             _progress=lambda u: self.queue.merge_progress(claimed, u),
+            lease_owner=claimed.lease_owner,
         )
         beat = _Heartbeat(self.queue, claimed, self.settings.jobs.lease_s / 3)
         started = time.monotonic()

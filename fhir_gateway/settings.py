@@ -93,6 +93,24 @@ class FhirEndpoint(_Strict):
         return v.rstrip("/")
 
 
+class RecordsEndpoint(FhirEndpoint):
+    """Where the partner's records are pulled from (`[partners.fhir]`).
+
+    `bulk`: pull with Bulk Data `$export` instead of `$everything`/search (STANDARDS BD-01..08):
+    `"patient"` is a Patient-level export (`POST Patient/$export` with the case's patient in the
+    `patient` parameter), `"group:<id>"` a Group-level one (`Group/<id>/$export`); either way only
+    the case's patient's resources are kept. Unset (the default): `$everything` or search.
+    """
+
+    bulk: str | None = Field(default=None, pattern=r"^(patient|group:[A-Za-z0-9\-\.]{1,64})$")
+    bulk_poll_min_s: float = Field(default=1.0, gt=0)  # shortest wait between status polls
+
+    @property
+    def bulk_group(self) -> str | None:
+        """The Group id of a `group:<id>` export, else None."""
+        return self.bulk.removeprefix("group:") if self.bulk and ":" in self.bulk else None
+
+
 class DicomwebEndpoint(FhirEndpoint):
     search_by_patient: bool = True  # QIDO by PatientID in addition to the referral's studies
     issuer_of_patient_id: str | None = None
@@ -172,7 +190,7 @@ class Partner(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9\-\.]{1,64}$")
     name: str
     identifier: PartnerIdentifier
-    fhir: FhirEndpoint | None = None
+    fhir: RecordsEndpoint | None = None
     dicomweb: DicomwebEndpoint | None = None
     dimse: DimseEndpoint | None = None
     destination: DestinationEndpoint | None = None

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -19,13 +21,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from connectors._http import Http
+from connectors.bulk import BulkExportClient, DoneFile, ExportProgress, ExportState, iter_resources
 from connectors.fhir_client import FhirEhrClient, SearchResult
 from fhir_gateway import jobs, metrics
 from fhir_gateway.casebundle import held, normalise
@@ -62,6 +67,9 @@ PULL_TYPES = (
     "DocumentReference",
 )
 PAGE_SIZE = 200
+SAVE_LOOKUP_IDS = 1000  # save_pull: up to this many ids, look up only those rows
+BULK_BATCH = 500  # resources of an export file loaded (and marked loaded) per transaction
+BULK_ISSUES_SHOWN = 20  # issues listed in the job's summary (all are counted)
 
 ProgressCallback = Callable[[str, int, int], None]  # (resource type, resources so far, pages)
 Checkpoint = Callable[[], None]  # raises CaseClosedError when the case was cancelled meanwhile
@@ -408,10 +416,18 @@ def _store_inline(data: str, content_type: str, binary_dir: Path) -> tuple[str, 
 # --- storing ------------------------------------------------------------------------------
 
 
-def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> SaveCounts:
+def save_pull(
+    store: Store,
+    case_id: str,
+    source: str,
+    result: PullResult,
+    *,
+    also: Callable[[Session], None] | None = None,
+) -> SaveCounts:
     """Upsert the pulled resources as `StoredResource` rows (one per source id) and binaries.
 
-    Re-pulls only add or update: nothing stored earlier is removed. Idempotent.
+    Re-pulls only add or update: nothing stored earlier is removed. Idempotent. `also` runs in
+    the same transaction (a bulk load marks how far it got, so a resumed job skips it).
 
     Raises:
         CaseClosedError: the case was cancelled or rejected (checked under the case's lock, in
@@ -421,15 +437,14 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
     added = updated = unchanged = 0
     with store.session() as session:
         jobs.require_case_open(session, case_id, "saving pulled records")
-        existing = {
-            (row.resource_type, row.source_id): row
-            for row in session.scalars(
-                select(models.StoredResource).where(
-                    models.StoredResource.case_id == case_id,
-                    models.StoredResource.source == source,
-                )
-            )
-        }
+        query = select(models.StoredResource).where(
+            models.StoredResource.case_id == case_id,
+            models.StoredResource.source == source,
+        )
+        ids = {str(r.get("id")) for r in result.resources}
+        if len(ids) <= SAVE_LOOKUP_IDS:  # a batch: look up only its ids
+            query = query.where(models.StoredResource.source_id.in_(ids))
+        existing = {(row.resource_type, row.source_id): row for row in session.scalars(query)}
         for resource in result.resources:
             key = (resource["resourceType"], str(resource.get("id")))
             last_updated = (resource.get("meta") or {}).get("lastUpdated")
@@ -468,6 +483,8 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
             patient=audit.patient_of_case(session, case_id),
             entity=[f"source:{source}", f"count:{len(result.resources)}"],
         )
+        if also is not None:
+            also(session)
     log.info("pull.save.done", added=added, updated=updated, unchanged=unchanged)
     return SaveCounts(added, updated, unchanged)
 
@@ -489,14 +506,29 @@ def last_updated_since(store: Store, case_id: str, source: str) -> str | None:
 
 def client_for(partner: Partner, system: str | None = None) -> FhirEhrClient:
     """A FhirEhrClient for a partner's FHIR endpoint, with its auth (SMART, bearer, basic)."""
+    return clients_for(partner, system)[0]
+
+
+def clients_for(
+    partner: Partner, system: str | None = None
+) -> tuple[FhirEhrClient, BulkExportClient | None]:
+    """The partner's FhirEhrClient and, when its endpoint has `bulk` set, a BulkExportClient
+    sharing its session and token (a Group-level export also asks for `Group` read)."""
     endpoint = partner.fhir
     if endpoint is None:
         raise InputError(f"partner {partner.id} has no FHIR endpoint to pull from")
     http = Http(
         session_for(endpoint), system=system or f"fhir:{partner.id}", timeout_s=endpoint.timeout_s
     )
-    tokens = token_provider_for(endpoint, resource_types=(*PULL_TYPES, "Binary"))
-    return FhirEhrClient(http, endpoint.base_url, tokens=tokens)
+    types = (*PULL_TYPES, "Binary", *(("Group",) if endpoint.bulk_group else ()))
+    tokens = token_provider_for(endpoint, resource_types=types)
+    client = FhirEhrClient(http, endpoint.base_url, tokens=tokens)
+    if endpoint.bulk is None:
+        return client, None
+    bulk = BulkExportClient(
+        http, endpoint.base_url, tokens=tokens, poll_min_s=endpoint.bulk_poll_min_s
+    )
+    return client, bulk
 
 
 def source_patient_id(client: FhirEhrClient, store: Store, case: models.Case) -> str:
@@ -540,11 +572,14 @@ def pull_case(
     refresh: bool = False,
     progress_cb: ProgressCallback | None = None,
     checkpoint: Checkpoint | None = None,
+    tracker: BulkTracker | None = None,
 ) -> tuple[PullResult, SaveCounts]:
     """Pull the case's patient from its partner's EHR and store it (the job and the CLI's
     `fhir-gateway pull CASE_ID [--refresh]` share this). The partner defaults to the case's.
 
-    `refresh`: a re-pull of what changed since the newest `meta.lastUpdated` already stored.
+    `refresh`: a re-pull of what changed since the newest `meta.lastUpdated` already stored
+    (Bulk export: since the last completed export's `transactionTime`). `tracker` keeps a Bulk
+    export's state between attempts (the job's progress); without one it lives in memory.
 
     Raises:
         NotFoundError: no such case. UnknownPartnerError: its partner is not configured.
@@ -556,8 +591,22 @@ def pull_case(
     partner = partner or settings.partners.by_id(case.partner_id)
     if partner is None:
         raise UnknownPartnerError(f"partner {case.partner_id} is not in the partners file")
-    client = client_for(partner)
+    client, bulk = clients_for(partner)
     patient_id = source_patient_id(client, store, case)
+    if bulk is not None:
+        return pull_case_bulk(
+            store,
+            settings,
+            case_id,
+            client,
+            bulk,
+            patient_id,
+            group_id=partner.fhir.bulk_group if partner.fhir else None,
+            refresh=refresh,
+            progress_cb=progress_cb,
+            checkpoint=checkpoint,
+            tracker=tracker or BulkTracker(),
+        )
     since = last_updated_since(store, case_id, client.base_url) if refresh else None
     endpoint = partner.fhir
     result = pull_patient_records(
@@ -611,6 +660,11 @@ def run_pull_fhir(ctx: JobContext) -> None:
         refresh=bool(ctx.payload.get("refresh")),
         progress_cb=progress,
         checkpoint=lambda: ctx.checkpoint("pulling records"),
+        tracker=BulkTracker(
+            ctx.stored_progress().get("bulk"),
+            write=lambda doc: ctx.progress({"bulk": doc}),
+            write_in=lambda session, doc: ctx.progress_in(session, {"bulk": doc}),
+        ),
     )
     ctx.progress(
         {
@@ -618,6 +672,8 @@ def run_pull_fhir(ctx: JobContext) -> None:
                 "counts": result.counts,
                 "binaries": len(result.binaries),
                 "partial_types": result.partial_types,
+                "issues": result.issues[:BULK_ISSUES_SHOWN],
+                "issue_count": len(result.issues),
                 "added": saved.added,
                 "updated": saved.updated,
                 "unchanged": saved.unchanged,
@@ -625,3 +681,225 @@ def run_pull_fhir(ctx: JobContext) -> None:
         }
     )
     normalise.queue_after_pull(ctx)
+
+
+# --- Bulk Data $export (partners with `bulk` set) ------------------------------------------
+
+
+class BulkTracker:
+    """A Bulk export's resumable state and visible progress: one JSON document (`bulk` in the
+    job's progress) holding the client's `ExportState`, how many lines of each output file are
+    loaded, the latest `X-Progress`, and the counts. `write` commits it on its own; `write_in`
+    inside the caller's transaction (a loaded batch and its mark commit together). Without
+    either (the CLI) it lives in memory only."""
+
+    def __init__(
+        self,
+        saved: dict[str, Any] | None = None,
+        *,
+        write: Callable[[dict[str, Any]], None] | None = None,
+        write_in: Callable[[Session, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.doc: dict[str, Any] = dict(saved or {})
+        self._write = write
+        self._write_in = write_in
+
+    def begin(self, source: str, request: dict[str, Any]) -> ExportState:
+        """The saved export if it is the same request to the same source, else a fresh one."""
+        if self.doc.get("source") != source or self.doc.get("request") != request:
+            self.doc = {"source": source, "request": request, "loaded": {}}
+        return ExportState.from_json(self.doc.get("state") or {})
+
+    def loaded(self, url: str) -> int:
+        """Lines of the file at `url` already loaded (-1: the whole file)."""
+        return int((self.doc.get("loaded") or {}).get(url, 0))
+
+    def mark_loaded(self, url: str, lines: int, session: Session | None = None) -> None:
+        self.doc.setdefault("loaded", {})[url] = lines
+        if session is not None and self._write_in is not None:
+            self._write_in(session, self.doc)
+
+    def save(self, state: ExportState | None = None, **fields: Any) -> None:
+        if state is not None:
+            self.doc["state"] = state.to_json()
+            if state.manifest is not None:
+                listed = sum(len(state.manifest.get(k) or []) for k in ("output", "error"))
+                self.doc["files"] = {"downloaded": len(state.done), "total": listed}
+        self.doc.update(fields)
+        if self._write is not None:
+            self._write(self.doc)
+
+
+def last_export_since(store: Store, case_id: str, source: str) -> str | None:
+    """The `transactionTime` of the case's last completed export from `source` (`_since`)."""
+    with store.session(readonly=True) as session:
+        done = session.scalars(
+            select(models.Job)
+            .where(
+                models.Job.case_id == case_id,
+                models.Job.kind == KIND,
+                models.Job.state == jobs.DONE,
+            )
+            .order_by(models.Job.finished_at.desc())
+        )
+        for job in done:
+            bulk = (job.progress or {}).get("bulk") or {}
+            if bulk.get("source") == source and bulk.get("transaction_time"):
+                return str(bulk["transaction_time"])
+    return None
+
+
+def of_patient(resource: Resource, patient_id: str, base_url: str) -> bool:
+    """Is `resource` the patient's, by what it says itself? The Patient with that id, or a
+    resource whose `subject`/`patient`/`beneficiary` is `Patient/<id>` (relative or on the
+    source's base). Anything else (other patients, no patient reference) is not kept."""
+    if resource.get("resourceType") == "Patient":
+        return str(resource.get("id")) == patient_id
+    wanted = f"Patient/{patient_id}"
+    for name in ("subject", "patient", "beneficiary"):
+        value = resource.get(name)
+        ref = value.get("reference") if isinstance(value, dict) else None
+        if isinstance(ref, str) and ref.removeprefix(base_url + "/") == wanted:
+            return True
+    return False
+
+
+def pull_case_bulk(
+    store: Store,
+    settings: Settings,
+    case_id: str,
+    client: FhirEhrClient,
+    bulk: BulkExportClient,
+    patient_id: str,
+    *,
+    group_id: str | None,
+    refresh: bool,
+    tracker: BulkTracker,
+    progress_cb: ProgressCallback | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> tuple[PullResult, SaveCounts]:
+    """The case's records through Bulk Data `$export` (STANDARDS BD-01..BD-08).
+
+    Patient-level: `POST Patient/$export` with `patient=Patient/<id>`; Group-level:
+    `Group/<id>/$export`. `_type` is the pull's types; `_since` (with `refresh`) the last
+    completed export's `transactionTime`. Each NDJSON file is streamed to disk, then loaded in
+    batches exactly as search results are (the same rows, attachments and documents); each
+    batch commits together with how far the file is loaded, so a resumed job neither kicks off
+    again, nor downloads a finished file again, nor loads a line twice. Only the patient's
+    resources are kept (`of_patient`). The error file's OperationOutcomes become the pull's
+    issues. The export is DELETEd and its files removed once loaded.
+    """
+    started = time.monotonic()
+    source = client.base_url
+    since = last_export_since(store, case_id, source) if refresh else None
+    request = {"group": group_id, "types": list(PULL_TYPES), "since": since}
+    state = tracker.begin(source, request)
+    dest = settings.data_dir / "bulk" / case_id / hashlib.sha256(source.encode()).hexdigest()[:16]
+    result = PullResult(source=source)
+    totals = SaveCounts(0, 0, 0)
+    counts: dict[str, int] = dict(tracker.doc.get("counts") or {})
+    skipped = int(tracker.doc.get("not_this_patient") or 0)
+    binary_dir = settings.data_dir / "binaries"
+
+    def on_poll(p: ExportProgress) -> None:
+        if checkpoint is not None:
+            checkpoint()
+        tracker.save(status="in-progress", x_progress=p.progress, polls=p.polls)
+
+    def load(done: DoneFile) -> None:
+        nonlocal totals, skipped
+        start = tracker.loaded(done.url)
+        if done.kind != "output" or start < 0:
+            return
+        lines = itertools.islice(_numbered(Path(done.path)), start, None)
+        while batch := list(itertools.islice(lines, BULK_BATCH)):
+            if checkpoint is not None:
+                checkpoint()
+            upto = batch[-1][0]
+            mine = [r for _, r in batch if of_patient(r, patient_id, source)]
+            skipped += len(batch) - len(mine)
+            part = PullResult(source=source, resources=mine)
+            _pull_attachments(client, part, binary_dir, checkpoint)
+            documents.read_in_pulled(
+                store,
+                settings.data_dir,
+                settings.base_url,
+                case_id,
+                source,
+                [(b.sha256, b.content_type, b.resource) for b in part.binaries],
+                part.resources,
+            )
+            for r in mine:
+                counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
+            tracker.doc.update(counts=counts, not_this_patient=skipped)
+            saved = save_pull(
+                store, case_id, source, part, also=partial(tracker.mark_loaded, done.url, upto)
+            )
+            tracker.mark_loaded(done.url, upto)  # (the CLI's in-memory tracker)
+            totals = SaveCounts(
+                totals.added + saved.added,
+                totals.updated + saved.updated,
+                totals.unchanged + saved.unchanged,
+            )
+            result.issues += part.issues
+            result.binaries += part.binaries
+            if progress_cb is not None:
+                progress_cb(done.type, counts.get(done.type, 0), 0)
+        tracker.mark_loaded(done.url, -1)
+        tracker.save(status="loading", counts=counts)
+        Path(done.path).unlink(missing_ok=True)
+
+    tracker.save(state, status="exporting")
+    exported = bulk.export(
+        dest,
+        group_id=group_id,
+        types=PULL_TYPES,
+        since=since,
+        patients=() if group_id else (f"Patient/{patient_id}",),
+        state=state,
+        save=tracker.save,
+        on_progress=on_poll,
+        on_file=load,
+    )
+    for done in exported.files:  # done before an interruption, not yet loaded
+        if Path(done.path).exists():
+            load(done)
+    for outcome in exported.errors:
+        for issue in outcome.get("issue") or []:
+            if isinstance(issue, dict):
+                result.issues.append({**issue, "diagnostics": _export_issue(issue)})
+    if exported.error_files:
+        result.partial_types.append("$export")
+    shutil.rmtree(dest, ignore_errors=True)
+    tracker.save(
+        status="done",
+        transaction_time=exported.transaction_time,
+        counts=counts,
+        errors=len(exported.errors),
+    )
+    result.counts = counts
+    if checkpoint is not None:
+        checkpoint()
+    metrics.observe_pull(
+        resources=sum(counts.values()), kind="records", size=sum(b.size for b in result.binaries)
+    )
+    held.check_records(store, case_id, source, patient_id)
+    log.info(
+        "pull.bulk.done",
+        types=len(counts),
+        resources=sum(counts.values()),
+        not_this_patient=skipped,
+        errors=len(exported.errors),
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    return result, totals
+
+
+def _numbered(path: Path) -> Iterator[tuple[int, Resource]]:
+    """The file's resources with the count of resources read so far (1, 2, ...)."""
+    yield from enumerate(iter_resources(path), start=1)
+
+
+def _export_issue(issue: dict[str, Any]) -> str:
+    text = str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or "")
+    return f"$export error file: {text}"[:500]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import json
 import secrets
 import threading
 import time
@@ -263,6 +264,14 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
     def export_group(group_id: str, request: Request) -> Response:
         return _kick_off(state, request, group_id)
 
+    @app.post("/fhir/Patient/$export")
+    async def export_patients_post(request: Request) -> Response:
+        return _kick_off(state, request, None, await _export_parameters(request))
+
+    @app.post("/fhir/Group/{group_id}/$export")
+    async def export_group_post(group_id: str, request: Request) -> Response:
+        return _kick_off(state, request, group_id, await _export_parameters(request))
+
     @app.get("/fhir/$export-status/{job_id}")
     def export_status(job_id: str, request: Request) -> Response:
         return _export_status(state, request, job_id)
@@ -407,8 +416,23 @@ def _authorize(
 # --- Bulk Data $export (BD-01..BD-07) ------------------------------------------------------
 
 
-def _kick_off(state: SandboxState, request: Request, group_id: str | None) -> Response:
-    """BD-01/BD-03: 202 + Content-Location, or 429 while "another export runs" (a fault)."""
+async def _export_parameters(request: Request) -> tuple[list[tuple[str, str]], set[str]]:
+    """A POST kick-off's Parameters body (BD-01) as (name, value) pairs and patient ids."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        raise InputError("the $export Parameters body is not JSON") from exc
+    return bulk.parameters_to_params(body)
+
+
+def _kick_off(
+    state: SandboxState,
+    request: Request,
+    group_id: str | None,
+    posted: tuple[list[tuple[str, str]], set[str]] | None = None,
+) -> Response:
+    """BD-01/BD-03: 202 + Content-Location, or 429 while "another export runs" (a fault).
+    `posted`: the parameters of a POST kick-off (else they are the query's)."""
     faults = state.config.faults
     if state.exports.next_kickoff() <= faults.export_kickoff_throttle:
         issue = {"severity": "error", "code": "throttled", "diagnostics": "an export is running"}
@@ -417,7 +441,10 @@ def _kick_off(state: SandboxState, request: Request, group_id: str | None) -> Re
     prefer = request.headers.get("prefer", "")
     if "respond-async" not in prefer:
         raise InputError("$export requires Prefer: respond-async")
-    export = bulk.parse_export_params(list(request.query_params.multi_items()), prefer)
+    if posted is None:
+        export = bulk.parse_export_params(list(request.query_params.multi_items()), prefer)
+    else:
+        export = bulk.parse_export_params(posted[0], prefer, posted[1])
     job = bulk.start_export(
         state.store,
         state.exports,

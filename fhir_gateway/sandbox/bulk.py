@@ -23,8 +23,9 @@ from fhir_gateway.sandbox.repository import ResourceStore, now_instant
 
 NDJSON = "application/fhir+ndjson"
 NDJSON_FORMATS = frozenset({NDJSON, "application/ndjson", "ndjson"})
-# Every other BD-02 parameter (_elements, _typeFilter, patient, includeAssociatedData,
-# organizeOutputBy, allowPartialManifests) is an error unless `Prefer: handling=lenient`.
+# Every other BD-02 parameter (_elements, _typeFilter, includeAssociatedData, organizeOutputBy,
+# allowPartialManifests) is an error unless `Prefer: handling=lenient`; `patient` is supported
+# in a POST kick-off's Parameters body (the only form it has, BD-01/BD-02).
 SUPPORTED_PARAMS = frozenset({"_outputFormat", "_since", "_type"})
 REFERENCE_FIELDS = ("subject", "patient", "beneficiary")
 
@@ -96,10 +97,38 @@ class ExportJobs:
 class ExportRequest:
     types: frozenset[str] | None
     since: datetime | None
+    patients: frozenset[str] | None = None  # patient ids (the `patient` parameter)
 
 
-def parse_export_params(params: list[tuple[str, str]], prefer: str) -> ExportRequest:
-    """BD-02 kick-off parameters.
+def parameters_to_params(body: object) -> tuple[list[tuple[str, str]], set[str]]:
+    """A POST kick-off's `Parameters` body -> (name, value) pairs, and the `patient` ids.
+
+    Raises:
+        InputError: not a Parameters resource, or a parameter without a usable value.
+    """
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise InputError("a POST $export needs a Parameters body")
+    params: list[tuple[str, str]] = []
+    patients: set[str] = set()
+    for index, parameter in enumerate(body.get("parameter") or []):
+        name = parameter.get("name") if isinstance(parameter, dict) else None
+        if name == "patient":
+            ref = (parameter.get("valueReference") or {}).get("reference")
+            if not isinstance(ref, str) or "Patient/" not in ref:
+                raise InputError(f"Parameters.parameter[{index}] patient needs a Patient reference")
+            patients.add(ref.rsplit("Patient/", 1)[1])
+            continue
+        value = next((v for k, v in parameter.items() if k.startswith("value")), None)
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InputError(f"Parameters.parameter[{index}] needs a name and a string value")
+        params.append((name, value))
+    return params, patients
+
+
+def parse_export_params(
+    params: list[tuple[str, str]], prefer: str, patients: set[str] | None = None
+) -> ExportRequest:
+    """BD-02 kick-off parameters (`patients`: the ids of a POST's `patient` parameters).
 
     Raises:
         InputError: an unsupported parameter (unless lenient), a bad `_since` or `_outputFormat`.
@@ -121,7 +150,11 @@ def parse_export_params(params: list[tuple[str, str]], prefer: str) -> ExportReq
             since = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
         elif name not in SUPPORTED_PARAMS and not lenient:
             raise InputError(f"$export parameter {name!r} is not supported")
-    return ExportRequest(frozenset(types) if types is not None else None, since)
+    return ExportRequest(
+        frozenset(types) if types is not None else None,
+        since,
+        frozenset(patients) if patients else None,
+    )
 
 
 def start_export(
@@ -153,6 +186,8 @@ def start_export(
             continue
         patient = _patient_of(resource)
         if patient is None or (patients is not None and patient not in patients):
+            continue
+        if request.patients is not None and patient not in request.patients:
             continue
         if request.since is not None and _last_updated(resource) <= request.since:
             continue
