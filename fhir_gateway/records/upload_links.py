@@ -43,7 +43,14 @@ from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import ImageInstance, Job, UploadLink, UploadLinkFile, utcnow
+from fhir_gateway.store.models import (
+    HeldItem,
+    ImageInstance,
+    Job,
+    UploadLink,
+    UploadLinkFile,
+    utcnow,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -338,9 +345,7 @@ def _receive(
         return FileResult(name, False, "dicom", exc.message, 400)
     source = uploads.upload_source(grant)
     images.add_batch(grant.case_id, [inst.item], source)
-    held_count = held.check_studies(
-        store, grant.case_id, source, {inst.item.study_uid: [inst.dataset]}
-    )
+    held_count = _check_study(store, grant.case_id, source, inst)
     with store.session() as s:
         queue_studies(s, grant.case_id, source)
     return FileResult(
@@ -351,6 +356,24 @@ def _receive(
         held=held_count,
         shas=[inst.item.sha256],
     )
+
+
+def _check_study(store: Store, case_id: str, source: str, inst: uploads.Instance) -> int:
+    """The identity check of the instance's study, one instance at a time: a study already held
+    stays held (a later instance that matches must not clear what an earlier one failed; only
+    an admin's decision does). Returns 1 when the study is held."""
+    with store.session(readonly=True) as s:
+        already = s.scalar(
+            select(HeldItem.id).where(
+                HeldItem.case_id == case_id,
+                HeldItem.kind == held.STUDY,
+                HeldItem.key == inst.item.study_uid,
+                HeldItem.state == held.HELD,
+            )
+        )
+    if already is not None:
+        return 1
+    return held.check_studies(store, case_id, source, {inst.item.study_uid: [inst.dataset]})
 
 
 def _is_dicomdir(path: Path) -> bool:

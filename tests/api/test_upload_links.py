@@ -14,15 +14,17 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from fhir_gateway import job_handlers, jobs
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.records import upload_links
-from fhir_gateway.store.models import AuditRow, Job, StoredResource, UploadLink, utcnow
+from fhir_gateway.sandbox.cd import synthetic_instance
+from fhir_gateway.store.models import AuditRow, HeldItem, Job, StoredResource, UploadLink, utcnow
 from tests.api.test_documents import TEXT_PDF, build, refer
 from tests.integration.imaging.cases import make_case
-from tests.upload_link_helpers import files_of, make_cd, tus_send
+from tests.upload_link_helpers import JONES, files_of, make_cd, tus_send
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -224,3 +226,26 @@ def test_cd_folder_and_a_pdf_through_the_link_reach_the_case(
     text = "\n".join(str(r.msg) for r in caplog.records if not r.name.startswith("httpx"))
     assert token not in text
     assert "/upload/{token}" in text
+
+
+def test_a_study_held_by_one_instance_stays_held_when_later_ones_match(
+    client, tokens, tmp_path
+) -> None:
+    """Identity (DESIGN "right patient"): instances arrive one by one; the first of another
+    patient holds the study, and the matching ones after it do not clear the hold."""
+    case_id = refer(client, tokens)
+    token = token_of(create(client, tokens, case_id).json()["url"])
+    study, series = generate_uid(), generate_uid()
+    other = {**JONES, "PatientName": "Smith^John", "PatientBirthDate": "19600101"}
+    for n, patient in enumerate((other, JONES, JONES), start=1):
+        path = tmp_path / f"IM{n}"
+        synthetic_instance(study, series, n, patient).save_as(path, enforce_file_format=True)
+        result = link_send(client, case_id, token, path.name, path.read_bytes())
+        assert result["result"] == "accepted"  # received; the hold is the team's business
+    with client.app.state.store.session() as s:
+        (item,) = s.scalars(select(HeldItem).where(HeldItem.case_id == case_id)).all()
+    assert item.key == study
+    assert item.state == "held"
+    run_jobs(client)
+    studies = client.get(f"/cases/{case_id}/dicom-web/studies", headers=tokens.headers("admin"))
+    assert studies.json() == []  # held: not in the per-case DICOMweb
