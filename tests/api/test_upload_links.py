@@ -21,7 +21,15 @@ from fhir_gateway import job_handlers, jobs
 from fhir_gateway.casebundle import normalise
 from fhir_gateway.records import upload_links
 from fhir_gateway.sandbox.cd import synthetic_instance
-from fhir_gateway.store.models import AuditRow, HeldItem, Job, StoredResource, UploadLink, utcnow
+from fhir_gateway.store.models import (
+    AuditRow,
+    CaseDocument,
+    HeldItem,
+    Job,
+    StoredResource,
+    UploadLink,
+    utcnow,
+)
 from tests.api.test_documents import TEXT_PDF, build, refer
 from tests.integration.imaging.cases import make_case
 from tests.upload_link_helpers import JONES, files_of, make_cd, tus_send
@@ -249,3 +257,29 @@ def test_a_study_held_by_one_instance_stays_held_when_later_ones_match(
     run_jobs(client)
     studies = client.get(f"/cases/{case_id}/dicom-web/studies", headers=tokens.headers("admin"))
     assert studies.json() == []  # held: not in the per-case DICOMweb
+
+
+def test_a_link_upload_resumes_only_through_its_link_and_stops_when_revoked(client, tokens) -> None:
+    case_id = refer(client, tokens)
+    first = create(client, tokens, case_id).json()
+    token = token_of(first["url"])
+    other = token_of(create(client, tokens, case_id).json()["url"])
+    data = TEXT_PDF.read_bytes()
+    tus = {"Tus-Resumable": "1.0.0", "Upload-Link": token}
+    created = client.post(
+        f"/cases/{case_id}/uploads/", headers={**tus, "Upload-Length": str(len(data))}
+    )
+    assert created.status_code == 201
+    url = created.headers["Location"].replace("http://testserver", "")
+    patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+    assert client.patch(url, content=data[:100], headers=patch).status_code == 204
+    assert client.head(url, headers=tus).headers["Upload-Offset"] == "100"
+    # neither another link of the same case nor the partner's EHR may continue or see it
+    assert client.head(url, headers={**tus, "Upload-Link": other}).status_code == 404
+    ehr = tokens.headers("ehr", **{"Tus-Resumable": "1.0.0"})
+    assert client.head(url, headers=ehr).status_code == 404
+    client.delete(f"/cases/{case_id}/upload-links/{first['id']}", headers=tokens.headers("admin"))
+    rest = client.patch(url, content=data[100:], headers={**patch, "Upload-Offset": "100"})
+    assert rest.status_code == 410
+    with client.app.state.store.session() as s:
+        assert s.scalars(select(CaseDocument).where(CaseDocument.case_id == case_id)).all() == []

@@ -27,9 +27,11 @@ from fhir_gateway.store.models import CaseDocument, StoredResource
 from tests.api.test_documents import CCD_MRN, TEXT_PDF
 from tests.conftest import FHIR_JSON, Tokens, load_fixture
 from tests.upload_link_helpers import make_cd
+from tests.web.test_browser import axe_serious
 
 pytestmark = pytest.mark.browser
 INSTANCES = 200
+SHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "upload-link.png"
 
 
 @pytest.fixture
@@ -95,6 +97,7 @@ def test_patient_uploads_a_cd_folder_and_a_pdf_through_the_link(
     page = context.new_page()
     page.goto(url)
     assert page.get_by_role("heading", level=1).inner_text() == "Send your records"
+    assert axe_serious(page) == []
     page.locator("#pick-folder").set_input_files(cd)
     page.locator("#pick-files").set_input_files([pdf, exe])
     summary = page.locator("#summary")
@@ -115,6 +118,9 @@ def test_patient_uploads_a_cd_folder_and_a_pdf_through_the_link(
     ignored = page.locator('#files li[data-result="ignored"]')
     assert "DICOMDIR" in ignored.inner_text()
     assert page.locator("#files progress").count() == 203
+    assert axe_serious(page) == []
+    page.set_viewport_size({"width": 1000, "height": 700})
+    page.screenshot(path=str(SHOT), full_page=False)
     context.close()
 
     def study() -> list[dict[str, Any]]:
