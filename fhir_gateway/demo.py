@@ -311,7 +311,8 @@ class Demo:
         studies = self.get(f"/cases/{case_id}/dicom-web/studies", self.reviewer)
         instances = sum(int(s.get("00201208", {}).get("Value", [0])[0]) for s in studies)
         self.out.print(
-            f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} study, "
+            f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} "
+            f"{'study' if len(studies) == 1 else 'studies'}, "
             f"{instances} instances (QIDO-RS, for a viewer such as OHIF)"
         )
         if studies:
