@@ -26,6 +26,7 @@ from fhir_gateway.api import (
     smart,
     stow,
     subscriptions,
+    upload_links,
     uploads,
     viewer,
 )
@@ -110,6 +111,7 @@ def create_app(
     app.include_router(documents.router)
     app.include_router(stow.router)
     app.include_router(uploads.router)
+    app.include_router(upload_links.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
     web.install(app, settings)  # the reviewer workspace at /app

@@ -8,6 +8,7 @@ servers are shut down cleanly.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -31,6 +32,7 @@ from fhir_gateway.app import create_app
 from fhir_gateway.errors import GatewayError
 from fhir_gateway.logging import configure_logging
 from fhir_gateway.sandbox import SandboxClient, SandboxConfig, SandboxServer
+from fhir_gateway.sandbox.cd import write_cd
 from fhir_gateway.sandbox.pacs import PacsServer
 from fhir_gateway.sandbox.server import AppServer, free_port
 from fhir_gateway.security import audit
@@ -258,6 +260,7 @@ class Demo:
         self.show_pull(case_id)
         self.show_held(case_id)
         self.upload_note(case_id)
+        self.patient_link(case_id)
         self.show_documents(case_id)
         self.wait_for_jobs(case_id, ("normalise_case",))
         self.wait_for_bundle(case_id)
@@ -308,7 +311,8 @@ class Demo:
         studies = self.get(f"/cases/{case_id}/dicom-web/studies", self.reviewer)
         instances = sum(int(s.get("00201208", {}).get("Value", [0])[0]) for s in studies)
         self.out.print(
-            f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} study, "
+            f"GET /cases/{{id}}/dicom-web/studies -> {len(studies)} "
+            f"{'study' if len(studies) == 1 else 'studies'}, "
             f"{instances} instances (QIDO-RS, for a viewer such as OHIF)"
         )
         if studies:
@@ -591,6 +595,69 @@ class Demo:
             f"POST /cases/{{id}}/documents (the partner's C-CDA note) -> {result['result']} "
             f"as {result['kind']}" + (" [held]" if result.get("held") else "")
         )
+
+    def patient_link(self, case_id: str) -> None:
+        """An admin makes a patient upload link; the patient's CD folder (3 images + DICOMDIR)
+        goes through it over plain tus requests, with the token in the `Upload-Link` header."""
+        resp = self.http.post(
+            f"{self.base}/cases/{case_id}/upload-links",
+            headers=self.admin,
+            json={"expiresInDays": 7},
+            timeout=30,
+        )
+        _check(resp)
+        link = resp.json()
+        token = link["url"].rsplit("/", 1)[1]
+        patient = {
+            "PatientName": "Skiles^Darin",
+            "PatientID": "31c343e9-5d7f-444e-9be4-56b1a6ec6146",
+            "IssuerOfPatientID": "2.16.840.1.113883.3.9999.1",
+            "PatientBirthDate": "19670121",
+            "PatientSex": "M",
+        }
+        results: list[str] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            write_cd(Path(tmp), 3, patient)
+            for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                name = path.relative_to(tmp).as_posix()
+                results.append(self._tus_link_upload(case_id, token, name, path.read_bytes()))
+        self.wait_for_jobs(case_id, ("link_studies",))
+        studies = self.get(f"/cases/{case_id}/dicom-web/studies", self.admin)
+        from_cd = [
+            s for s in studies if "patient CD" in str(s.get("00081030", {}).get("Value", [""])[0])
+        ]
+        sizes = [s.get("00201208", {}).get("Value", ["?"])[0] for s in from_cd]
+        self.out.print(
+            f"POST /cases/{{id}}/upload-links -> 201, {link['url'].split('/upload/')[0]}"
+            f"/upload/<token> until {link['expires'][:10]} (only its SHA-256 is stored)"
+        )
+        self.out.print(
+            f"patient CD over tus through the link: {results.count('accepted')} received, "
+            f"{results.count('ignored')} ignored (DICOMDIR), {results.count('rejected')} refused"
+            f" -> the case's DICOMweb: {len(studies)} studies, the CD's with {sizes} instances"
+        )
+
+    def _tus_link_upload(self, case_id: str, token: str, name: str, data: bytes) -> str:
+        tus = {"Tus-Resumable": "1.0.0", "Upload-Link": token}
+        meta = "filename " + base64.b64encode(name.encode()).decode()
+        created = self.http.post(
+            f"{self.base}/cases/{case_id}/uploads/",
+            headers={**tus, "Upload-Length": str(len(data)), "Upload-Metadata": meta},
+            timeout=30,
+        )
+        _check(created)
+        sent = self.http.patch(
+            created.headers["Location"],
+            data=data,
+            headers={
+                **tus,
+                "Upload-Offset": "0",
+                "Content-Type": "application/offset+octet-stream",
+            },
+            timeout=60,
+        )
+        _check(sent)
+        return str(sent.headers["Upload-Result"])
 
     def show_documents(self, case_id: str) -> None:
         """Every document of the case, read by its content (pulled attachments and uploads)."""

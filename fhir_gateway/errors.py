@@ -9,6 +9,7 @@ GatewayError                      base; status_code + FHIR issue code
 │   ├── MappingError              well-formed but unmappable; carries source + path
 │   ├── UnknownPartnerError       the referral names no registered partner
 │   ├── NotFoundError             the requested resource does not exist here
+│   │   └── GoneError             410: it existed but is no more (an expired or revoked link)
 │   ├── ConflictError             state conflict (illegal Task transition, version mismatch)
 │   │   └── CaseClosedError       the case's Task was cancelled or rejected: no more work on it
 │   ├── PreconditionFailedError   conditional request matched several resources
@@ -113,6 +114,11 @@ class UnknownPartnerError(InputError):
 class NotFoundError(InputError):
     status_code = 404
     issue_code = "not-found"
+
+
+class GoneError(NotFoundError):
+    status_code = 410
+    issue_code = "expired"
 
 
 class ConflictError(InputError):

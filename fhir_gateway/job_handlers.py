@@ -11,7 +11,7 @@ from fhir_gateway.imaging import job as imaging_job
 from fhir_gateway.intake import v2_referrals, v2inbox
 from fhir_gateway.intake.tasks import STATUS_KIND as V2_STATUS
 from fhir_gateway.notify import channel, subscriptions
-from fhir_gateway.records import pull
+from fhir_gateway.records import pull, upload_links
 from fhir_gateway.reports import delivery, questions
 from fhir_gateway.reports.drafts import DELIVER_REPORT
 
@@ -19,6 +19,7 @@ HANDLERS: dict[str, jobs.Handler] = {
     pull.KIND: pull.run_pull_fhir,
     imaging_job.KIND: imaging_job.run_pull_imaging,
     normalise.KIND: normalise.run_normalise_case,
+    upload_links.KIND: upload_links.run_link_studies,
     DELIVER_REPORT: delivery.deliver_report_job,
     v2inbox.KIND: v2inbox.run_route_v2,
     V2_STATUS: v2_referrals.run_send_v2_status,

@@ -8,8 +8,10 @@ unaudited GET, and its creation-with-upload reads the body into memory. The prot
 need is small: this module, with state in two files per upload under the data directory
 (`<id>.json` + `<id>.part`; the offset is the part file's size, so a crash loses nothing written).
 
-Who may upload is the `UploadGrant` dependency (`api.documents.upload_grant`): a partner's EHR
-or an admin today; a link token scoped to one case can provide the same grant later.
+Who may upload is the `UploadGrant` dependency (`tus_grant`): a partner's EHR or an admin (bearer
+token, `api.documents.upload_grant`), or a patient upload link (`Upload-Link: <token>`, scoped
+to its one case; `records.upload_links`). A link's files are listed for the link, and a link
+caller sees only the link's view of a result (names, results, reasons; no case data).
 """
 
 from __future__ import annotations
@@ -24,25 +26,27 @@ import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from fhir_gateway.api.deps import SettingsDep, StoreDep
-from fhir_gateway.api.documents import NO_STORE, Grant, Images
+from fhir_gateway.api.deps import SettingsDep, StoreDep, get_principal
+from fhir_gateway.api.documents import NO_STORE, Images, upload_grant
 from fhir_gateway.errors import (
     ConflictError,
+    ForbiddenError,
     InputError,
     NotFoundError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from fhir_gateway.records import uploads
+from fhir_gateway.records import upload_links, uploads
 from fhir_gateway.security import audit
+from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -68,6 +72,21 @@ class TusUpload:
     length: int
     metadata: dict[str, str] = field(default_factory=dict)
     result: dict[str, Any] | None = None
+
+
+def tus_grant(case_id: str, request: Request, store: StoreDep) -> uploads.UploadGrant:
+    """Dependency: a patient upload link's token in `Upload-Link` (refused: 404/410, audited),
+    else the bearer token of a partner's EHR or an admin."""
+    token = request.headers.get(upload_links.HEADER)
+    if token is not None:
+        return upload_links.resolve(store, token.strip(), "upload", case_id).grant()
+    who: Principal = get_principal(request)
+    if who.role not in ("ehr", "admin"):
+        raise ForbiddenError(f"role {who.role!r} may not do this (needs ehr or admin)")
+    return upload_grant(case_id, store, who)
+
+
+Grant = Annotated[uploads.UploadGrant, Depends(tus_grant)]
 
 
 def _dir(settings: Settings) -> Path:
@@ -303,13 +322,16 @@ def _complete(
         raise ConflictError("upload size differs from Upload-Length")
     name = upload.metadata.get("filename") or f"upload-{upload.id}"
     declared = upload.metadata.get("filetype") or ""
-    result = uploads.receive_file(store, settings, images, grant, name, declared, part)
-    uploads.queue_after(store, grant.case_id, [result])
-    upload.result = result.as_json()
+    if grant.link_id is not None:
+        upload.result = upload_links.receive(store, settings, images, grant, name, declared, part)
+    else:
+        result = uploads.receive_file(store, settings, images, grant, name, declared, part)
+        uploads.queue_after(store, grant.case_id, [result])
+        upload.result = result.as_json()
     _save(settings, upload)
     with contextlib.suppress(FileNotFoundError):
         part.unlink()
-    log.info("tus.completed", upload_id=upload.id, accepted=result.accepted)
+    log.info("tus.completed", upload_id=upload.id, result=upload.result["result"])
     return upload.result
 
 

@@ -54,12 +54,14 @@ FAILURE_STUDY_MISMATCH = 0xA900  # Data Set does not match SOP Class / the study
 
 @dataclass(frozen=True)
 class UploadGrant:
-    """Who may upload into which case: a partner's EHR (its own cases), an admin, or - later -
-    a link token scoped to one case. The API's dependencies produce it; the step trusts it."""
+    """Who may upload into which case: a partner's EHR (its own cases), an admin, or a patient
+    upload link scoped to one case (`records.upload_links`). The API's dependencies produce it;
+    the step trusts it."""
 
     case_id: str
     actor: Actor
     source: str  # recorded as the source of what is uploaded (e.g. the partner id)
+    link_id: str | None = None  # set when the grant comes from a patient upload link
 
 
 @dataclass
@@ -174,24 +176,39 @@ def keep_instances(
         if all(d.SeriesInstanceUID != inst.dataset.SeriesInstanceUID for d in series):
             series.append(inst.dataset)
     held_count = held.check_studies(store, grant.case_id, source, headers)
-    with store.session() as s:
-        case = s.get(Case, grant.case_id)
+    rebuild_studies(store, settings, images, grant.case_id, source, set(headers))
+    return held_count
+
+
+def rebuild_studies(
+    store: Store,
+    settings: Settings,
+    images: ImageStore,
+    case_id: str,
+    source: str,
+    study_uids: set[str],
+) -> list[str]:
+    """The ImagingStudies of `study_uids` mapped again from every stored instance of them and
+    saved under `source`. Returns the SHA-256 of those instances.
+
+    Raises:
+        CaseClosedError: the case was cancelled or rejected.
+    """
+    with store.session(readonly=True) as s:
+        case = s.get(Case, case_id)
         subject = {"reference": case.patient_ref} if case is not None else {}
-    wanted = set(headers)
     stored = [
         ref
-        for ref in images.iter_instances(grant.case_id, include_held=True)
-        if ref.study_uid in wanted
+        for ref in images.iter_instances(case_id, include_held=True)
+        if ref.study_uid in study_uids
     ]
     datasets = []
     for ref in stored:
         with images.open_instance(ref) as fh:
             datasets.append(pydicom.dcmread(fh, stop_before_pixels=True))
-    resources = datasets_to_imaging_studies(
-        datasets, subject, case_dicomweb_url(settings, grant.case_id)
-    )
-    save_imaging_studies(store, grant.case_id, source, resources)
-    return held_count
+    resources = datasets_to_imaging_studies(datasets, subject, case_dicomweb_url(settings, case_id))
+    save_imaging_studies(store, case_id, source, resources)
+    return [ref.sha256 for ref in stored]
 
 
 def upload_source(grant: UploadGrant) -> str:
@@ -464,6 +481,7 @@ __all__ = [
     "keep_instances",
     "queue_after",
     "read_instance",
+    "rebuild_studies",
     "receive_document",
     "receive_file",
     "receive_files",

@@ -499,3 +499,35 @@ class Question(Base):
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     report_version: Mapped[int | None] = mapped_column(Integer)  # the amended version
     reply_id: Mapped[str | None] = mapped_column(String(64))  # our reply Communication's id
+
+
+class UploadLink(Base):
+    """A patient upload link for one case: upload-only, expiring, revocable. Only the SHA-256 of
+    its token is kept (the token itself is shown once, in the answer that created it)."""
+
+    __tablename__ = "upload_links"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_by: Mapped[str | None] = mapped_column(String(256))
+
+
+class UploadLinkFile(Base):
+    """One file an upload link received (or refused), as the link's page lists it: the name the
+    patient's browser gave, the result and the reason; no content."""
+
+    __tablename__ = "upload_link_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    link_id: Mapped[str] = mapped_column(ForeignKey("upload_links.id"), index=True)
+    name: Mapped[str] = mapped_column(String(1024))
+    result: Mapped[str] = mapped_column(String(16))  # accepted | rejected | ignored
+    kind: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

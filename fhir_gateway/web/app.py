@@ -14,7 +14,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from fhir_gateway.errors import AuthError, ConfigError, GatewayError, UpstreamError
 from fhir_gateway.security.auth import web_session_key
 from fhir_gateway.settings import Settings
-from fhir_gateway.web import pages, session, signin
+from fhir_gateway.web import pages, session, signin, upload
 from fhir_gateway.web.render import STATIC, render
 
 
@@ -32,6 +32,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     )
     app.include_router(signin.router)
     app.include_router(pages.router)
+    app.include_router(upload.router)
     app.mount("/app/static", StaticFiles(directory=str(STATIC)), name="app-static")
     api_gateway: Any = app.exception_handlers[GatewayError]
     api_validation: Any = app.exception_handlers[RequestValidationError]

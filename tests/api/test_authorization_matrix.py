@@ -194,6 +194,25 @@ MATRIX: dict[str, tuple[Request, tuple[int, ...]]] = {
         ),
         (401, 422, 422, 403, 403, 403, 403),
     ),
+    "POST /cases/{id}/upload-links": (
+        lambda c, k, h: c.post(f"/cases/{k.id}/upload-links", headers=h, json={}),
+        (401, 403, 403, 403, 403, 403, 201),
+    ),
+    "GET /cases/{id}/upload-links": (
+        lambda c, k, h: c.get(f"/cases/{k.id}/upload-links", headers=h),
+        (401, 403, 403, 403, 403, 403, 200),
+    ),
+    "DELETE /cases/{id}/upload-links/{link}": (
+        lambda c, k, h: c.delete(f"/cases/{k.id}/upload-links/no-such-link", headers=h),
+        (401, 403, 403, 403, 403, 403, 404),
+    ),
+    "POST /cases/{id}/uploads/ (tus creation)": (
+        lambda c, k, h: c.post(
+            f"/cases/{k.id}/uploads/",
+            headers=h | {"Tus-Resumable": "1.0.0", "Upload-Length": "4"},
+        ),
+        (401, 201, 403, 403, 403, 403, 201),
+    ),
     "GET /fhir/Basic/{topic}": (
         lambda c, k, h: c.get("/fhir/Basic/referral-task-status", headers=h),
         (401, 200, 200, 200, 200, 200, 200),

@@ -82,7 +82,10 @@ def test_demo_runs_the_loop_on_embedded_defaults() -> None:
     # the X-ray is another patient's: held by the identity check, out of the per-case DICOMweb
     assert "1 study held: identity mismatch (name, birthDate, sex)" in out
     assert "GET /admin/held -> 1 awaiting an admin" in out
-    assert "dicom-web/studies -> 1 study, 4 instances" in out  # the CT series only
+    # the CT series, and the patient's CD uploaded through a patient link (3 instances)
+    assert "dicom-web/studies -> 2 studies, 7 instances" in out
+    assert "patient CD over tus through the link: 3 received, 1 ignored (DICOMDIR)" in out
+    assert "the CD's with [3] instances" in out
     assert "Dog" not in out  # the other patient's name is never shown
     assert re.search(r"imaging\s+│\s+yes", out), out
     assert "1 Patient" in out  # the normalised case bundle
