@@ -13,6 +13,12 @@ queues itself again a little later and ends, so it re-checks until every pull is
 too when the other pull then fails). The last pull to finish queues its own normalisation, which
 builds at once; a re-check that finds the inputs unchanged since the last build (the mark kept
 in `CaseBundleState.inputs_mark`) ends without building again: one build per change of inputs.
+A pull whose handler has queued its normalisation counts as done (it has saved everything).
+
+One build at a time per case (`CaseBuild`, claimed under the case's lock): a normalisation that
+finds another one building marks it `rerun` and ends; the builder checks its inputs once more
+before it lets go and builds again only if they changed. So two normalisations starting at the
+same instant build once, and a change that arrives during a build gets exactly one more build.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
     Case,
+    CaseBuild,
     CaseBundleState,
     CaseDocument,
     FhirResource,
@@ -464,7 +471,15 @@ def pending_pull(session: Session, case_id: str, after: str | None) -> Job | Non
     )
     if after:
         stmt = stmt.where(Job.id != after)
-    return session.scalars(stmt.order_by(Job.run_at)).first()
+    for job in session.scalars(stmt.order_by(Job.run_at)):
+        # A running pull whose handler has queued its normalisation has saved all it pulls.
+        queued_key = f"normalise:{case_id}:{job.id}:{job.attempts}"
+        if job.state == jobs.RUNNING and session.scalar(
+            select(Job.id).where(Job.dedup_key == queued_key)
+        ):
+            continue
+        return job
+    return None
 
 
 def run_normalise_case(ctx: JobContext) -> None:
@@ -472,19 +487,41 @@ def run_normalise_case(ctx: JobContext) -> None:
     if ctx.case_id is None:
         raise InputError("normalise_case job needs a case")
     after = ctx.payload.get("after")
+    base_url = ctx.settings.base_url + "/fhir"
+    builder: str | None = None
     with ctx.store.session() as s:
         waiting = pending_pull(s, ctx.case_id, after)
         deferred = _defer(s, ctx, waiting) if waiting is not None else None
-        base_url = ctx.settings.base_url + "/fhir"
-        unchanged = deferred is None and inputs_unchanged(s, ctx.case_id, base_url)
+        if deferred is None:
+            builder = _claim_build(s, ctx.case_id, ctx.job_id)
+        unchanged = (
+            deferred is None and builder is None and inputs_unchanged(s, ctx.case_id, base_url)
+        )
     if deferred is not None:  # progress is its own transaction: after ours has committed
         ctx.progress({"deferred": deferred})
         return
-    if unchanged:  # another normalisation already built from these very inputs
-        log.info("normalise.case.unchanged", case_id=ctx.case_id)
+    if builder is not None:  # it checks the inputs again before it ends: nothing is lost
+        log.info("normalise.case.joined", case_id=ctx.case_id)
+        ctx.progress({"normalise": {"joined": builder}})
+        return
+    built: Built | None = None
+    try:
+        while True:
+            if unchanged:  # another normalisation already built from these very inputs
+                log.info("normalise.case.unchanged", case_id=ctx.case_id)
+            else:
+                built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
+            with ctx.store.session() as s:
+                if not _release_build(s, ctx.case_id, ctx.job_id):
+                    break
+                unchanged = inputs_unchanged(s, ctx.case_id, base_url)
+    except BaseException:
+        with ctx.store.session() as s:
+            _drop_claim(s, ctx.case_id, ctx.job_id)
+        raise
+    if built is None:
         ctx.progress({"normalise": {"unchanged": True}})
         return
-    built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
     _supersede_rechecks(ctx)
     ctx.progress(
         {
@@ -495,6 +532,54 @@ def run_normalise_case(ctx: JobContext) -> None:
                 "missing": built.missing,
             }
         }
+    )
+
+
+def _claim_build(session: Session, case_id: str, job_id: str) -> str | None:
+    """Claim the case's build for `job_id` (the caller's transaction, under the case's lock).
+
+    Returns None when claimed; else the id of the job building, now marked to re-check."""
+    jobs.require_case_open(session, case_id, "normalising")  # the lock serialises claimers
+    claim = session.get(CaseBuild, case_id, populate_existing=True)
+    if claim is not None and claim.job_id != job_id and _alive(session, claim.job_id):
+        claim.rerun = True
+        return claim.job_id
+    if claim is None:
+        session.add(CaseBuild(case_id=case_id, job_id=job_id, rerun=False, started_at=utcnow()))
+    else:
+        claim.job_id, claim.rerun, claim.started_at = job_id, False, utcnow()
+    return None
+
+
+def _alive(session: Session, job_id: str) -> bool:
+    """Whether the job is running under a lease that has not expired (a crashed builder's
+    claim lapses with its lease; the job is then taken over, or another claims the build)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    return (
+        job is not None
+        and job.state == jobs.RUNNING
+        and job.lease_expires_at is not None
+        and job.lease_expires_at > utcnow()
+    )
+
+
+def _release_build(session: Session, case_id: str, job_id: str) -> bool:
+    """Let go of the build; True (claim kept, flag cleared) when another normalisation asked
+    for a re-check meanwhile."""
+    jobs.require_case_open(session, case_id, "normalising")
+    claim = session.get(CaseBuild, case_id, populate_existing=True)
+    if claim is None or claim.job_id != job_id:
+        return False
+    if claim.rerun:
+        claim.rerun = False
+        return True
+    session.delete(claim)
+    return False
+
+
+def _drop_claim(session: Session, case_id: str, job_id: str) -> None:
+    session.execute(
+        delete(CaseBuild).where(CaseBuild.case_id == case_id, CaseBuild.job_id == job_id)
     )
 
 

@@ -163,7 +163,12 @@ def main() -> None:
         urls = json.loads(line.removeprefix("URLS "))
         (data_dir / "partners.toml").write_text(
             PARTNERS_TOML.format(
-                partner=PARTNER, ehr=urls["ehr"], pacs=urls["pacs"], client=CLIENT_ID, kid=KID
+                partner=PARTNER,
+                ehr=urls["ehr"],
+                pacs=urls["pacs"],
+                lab=urls["ehr"],  # the report copy is not part of this benchmark
+                client=CLIENT_ID,
+                kid=KID,
             )
         )
         # --- anchors: the raw transfers, same data, same servers ---------------------------
