@@ -127,7 +127,7 @@ class JobContext:
         """
         if self.case_id is None:
             return
-        with self.store.session() as s:
+        with self.store.session(readonly=True) as s:  # a read: no write lock to wait for
             require_case_open(s, self.case_id, doing, lock=False)
 
 

@@ -57,6 +57,7 @@ from fhir_gateway.store.models import (
     V2Message,
     utcnow,
 )
+from mappers import units
 from mappers.fhir import InboundResource, check_resource, resources_to_normalised
 from mappers.hl7v2 import document_to_resources as v2_to_resources
 
@@ -151,13 +152,15 @@ def _references(node: Any) -> list[str]:
 
 def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
     out = held.excluded(session, case_id)  # identity holds stay out until released
-    rows = session.scalars(
-        select(StoredResource)
-        .where(StoredResource.case_id == case_id)
-        .order_by(StoredResource.source, StoredResource.resource_type, StoredResource.source_id)
+    t = StoredResource
+    rows = session.execute(  # columns, not ORM objects: thousands of rows per case
+        select(t.source, t.resource_type, t.source_id, t.fetched_at, t.body)
+        .where(t.case_id == case_id)
+        .order_by(t.source, t.resource_type, t.source_id)
     )
-    by_source: dict[str, list[StoredResource]] = {}
-    for row in rows:
+    by_source: dict[str, list[held.Stored]] = {}
+    for columns in rows:
+        row = held.Stored(*columns)
         if out.keeps(row):
             by_source.setdefault(row.source, []).append(row)
     documents = {
@@ -446,6 +449,12 @@ def _dumps(resource: Resource) -> str:
 
 
 # --------------------------------------------------------------------------- the job
+
+
+def preload() -> None:
+    """Build now what the mappers would build on the first normalisation (the UCUM registry,
+    ~1 s of CPU): the service calls this at start, in a thread of its own."""
+    units.preload()
 
 
 def queue_after_pull(ctx: JobContext) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import Text, func, insert, select, type_coerce, update
 
 from connectors._http import Http
 from connectors.fhir_client import FhirEhrClient, SearchResult
@@ -95,6 +96,7 @@ class SaveCounts:
     added: int
     updated: int
     unchanged: int
+    fresh: bool = False  # nothing was stored from the source before: all it holds was saved now
 
 
 def patient_id_of(patient_ref: str) -> str:
@@ -418,47 +420,63 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
             the transaction that would write: nothing is written).
     """
     now = datetime.now(UTC)
-    added = updated = unchanged = 0
+    table = models.StoredResource
+    new_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    changed: list[dict[str, Any]] = []
+    same: list[int] = []
     with store.session() as session:
         jobs.require_case_open(session, case_id, "saving pulled records")
         existing = {
-            (row.resource_type, row.source_id): row
-            for row in session.scalars(
-                select(models.StoredResource).where(
-                    models.StoredResource.case_id == case_id,
-                    models.StoredResource.source == source,
-                )
+            (rtype, sid): (rid, text)
+            for rid, rtype, sid, text in session.execute(
+                select(
+                    table.id, table.resource_type, table.source_id, type_coerce(table.body, Text)
+                ).where(table.case_id == case_id, table.source == source)
             )
         }
         for resource in result.resources:
             key = (resource["resourceType"], str(resource.get("id")))
             last_updated = (resource.get("meta") or {}).get("lastUpdated")
-            row = existing.get(key)
-            if row is None:
-                row = models.StoredResource(
-                    case_id=case_id,
-                    source=source,
-                    resource_type=key[0],
-                    source_id=key[1],
-                    fetched_at=now,
-                    last_updated=last_updated,
-                    body=resource,
+            found = existing.get(key)
+            if found is None:
+                new_rows[key] = {  # the last of a repeated id wins, as before
+                    "case_id": case_id,
+                    "source": source,
+                    "resource_type": key[0],
+                    "source_id": key[1],
+                    "fetched_at": now,
+                    "last_updated": last_updated,
+                    "body": resource,
+                }
+            elif found[1] is None or json.loads(found[1]) != resource:
+                changed.append(
+                    {
+                        "id": found[0],
+                        "body": resource,
+                        "last_updated": last_updated,
+                        "fetched_at": now,
+                    }
                 )
-                session.add(row)
-                existing[key] = row
-                added += 1
-            elif row.body != resource:
-                row.body, row.last_updated, row.fetched_at = resource, last_updated, now
-                updated += 1
             else:
-                row.fetched_at = now
-                unchanged += 1
-        for binary in result.binaries:
-            if session.get(models.Binary, binary.sha256) is None:
+                same.append(found[0])
+        # One statement per kind of write (executemany), not one ORM object per resource.
+        if new_rows:
+            session.execute(insert(table), list(new_rows.values()))
+        if changed:
+            session.execute(update(table), changed)
+        for i in range(0, len(same), 500):
+            session.execute(
+                update(table).where(table.id.in_(same[i : i + 500])).values(fetched_at=now)
+            )
+        added, updated, unchanged = len(new_rows), len(changed), len(same)
+        shas = {b.sha256: b for b in result.binaries}
+        known = set(
+            session.scalars(select(models.Binary.sha256).where(models.Binary.sha256.in_(shas)))
+        )
+        for sha, binary in shas.items():
+            if sha not in known:
                 session.add(
-                    models.Binary(
-                        sha256=binary.sha256, size=binary.size, content_type=binary.content_type
-                    )
+                    models.Binary(sha256=sha, size=binary.size, content_type=binary.content_type)
                 )
         audit.record(
             session,
@@ -469,7 +487,7 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
             entity=[f"source:{source}", f"count:{len(result.resources)}"],
         )
     log.info("pull.save.done", added=added, updated=updated, unchanged=unchanged)
-    return SaveCounts(added, updated, unchanged)
+    return SaveCounts(added, updated, unchanged, fresh=not existing)
 
 
 def last_updated_since(store: Store, case_id: str, source: str) -> str | None:
@@ -578,7 +596,13 @@ def pull_case(
         size=sum(b.size for b in result.binaries),
     )
     # Right patient: the pulled Patient(s) and records about other patients against the referral.
-    held.check_records(store, case_id, client.base_url, patient_id)
+    held.check_records(
+        store,
+        case_id,
+        client.base_url,
+        patient_id,
+        result.resources if saved.fresh else None,  # a first pull: what was stored is in hand
+    )
     # Every attachment is read by its content: documents of the case, checked the same way.
     documents.read_in_pulled(
         store,
