@@ -314,7 +314,8 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
     started = time.monotonic()
     base_url = settings.base_url + "/fhir"
     for attempt in range(1, MAX_BUILDS + 1):
-        with store.session() as s:
+        # A read (one snapshot): mapping thousands of resources must not hold the write lock.
+        with store.session(readonly=True) as s:
             case = s.get(Case, case_id)
             if case is None:
                 raise NotFoundError(f"case {case_id} does not exist")

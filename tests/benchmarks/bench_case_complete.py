@@ -223,6 +223,7 @@ def main() -> None:
             admin = {"Authorization": f"Bearer {mint_dev_token(data_dir, role='admin', sub='b')}"}
             referral = (DEMO_DATA / "referral-transaction.json").read_bytes()
             rss0 = vm_hwm_mb()
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
             posted = datetime.now(UTC)
             resp = http.post(f"{gw.url}/fhir", data=referral, headers=ehr_h, timeout=60)
@@ -240,6 +241,7 @@ def main() -> None:
                     raise SystemExit(f"not complete after 600 s: {states}")
                 time.sleep(0.05)
             t_ours = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0  # this process: the gateway (+ the polling above)
             jobs = case["jobs"]
         peak = vm_hwm_mb()
         from fhir_gateway.store import open_store
@@ -250,7 +252,14 @@ def main() -> None:
             for job in sorted(s.query(Job).all(), key=lambda j: j.created_at):
                 start = (job.created_at - posted).total_seconds()
                 end = ((job.finished_at or job.updated_at) - posted).total_seconds()
-                print(f"# {job.kind:<15} queued +{start:5.2f} s  ended +{end:5.2f} s  {job.state}")
+                what = ",".join(sorted((job.progress or {}).get("normalise", {}))[:1])
+                what = what or ",".join(
+                    k for k in ("deferred", "superseded") if k in (job.progress or {})
+                )
+                print(
+                    f"# {job.kind:<15} queued +{start:5.2f} s  ended +{end:5.2f} s  {job.state}"
+                    f" {what}"
+                )
         store.dispose()
     finally:
         if child is not None:
@@ -283,6 +292,8 @@ def main() -> None:
     print(
         f"gateway process peak RSS: {peak:.0f} MB (before the referral {rss0:.0f} MB; target < 200)"
     )
+    load = os.getloadavg()[0]
+    print(f"gateway process CPU during the case: {cpu:.2f} s (load average {load:.2f})")
     report(
         f"referral -> case complete ({args.observations} obs., {args.instances} img.)",
         t_ours,
