@@ -410,6 +410,10 @@ def _store_inline(data: str, content_type: str, binary_dir: Path) -> tuple[str, 
 # --- storing ------------------------------------------------------------------------------
 
 
+SAVE_CHUNK = 500  # rows per INSERT executemany
+STORED_TABLE = models.Base.metadata.tables["stored_resources"]  # Core: no ORM bulk-insert copies
+
+
 def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> SaveCounts:
     """Upsert the pulled resources as `StoredResource` rows (one per source id) and binaries.
 
@@ -460,8 +464,9 @@ def save_pull(store: Store, case_id: str, source: str, result: PullResult) -> Sa
             else:
                 same.append(found[0])
         # One statement per kind of write (executemany), not one ORM object per resource.
-        if new_rows:
-            session.execute(insert(table), list(new_rows.values()))
+        rows = list(new_rows.values())
+        for i in range(0, len(rows), SAVE_CHUNK):  # Core executemany, in chunks (bounded memory)
+            session.execute(insert(STORED_TABLE), rows[i : i + SAVE_CHUNK])
         if changed:
             session.execute(update(table), changed)
         for i in range(0, len(same), 500):
