@@ -120,7 +120,7 @@ def test_a_change_during_a_build_gets_exactly_one_more_build(
         if builds:
             break
         threading.Event().wait(0.05)
-    assert builds == [1]  # the build of the Patient alone is under way
+    assert builds == [1]  # the build of the first source (the Patient alone) is under way
     # A pull saves a new Observation and queues its normalisation while the build runs.
     save(
         store,
@@ -136,7 +136,8 @@ def test_a_change_during_a_build_gets_exactly_one_more_build(
     queue_normalise(store, "c2", "pull-1")
     second = jobs.Worker(store, settings)
     assert second.run_once()  # ends at once: the build under way will see the change
-    assert first.is_alive() and len(builds) == 1
+    assert first.is_alive()
+    assert len(builds) == 1
     go.set()
     first.join(30)
     assert len(builds) == 2  # exactly one more build, with the change in it
