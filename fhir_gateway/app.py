@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,6 +35,7 @@ from fhir_gateway.api.cors import DicomwebCORSMiddleware
 from fhir_gateway.api.deps import ADMIN, StoreDep
 from fhir_gateway.api.observe import AccessMiddleware
 from fhir_gateway.api.responses import add_error_handlers
+from fhir_gateway.casebundle import normalise
 from fhir_gateway.logging import configure_logging
 from fhir_gateway.security.access import Principal
 from fhir_gateway.security.auth import TokenValidator
@@ -65,6 +67,8 @@ def create_app(
         if workers:
             job_handlers.register_all()
             running = jobs.start_worker_threads(app.state.store, settings, workers)
+            # What the first normalisation would build (the UCUM registry), built now, aside.
+            threading.Thread(target=normalise.preload, name="preload", daemon=True).start()
         try:
             yield
         finally:

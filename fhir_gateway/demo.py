@@ -264,6 +264,7 @@ class Demo:
         self.show_documents(case_id)
         self.wait_for_jobs(case_id, ("normalise_case",))
         self.wait_for_bundle(case_id)
+        self.show_normalisation(case_id)
         self.review(case_id)
         self.report(case_id)
         self.wait_for_jobs(case_id, ("deliver_report",))
@@ -280,6 +281,24 @@ class Demo:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the case bundle was not built in time")
                 time.sleep(0.2)
+
+    def show_normalisation(self, case_id: str) -> None:
+        """Every pull and upload queues a normalisation; the case is built once per change."""
+        jobs = self.get(f"/cases/{case_id}", self.admin)["jobs"]
+        outcomes: dict[str, int] = {}
+        for job in jobs:
+            if job["kind"] != "normalise_case":
+                continue
+            progress = job.get("progress") or {}
+            what = next(iter(progress.get("normalise") or {}), None) or next(iter(progress), "")
+            what = {"resources": "built", "": job["state"]}.get(what, what)
+            outcomes[what] = outcomes.get(what, 0) + 1
+        self.out.print(
+            "normalisation: "
+            + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
+            + " (one build per change of inputs: the others waited for a pull, joined the"
+            " build under way, or found nothing new)"
+        )
 
     def review(self, case_id: str) -> None:
         """An operator assigns a reviewer, who reads the case summary, bundle and images."""

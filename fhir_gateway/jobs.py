@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import event, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import (
@@ -142,7 +142,7 @@ class JobContext:
         """
         if self.case_id is None:
             return
-        with self.store.session() as s:
+        with self.store.session(readonly=True) as s:  # a read: no write lock to wait for
             require_case_open(s, self.case_id, doing, lock=False)
 
 
@@ -194,7 +194,22 @@ def enqueue(
     )
     session.add(job)
     session.flush()
+    if not session.info.get("wakes_workers"):
+        session.info["wakes_workers"] = True
+        event.listen(session, "after_commit", _wake_workers, once=True)
     return job
+
+
+# Workers of this process wait on this between polls: a job committed here starts at once
+# instead of at the next poll (`jobs.poll_s`); other processes still find it by polling.
+_WAKE = threading.Condition()
+_wakes = [0]
+
+
+def _wake_workers(_session: Session | None = None) -> None:
+    with _WAKE:
+        _wakes[0] += 1
+        _WAKE.notify_all()
 
 
 def requeue_dead(session: Session, job_id: str) -> Job:
@@ -376,17 +391,21 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        _wake_workers()
 
     def run_forever(self) -> None:
         log.info("worker.start", worker=self.name, kinds=sorted(_HANDLERS))
         while not self._stop.is_set():
+            seen = _wakes[0]
             try:
                 ran = self.run_once()
             except Exception:  # the loop must survive a database hiccup
                 log.exception("worker.loop.error", worker=self.name)
                 ran = False
             if not ran:
-                self._stop.wait(self.settings.jobs.poll_s)
+                with _WAKE:  # until the next poll, or a job enqueued by this process
+                    if seen == _wakes[0] and not self._stop.is_set():
+                        _WAKE.wait(self.settings.jobs.poll_s)
         log.info("worker.stop", worker=self.name)
 
     def run_once(self) -> bool:

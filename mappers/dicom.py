@@ -92,8 +92,10 @@ def json_to_dataset(data: Mapping[str, Any]) -> Dataset:
     Raises:
         ParseError: not a DICOM JSON dataset.
     """
+    # pydicom inspects a handler's signature once per element: only pass one when needed.
+    handler = _no_bulk if "BulkDataURI" in json.dumps(data) else None
     try:
-        return Dataset.from_json(dict(data), bulk_data_uri_handler=_no_bulk)
+        return Dataset.from_json(dict(data), bulk_data_uri_handler=handler)
     except (ValueError, KeyError, TypeError) as exc:
         raise ParseError(f"not a DICOM JSON dataset: {exc}", source="dicom") from exc
 

@@ -11,6 +11,7 @@ so nothing the source said is lost. Values whose unit is not UCUM, or of another
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 from fhir_gateway.resources import LOINC, UCUM, Resource
@@ -21,11 +22,26 @@ PQ_TRANSLATION = "http://hl7.org/fhir/StructureDefinition/iso21090-PQ-translatio
 _SIGNIFICANT = 12  # enough for any lab value; hides binary floating-point noise of the factors
 
 
+_REGISTRY_LOCK = threading.Lock()
+
+
 @functools.cache
 def _registry() -> Any:
-    from ucumvert import PintUcumRegistry  # 0.5 s to build: loaded on first conversion
+    with _REGISTRY_LOCK:  # built once even when two normalisations start together
+        return _build_registry()
+
+
+@functools.cache
+def _build_registry() -> Any:
+    from ucumvert import PintUcumRegistry  # 0.5-1 s to build: on first use, or `preload()`
 
     return PintUcumRegistry()
+
+
+def preload() -> None:
+    """Build the UCUM registry now (a service calls this at start, off the request path), so
+    the first case's normalisation does not pay for it."""
+    _registry()
 
 
 def convert(value: float, from_unit: str, to_unit: str) -> float | None:

@@ -173,14 +173,15 @@ def assemble_case_bundle(
                 canonical = redirect.get(ref, ref)
                 targets.append(canonical)
                 continue
-            found = _find_duplicate(resource, number, by_identifier, by_content, redirect)
+            content = _content_key(resource, redirect)  # once: for the lookup and the index
+            found = _find_duplicate(resource, number, content, by_identifier, by_content)
             if found is not None:
                 redirect[ref] = found
                 _merge_into(kept[found], resource)
                 targets.append(found)
                 continue
             kept[ref] = resource
-            _index(resource, ref, number, by_identifier, by_content, redirect)
+            _index(resource, ref, number, content, by_identifier, by_content)
             targets.append(ref)
         targets_per_source.append(list(dict.fromkeys(targets)))
     merged = len(redirect) - len(patient_refs)
@@ -313,23 +314,29 @@ def _content_key(resource: Resource, redirect: dict[str, str]) -> tuple[Any, ...
     return (
         resource["resourceType"],
         codes,
-        json.dumps(when, sort_keys=True),
-        json.dumps(value, sort_keys=True),
+        _json_key(when),
+        _json_key(value),
         subject,
     )
+
+
+def _json_key(value: Any) -> Any:
+    """A hashable, order-independent key of a JSON value (a string as it is)."""
+    if isinstance(value, str):
+        return value
+    return ("json", json.dumps(value, sort_keys=True))
 
 
 def _find_duplicate(
     resource: Resource,
     number: int,
+    content: tuple[Any, ...] | None,
     by_identifier: dict[tuple[str, str, str], str],
     by_content: dict[tuple[Any, ...], tuple[str, int]],
-    redirect: dict[str, str],
 ) -> str | None:
     for key in _identifier_keys(resource):
         if key in by_identifier:
             return by_identifier[key]
-    content = _content_key(resource, redirect)
     found = by_content.get(content) if content is not None else None
     # Within one source, distinct ids mean distinct resources: content matches only across.
     if found is not None and found[1] != number:
@@ -341,13 +348,12 @@ def _index(
     resource: Resource,
     ref: str,
     number: int,
+    content: tuple[Any, ...] | None,
     by_identifier: dict[tuple[str, str, str], str],
     by_content: dict[tuple[Any, ...], tuple[str, int]],
-    redirect: dict[str, str],
 ) -> None:
     for key in _identifier_keys(resource):
         by_identifier.setdefault(key, ref)
-    content = _content_key(resource, redirect)
     if content is not None:
         by_content.setdefault(content, (ref, number))
 

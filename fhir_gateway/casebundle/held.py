@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -90,27 +91,37 @@ def worst(verdicts: Iterable[Verdict]) -> Verdict:
     return Verdict(outcome, differ, unconfirmed)
 
 
-def check_records(store: Store, case_id: str, source: str, requested_patient_id: str) -> int:
+def check_records(
+    store: Store,
+    case_id: str,
+    source: str,
+    requested_patient_id: str,
+    stored: Iterable[Mapping[str, Any]] | None = None,
+) -> int:
     """Check what a FHIR pull stored for the case from `source`: every pulled Patient against
-    the referral's, and every record about another Patient. Returns how many are held now."""
+    the referral's, and every record about another Patient. Returns how many are held now.
+
+    `stored`: every resource stored for the case from `source`, when the caller has them all
+    in hand (a first pull); else they are read back."""
     with store.session() as s:
         case = s.get(Case, case_id)
         reference = reference_demographics(s, case) if case is not None else None
         if reference is None:
             log.info("identity.check.skipped", case_id=case_id, reason="no-referral-patient")
             return 0
-        rows = s.scalars(
-            select(StoredResource).where(
-                StoredResource.case_id == case_id, StoredResource.source == source
+        if stored is None:
+            stored = s.scalars(
+                select(StoredResource.body).where(
+                    StoredResource.case_id == case_id, StoredResource.source == source
+                )
             )
-        )
         patients: dict[str, Demographics] = {}
         referenced: set[str] = set()
-        for row in rows:
-            if row.resource_type == "Patient":
-                patients[row.source_id] = patient_to_demographics(row.body)
+        for body in stored:
+            if body.get("resourceType") == "Patient":
+                patients[str(body.get("id"))] = patient_to_demographics(dict(body))
             else:
-                referenced |= patient_ids_referenced(row.body)
+                referenced |= patient_ids_referenced(body)
         verdicts = {pid: compare(reference, d) for pid, d in patients.items()}
         for pid in referenced - set(patients) - {requested_patient_id}:
             verdicts[pid] = foreign_reference()
@@ -241,7 +252,7 @@ class Excluded:
                 return False
         return True
 
-    def keeps(self, row: StoredResource) -> bool:
+    def keeps(self, row: StoredResource | Stored) -> bool:
         """Whether a stored resource may enter the bundle."""
         body = row.body if isinstance(row.body, dict) else {}
         if not self.keeps_study(row.resource_type, body):
@@ -251,6 +262,17 @@ class Excluded:
         if row.resource_type == "Patient" and (row.source, row.source_id) in self.patients:
             return False
         return not any((row.source, pid) in self.patients for pid in patient_ids_referenced(body))
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A stored resource's columns as normalisation reads them (no ORM object per row)."""
+
+    source: str
+    resource_type: str
+    source_id: str
+    fetched_at: datetime
+    body: Any
 
 
 def excluded(session: Session, case_id: str) -> Excluded:

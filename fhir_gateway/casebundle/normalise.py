@@ -13,6 +13,12 @@ queues itself again a little later and ends, so it re-checks until every pull is
 too when the other pull then fails). The last pull to finish queues its own normalisation, which
 builds at once; a re-check that finds the inputs unchanged since the last build (the mark kept
 in `CaseBundleState.inputs_mark`) ends without building again: one build per change of inputs.
+A pull whose handler has queued its normalisation counts as done (it has saved everything).
+
+One build at a time per case (`CaseBuild`, claimed under the case's lock): a normalisation that
+finds another one building marks it `rerun` and ends; the builder checks its inputs once more
+before it lets go and builds again only if they changed. So two normalisations starting at the
+same instant build once, and a change that arrives during a build gets exactly one more build.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
     Case,
+    CaseBuild,
     CaseBundleState,
     CaseDocument,
     FhirResource,
@@ -50,6 +57,7 @@ from fhir_gateway.store.models import (
     V2Message,
     utcnow,
 )
+from mappers import units
 from mappers.fhir import InboundResource, check_resource, resources_to_normalised
 from mappers.hl7v2 import document_to_resources as v2_to_resources
 
@@ -144,13 +152,15 @@ def _references(node: Any) -> list[str]:
 
 def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
     out = held.excluded(session, case_id)  # identity holds stay out until released
-    rows = session.scalars(
-        select(StoredResource)
-        .where(StoredResource.case_id == case_id)
-        .order_by(StoredResource.source, StoredResource.resource_type, StoredResource.source_id)
+    t = StoredResource
+    rows = session.execute(  # columns, not ORM objects: thousands of rows per case
+        select(t.source, t.resource_type, t.source_id, t.fetched_at, t.body)
+        .where(t.case_id == case_id)
+        .order_by(t.source, t.resource_type, t.source_id)
     )
-    by_source: dict[str, list[StoredResource]] = {}
-    for row in rows:
+    by_source: dict[str, list[held.Stored]] = {}
+    for columns in rows:
+        row = held.Stored(*columns)
         if out.keeps(row):
             by_source.setdefault(row.source, []).append(row)
     documents = {
@@ -304,7 +314,8 @@ def normalise_case(store: Store, settings: Settings, case_id: str) -> Built:
     started = time.monotonic()
     base_url = settings.base_url + "/fhir"
     for attempt in range(1, MAX_BUILDS + 1):
-        with store.session() as s:
+        # A read (one snapshot): mapping thousands of resources must not hold the write lock.
+        with store.session(readonly=True) as s:
             case = s.get(Case, case_id)
             if case is None:
                 raise NotFoundError(f"case {case_id} does not exist")
@@ -441,6 +452,12 @@ def _dumps(resource: Resource) -> str:
 # --------------------------------------------------------------------------- the job
 
 
+def preload() -> None:
+    """Build now what the mappers would build on the first normalisation (the UCUM registry,
+    ~1 s of CPU): the service calls this at start, in a thread of its own."""
+    units.preload()
+
+
 def queue_after_pull(ctx: JobContext) -> None:
     """Queue the case's normalisation at the end of a pull job (its own transaction).
 
@@ -464,7 +481,15 @@ def pending_pull(session: Session, case_id: str, after: str | None) -> Job | Non
     )
     if after:
         stmt = stmt.where(Job.id != after)
-    return session.scalars(stmt.order_by(Job.run_at)).first()
+    for job in session.scalars(stmt.order_by(Job.run_at)):
+        # A running pull whose handler has queued its normalisation has saved all it pulls.
+        queued_key = f"normalise:{case_id}:{job.id}:{job.attempts}"
+        if job.state == jobs.RUNNING and session.scalar(
+            select(Job.id).where(Job.dedup_key == queued_key)
+        ):
+            continue
+        return job
+    return None
 
 
 def run_normalise_case(ctx: JobContext) -> None:
@@ -472,19 +497,41 @@ def run_normalise_case(ctx: JobContext) -> None:
     if ctx.case_id is None:
         raise InputError("normalise_case job needs a case")
     after = ctx.payload.get("after")
+    base_url = ctx.settings.base_url + "/fhir"
+    builder: str | None = None
     with ctx.store.session() as s:
         waiting = pending_pull(s, ctx.case_id, after)
         deferred = _defer(s, ctx, waiting) if waiting is not None else None
-        base_url = ctx.settings.base_url + "/fhir"
-        unchanged = deferred is None and inputs_unchanged(s, ctx.case_id, base_url)
+        if deferred is None:
+            builder = _claim_build(s, ctx.case_id, ctx.job_id)
+        unchanged = (
+            deferred is None and builder is None and inputs_unchanged(s, ctx.case_id, base_url)
+        )
     if deferred is not None:  # progress is its own transaction: after ours has committed
         ctx.progress({"deferred": deferred})
         return
-    if unchanged:  # another normalisation already built from these very inputs
-        log.info("normalise.case.unchanged", case_id=ctx.case_id)
+    if builder is not None:  # it checks the inputs again before it ends: nothing is lost
+        log.info("normalise.case.joined", case_id=ctx.case_id)
+        ctx.progress({"normalise": {"joined": builder}})
+        return
+    built: Built | None = None
+    try:
+        while True:
+            if unchanged:  # another normalisation already built from these very inputs
+                log.info("normalise.case.unchanged", case_id=ctx.case_id)
+            else:
+                built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
+            with ctx.store.session() as s:
+                if not _release_build(s, ctx.case_id, ctx.job_id):
+                    break
+                unchanged = inputs_unchanged(s, ctx.case_id, base_url)
+    except BaseException:
+        with ctx.store.session() as s:
+            _drop_claim(s, ctx.case_id, ctx.job_id)
+        raise
+    if built is None:
         ctx.progress({"normalise": {"unchanged": True}})
         return
-    built = normalise_case(ctx.store, ctx.settings, ctx.case_id)
     _supersede_rechecks(ctx)
     ctx.progress(
         {
@@ -495,6 +542,54 @@ def run_normalise_case(ctx: JobContext) -> None:
                 "missing": built.missing,
             }
         }
+    )
+
+
+def _claim_build(session: Session, case_id: str, job_id: str) -> str | None:
+    """Claim the case's build for `job_id` (the caller's transaction, under the case's lock).
+
+    Returns None when claimed; else the id of the job building, now marked to re-check."""
+    jobs.require_case_open(session, case_id, "normalising")  # the lock serialises claimers
+    claim = session.get(CaseBuild, case_id, populate_existing=True)
+    if claim is not None and claim.job_id != job_id and _alive(session, claim.job_id):
+        claim.rerun = True
+        return claim.job_id
+    if claim is None:
+        session.add(CaseBuild(case_id=case_id, job_id=job_id, rerun=False, started_at=utcnow()))
+    else:
+        claim.job_id, claim.rerun, claim.started_at = job_id, False, utcnow()
+    return None
+
+
+def _alive(session: Session, job_id: str) -> bool:
+    """Whether the job is running under a lease that has not expired (a crashed builder's
+    claim lapses with its lease; the job is then taken over, or another claims the build)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    return (
+        job is not None
+        and job.state == jobs.RUNNING
+        and job.lease_expires_at is not None
+        and job.lease_expires_at > utcnow()
+    )
+
+
+def _release_build(session: Session, case_id: str, job_id: str) -> bool:
+    """Let go of the build; True (claim kept, flag cleared) when another normalisation asked
+    for a re-check meanwhile."""
+    jobs.require_case_open(session, case_id, "normalising")
+    claim = session.get(CaseBuild, case_id, populate_existing=True)
+    if claim is None or claim.job_id != job_id:
+        return False
+    if claim.rerun:
+        claim.rerun = False
+        return True
+    session.delete(claim)
+    return False
+
+
+def _drop_claim(session: Session, case_id: str, job_id: str) -> None:
+    session.execute(
+        delete(CaseBuild).where(CaseBuild.case_id == case_id, CaseBuild.job_id == job_id)
     )
 
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ACSN = "ACSN"  # v2-0203 identifier type: accession number
+CHECK_EVERY_S = 0.2  # the case-closed check while instances stream in
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
@@ -188,7 +189,8 @@ def pull_case_images(
     Index rows are written `batch_size` at a time, or every `flush_every_s` (one transaction
     each), by one fetching thread while the others go on streaming.
     A part that is not valid DICOM is rejected with its reason; the others are kept.
-    `checkpoint` is called before each study, after each instance and before each index write;
+    `checkpoint` is called before each study, every `CHECK_EVERY_S` while instances arrive and
+    before each index write;
     what it raises (the case was cancelled) ends the pull, and nothing more is indexed.
     Then every selected study's Patient module is compared with the referral's patient
     (`casebundle.held.check_studies`, issuer from the partners file): a study that is not a
@@ -234,8 +236,13 @@ def pull_case_images(
             metrics.observe_pull(instances=len(batch), kind="images", size=size)
             report()
 
+    last_check = [time.monotonic()]
+
     def sink(result: Retrieved) -> None:
-        if checkpoint is not None:
+        # A cancelled case stops the pull within CHECK_EVERY_S (not a query per instance); the
+        # index write checks it again under the case's lock, so nothing more is indexed.
+        if checkpoint is not None and time.monotonic() - last_check[0] >= CHECK_EVERY_S:
+            last_check[0] = time.monotonic()
             checkpoint()
         with lock:
             if isinstance(result, RejectedPart):

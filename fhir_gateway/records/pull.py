@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import Text, func, insert, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from connectors._http import Http
@@ -103,6 +104,7 @@ class SaveCounts:
     added: int
     updated: int
     unchanged: int
+    fresh: bool = False  # nothing was stored from the source before: all it holds was saved now
 
 
 def patient_id_of(patient_ref: str) -> str:
@@ -416,6 +418,10 @@ def _store_inline(data: str, content_type: str, binary_dir: Path) -> tuple[str, 
 # --- storing ------------------------------------------------------------------------------
 
 
+SAVE_CHUNK = 500  # rows per INSERT executemany
+STORED_TABLE = models.Base.metadata.tables["stored_resources"]  # Core: no ORM bulk-insert copies
+
+
 def save_pull(
     store: Store,
     case_id: str,
@@ -434,46 +440,72 @@ def save_pull(
             the transaction that would write: nothing is written).
     """
     now = datetime.now(UTC)
-    added = updated = unchanged = 0
+    table = models.StoredResource
+    new_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    changed: list[dict[str, Any]] = []
+    same: list[int] = []
     with store.session() as session:
         jobs.require_case_open(session, case_id, "saving pulled records")
-        query = select(models.StoredResource).where(
-            models.StoredResource.case_id == case_id,
-            models.StoredResource.source == source,
-        )
+        query = select(
+            table.id, table.resource_type, table.source_id, type_coerce(table.body, Text)
+        ).where(table.case_id == case_id, table.source == source)
         ids = {str(r.get("id")) for r in result.resources}
-        if len(ids) <= SAVE_LOOKUP_IDS:  # a batch: look up only its ids
-            query = query.where(models.StoredResource.source_id.in_(ids))
-        existing = {(row.resource_type, row.source_id): row for row in session.scalars(query)}
+        batch = len(ids) <= SAVE_LOOKUP_IDS  # a batch: look up only its ids
+        if batch:
+            query = query.where(table.source_id.in_(ids))
+        existing = {(rtype, sid): (rid, text) for rid, rtype, sid, text in session.execute(query)}
+        # `fresh`: nothing stored from this source before (a batch's lookup sees only its ids)
+        fresh = not existing and (
+            not batch
+            or session.scalar(
+                select(table.id).where(table.case_id == case_id, table.source == source).limit(1)
+            )
+            is None
+        )
         for resource in result.resources:
             key = (resource["resourceType"], str(resource.get("id")))
             last_updated = (resource.get("meta") or {}).get("lastUpdated")
-            row = existing.get(key)
-            if row is None:
-                row = models.StoredResource(
-                    case_id=case_id,
-                    source=source,
-                    resource_type=key[0],
-                    source_id=key[1],
-                    fetched_at=now,
-                    last_updated=last_updated,
-                    body=resource,
+            found = existing.get(key)
+            if found is None:
+                new_rows[key] = {  # the last of a repeated id wins, as before
+                    "case_id": case_id,
+                    "source": source,
+                    "resource_type": key[0],
+                    "source_id": key[1],
+                    "fetched_at": now,
+                    "last_updated": last_updated,
+                    "body": resource,
+                }
+            elif found[1] is None or json.loads(found[1]) != resource:
+                changed.append(
+                    {
+                        "id": found[0],
+                        "body": resource,
+                        "last_updated": last_updated,
+                        "fetched_at": now,
+                    }
                 )
-                session.add(row)
-                existing[key] = row
-                added += 1
-            elif row.body != resource:
-                row.body, row.last_updated, row.fetched_at = resource, last_updated, now
-                updated += 1
             else:
-                row.fetched_at = now
-                unchanged += 1
-        for binary in result.binaries:
-            if session.get(models.Binary, binary.sha256) is None:
+                same.append(found[0])
+        # One statement per kind of write (executemany), not one ORM object per resource.
+        rows = list(new_rows.values())
+        for i in range(0, len(rows), SAVE_CHUNK):  # Core executemany, in chunks (bounded memory)
+            session.execute(insert(STORED_TABLE), rows[i : i + SAVE_CHUNK])
+        if changed:
+            session.execute(update(table), changed)
+        for i in range(0, len(same), 500):
+            session.execute(
+                update(table).where(table.id.in_(same[i : i + 500])).values(fetched_at=now)
+            )
+        added, updated, unchanged = len(new_rows), len(changed), len(same)
+        shas = {b.sha256: b for b in result.binaries}
+        known = set(
+            session.scalars(select(models.Binary.sha256).where(models.Binary.sha256.in_(shas)))
+        )
+        for sha, binary in shas.items():
+            if sha not in known:
                 session.add(
-                    models.Binary(
-                        sha256=binary.sha256, size=binary.size, content_type=binary.content_type
-                    )
+                    models.Binary(sha256=sha, size=binary.size, content_type=binary.content_type)
                 )
         audit.record(
             session,
@@ -486,7 +518,7 @@ def save_pull(
         if also is not None:
             also(session)
     log.info("pull.save.done", added=added, updated=updated, unchanged=unchanged)
-    return SaveCounts(added, updated, unchanged)
+    return SaveCounts(added, updated, unchanged, fresh=fresh)
 
 
 def last_updated_since(store: Store, case_id: str, source: str) -> str | None:
@@ -627,7 +659,13 @@ def pull_case(
         size=sum(b.size for b in result.binaries),
     )
     # Right patient: the pulled Patient(s) and records about other patients against the referral.
-    held.check_records(store, case_id, client.base_url, patient_id)
+    held.check_records(
+        store,
+        case_id,
+        client.base_url,
+        patient_id,
+        result.resources if saved.fresh else None,  # a first pull: what was stored is in hand
+    )
     # Every attachment is read by its content: documents of the case, checked the same way.
     documents.read_in_pulled(
         store,

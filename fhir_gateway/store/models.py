@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -337,6 +338,21 @@ class CaseBundleState(Base):
     # What the inputs were when built (normalise._inputs_mark, as text): a normalise job whose
     # inputs are unchanged does not build again. NULL before migration 0013.
     inputs_mark: Mapped[str | None] = mapped_column(String(512))
+
+
+class CaseBuild(Base):
+    """A normalisation of the case being built (casebundle/normalise.py): at most one at a time.
+
+    The row names the `normalise_case` job building; it holds while that job is running with a
+    live lease. A normalisation that finds it held sets `rerun` and ends; the builder, before it
+    lets go, checks its inputs again and builds once more when they changed (no lost update)."""
+
+    __tablename__ = "case_builds"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    rerun: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class SmartJti(Base):

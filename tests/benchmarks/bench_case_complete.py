@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,6 +107,13 @@ def serve_sandboxes(work: Path, jwk_path: Path) -> None:
         sys.stdin.read()
 
 
+def vm_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def vm_hwm_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -121,11 +129,13 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
     parser.add_argument("--serve", nargs=2, metavar=("WORK", "JWK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve_sandboxes(Path(args.serve[0]), Path(args.serve[1]))
-        return
     if args.quick:
         args.observations, args.instances = 1000, 100
+    if args.serve:
+        # The child makes the data too: the gateway process's peak is then the gateway's own.
+        grow_data(Path(args.serve[0]), args.observations, args.instances)
+        serve_sandboxes(Path(args.serve[0]), Path(args.serve[1]))
+        return
 
     import requests
 
@@ -143,12 +153,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-case-", dir=args.work_dir))
     child = None
     try:
-        grow_data(work, args.observations, args.instances)
         data_dir = work / "data"
         jwk = new_key(data_dir / "keys" / f"{PARTNER}.pem", "EC", KID)
         (work / "jwk.json").write_text(json.dumps(jwk))
         child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(work), str(work / "jwk.json")],
+            [
+                *(sys.executable, __file__, "--serve", str(work), str(work / "jwk.json")),
+                *("--observations", str(args.observations), "--instances", str(args.instances)),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -163,7 +175,12 @@ def main() -> None:
         urls = json.loads(line.removeprefix("URLS "))
         (data_dir / "partners.toml").write_text(
             PARTNERS_TOML.format(
-                partner=PARTNER, ehr=urls["ehr"], pacs=urls["pacs"], client=CLIENT_ID, kid=KID
+                partner=PARTNER,
+                ehr=urls["ehr"],
+                pacs=urls["pacs"],
+                lab=urls["ehr"],  # the report copy is not part of this benchmark
+                client=CLIENT_ID,
+                kid=KID,
             )
         )
         # --- anchors: the raw transfers, same data, same servers ---------------------------
@@ -217,8 +234,19 @@ def main() -> None:
             }
             admin = {"Authorization": f"Bearer {mint_dev_token(data_dir, role='admin', sub='b')}"}
             referral = (DEMO_DATA / "referral-transaction.json").read_bytes()
-            rss0 = vm_hwm_mb()
+            rss0 = vm_rss_mb()
+            # The peak from here on: not what the anchors above (3 MB of JSON parsed) reached.
+            Path("/proc/self/clear_refs").write_text("5")
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
+            samples: list[tuple[float, float]] = []  # (s since the POST, RSS MB)
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.wait(0.02):
+                    samples.append((time.perf_counter() - t0, vm_rss_mb()))
+
+            threading.Thread(target=sample, daemon=True).start()
             posted = datetime.now(UTC)
             resp = http.post(f"{gw.url}/fhir", data=referral, headers=ehr_h, timeout=60)
             resp.raise_for_status()
@@ -235,17 +263,29 @@ def main() -> None:
                     raise SystemExit(f"not complete after 600 s: {states}")
                 time.sleep(0.05)
             t_ours = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0  # this process: the gateway (+ the polling above)
+            sampling.set()
             jobs = case["jobs"]
         peak = vm_hwm_mb()
         from fhir_gateway.store import open_store
         from fhir_gateway.store.models import Job
 
         store = open_store(settings.db_url, migrate=False)
+        pulls_end = 0.0
         with store.session() as s:  # each job's span from the referral (where the time went)
             for job in sorted(s.query(Job).all(), key=lambda j: j.created_at):
                 start = (job.created_at - posted).total_seconds()
                 end = ((job.finished_at or job.updated_at) - posted).total_seconds()
-                print(f"# {job.kind:<15} queued +{start:5.2f} s  ended +{end:5.2f} s  {job.state}")
+                if job.kind in ("pull_fhir", "pull_imaging"):
+                    pulls_end = max(pulls_end, end)
+                what = ",".join(sorted((job.progress or {}).get("normalise", {}))[:1])
+                what = what or ",".join(
+                    k for k in ("deferred", "superseded") if k in (job.progress or {})
+                )
+                print(
+                    f"# {job.kind:<15} queued +{start:5.2f} s  ended +{end:5.2f} s  {job.state}"
+                    f" {what}"
+                )
         store.dispose()
     finally:
         if child is not None:
@@ -275,9 +315,13 @@ def main() -> None:
         f"normalise builds: {builds} "
         f"(jobs: {sum(1 for j in jobs if j['kind'] == 'normalise_case')})"
     )
-    print(
-        f"gateway process peak RSS: {peak:.0f} MB (before the referral {rss0:.0f} MB; target < 200)"
-    )
+    print(f"gateway process peak RSS: {peak:.0f} MB (at the referral {rss0:.0f} MB; target < 200)")
+    pulling = max((r for t, r in samples if t <= pulls_end), default=float("nan"))
+    building = max((r for t, r in samples if t > pulls_end), default=float("nan"))
+    print(f"gateway RSS (sampled every 20 ms): max {pulling:.0f} MB while pulling, "
+          f"{building:.0f} MB after (normalise)")  # fmt: skip
+    load = os.getloadavg()[0]
+    print(f"gateway process CPU during the case: {cpu:.2f} s (load average {load:.2f})")
     report(
         f"referral -> case complete ({args.observations} obs., {args.instances} img.)",
         t_ours,
