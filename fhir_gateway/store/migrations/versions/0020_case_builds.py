@@ -12,7 +12,7 @@ from alembic import op
 import fhir_gateway.store.models
 
 revision: str = "0020"
-down_revision: str | None = "0014"
+down_revision: str | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
