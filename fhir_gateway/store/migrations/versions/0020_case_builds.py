@@ -1,7 +1,7 @@
 """One normalisation of a case at a time: the build claim (case_builds)
 
 Revision ID: 0020
-Revises: 0014
+Revises: 0015
 """
 
 from collections.abc import Sequence
