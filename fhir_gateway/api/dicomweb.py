@@ -597,7 +597,7 @@ class CaseImages:
         own short write transaction (`audit`).
         """
         with self.store.session(readonly=True) as s:
-            return access.get_case(s, self.case_id, self.who).patient_ref
+            return access.case_patient(s, self.case_id, self.who)
 
     def audit(self, action: str, patient: str, entity: list[str]) -> None:
         """One short write transaction: the audit row (and the chain's checkpoint)."""
