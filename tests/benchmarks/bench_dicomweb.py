@@ -46,6 +46,22 @@ PATIENT = {
 }
 
 
+def cpu_s(pid: int, *, skip_main: bool = False) -> float:
+    """CPU time (s) a process has run so far, all its threads (but the main one when
+    `skip_main`: ours runs curl, not the server), in nanoseconds' resolution
+    (`/proc/<pid>/task/*/schedstat`): the server's work per request, which the machine's load
+    inflates far less than the wall time."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        if skip_main and stat.parent.name == str(pid):
+            continue
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def curl_s(url: str, headers: dict[str, str]) -> tuple[float, int]:
     """Wall time of one GET to /dev/null (curl's own total time) and the bytes received."""
     cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total} %{size_download}"]
@@ -125,18 +141,27 @@ def main() -> None:
                     ),
                     "QIDO-RS series": (f"/studies/{study}/series", {}),
                 }
-                rows = []
+                rows, cpu_rows = [], []
+                own_pid = os.getpid()  # the gateway runs in this process (curl in others)
+                orthanc_pid = orthanc.process.pid if orthanc.process else own_pid
                 for name, (path, headers) in calls.items():
                     curl_s(orthanc.dicomweb_url + path, headers)  # warm both
                     curl_s(ours_root + path, headers | auth)
                     theirs, ours = [], []
+                    cpu_theirs = cpu_ours = 0.0
                     small = not name.startswith("WADO-RS study")
-                    for _ in range(max(args.repeat, SMALL_REPEAT) if small else args.repeat):
+                    runs = max(args.repeat, SMALL_REPEAT) if small else args.repeat
+                    for _ in range(runs):
+                        c0 = cpu_s(orthanc_pid)
                         theirs.append(curl_s(orthanc.dicomweb_url + path, headers))
+                        c1 = cpu_s(own_pid, skip_main=True)
                         ours.append(curl_s(ours_root + path, headers | auth))
+                        cpu_ours += cpu_s(own_pid, skip_main=True) - c1
+                        cpu_theirs += cpu_s(orthanc_pid) - c0  # (its housekeeping too)
                     t_theirs = statistics.median(t for t, _ in theirs)
                     t_ours = statistics.median(t for t, _ in ours)
                     rows.append((name, t_ours, t_theirs, ours[0][1], theirs[0][1]))
+                    cpu_rows.append((name, cpu_ours / runs, cpu_theirs / runs))
             configure_logging(settings.log_format, "WARNING")
             log_file.close()
     finally:
@@ -156,6 +181,9 @@ def main() -> None:
             f"{name:<26} {t_ours:8.3f} {t_theirs:10.3f} {t_ours / t_theirs:6.2f} "
             f"{b_ours:11d} {b_theirs:11d}"
         )
+    print(f"{'server CPU per request':<26} {'ours ms':>8} {'Orthanc ms':>10} {'ratio':>6}")
+    for name, c_ours, c_theirs in cpu_rows:
+        print(f"{name:<26} {c_ours * 1e3:8.2f} {c_theirs * 1e3:10.2f} {c_ours / c_theirs:6.2f}")
     for name, t_ours, t_theirs, _, _ in rows:
         report(f"per-case {name} ({args.instances} inst.)", t_ours, t_theirs, "<= 1.0", "Orthanc")
 
