@@ -1,4 +1,10 @@
-"""FastAPI dependencies: settings, store, the caller, and size-limited FHIR JSON bodies."""
+"""FastAPI dependencies: settings, store, the caller, and size-limited FHIR JSON bodies.
+
+The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in a
+worker thread, and a thread hop per dependency cost more than a small answer's own work. The
+caller is taken from a token (or cookie) verified before without leaving the event loop; a new
+one is verified in a worker thread (an external issuer's key set may need fetching).
+"""
 
 from __future__ import annotations
 
@@ -23,23 +29,39 @@ from fhir_gateway.store import Store
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_principal(request: Request) -> Principal:
+def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("a bearer token is required")
+    return token.strip()
+
+
+def principal_of(request: Request) -> Principal:
+    """The bearer token's caller, for code outside the dependency system (blocking: call it
+    from a worker thread)."""
     validator: TokenValidator = request.app.state.tokens
-    who = validator.validate(token.strip())
+    who = validator.validate(_bearer(request))
+    request.state.principal = who
+    return who
+
+
+async def get_principal(request: Request) -> Principal:
+    token = _bearer(request)
+    validator: TokenValidator = request.app.state.tokens
+    who = validator.cached(token)
+    if who is None:
+        who = await run_in_threadpool(validator.validate, token)
     request.state.principal = who
     return who
 
@@ -47,15 +69,17 @@ def get_principal(request: Request) -> Principal:
 SAFE_METHODS = ("GET", "HEAD")
 
 
-def get_reader(request: Request) -> Principal:
+async def get_reader(request: Request) -> Principal:
     """The caller of a read: a bearer token, or else (GET/HEAD only) the browser session cookie
     (`security.sessions`), which is how the same-origin viewer reaches the case's DICOMweb."""
     if request.headers.get("authorization"):
-        return get_principal(request)
+        return await get_principal(request)
     cookie = request.cookies.get(sessions.COOKIE)
     if cookie and request.method in SAFE_METHODS:
         settings: Settings = request.app.state.settings
-        who = sessions.read(settings.data_dir, cookie)
+        who = sessions.cached(settings.data_dir, cookie)
+        if who is None:
+            who = await run_in_threadpool(sessions.read, settings.data_dir, cookie)
         request.state.principal = who
         return who
     raise AuthError("a bearer token or a signed-in session is required")
@@ -64,7 +88,7 @@ def get_reader(request: Request) -> Principal:
 def role(*roles: str) -> Any:
     """Dependency: the caller, who must hold one of `roles`."""
 
-    def check(who: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    async def check(who: Annotated[Principal, Depends(get_principal)]) -> Principal:
         if who.role not in roles:
             raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
         return who
@@ -107,7 +131,7 @@ async def fhir_json_body(
 def reader_role(*roles: str) -> Any:
     """Dependency: the caller of a read (bearer or session), who must hold one of `roles`."""
 
-    def check(who: Annotated[Principal, Depends(get_reader)]) -> Principal:
+    async def check(who: Annotated[Principal, Depends(get_reader)]) -> Principal:
         if who.role not in roles:
             raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
         return who

@@ -556,8 +556,9 @@ router = APIRouter(prefix="/cases/{case_id}/dicom-web", tags=["dicomweb"])
 _BUILD_LOCK = threading.Lock()
 
 
-def get_image_store(request: Request) -> ImageStore:
-    """The app's image store (`images.backend` in settings), built on first use."""
+async def get_image_store(request: Request) -> ImageStore:
+    """The app's image store (`images.backend` in settings), built on first use (construction
+    only, no I/O: answered in the event loop, no worker-thread hop)."""
     state = request.app.state
     found: ImageStore | None = getattr(state, "image_store", None)
     if found is None:
@@ -592,20 +593,21 @@ class CaseImages:
     def authorise(self) -> str:
         """Authorise the caller on the case (404 unknown, 403 not theirs); the case's patient.
 
-        Its own short transaction: the image index is read in another one (SQLite's writer
-        lock is taken at BEGIN, so reads cannot nest inside a transaction writing audit rows).
+        A read-only transaction (no write lock); the audit row is written afterwards in its
+        own short write transaction (`audit`).
         """
-        with self.store.session() as s:
-            return access.get_case(s, self.case_id, self.who).patient_ref
+        with self.store.session(readonly=True) as s:
+            return access.case_patient(s, self.case_id, self.who)
 
     def audit(self, action: str, patient: str, entity: list[str]) -> None:
+        """One short write transaction: the audit row (and the chain's checkpoint)."""
         with self.store.session() as s:
             audit.record(
                 s, action, self.who.actor, case_id=self.case_id, patient=patient, entity=entity
             )
 
 
-def case_images(
+async def case_images(
     request: Request,
     case_id: str,
     store: StoreDep,

@@ -9,6 +9,7 @@ WADO-RS bodies, `metadata()` for WADO-RS metadata.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import pydicom
 import structlog
-from sqlalchemy import Select, func, select
+from sqlalchemy import BindParameter, Select, bindparam, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from connectors.dicomweb import RetrievedInstance
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from connectors.orthanc import OrthancStorage
 
 log = structlog.get_logger(__name__)
+AnySelect = Select[*tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -163,17 +165,12 @@ class _IndexedStore:
         with_metadata: bool = False,
     ) -> Iterator[InstanceRef]:
         # Columns, not ORM objects: building 500 mapped instances cost more than the query.
-        columns = _REF_COLUMNS if with_metadata else _REF_COLUMNS[:-1]
-        q = select(*columns).where(ImageInstance.case_id == case_id)
-        if not include_held:
-            q = q.where(ImageInstance.study_uid.not_in(held_studies(case_id)))
-        if study_uid:
-            q = q.where(ImageInstance.study_uid == study_uid)
-        if series_uid:
-            q = q.where(ImageInstance.series_uid == series_uid)
-        q = q.order_by(ImageInstance.study_uid, ImageInstance.series_uid, ImageInstance.sop_uid)
-        with self._store.session() as s:
-            rows = s.execute(q).all()
+        # The statement is built once per shape (`_listing`): building it cost more than
+        # running it.
+        stmt = _listing(with_metadata, bool(study_uid), bool(series_uid), include_held)
+        params = {"case_id": case_id, "study_uid": study_uid, "series_uid": series_uid}
+        with self._store.session(readonly=True) as s:
+            rows = s.execute(stmt, params).all()
         for row in rows:
             yield _ref_of_columns(row)
 
@@ -185,32 +182,15 @@ class _IndexedStore:
         *,
         include_held: bool = False,
     ) -> Iterator[tuple[InstanceRef, int]]:
-        row_ = ImageInstance
-        q = select(row_.study_uid, row_.series_uid, func.min(row_.sop_uid), func.count()).where(
-            row_.case_id == case_id
-        )
-        if not include_held:
-            q = q.where(row_.study_uid.not_in(held_studies(case_id)))
-        if study_uid:
-            q = q.where(row_.study_uid == study_uid)
-        if series_uid:
-            q = q.where(row_.series_uid == series_uid)
-        q = q.group_by(row_.study_uid, row_.series_uid).order_by(row_.study_uid, row_.series_uid)
-        with self._store.session() as s:
-            counts = s.execute(q).all()
-            firsts = {
-                row.sop_uid: _ref_of_columns(row)
-                for row in s.execute(
-                    select(*_REF_COLUMNS).where(
-                        row_.case_id == case_id, row_.sop_uid.in_([c[2] for c in counts])
-                    )
-                )
-            }
-        for _study, _series, first, count in counts:
-            yield firsts[first], int(count)
+        stmt = _series_listing(bool(study_uid), bool(series_uid), include_held)
+        params = {"case_id": case_id, "study_uid": study_uid, "series_uid": series_uid}
+        with self._store.session(readonly=True) as s:
+            rows = s.execute(stmt, params).all()
+        for row in rows:
+            yield _ref_of_columns(row[:-1]), int(row[-1])
 
     def get(self, case_id: str, sop_uid: str) -> InstanceRef:
-        with self._store.session() as s:
+        with self._store.session(readonly=True) as s:
             row = s.get(ImageInstance, (case_id, sop_uid))
             if row is None:
                 raise NotFoundError(f"instance {sop_uid} is not part of case {case_id}")
@@ -221,7 +201,7 @@ class _IndexedStore:
         ingest; from the file for rows indexed before that was kept."""
         text = ref.metadata_json
         if text is None:
-            with self._store.session() as s:
+            with self._store.session(readonly=True) as s:
                 text = s.scalar(
                     select(ImageInstance.dicom_json).where(
                         ImageInstance.case_id == ref.case_id, ImageInstance.sop_uid == ref.sop_uid
@@ -356,12 +336,64 @@ def _describe(item: RetrievedInstance) -> str:
     return json.dumps(dataset_json(ds), ensure_ascii=False, separators=(",", ":"))
 
 
-def held_studies(case_id: str) -> Select[str]:
-    """Study UIDs of the case that the identity check holds (or an admin rejected)."""
+def held_studies(case_id: Any) -> Select[str]:
+    """Study UIDs of the case that the identity check holds (or an admin rejected);
+    `case_id` a value or a bound parameter."""
     return select(HeldItem.key).where(
         HeldItem.case_id == case_id,
         HeldItem.kind == held.STUDY,
-        HeldItem.state.in_(held.OUT),
+        # Plain comparisons, not IN (...): an IN list is expanded again at every execution.
+        or_(*(HeldItem.state == state for state in held.OUT)),
+    )
+
+
+def _scoped(q: AnySelect, has_study: bool, has_series: bool, include_held: bool) -> AnySelect:
+    """`q` narrowed to `:case_id` (its held studies left out unless `include_held`), and to
+    `:study_uid` / `:series_uid` when given."""
+    row = ImageInstance
+    case: BindParameter[str] = bindparam("case_id")
+    q = q.where(row.case_id == case)
+    if not include_held:
+        q = q.where(row.study_uid.not_in(held_studies(case)))
+    if has_study:
+        q = q.where(row.study_uid == bindparam("study_uid"))
+    if has_series:
+        q = q.where(row.series_uid == bindparam("series_uid"))
+    return q
+
+
+@functools.cache
+def _listing(
+    with_metadata: bool, has_study: bool, has_series: bool, include_held: bool
+) -> AnySelect:
+    """The instances of `:case_id` (narrowed as `_scoped`), as `_REF_COLUMNS` rows, in order."""
+    row = ImageInstance
+    columns = _REF_COLUMNS if with_metadata else _REF_COLUMNS[:-1]
+    q = _scoped(select(*columns), has_study, has_series, include_held)
+    return q.order_by(row.study_uid, row.series_uid, row.sop_uid)
+
+
+@functools.cache
+def _series_listing(has_study: bool, has_series: bool, include_held: bool) -> AnySelect:
+    """Per series of `:case_id` (narrowed as `_scoped`): its first instance (lowest SOP
+    Instance UID) as a `_REF_COLUMNS` row plus the series' instance count, one query."""
+    row = ImageInstance
+    groups = _scoped(
+        select(
+            row.study_uid,
+            row.series_uid,
+            func.min(row.sop_uid).label("first_uid"),
+            func.count().label("instances"),
+        ),
+        has_study,
+        has_series,
+        include_held,
+    ).group_by(row.study_uid, row.series_uid)
+    g = groups.subquery("g")
+    return (
+        select(*_REF_COLUMNS, g.c.instances)
+        .join(g, (row.case_id == bindparam("case_id")) & (row.sop_uid == g.c.first_uid))
+        .order_by(g.c.study_uid, g.c.series_uid)
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import ForbiddenError, NotFoundError
@@ -54,6 +54,43 @@ def get_case(session: Session, case_id: str, who: Principal) -> Case:
     if visible is not None and case_id not in visible:
         raise ForbiddenError("you are not assigned to this case")
     return case
+
+
+# The case's patient and partner, and the asking reviewer's assignment to it if any: one query
+# for `case_patient`, built once (building a statement costs more than running this one).
+_CASE_AND_ASSIGNMENT = (
+    select(Case.patient_ref, Case.partner_id, Assignment.reviewer, Assignment.expires_at)
+    .outerjoin(
+        Assignment,
+        (Assignment.case_id == Case.id) & (Assignment.reviewer == bindparam("sub")),
+    )
+    .where(Case.id == bindparam("case_id"))
+)
+
+
+def case_patient(session: Session, case_id: str, who: Principal) -> str:
+    """The case's patient reference, if the caller may see the case: the same rule as
+    `get_case` (admin: any; reviewer: assigned, assignment not expired; ehr: its partner's
+    cases), in one query without loading the case. For hot read paths (per-case DICOMweb).
+
+    Raises:
+        NotFoundError / ForbiddenError.
+    """
+    row = session.execute(_CASE_AND_ASSIGNMENT, {"case_id": case_id, "sub": who.sub}).first()
+    if row is None:
+        raise NotFoundError(f"case {case_id} is not known")
+    patient_ref, partner_id, reviewer, expires_at = row
+    if who.role == "admin":
+        allowed = True
+    elif who.role == "reviewer":
+        allowed = reviewer is not None and (expires_at is None or expires_at > utcnow())
+    elif who.role == "ehr":
+        allowed = bool(who.partner_id) and partner_id == who.partner_id
+    else:
+        allowed = False
+    if not allowed:
+        raise ForbiddenError("you are not assigned to this case")
+    return str(patient_ref)
 
 
 def assign(

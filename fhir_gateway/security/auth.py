@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import jwt
+from cachetools import TLRUCache
 
 from fhir_gateway.errors import AuthError, ConfigError
 from fhir_gateway.security.access import Principal
@@ -27,6 +29,38 @@ SMART_KEY_FILE = Path("keys") / "access-token.key"
 SESSION_KEY_FILE = Path("keys") / "session.key"  # the viewer's session cookie (JWT)
 WEB_SESSION_KEY_FILE = Path("keys") / "web-session.key"  # the workspace's signed cookie
 SMART_CLAIMS = ["exp", "sub", "iss", "aud", "scope", "partner"]
+# A verified token is remembered (by its exact text) until it expires, but at most this long:
+# the issuer's key set is re-read about as often (PyJWKClient's own cache lifespan).
+VERIFIED_MAX_AGE_S = 300
+VERIFIED_MAX_TOKENS = 4096
+
+
+class VerifiedCache:
+    """Tokens already verified, each with what it verified to, until its `exp` (and at most
+    `max_age_s`): a viewer sends the same token with every request, and verifying it again
+    costs more than the rest of a small DICOMweb answer. Only successes are kept; an expired
+    entry is never returned (time-to-use per entry: cachetools' `TLRUCache`). Thread-safe."""
+
+    def __init__(self, maxsize: int = VERIFIED_MAX_TOKENS, max_age_s: float = VERIFIED_MAX_AGE_S):
+        self._max_age_s = max_age_s
+        self._cache: TLRUCache[str, tuple[float, Any]] = TLRUCache(
+            maxsize, self._until, timer=time.time
+        )
+        self._lock = threading.Lock()
+
+    def _until(self, _key: str, value: tuple[float, Any], now: float) -> float:
+        return min(value[0], now + self._max_age_s)
+
+    def get(self, token: str) -> Any | None:
+        with self._lock:
+            found = self._cache.get(token)
+        # TLRUCache drops entries when their time is up; checked again here at the second.
+        return found[1] if found is not None and time.time() < found[0] else None
+
+    def put(self, token: str, exp: float, value: Any) -> None:
+        if exp > time.time():
+            with self._lock:
+                self._cache[token] = (exp, value)
 
 
 def dev_key(data_dir: Path) -> bytes:
@@ -126,6 +160,13 @@ class TokenValidator:
         self._jwks = jwt.PyJWKClient(cfg.jwks_url, cache_keys=True) if cfg.jwks_url else None
         if cfg.jwks_url and not cfg.issuer:
             raise ConfigError("auth.jwks_url needs auth.issuer")
+        self._verified = VerifiedCache()
+
+    def cached(self, token: str) -> Principal | None:
+        """The caller of a token verified before and not yet expired, else None (no I/O: the
+        event loop may ask)."""
+        who: Principal | None = self._verified.get(token)
+        return who
 
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662 view of a token: `{"active": false}` for any token we would refuse."""
@@ -150,7 +191,18 @@ class TokenValidator:
         return out
 
     def validate(self, token: str) -> Principal:
-        """Raises AuthError (401) for any bad token; the reason names no token content."""
+        """Raises AuthError (401) for any bad token; the reason names no token content.
+
+        A token verified before is answered from `cached` until its `exp`."""
+        who = self.cached(token)
+        if who is not None:
+            return who
+        who, exp = self._verify(token)
+        self._verified.put(token, exp, who)
+        return who
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
+        """The caller and the token's expiry (every accepted token has a required `exp`)."""
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -172,7 +224,7 @@ class TokenValidator:
                     role="ehr",
                     partner_id=claims["partner"],
                     scopes=frozenset(str(claims["scope"]).split()),
-                )
+                ), float(claims["exp"])
             if issuer == DEV_ISSUER and self._dev_key is not None:
                 if header.get("alg") != "HS256":
                     raise AuthError("dev tokens are HS256")
@@ -211,4 +263,5 @@ class TokenValidator:
         partner = claims.get(self.cfg.partner_claim)
         if role == "ehr" and not isinstance(partner, str):
             raise AuthError("ehr token names no partner")
-        return Principal(sub=sub, role=role, partner_id=partner if role == "ehr" else None)
+        who = Principal(sub=sub, role=role, partner_id=partner if role == "ehr" else None)
+        return who, float(claims["exp"])

@@ -26,13 +26,16 @@ from starlette.responses import Response
 
 from fhir_gateway.errors import AuthError, ForbiddenError
 from fhir_gateway.security.access import Principal
-from fhir_gateway.security.auth import session_key
+from fhir_gateway.security.auth import SESSION_KEY_FILE, VerifiedCache, session_key
 from fhir_gateway.settings import Settings
 
 COOKIE = "fg_session"
 ISSUER = "urn:fhir-gateway:session"
 AUDIENCE = "fhir-gateway-browser"
 SESSION_ROLES = ("reviewer", "admin")  # partners' systems never get a browser session
+# Cookies already verified, until they expire, per version of the key file (a replaced key
+# refuses every cookie signed with the old one at once, as before).
+_VERIFIED = VerifiedCache()
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,31 @@ def issue(data_dir: Path, who: Principal, *, lifetime_s: int, secure: bool) -> C
     return CookieSpec(value=token, max_age=lifetime_s, secure=secure)
 
 
+def _cache_key(data_dir: Path, value: str) -> str | None:
+    try:
+        st = (data_dir / SESSION_KEY_FILE).stat()
+    except OSError:
+        return None
+    return f"{data_dir}\0{st.st_ino}:{st.st_mtime_ns}:{st.st_size}\0{value}"
+
+
+def cached(data_dir: Path, value: str) -> Principal | None:
+    """The caller of a cookie `read` accepted before and not yet expired, else None."""
+    key = _cache_key(data_dir, value)
+    who: Principal | None = _VERIFIED.get(key) if key is not None else None
+    return who
+
+
 def read(data_dir: Path, value: str) -> Principal:
-    """The signed-in caller of a session cookie.
+    """The signed-in caller of a session cookie (remembered until it expires: `cached`).
 
     Raises:
         AuthError: forged, expired or malformed cookie (the reason names no cookie content).
     """
+    who = cached(data_dir, value)
+    if who is not None:
+        return who
+    key = _cache_key(data_dir, value)
     try:
         claims = jwt.decode(
             value,
@@ -111,4 +133,7 @@ def read(data_dir: Path, value: str) -> Principal:
     role = claims.get("role")
     if role not in SESSION_ROLES or not isinstance(claims.get("sub"), str):
         raise AuthError("session cookie names no reviewer or admin")
-    return Principal(sub=claims["sub"], role=role)
+    who = Principal(sub=claims["sub"], role=role)
+    if key is not None:
+        _VERIFIED.put(key, float(claims["exp"]), who)
+    return who
