@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from fhir_gateway.api.deps import SettingsDep, StoreDep, get_principal
+from fhir_gateway.api.deps import SettingsDep, StoreDep, principal_of
 from fhir_gateway.api.documents import NO_STORE, Images, upload_grant
 from fhir_gateway.errors import (
     ConflictError,
@@ -80,7 +80,7 @@ def tus_grant(case_id: str, request: Request, store: StoreDep) -> uploads.Upload
     token = request.headers.get(upload_links.HEADER)
     if token is not None:
         return upload_links.resolve(store, token.strip(), "upload", case_id).grant()
-    who: Principal = get_principal(request)
+    who: Principal = principal_of(request)
     if who.role not in ("ehr", "admin"):
         raise ForbiddenError(f"role {who.role!r} may not do this (needs ehr or admin)")
     return upload_grant(case_id, store, who)
