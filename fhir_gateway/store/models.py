@@ -339,6 +339,21 @@ class CaseBundleState(Base):
     inputs_mark: Mapped[str | None] = mapped_column(String(512))
 
 
+class CaseView(Base):
+    """What the case page and the timeline endpoint show, derived from a build of the bundle
+    (`casebundle.derived`): written with the bundle, served only while `etag` is the stored
+    bundle's and `version` the code's. No row for cases normalised before migration 0017."""
+
+    __tablename__ = "case_views"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    etag: Mapped[str] = mapped_column(String(80))  # CaseBundleState.etag it was derived from
+    version: Mapped[int] = mapped_column(Integer)  # derived.VERSION
+    timeline: Mapped[str] = mapped_column(Text)  # the events as compact JSON, served as is
+    page: Mapped[Any] = mapped_column(JsonText)  # marker ranges, documents, studies
+    built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class SmartJti(Base):
     """A client assertion's `jti` already used (SMART SM-21 replay cache), shared by every
     process on the database and kept until the assertion expires. The jti is stored hashed."""
