@@ -4,11 +4,12 @@ normalised bundle and stored beside it (`CaseView`), so a read is one small row,
 `derive()` (pure) makes, from the bundle's resources in bundle order: the timeline events
 (`timeline.timeline`), the reference range of each tumour-marker result (for the chart), the
 documents (attachment metadata; an inline PDF is named by its bundle position, its bytes stay in
-the bundle row) and the imaging studies. `normalise._write` stores it in the same transaction as
-the bundle rows and state, keyed by the bundle's ETag. `load()` serves it only when its ETag and
-`VERSION` match the stored bundle's; otherwise (a case normalised before migration 0017, or a
-derivation changed since) it derives again from the stored rows and stores that, so a reader never
-gets data of another build."""
+the bundle row) and the imaging studies; `glance()` makes the cases list's line from the bundle
+summary (completeness counts, what is missing, the question). `normalise._write` stores them in
+the same transaction as the bundle rows and state, keyed by the bundle's ETag. `load()` serves
+the view only when its ETag and `VERSION` match the stored bundle's; otherwise (a case
+normalised before migration 0017, or a derivation changed since) it derives it again from the
+stored rows and stores that, so a reader never gets data of another build."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fhir_gateway.casebundle.consult import question_text
 from fhir_gateway.casebundle.timeline import TIMELINE_TYPES, timeline
 from fhir_gateway.resources import Resource
 from fhir_gateway.store.models import CaseBundleState, CaseView, NormalisedResource, utcnow
@@ -158,11 +160,58 @@ def derive(
     return events, page
 
 
+def glance(summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The case at a glance for the cases list, from the bundle's summary: how many of the
+    needs are present, which are missing, the question as one line."""
+    checklist = (summary or {}).get("checklist") or []
+    return {
+        "present": sum(1 for c in checklist if c.get("present")),
+        "needs": len(checklist),
+        "missing": [c.get("label") or c.get("key") for c in checklist if not c.get("present")],
+        "question": question_text((summary or {}).get("question")),
+    }
+
+
+def glances(session: Session, case_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """`glance` of each built case of `case_ids` (the caller has checked they are visible): the
+    stored views' when of the stored build, else from the bundle summary (not stored: a list
+    read does not derive whole views). Two queries however many cases."""
+    if not case_ids:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    stale: list[str] = []
+    for case_id, etag, view_etag, version, stored in session.execute(
+        select(
+            CaseBundleState.case_id,
+            CaseBundleState.etag,
+            CaseView.etag,
+            CaseView.version,
+            CaseView.glance,
+        )
+        .outerjoin(CaseView, CaseView.case_id == CaseBundleState.case_id)
+        .where(CaseBundleState.case_id.in_(case_ids))
+    ):
+        if view_etag == etag and version == VERSION and stored is not None:
+            out[case_id] = stored
+        else:
+            stale.append(case_id)
+    if stale:
+        for case_id, summary in session.execute(
+            select(CaseBundleState.case_id, CaseBundleState.summary).where(
+                CaseBundleState.case_id.in_(stale)
+            )
+        ):
+            out[case_id] = glance(summary)
+    return out
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def row(case_id: str, etag: str, resources: Iterable[tuple[int, Resource]]) -> CaseView:
+def row(
+    case_id: str, etag: str, summary: dict[str, Any], resources: Iterable[tuple[int, Resource]]
+) -> CaseView:
     """The `CaseView` row of a build (normalise writes it with the bundle)."""
     events, page = derive(resources)
     return CaseView(
@@ -171,6 +220,7 @@ def row(case_id: str, etag: str, resources: Iterable[tuple[int, Resource]]) -> C
         version=VERSION,
         timeline=dumps(events),
         page=page,
+        glance=glance(summary),
         built_at=utcnow(),
     )
 
@@ -190,7 +240,7 @@ def load(session: Session, state: CaseBundleState) -> Derived:
         )
         .order_by(NormalisedResource.position)
     ).all()
-    fresh = row(state.case_id, state.etag, ((p, json.loads(b)) for p, b in rows))
+    fresh = row(state.case_id, state.etag, state.summary, ((p, json.loads(b)) for p, b in rows))
     log.info(
         "case_view.derived_on_read",
         case_id=state.case_id,
@@ -207,7 +257,8 @@ def _store(session: Session, found: CaseView | None, fresh: CaseView) -> None:
     this reader replaces is rewritten in place."""
     if found is not None:
         found.etag, found.version = fresh.etag, fresh.version
-        found.timeline, found.page, found.built_at = fresh.timeline, fresh.page, fresh.built_at
+        found.timeline, found.page, found.glance = fresh.timeline, fresh.page, fresh.glance
+        found.built_at = fresh.built_at
         session.flush()
         return
     try:
@@ -238,4 +289,4 @@ def inline_pdfs(
     return out
 
 
-__all__ = ["VERSION", "Derived", "derive", "inline_pdfs", "load", "row"]
+__all__ = ["VERSION", "Derived", "derive", "glance", "glances", "inline_pdfs", "load", "row"]

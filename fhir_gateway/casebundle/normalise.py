@@ -425,7 +425,7 @@ def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: 
         ],
     )
     # What the case page and the timeline show, derived now from the resources at hand.
-    view = derived.row(case_id, state.etag, enumerate(bundle.resources))
+    view = derived.row(case_id, state.etag, bundle.summary, enumerate(bundle.resources))
     return _Result(state, rows, view)
 
 

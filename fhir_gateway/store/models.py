@@ -351,6 +351,7 @@ class CaseView(Base):
     version: Mapped[int] = mapped_column(Integer)  # derived.VERSION
     timeline: Mapped[str] = mapped_column(Text)  # the events as compact JSON, served as is
     page: Mapped[Any] = mapped_column(JsonText)  # marker ranges, documents, studies
+    glance: Mapped[Any] = mapped_column(JsonText)  # the cases list's line (derived.glance)
     built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

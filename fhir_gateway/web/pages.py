@@ -23,7 +23,7 @@ from fhir_gateway.errors import ConflictError, NotFoundError, ValidationError
 from fhir_gateway.reports import drafts
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
-from fhir_gateway.store.models import Assignment, Case, CaseBundleState, Delivery, Job, utcnow
+from fhir_gateway.store.models import Assignment, Case, Delivery, Job, utcnow
 from fhir_gateway.web import charts, session
 from fhir_gateway.web.render import render
 
@@ -51,28 +51,17 @@ def my_cases(request: Request, store: StoreDep, who: Principal = WHO) -> Respons
         if visible is not None:
             stmt = stmt.where(Case.id.in_(visible))
         found = list(s.scalars(stmt))
-        states = {
-            st.case_id: st
-            for st in s.scalars(
-                select(CaseBundleState).where(CaseBundleState.case_id.in_([c.id for c in found]))
-            )
-        }
+        # One small stored line per case (casebundle.derived), not each bundle's whole state.
+        glances = derived.glances(s, [c.id for c in found])
         rows = []
         for case in found:
-            state = states.get(case.id)
-            summary = (state.summary or {}) if state is not None else {}
-            checklist = summary.get("checklist") or []
+            line = glances.get(case.id)
             rows.append(
                 {
                     **views.case_summary(case),
                     "age": _age(case.created_at),
-                    "built": state is not None,
-                    "present": sum(1 for c in checklist if c.get("present")),
-                    "needs": len(checklist),
-                    "missing": [
-                        c.get("label") or c.get("key") for c in checklist if not c.get("present")
-                    ],
-                    "question": question_text(summary.get("question")),
+                    "built": line is not None,
+                    **(line or {"present": 0, "needs": 0, "missing": [], "question": ""}),
                 }
             )
         audit.record(s, "case.list", who.actor, entity=[f"count:{len(rows)}"])

@@ -70,16 +70,20 @@ def _from_rows(store: Store, case_id: str) -> list[dict[str, Any]]:
     return timeline(json.loads(b) for b in bodies)
 
 
-def _page(client: TestClient, case_id: str) -> str:
+def _get(client: TestClient, path: str) -> Any:
     page = client.get("/app/sign-in/dev")
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert csrf is not None
     client.post(
         "/app/sign-in/dev", data={"csrf": csrf.group(1), "reviewer": REVIEWER, "role": "reviewer"}
     )
-    resp = client.get(f"/app/cases/{case_id}")
+    return client.get(path)
+
+
+def _page(client: TestClient, case_id: str) -> str:
+    resp = _get(client, f"/app/cases/{case_id}")
     assert resp.status_code == 200, resp.text
-    return resp.text
+    return str(resp.text)
 
 
 def _points(html: str) -> list[str]:
@@ -129,6 +133,10 @@ def test_the_stored_view_is_the_timeline_of_the_stored_bundle(
     inline = [d["contentType"] for d in view.page["documents"] if d["inline"]]
     assert set(inline) == {"application/pdf"}
     assert html.count('data="data:application/pdf;base64,') == len(inline)
+    # The cases list shows the stored line of the same build.
+    line = view.glance
+    assert line["needs"] > 0
+    assert f"{line['present']} of {line['needs']}" in _get(client, "/app").text
 
 
 def test_a_re_normalisation_replaces_the_view_new_amended_and_removed_records(
@@ -205,13 +213,27 @@ def test_a_view_not_of_the_stored_build_is_never_served(
         if how == "missing":
             s.execute(delete(CaseView).where(CaseView.case_id == case))
         else:
-            stale = {"timeline": "[]", "page": {"count": 0, "ranges": {}, "documents": []}}
+            stale: dict[str, Any] = {
+                "timeline": "[]",
+                "page": {"count": 0, "ranges": {}, "documents": []},
+                "glance": {"present": 99, "needs": 99, "missing": [], "question": "Stale?"},
+            }
             stale |= {"etag": '"older"'} if how == "other-build" else {"version": 0}
             s.execute(update(CaseView).where(CaseView.case_id == case).values(**stale))
+    # The cases list reads the bundle summary instead (and stores nothing).
+    with store.session(readonly=True) as s:
+        summary = s.get(CaseBundleState, case).summary  # type: ignore[union-attr]
+    line = derived.glance(summary)
+    listed = _get(client, "/app").text
+    assert f"{line['present']} of {line['needs']}" in listed
+    assert "99 of 99" not in listed
+    assert "Stale?" not in listed
+    assert (_stored(store, case)[0] is None) == (how == "missing")
     assert _timeline(client, tokens, case)["events"] == expected
     view, etag = _stored(store, case)
     assert view is not None
     assert (view.etag, view.version, json.loads(view.timeline)) == (etag, derived.VERSION, expected)
+    assert view.glance == line
     if how == "missing":  # the page too, from a fresh start
         with store.session() as s:
             s.execute(delete(CaseView).where(CaseView.case_id == case))
@@ -258,7 +280,7 @@ def test_many_first_readers_of_a_case_without_a_view_all_get_it_and_one_is_store
 
 def test_derive_lists_documents_without_their_data_and_ranges_of_markers() -> None:
     pdf = {"contentType": "application/pdf; charset=binary", "data": "JVBERi0=", "title": "Path"}
-    resources = [
+    resources: list[tuple[int, dict[str, Any]]] = [
         (0, {"resourceType": "Patient", "id": "p"}),
         (
             1,

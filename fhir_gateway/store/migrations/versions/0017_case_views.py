@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("timeline", sa.Text(), nullable=False),
         sa.Column("page", _json(), nullable=False),
+        sa.Column("glance", _json(), nullable=False),
         sa.Column("built_at", _dt(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["case_id"], ["cases.id"]),
         sa.PrimaryKeyConstraint("case_id"),
