@@ -347,12 +347,14 @@ class CaseView(Base):
     __tablename__ = "case_views"
 
     case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    # Small columns first, the timeline last: SQLite reads a row's columns in order, so the
+    # cases list (etag, version, glance) never walks the timeline's overflow pages.
     etag: Mapped[str] = mapped_column(String(80))  # CaseBundleState.etag it was derived from
     version: Mapped[int] = mapped_column(Integer)  # derived.VERSION
-    timeline: Mapped[str] = mapped_column(Text)  # the events as compact JSON, served as is
-    page: Mapped[Any] = mapped_column(JsonText)  # marker ranges, documents, studies
-    glance: Mapped[Any] = mapped_column(JsonText)  # the cases list's line (derived.glance)
     built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    glance: Mapped[Any] = mapped_column(JsonText)  # the cases list's line (derived.glance)
+    page: Mapped[Any] = mapped_column(JsonText)  # marker ranges, documents, studies
+    timeline: Mapped[str] = mapped_column(Text)  # the events as compact JSON, served as is
 
 
 class SmartJti(Base):

@@ -27,10 +27,10 @@ def upgrade() -> None:
         sa.Column("case_id", sa.String(length=36), nullable=False),
         sa.Column("etag", sa.String(length=80), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("timeline", sa.Text(), nullable=False),
-        sa.Column("page", _json(), nullable=False),
-        sa.Column("glance", _json(), nullable=False),
         sa.Column("built_at", _dt(timezone=True), nullable=False),
+        sa.Column("glance", _json(), nullable=False),
+        sa.Column("page", _json(), nullable=False),
+        sa.Column("timeline", sa.Text(), nullable=False),  # large: last (SQLite reads in order)
         sa.ForeignKeyConstraint(["case_id"], ["cases.id"]),
         sa.PrimaryKeyConstraint("case_id"),
     )
