@@ -72,9 +72,11 @@ def get_summary(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[s
         return reading.summary(s, case_id, who)
 
 
-@router.get("/{case_id}/timeline")
-def get_timeline(case_id: str, store: StoreDep, who: Principal = STAFF) -> dict[str, Any]:
-    """The case's events in date order, computed from the stored normalised bundle (audited)."""
+@router.get("/{case_id}/timeline", response_class=Response)
+def get_timeline(case_id: str, store: StoreDep, who: Principal = STAFF) -> Response:
+    """The case's events in date order, derived from the normalised bundle when it was built
+    and served as stored (audited); the case page shows the same events."""
     with store.session() as s:
-        case, state, resources = reading.timeline_resources(s, case_id, who)
-        return reading.timeline_view(case, state, resources)
+        case, state, view = reading.case_view(s, case_id, who)
+        body = reading.timeline_json(case, state, view)
+    return Response(body, media_type="application/json")

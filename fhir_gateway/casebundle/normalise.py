@@ -3,8 +3,9 @@
 `normalise_case()` reads the case's raw material (the referral's hosted resources, and the
 `StoredResource` rows of each source: pulled FHIR records, ImagingStudy/Endpoint of the imaging
 pull), maps each source with the pure mappers, assembles the bundle (`assemble_case_bundle`)
-and replaces the case's `NormalisedResource` rows and `CaseBundleState` in one transaction
-(idempotent: re-running gives the same rows and ETag).
+and replaces the case's `NormalisedResource` rows, `CaseBundleState` and `CaseView` (the
+timeline, marker ranges, documents and studies the case page shows, `casebundle.derived`) in one
+transaction (idempotent: re-running gives the same rows and ETag).
 
 The `normalise_case` job is queued by every pull job at its end (`queue_after_pull`). When it runs
 while another pull of the case is still queued or running, it does not build a half bundle: it
@@ -35,7 +36,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
-from fhir_gateway.casebundle import held
+from fhir_gateway.casebundle import derived, held
 from fhir_gateway.casebundle.assemble import SourceBatch, assemble_case_bundle, iter_bundle_json
 from fhir_gateway.casebundle.offline_map import with_source
 from fhir_gateway.errors import InputError, NotFoundError
@@ -49,6 +50,7 @@ from fhir_gateway.store.models import (
     CaseBuild,
     CaseBundleState,
     CaseDocument,
+    CaseView,
     FhirResource,
     HeldItem,
     Job,
@@ -360,6 +362,7 @@ MAX_BUILDS = 3
 class _Result:
     state: CaseBundleState
     rows: list[dict[str, Any]]
+    view: CaseView
 
 
 def _inputs_mark(session: Session, case_id: str) -> tuple[Any, ...]:
@@ -432,7 +435,9 @@ def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: 
             {"source": b.source, "kind": b.kind, "resources": len(b.resources)} for b in batches
         ],
     )
-    return _Result(state, rows)
+    # What the case page and the timeline show, derived now from the resources at hand.
+    view = derived.row(case_id, state.etag, bundle.summary, enumerate(bundle.resources))
+    return _Result(state, rows, view)
 
 
 def _write(session: Session, built: _Result) -> None:
@@ -443,6 +448,7 @@ def _write(session: Session, built: _Result) -> None:
         session.execute(insert(NormalisedResource), built.rows)
     built.state.built_at = utcnow()
     session.merge(built.state)
+    session.merge(built.view)  # same transaction: never a bundle with another build's view
 
 
 def _dumps(resource: Resource) -> str:

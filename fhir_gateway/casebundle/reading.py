@@ -1,23 +1,20 @@
-"""Reading the stored case bundle for a caller: the summary and the timeline, each read checked
-(`security.access`) and audited. The JSON API (`api/bundle.py`) and the reviewer's pages
-(`web/`) both call these, so the rules and the audit trail are the same whichever way a
-reviewer looks."""
+"""Reading the stored case bundle for a caller: the summary and the timeline (the stored case
+view, `derived`), each read checked (`security.access`) and audited. The JSON API
+(`api/bundle.py`) and the reviewer's pages (`web/`) both call these, so the rules, the data and
+the audit trail are the same whichever way a reviewer looks."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fhir_gateway.casebundle import held, normalise
-from fhir_gateway.casebundle.timeline import TIMELINE_TYPES, timeline
+from fhir_gateway.casebundle import derived, held, normalise
+from fhir_gateway.casebundle.derived import Derived
 from fhir_gateway.errors import ConflictError
-from fhir_gateway.resources import Resource
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
-from fhir_gateway.store.models import Case, CaseBundleState, NormalisedResource
+from fhir_gateway.store.models import Case, CaseBundleState
 
 
 def read_built(
@@ -66,32 +63,32 @@ def summary(s: Session, case_id: str, who: Principal) -> dict[str, Any]:
     }
 
 
-def timeline_resources(
-    s: Session, case_id: str, who: Principal
-) -> tuple[Case, CaseBundleState, list[Resource]]:
-    """The normalised resources the timeline is made of (bundle order), the read audited."""
+def case_view(s: Session, case_id: str, who: Principal) -> tuple[Case, CaseBundleState, Derived]:
+    """The case's derived view (timeline, marker ranges, documents, studies: one stored row,
+    `casebundle.derived`), read as the timeline: checked and audited `case.timeline`."""
     case, state = read_built(s, case_id, who, "case.timeline")
-    bodies = s.scalars(
-        select(NormalisedResource.body)
-        .where(
-            NormalisedResource.case_id == case.id,
-            NormalisedResource.resource_type.in_(sorted(TIMELINE_TYPES)),
-        )
-        .order_by(NormalisedResource.position)
-    ).all()
-    return case, state, [json.loads(body) for body in bodies]
+    return case, state, derived.load(s, state)
 
 
-def timeline_view(case: Case, state: CaseBundleState, resources: list[Resource]) -> dict[str, Any]:
-    """GET /cases/{id}/timeline: the case's events in date order."""
-    events = timeline(resources)
+def _head(case: Case, state: CaseBundleState, view: Derived) -> dict[str, Any]:
     return {
         "case": case.id,
         "bundle": f"Bundle/{state.patient_id}",
         "etag": state.etag,
-        "count": len(events),
-        "events": events,
+        "count": view.page["count"],
     }
 
 
-__all__ = ["read_built", "summary", "timeline_resources", "timeline_view"]
+def timeline_view(case: Case, state: CaseBundleState, view: Derived) -> dict[str, Any]:
+    """GET /cases/{id}/timeline as data: the case's events in date order."""
+    return {**_head(case, state, view), "events": view.events()}
+
+
+def timeline_json(case: Case, state: CaseBundleState, view: Derived) -> bytes:
+    """GET /cases/{id}/timeline as the JSON bytes of `timeline_view` (compact, as a JSON
+    response writes it), the stored events spliced in without parsing them."""
+    head = derived.dumps(_head(case, state, view))
+    return f'{head[:-1]},"events":{view.timeline_json}}}'.encode()
+
+
+__all__ = ["case_view", "read_built", "summary", "timeline_json", "timeline_view"]

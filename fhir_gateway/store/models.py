@@ -355,6 +355,24 @@ class CaseBuild(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class CaseView(Base):
+    """What the case page and the timeline endpoint show, derived from a build of the bundle
+    (`casebundle.derived`): written with the bundle, served only while `etag` is the stored
+    bundle's and `version` the code's. No row for cases normalised before migration 0017."""
+
+    __tablename__ = "case_views"
+
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    # Small columns first, the timeline last: SQLite reads a row's columns in order, so the
+    # cases list (etag, version, glance) never walks the timeline's overflow pages.
+    etag: Mapped[str] = mapped_column(String(80))  # CaseBundleState.etag it was derived from
+    version: Mapped[int] = mapped_column(Integer)  # derived.VERSION
+    built_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    glance: Mapped[Any] = mapped_column(JsonText)  # the cases list's line (derived.glance)
+    page: Mapped[Any] = mapped_column(JsonText)  # marker ranges, documents, studies
+    timeline: Mapped[str] = mapped_column(Text)  # the events as compact JSON, served as is
+
+
 class SmartJti(Base):
     """A client assertion's `jti` already used (SMART SM-21 replay cache), shared by every
     process on the database and kept until the assertion expires. The jti is stored hashed."""

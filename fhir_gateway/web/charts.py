@@ -4,12 +4,10 @@ no JavaScript and reads the same in every browser and in a screenshot."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-
-from fhir_gateway.resources import Resource
 
 WIDTH, HEIGHT = 640, 220
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 12, 36
@@ -47,25 +45,12 @@ def _instant(date: str) -> float:
     return parsed.timestamp()
 
 
-def _range(resource: Resource | None) -> tuple[float | None, float | None]:
-    for rng in (resource or {}).get("referenceRange") or []:
-        if not isinstance(rng, dict):
-            continue
-        low = (rng.get("low") or {}).get("value")
-        high = (rng.get("high") or {}).get("value")
-        if isinstance(low, int | float) or isinstance(high, int | float):
-            return (
-                float(low) if isinstance(low, int | float) else None,
-                float(high) if isinstance(high, int | float) else None,
-            )
-    return None, None
-
-
 def marker_series(
-    events: Iterable[Mapping[str, Any]], resources: Mapping[str, Resource]
+    events: Iterable[Mapping[str, Any]], ranges: Mapping[str, Sequence[float | None]]
 ) -> list[Series]:
     """Series from the timeline's `tumour-marker` events with a numeric value and a date; the
-    reference range is the first range of the marker's latest result that has one."""
+    reference range (`ranges`: resource -> [low, high], `casebundle.derived`) is that of the
+    marker's latest result that has one."""
     by_key: dict[tuple[str, str], Series] = {}
     for ev in events:
         value = ev.get("value") or {}
@@ -78,9 +63,9 @@ def marker_series(
         key = (str(ev.get("display") or "marker"), unit)
         series = by_key.setdefault(key, Series(name=key[0], unit=unit))
         series.points.append(Point(date=str(ev["date"]), value=float(number)))
-        low, high = _range(resources.get(str(ev.get("resource"))))
-        if low is not None or high is not None:
-            series.low, series.high = low, high
+        found = ranges.get(str(ev.get("resource")))
+        if found is not None and (found[0] is not None or found[1] is not None):
+            series.low, series.high = found[0], found[1]
     out = list(by_key.values())
     for series in out:
         _layout(series)

@@ -17,23 +17,20 @@ from sqlalchemy import select
 from fhir_gateway import jobs
 from fhir_gateway.api import views
 from fhir_gateway.api.deps import SettingsDep, StoreDep
-from fhir_gateway.casebundle import held, reading
+from fhir_gateway.casebundle import derived, held, reading
 from fhir_gateway.casebundle.consult import question_text
 from fhir_gateway.errors import ConflictError, NotFoundError, ValidationError
 from fhir_gateway.reports import drafts
-from fhir_gateway.resources import Resource
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
-from fhir_gateway.store.models import Assignment, Case, CaseBundleState, Delivery, Job, utcnow
+from fhir_gateway.store.models import Assignment, Case, Delivery, Job, utcnow
 from fhir_gateway.web import charts, session
 from fhir_gateway.web.render import render
 
 router = APIRouter(prefix="/app", include_in_schema=False)
 WHO = Depends(session.principal)
 FORM = Depends(session.form)
-DICOM_UID = "urn:dicom:uid"
 PDF = "application/pdf"
-MAX_INLINE_PDF = 5 * 1024 * 1024  # base64 characters of an inline attachment shown in place
 REPORT_KINDS = ("pathology", "radiology", "oncology")
 
 
@@ -54,28 +51,17 @@ def my_cases(request: Request, store: StoreDep, who: Principal = WHO) -> Respons
         if visible is not None:
             stmt = stmt.where(Case.id.in_(visible))
         found = list(s.scalars(stmt))
-        states = {
-            st.case_id: st
-            for st in s.scalars(
-                select(CaseBundleState).where(CaseBundleState.case_id.in_([c.id for c in found]))
-            )
-        }
+        # One small stored line per case (casebundle.derived), not each bundle's whole state.
+        glances = derived.glances(s, [c.id for c in found])
         rows = []
         for case in found:
-            state = states.get(case.id)
-            summary = (state.summary or {}) if state is not None else {}
-            checklist = summary.get("checklist") or []
+            line = glances.get(case.id)
             rows.append(
                 {
                     **views.case_summary(case),
                     "age": _age(case.created_at),
-                    "built": state is not None,
-                    "present": sum(1 for c in checklist if c.get("present")),
-                    "needs": len(checklist),
-                    "missing": [
-                        c.get("label") or c.get("key") for c in checklist if not c.get("present")
-                    ],
-                    "question": question_text(summary.get("question")),
+                    "built": line is not None,
+                    **(line or {"present": 0, "needs": 0, "missing": [], "question": ""}),
                 }
             )
         audit.record(s, "case.list", who.actor, entity=[f"count:{len(rows)}"])
@@ -92,80 +78,29 @@ def _patient_name(patient: dict[str, Any] | None) -> str:
     return "(no name)"
 
 
-def _documents(case_id: str, resources: list[Resource]) -> list[dict[str, Any]]:
-    """DocumentReferences with what the page can show of each attachment."""
+def _documents(documents: list[dict[str, Any]], pdfs: dict[tuple[int, int], str]) -> list[Any]:
+    """The case view's documents with what the page can show of each attachment: its URL, or
+    an inline PDF (read from its bundle row) as a data URL."""
     out = []
-    for r in resources:
-        if r["resourceType"] != "DocumentReference":
-            continue
-        for n, content in enumerate(r.get("content") or []):
-            att = content.get("attachment") or {}
-            ctype = str(att.get("contentType") or "").split(";")[0].strip().lower()
-            src = None
-            url = att.get("url")
-            if isinstance(url, str) and url.startswith(("http://", "https://", "/")):
-                src = url
-            elif (
-                ctype == PDF
-                and isinstance(att.get("data"), str)
-                and len(att["data"]) <= MAX_INLINE_PDF
-            ):
-                src = f"data:{PDF};base64,{att['data']}"
-            out.append(
-                {
-                    "id": r["id"],
-                    "n": n,
-                    "title": att.get("title")
-                    or (r.get("type") or {}).get("text")
-                    or next(
-                        (c.get("display") for c in (r.get("type") or {}).get("coding", [])), None
-                    )
-                    or "Document",
-                    "date": str(r.get("date") or att.get("creation") or "")[:10],
-                    "contentType": ctype or "unknown",
-                    "src": src,
-                    "pdf": ctype == PDF and src is not None,
-                }
-            )
+    for d in documents:
+        data = pdfs.get((d["position"], d["n"])) if d.get("inline") else None
+        src = d.get("url") or (f"data:{PDF};base64,{data}" if data is not None else None)
+        out.append({**d, "src": src, "pdf": d["contentType"] == PDF and src is not None})
     return out
 
 
-def _studies(case_id: str, resources: list[Resource]) -> list[dict[str, Any]]:
-    out = []
-    for r in resources:
-        if r["resourceType"] != "ImagingStudy":
-            continue
-        uid = next(
-            (
-                str(i["value"]).removeprefix("urn:oid:")
-                for i in r.get("identifier") or []
-                if i.get("system") == DICOM_UID and i.get("value")
+def _studies(case_id: str, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **st,
+            "viewer": (
+                f"/viewer?StudyInstanceUIDs={quote(st['uid'])}&case={quote(case_id)}"
+                if st.get("uid")
+                else None
             ),
-            None,
-        )
-        modalities = sorted(
-            {str(m.get("code")) for m in r.get("modality") or [] if m.get("code")}
-            | {
-                str((s.get("modality") or {}).get("code"))
-                for s in r.get("series") or []
-                if (s.get("modality") or {}).get("code")
-            }
-        )
-        out.append(
-            {
-                "id": r["id"],
-                "uid": uid,
-                "started": str(r.get("started") or "")[:10],
-                "description": r.get("description") or "Imaging study",
-                "modalities": ", ".join(modalities),
-                "series": r.get("numberOfSeries"),
-                "instances": r.get("numberOfInstances"),
-                "viewer": (
-                    f"/viewer?StudyInstanceUIDs={quote(uid)}&case={quote(case_id)}" if uid else None
-                ),
-            }
-        )
-    return out
+        }
+        for st in studies
+    ]
 
 
 @router.get("/cases/{case_id}", response_class=HTMLResponse)
@@ -187,12 +122,14 @@ def case_page(
         pending: str | None = None
         try:
             summary: dict[str, Any] | None = reading.summary(s, case_id, who)
-            case, state, resources = reading.timeline_resources(s, case_id, who)
-            timeline = reading.timeline_view(case, state, resources)
+            case, state, stored = reading.case_view(s, case_id, who)
+            timeline = reading.timeline_view(case, state, stored)
+            page: dict[str, Any] = stored.page
+            pdfs = derived.inline_pdfs(s, case.id, page["documents"])
         except ConflictError as exc:  # not normalised yet: say so, show the rest
-            summary, resources, timeline = None, [], {"count": 0, "events": []}
+            summary, timeline, pdfs = None, {"count": 0, "events": []}, {}
+            page = {"ranges": {}, "documents": [], "studies": []}
             pending = exc.message
-    by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources}
     limit = settings.web.timeline_rows
     return render(
         request,
@@ -205,11 +142,11 @@ def case_page(
             "question": question_text((summary or {}).get("question")),
             "checklist": ((summary or {}).get("completeness") or {}).get("checklist") or [],
             "cancer": ((summary or {}).get("completeness") or {}).get("cancer") or [],
-            "charts": charts.marker_series(timeline["events"], by_ref),
+            "charts": charts.marker_series(timeline["events"], page["ranges"]),
             "events": timeline["events"][:limit],
             "event_count": timeline["count"],
-            "documents": _documents(case_id, resources),
-            "studies": _studies(case_id, resources),
+            "documents": _documents(page["documents"], pdfs),
+            "studies": _studies(case_id, page["studies"]),
             "held": view["identity"]["items"],
         },
     )

@@ -72,6 +72,20 @@ class ImagingWorld:
             if i.get("system") == "urn:dicom:uid"
         }
 
+    def timeline_imaging(self) -> set[str]:
+        """The imaging events of GET /cases/{id}/timeline, checked against the bundle's
+        ImagingStudy resources (the stored case view is of the same build)."""
+        resp = self.client.get(f"/cases/{self.case_id}/timeline", headers=self.admin)
+        assert resp.status_code == 200, resp.text
+        events = {e["resource"] for e in resp.json()["events"] if e["kind"] == "imaging"}
+        bundle = self.client.get(f"/cases/{self.case_id}/bundle", headers=self.admin).json()
+        assert events == {
+            f"ImagingStudy/{e['resource']['id']}"
+            for e in bundle["entry"]
+            if e["resource"]["resourceType"] == "ImagingStudy"
+        }
+        return events
+
     def identity(self) -> dict[str, Any]:
         resp = self.client.get(f"/cases/{self.case_id}", headers=self.admin)
         assert resp.status_code == 200, resp.text
@@ -127,6 +141,7 @@ def test_foreign_study_is_held_then_released_into_qido_and_bundle(
     # Held: the referral named the MR study, but it is Doe^Peter's (other id, same issuer).
     assert w.studies() == {ct}
     assert w.bundle_studies() == {ct}
+    assert len(w.timeline_imaging()) == 1
     wado = w.client.get(f"/cases/{w.case_id}/dicom-web/studies/{mr}/metadata", headers=w.admin)
     assert wado.status_code == 404
     identity = w.identity()
@@ -165,6 +180,7 @@ def test_foreign_study_is_held_then_released_into_qido_and_bundle(
     job_handlers.register_all()
     assert jobs.Worker(w.store, w.settings).run_once()
     assert w.bundle_studies() == {ct, mr}
+    assert len(w.timeline_imaging()) == 2  # the re-normalisation refreshed the case view
     actions = audit_actions(w.store, w.case_id)
     assert [(a, who) for a, who, _ in actions] == [
         ("identity.hold", "fhir-gateway"),
@@ -211,6 +227,7 @@ def test_rejected_study_stays_out_after_a_re_pull(imaging: ImagingWorld) -> None
     w.pull()  # the partner's data is unchanged: the decision stands, nothing new is held
     assert w.studies() == {uid(CT2[0])}
     assert w.bundle_studies() == {uid(CT2[0])}
+    assert len(w.timeline_imaging()) == 1
     assert w.identity()["held"] == 0
     assert w.client.get("/admin/held?state=rejected", headers=w.admin).json()[0]["id"] == item["id"]
     release = f"/cases/{w.case_id}/held/{item['id']}/$release"

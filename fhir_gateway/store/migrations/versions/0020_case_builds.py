@@ -1,7 +1,7 @@
 """One normalisation of a case at a time: the build claim (case_builds)
 
 Revision ID: 0020
-Revises: 0015
+Revises: 0017
 """
 
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ from alembic import op
 import fhir_gateway.store.models
 
 revision: str = "0020"
-down_revision: str | None = "0015"
+down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
