@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -165,26 +165,29 @@ def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str
 
 
 def match_identifiers(
-    session: Session, partner_id: str, resource_type: str, keys: Iterable[IdentifierKey]
-) -> dict[IdentifierKey, str]:
-    """Which of `keys` the partner already holds for this type: key -> resource id (batched,
-    by index)."""
-    wanted = set(keys)
-    found: dict[IdentifierKey, str] = {}
-    values = sorted({v for _, v in wanted})
+    session: Session, partner_id: str, wanted: dict[str, set[IdentifierKey]]
+) -> dict[str, dict[IdentifierKey, str]]:
+    """Which of the keys per type the partner already holds: type -> key -> resource id.
+
+    One indexed query for all types (batched by 500 values): the primary key
+    (partner, type, value hash, system hash) answers it, however many rows are stored."""
+    found: dict[str, dict[IdentifierKey, str]] = {}
+    types = sorted(t for t, keys in wanted.items() if keys)
+    values = sorted({v for t in types for _, v in wanted[t]})
     for start in range(0, len(values), 500):
         stmt = select(
+            ResourceIdentifier.resource_type,
             ResourceIdentifier.system_hash,
             ResourceIdentifier.value_hash,
             ResourceIdentifier.resource_id,
         ).where(
             ResourceIdentifier.partner_id == partner_id,
-            ResourceIdentifier.resource_type == resource_type,
+            ResourceIdentifier.resource_type.in_(types),
             ResourceIdentifier.value_hash.in_(values[start : start + 500]),
         )
-        for system_hash, value_hash, rid in session.execute(stmt):
-            if (system_hash, value_hash) in wanted:
-                found[(system_hash, value_hash)] = rid
+        for rtype, system_hash, value_hash, rid in session.execute(stmt):
+            if (system_hash, value_hash) in wanted[rtype]:
+                found.setdefault(rtype, {})[(system_hash, value_hash)] = rid
     return found
 
 
@@ -264,3 +267,16 @@ def conditional_match(
             f"If-None-Exist matched {len(matches)} {resource_type} resources"
         )
     return matches[0] if matches else None
+
+
+def criteria_key(criteria: str) -> IdentifierKey | None:
+    """The identifier key `If-None-Exist: identifier=system|value` names (None for a bare
+    value, which matches any system, or other criteria): a resource created with that very
+    identifier cannot be stored twice (the unique key), so no second lookup is needed."""
+    params = [p for p in criteria.split("?", 1)[-1].split("&") if p]
+    if len(params) != 1 or not params[0].startswith("identifier="):
+        return None
+    system, value = split_token(unquote(params[0].split("=", 1)[1]))
+    if system is None or not value:
+        return None
+    return sha256_hex(system), sha256_hex(value)

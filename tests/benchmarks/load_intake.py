@@ -22,6 +22,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,9 @@ def run_engine(args: argparse.Namespace, engine: str, tmp: Path, pg_url: str | N
     cmd += ["--data-dir", str(data_dir), "--workers", "0"]
     if args.serve_workers is not None:
         cmd += ["--processes", str(args.serve_workers)]
+    if args.profile:
+        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses", "--gil", "-r", "200"]
+        cmd = [*spy, "--format", "raw", "-o", f"{args.profile}-{engine}.txt", "--", *cmd]
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     pg_pid = postmaster_pid(pg_url) if pg_url else None
@@ -216,7 +220,7 @@ def run_engine(args: argparse.Namespace, engine: str, tmp: Path, pg_url: str | N
                 flush=True,
             )
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -232,6 +236,7 @@ def main() -> None:
     parser.add_argument(
         "--serve-workers", type=int, default=None, help="serve --processes (default: its own)"
     )
+    parser.add_argument("--profile", help="py-spy record the server into PROFILE-<engine>.txt")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fhir-gateway-load-"))
     try:
