@@ -523,6 +523,9 @@ class Settings(BaseSettings):
     # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto we believe (addresses or
     # networks); empty: forwarded headers are ignored and the peer address is the client.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # HTTP processes of `serve` (one Python process is capped by its GIL); unset: one per
+    # core. Job worker threads run in one of them. An in-memory SQLite database gets one.
+    processes: int | None = Field(default=None, ge=1)
     metrics: MetricsSettings = MetricsSettings()
     log_format: Literal["console", "json"] = "json"
     log_level: str = "INFO"

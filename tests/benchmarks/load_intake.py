@@ -1,7 +1,7 @@
 """Load: referral transactions POSTed to `/fhir` at concurrency 8 through `fhir-gateway serve`.
 
 Run: `python tests/benchmarks/load_intake.py [--requests 500] [--concurrency 8]
-[--engines sqlite,postgresql] [--profile PREFIX]` (prints numbers; no asserts).
+[--engines sqlite,postgresql] [--processes N] [--profile PREFIX]` (prints numbers; no asserts).
 
 Each request is the sandbox's referral (`fhir_gateway/sandbox/data/referral-transaction.json`:
 Organization, Patient, two ImagingStudy, ServiceRequest, Task) with every identifier made unique,
@@ -169,8 +169,10 @@ def run_engine(args: argparse.Namespace, engine: str, tmp: Path, pg_url: str | N
         env["FHIR_GATEWAY_DATABASE_URL"] = pg_url
     cmd = [str(Path(sys.executable).parent / "fhir-gateway"), "serve", "--port", str(port)]
     cmd += ["--data-dir", str(data_dir), "--workers", "0"]
+    if args.processes:
+        cmd += ["--processes", str(args.processes)]
     if args.profile:
-        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "200"]
+        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses", "--gil"]
         cmd = [*spy, "--format", "raw", "-o", f"{args.profile}-{engine}.txt", "--", *cmd]
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -179,9 +181,9 @@ def run_engine(args: argparse.Namespace, engine: str, tmp: Path, pg_url: str | N
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit("the gateway did not start")
@@ -231,6 +233,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --requests each")
     parser.add_argument("--engines", default="sqlite,postgresql")
+    parser.add_argument(
+        "--processes", type=int, help="serve --processes (default: serve's, one per core)"
+    )
     parser.add_argument("--profile", help="py-spy record the server into PROFILE-<engine>.txt")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fhir-gateway-load-"))
