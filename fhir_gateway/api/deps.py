@@ -20,20 +20,33 @@ from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 
+INLINE_PARSE_BYTES = 32 * 1024  # bodies up to this size are parsed on the event loop
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that do no blocking I/O are `async def`: FastAPI runs a plain `def` dependency
+# in the thread pool, a hop that cost more CPU than the dependency itself.
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
+    """The bearer token's caller; validated on the event loop unless validating may fetch an
+    external issuer's JWKS (then in the thread pool)."""
+    validator: TokenValidator = request.app.state.tokens
+    if validator.may_block:
+        return await run_in_threadpool(principal_of, request)
+    return principal_of(request)
+
+
+def principal_of(request: Request) -> Principal:
+    """The bearer token's caller (may fetch an external issuer's JWKS: blocking)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -51,7 +64,7 @@ def get_reader(request: Request) -> Principal:
     """The caller of a read: a bearer token, or else (GET/HEAD only) the browser session cookie
     (`security.sessions`), which is how the same-origin viewer reaches the case's DICOMweb."""
     if request.headers.get("authorization"):
-        return get_principal(request)
+        return principal_of(request)
     cookie = request.cookies.get(sessions.COOKIE)
     if cookie and request.method in SAFE_METHODS:
         settings: Settings = request.app.state.settings
@@ -64,7 +77,7 @@ def get_reader(request: Request) -> Principal:
 def role(*roles: str) -> Any:
     """Dependency: the caller, who must hold one of `roles`."""
 
-    def check(who: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    async def check(who: Annotated[Principal, Depends(get_principal)]) -> Principal:
         if who.role not in roles:
             raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
         return who
@@ -98,10 +111,11 @@ async def fhir_json_body(
         if size > limit:
             raise PayloadTooLargeError(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
+    body, depth = b"".join(chunks), settings.limits.max_json_depth
+    if size <= INLINE_PARSE_BYTES:  # a referral: parsing costs less than a thread hop
+        return parse_json(body, max_depth=depth)
     # Parsed off the event loop: a big push must not stall other requests while it parses.
-    return await run_in_threadpool(
-        parse_json, b"".join(chunks), max_depth=settings.limits.max_json_depth
-    )
+    return await run_in_threadpool(parse_json, body, max_depth=depth)
 
 
 def reader_role(*roles: str) -> Any:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from fhir_gateway import metrics, readiness
-from fhir_gateway.api.deps import SettingsDep, StoreDep, get_principal
+from fhir_gateway.api.deps import SettingsDep, StoreDep, principal_of
 from fhir_gateway.errors import ForbiddenError
 from fhir_gateway.settings import Settings
 
@@ -38,7 +38,7 @@ def ready(store: StoreDep, settings: SettingsDep) -> JSONResponse:
 def scrape(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     """Prometheus text exposition: counters of this process, job gauges from the database."""
     if not _allowed_address(request, settings):
-        who = get_principal(request)  # 401 without a token
+        who = principal_of(request)  # 401 without a token
         if who.role != "admin":
             raise ForbiddenError("metrics are for admins or the configured scrapers")
     return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE)

@@ -127,6 +127,11 @@ class TokenValidator:
         if cfg.jwks_url and not cfg.issuer:
             raise ConfigError("auth.jwks_url needs auth.issuer")
 
+    @property
+    def may_block(self) -> bool:
+        """Whether `validate` may fetch over the network (an external issuer's JWKS)."""
+        return self._jwks is not None
+
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662 view of a token: `{"active": false}` for any token we would refuse."""
         try:
