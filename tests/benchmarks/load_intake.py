@@ -172,7 +172,14 @@ def run_engine(args: argparse.Namespace, engine: str, tmp: Path, pg_url: str | N
     if args.processes:
         cmd += ["--processes", str(args.processes)]
     if args.profile:
-        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses", "--gil", "-r", "500"]
+        spy = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--subprocesses",
+            "--gil",
+            "-r",
+            "500",
+        ]
         cmd = [*spy, "--format", "raw", "-o", f"{args.profile}-{engine}.txt", "--", *cmd]
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
