@@ -128,7 +128,7 @@ def render(store: Store) -> bytes:
     counters = REGISTRY
     if os.environ.get(MULTIPROC_ENV):  # several serve processes: every process's values
         counters = CollectorRegistry(auto_describe=False)
-        multiprocess.MultiProcessCollector(counters)
+        multiprocess.MultiProcessCollector(counters)  # type: ignore[no-untyped-call]
     return generate_latest(counters) + generate_latest(scrape)
 
 
