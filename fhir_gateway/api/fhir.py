@@ -36,9 +36,10 @@ JSON_FORMATS = frozenset(
 JSON_ACCEPT = JSON_FORMATS | {"*/*", "application/*"}
 
 
-def json_only(request: Request) -> None:
+async def json_only(request: Request) -> None:
     """FHIR JSON is all we speak (RS-01): `_format` may override `Accept`; asking for XML (or
-    anything else) alone is 406 with an OperationOutcome, never XML-shaped JSON."""
+    anything else) alone is 406 with an OperationOutcome, never XML-shaped JSON. (`async`: a
+    plain `def` dependency costs every /fhir request a worker-thread hop.)"""
     fmt = request.query_params.get("_format")
     if fmt is not None:
         if fmt.split(";", 1)[0].strip().lower() not in JSON_FORMATS:

@@ -15,7 +15,17 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import Integer, String, Text, column, delete, insert, select, table
+from sqlalchemy import (
+    Integer,
+    String,
+    Text,
+    bindparam,
+    column,
+    delete,
+    insert,
+    select,
+    table,
+)
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import InputError, NotFoundError, PreconditionFailedError
@@ -164,6 +174,19 @@ def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str
         session.execute(insert(_KEY_ROWS), keys[start : start + INSERT_BATCH])
 
 
+_IDENTIFIERS = ResourceIdentifier.__table__
+_MATCH_IDENTIFIERS = select(
+    _IDENTIFIERS.c.resource_type,
+    _IDENTIFIERS.c.system_hash,
+    _IDENTIFIERS.c.value_hash,
+    _IDENTIFIERS.c.resource_id,
+).where(
+    _IDENTIFIERS.c.partner_id == bindparam("partner"),
+    _IDENTIFIERS.c.resource_type.in_(bindparam("types", expanding=True)),
+    _IDENTIFIERS.c.value_hash.in_(bindparam("values", expanding=True)),
+)
+
+
 def match_identifiers(
     session: Session, partner_id: str, wanted: dict[str, set[IdentifierKey]]
 ) -> dict[str, dict[IdentifierKey, str]]:
@@ -174,18 +197,10 @@ def match_identifiers(
     found: dict[str, dict[IdentifierKey, str]] = {}
     types = sorted(t for t, keys in wanted.items() if keys)
     values = sorted({v for t in types for _, v in wanted[t]})
+    conn = session.connection()  # Core: built once, no ORM execution layer per push
     for start in range(0, len(values), 500):
-        stmt = select(
-            ResourceIdentifier.resource_type,
-            ResourceIdentifier.system_hash,
-            ResourceIdentifier.value_hash,
-            ResourceIdentifier.resource_id,
-        ).where(
-            ResourceIdentifier.partner_id == partner_id,
-            ResourceIdentifier.resource_type.in_(types),
-            ResourceIdentifier.value_hash.in_(values[start : start + 500]),
-        )
-        for rtype, system_hash, value_hash, rid in session.execute(stmt):
+        params = {"partner": partner_id, "types": types, "values": values[start : start + 500]}
+        for rtype, system_hash, value_hash, rid in conn.execute(_MATCH_IDENTIFIERS, params):
             if (system_hash, value_hash) in wanted[rtype]:
                 found.setdefault(rtype, {})[(system_hash, value_hash)] = rid
     return found

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -637,6 +637,15 @@ def _write(
     return result
 
 
+_RESOURCES = FhirResource.__table__
+_VERSIONS = select(  # Core, built once: no ORM execution layer per push
+    _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
+).where(
+    _RESOURCES.c.resource_type == bindparam("rtype"),
+    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+)
+
+
 def _load(
     session: Session, wanted: set[tuple[str, str]], *, bodies: bool
 ) -> dict[tuple[str, str], EntryOutcome]:
@@ -647,11 +656,11 @@ def _load(
     out: dict[tuple[str, str], EntryOutcome] = {}
     for rtype, ids in by_type.items():
         for start in range(0, len(ids), 500):
-            where = (
-                FhirResource.resource_type == rtype,
-                FhirResource.id.in_(ids[start : start + 500]),
-            )
             if bodies:
+                where = (
+                    FhirResource.resource_type == rtype,
+                    FhirResource.id.in_(ids[start : start + 500]),
+                )
                 for row in session.scalars(select(FhirResource).where(*where)):
                     out[(rtype, row.id)] = EntryOutcome(
                         rtype,
@@ -663,10 +672,8 @@ def _load(
                         row.body,
                     )
                 continue
-            cols = (FhirResource.id, FhirResource.version_id, FhirResource.last_updated)
-            for rid, version, updated, case_id in session.execute(
-                select(*cols, FhirResource.case_id).where(*where)
-            ):
+            params = {"rtype": rtype, "ids": ids[start : start + 500]}
+            for rid, version, updated, case_id in session.connection().execute(_VERSIONS, params):
                 out[(rtype, rid)] = EntryOutcome(rtype, rid, version, updated, False, case_id)
     return out
 
