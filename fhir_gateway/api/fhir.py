@@ -7,6 +7,9 @@ import copy
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
+import anyio.to_thread
+from anyio import CapacityLimiter
+from anyio.lowlevel import RunVar
 from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -232,7 +235,26 @@ async def transaction(
         )
         return _transaction_response(result)
 
-    return FhirResponse(await run_in_threadpool(run))
+    limiter = _intake_threads() if store.engine.dialect.name == "sqlite" else None
+    return FhirResponse(await anyio.to_thread.run_sync(run, limiter=limiter))
+
+
+# On SQLite, referral transactions run in at most this many worker threads per process; the
+# rest wait on the event loop (cheaply). More only contend for the GIL and the one write lock,
+# each handoff costing CPU (load_intake: ~10% less server CPU per referral at the same rate).
+# On PostgreSQL a transaction mostly waits on round trips: capped at 2 the rate halved, so
+# there it takes the default pool.
+INTAKE_THREADS = 2
+_LIMITER: RunVar[CapacityLimiter] = RunVar("intake_threads")  # one per event loop
+
+
+def _intake_threads() -> CapacityLimiter:
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        limiter = CapacityLimiter(INTAKE_THREADS)
+        _LIMITER.set(limiter)
+        return limiter
 
 
 def _intake_options(settings: Settings) -> referrals.IntakeOptions:

@@ -371,6 +371,20 @@ def _check_references(
     return stored
 
 
+_RESOURCES = FhirResource.__table__
+_VERSIONS = select(  # Core, built once: no ORM execution layer per push
+    _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
+).where(
+    _RESOURCES.c.resource_type == bindparam("rtype"),
+    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+)
+_OWNED = select(_RESOURCES.c.id).where(
+    _RESOURCES.c.resource_type == bindparam("rtype"),
+    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+    _RESOURCES.c.partner_id == bindparam("partner"),
+)
+
+
 def _check_stored_refs(session: Session, plan: _Plan) -> None:
     """Resources referenced by Type/id must exist and be the requesting partner's. The answer is
     the same for "not there" and "another partner's": no probing of other partners' ids."""
@@ -382,12 +396,9 @@ def _check_stored_refs(session: Session, plan: _Plan) -> None:
         if rtype not in hosted.HOSTED_TYPES:
             continue
         for start in range(0, len(ids), 500):
-            stmt = select(FhirResource.id).where(
-                FhirResource.resource_type == rtype,
-                FhirResource.id.in_(ids[start : start + 500]),
-                FhirResource.partner_id == plan.partner.id,
-            )
-            owned.update((rtype, rid) for rid in session.scalars(stmt))
+            params = {"rtype": rtype, "ids": ids[start : start + 500], "partner": plan.partner.id}
+            found = session.connection().execute(_OWNED, params).scalars()
+            owned.update((rtype, rid) for rid in found)
     for key, path in plan.stored_refs.items():
         if key not in owned:
             raise ValidationError(
@@ -635,15 +646,6 @@ def _write(
         write_ms=round((time.perf_counter() - started) * 1000),  # before COMMIT
     )
     return result
-
-
-_RESOURCES = FhirResource.__table__
-_VERSIONS = select(  # Core, built once: no ORM execution layer per push
-    _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
-).where(
-    _RESOURCES.c.resource_type == bindparam("rtype"),
-    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
-)
 
 
 def _load(
