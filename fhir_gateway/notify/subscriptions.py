@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
@@ -316,7 +316,10 @@ def status(session: Session, rid: str, who: Principal, *, fhir_base: str) -> Res
 _STATES = SubscriptionState.__table__
 _LIVE_SUBSCRIPTIONS = (
     select(_STATES.c.id)
-    .where(_STATES.c.partner_id == bindparam("partner"), _STATES.c.status.in_(LIVE))
+    # OR of equalities, not IN (...): an IN list is re-rendered into the SQL at every execution
+    .where(
+        _STATES.c.partner_id == bindparam("partner"), or_(*(_STATES.c.status == s for s in LIVE))
+    )
     .order_by(_STATES.c.id)
 )
 
