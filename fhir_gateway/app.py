@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import structlog
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
@@ -44,6 +48,8 @@ from fhir_gateway.settings import Settings, ensure_data_dir
 from fhir_gateway.store import Store, open_store
 from fhir_gateway.web import app as web
 
+log = structlog.get_logger(__name__)
+
 
 def create_app(
     settings: Settings | None = None,
@@ -51,8 +57,12 @@ def create_app(
     store: Store | None = None,
     workers: int = 0,
     configure_logs: bool = True,
+    migrate: bool = True,
+    job_process_lock: Path | None = None,
 ) -> FastAPI:
-    """Build the service. `workers` > 0 runs that many job worker threads beside the API."""
+    """Build the service. `workers` > 0 runs that many job worker threads beside the API;
+    with `job_process_lock` (one of several `serve` processes) only in the process that holds
+    an flock of that file. `migrate=False`: the schema was brought up to date before."""
     settings = settings or Settings()
     if configure_logs:
         configure_logging(settings.log_format, settings.log_level)
@@ -62,17 +72,23 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own_store = store is None
-        app.state.store = store or open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+        app.state.store = store or open_store(
+            settings.db_url, key_dir=settings.data_dir / "keys", migrate=migrate
+        )
         running: list[jobs.Worker] = []
-        if workers:
+        held = _job_process(job_process_lock) if workers and job_process_lock else None
+        if workers and (job_process_lock is None or held is not None):
             job_handlers.register_all()
             running = jobs.start_worker_threads(app.state.store, settings, workers)
+            log.info("serve.jobs.start", threads=workers, pid=os.getpid())
             # What the first normalisation would build (the UCUM registry), built now, aside.
             threading.Thread(target=normalise.preload, name="preload", daemon=True).start()
         try:
             yield
         finally:
             jobs.stop_workers(running)
+            if held is not None:
+                os.close(held)  # the next process to start may run them
             if own_store:
                 app.state.store.dispose()
 
@@ -139,6 +155,35 @@ def create_app(
     if settings.api_docs:
         add_api_docs(app)
     return app
+
+
+def serve_process_app() -> FastAPI:
+    """The app of one of `serve --processes N`'s processes; uvicorn imports it by name in each.
+    Settings come from the environment `serve` set up (data dir, public base URL, job worker
+    threads); `serve` migrated the schema and made the keys before starting any of them."""
+    settings = Settings()
+    return create_app(
+        settings,
+        workers=settings.jobs.workers,
+        migrate=False,
+        job_process_lock=settings.data_dir / JOB_PROCESS_LOCK,
+    )
+
+
+JOB_PROCESS_LOCK = ".serve-jobs.lock"
+
+
+def _job_process(path: Path) -> int | None:
+    """An open file descriptor holding the flock of `path` when this process is the one that
+    runs the job workers; None when another live process holds it. The kernel releases it when
+    the process exits, so a restarted process takes over."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def add_api_docs(app: FastAPI) -> None:

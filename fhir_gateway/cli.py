@@ -114,6 +114,10 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(help="job worker threads (default from settings)")
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(min=1, help="HTTP processes (default from settings: 1)"),
+    ] = None,
 ) -> None:
     """Run the API and job workers."""
     import uvicorn
@@ -149,18 +153,58 @@ def serve(
     count = settings.jobs.workers if workers is None else workers
     _make_data_dir(settings)
     application = create_app(settings, workers=count)  # config errors: one line, exit 2
+    n = processes or settings.processes or 1
+    if n > 1 and settings.db_url.startswith("sqlite") and "///" not in settings.db_url:
+        n = 1  # an in-memory database lives in one process
     note = "" if public else " (the bind; set FHIR_GATEWAY_PUBLIC_BASE_URL to how callers reach us)"
     err.print(f"public base URL {settings.base_url}{note}", markup=False, highlight=False)
     # Our middleware writes the access log (route templates, no query strings) and applies
     # X-Forwarded-* from `trusted_proxies` only; uvicorn's own would trust 127.0.0.1 always.
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,
+    }
+    if n == 1:
+        uvicorn.run(application, **options)
+        return
+    _prepare_processes(settings, count)
     uvicorn.run(
-        application,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
+        "fhir_gateway.app:serve_process_app",
+        factory=True,
+        workers=n,
+        # a process answers the parent's health pings from a thread: on a busy machine 5 s
+        # (uvicorn's default) is too short and it would kill a healthy process
+        timeout_worker_healthcheck=60,
+        **options,
     )
+
+
+def _prepare_processes(settings: Settings, job_threads: int) -> None:
+    """What `serve --processes N` does once before starting N processes: migrate the schema,
+    make the keys each process reads (audit HMAC key, token and session keys), empty the
+    multiprocess metrics directory, and put the settings the processes need (data dir, public
+    base URL, job worker threads) in the environment they inherit."""
+    import shutil
+
+    from fhir_gateway.metrics import MULTIPROC_ENV
+    from fhir_gateway.security.audit import audit_key
+    from fhir_gateway.security.auth import web_session_key
+    from fhir_gateway.store import open_store
+
+    store = open_store(settings.db_url, key_dir=settings.data_dir / "keys")
+    audit_key(store.key_dir)
+    store.dispose()
+    web_session_key(settings.data_dir)  # the access token key: TokenValidator made it
+    metrics_dir = settings.data_dir / "run" / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True, mode=0o700)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir.resolve())
+    os.environ["FHIR_GATEWAY_DATA_DIR"] = str(settings.data_dir.resolve())
+    os.environ["FHIR_GATEWAY_PUBLIC_BASE_URL"] = settings.base_url
+    os.environ["FHIR_GATEWAY_JOBS__WORKERS"] = str(job_threads)
 
 
 def _is_unspecified(host: str) -> bool:

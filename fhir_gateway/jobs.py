@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import event, or_, select, update
+from sqlalchemy import event, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import (
@@ -47,7 +47,7 @@ from fhir_gateway.errors import (
 from fhir_gateway.metrics import JOB_DURATION
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import Case, Job, utcnow
+from fhir_gateway.store.models import Base, Case, Job, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -194,10 +194,14 @@ def enqueue(
     )
     session.add(job)
     session.flush()
+    _wake_on_commit(session)
+    return job
+
+
+def _wake_on_commit(session: Session) -> None:
     if not session.info.get("wakes_workers"):
         session.info["wakes_workers"] = True
         event.listen(session, "after_commit", _wake_workers, once=True)
-    return job
 
 
 # Workers of this process wait on this between polls: a job committed here starts at once
@@ -210,6 +214,37 @@ def _wake_workers(_session: Session | None = None) -> None:
     with _WAKE:
         _wakes[0] += 1
         _WAKE.notify_all()
+
+
+def enqueue_for_new_case(session: Session, case_id: str, kinds: Iterable[str]) -> list[str]:
+    """Queue `kinds` for a case created in the caller's transaction, in one bulk insert: the
+    case is new, so no job of it can exist and no dedup lookup is needed (the dedup keys are
+    the ones `enqueue` would use, `<kind>:<case id>`). Returns the kinds queued."""
+    now = utcnow()
+    rows: list[dict[str, Any]] = [
+        {
+            "id": str(uuid.uuid4()),
+            "kind": kind,
+            "case_id": case_id,
+            "payload": {},
+            "dedup_key": f"{kind}:{case_id}",
+            "state": QUEUED,
+            "attempts": 0,
+            "max_attempts": 8,
+            "run_at": now,
+            "progress": {},
+            "created_at": now,
+            "updated_at": now,
+        }
+        for kind in kinds
+    ]
+    if rows:
+        session.connection().execute(_INSERT_JOB, rows)
+        _wake_on_commit(session)
+    return [str(r["kind"]) for r in rows]
+
+
+_INSERT_JOB = insert(Base.metadata.tables["jobs"])
 
 
 def requeue_dead(session: Session, job_id: str) -> Job:

@@ -7,15 +7,21 @@ happens: job durations in `jobs.Worker`, pulled bytes/resources/instances in `re
 are read from the database at scrape time (`JobsCollector`), so they are right whichever process
 ran the jobs. Counters of a separate `fhir-gateway worker` process live in that process.
 
+`serve --processes N` (N > 1) runs prometheus_client's multiprocess mode: `serve` points
+`PROMETHEUS_MULTIPROC_DIR` at an empty directory under the data dir before it starts the
+processes, each process writes its counters and histograms there, and a scrape answered by any
+of them sums every process's values (`MultiProcessCollector`).
+
 Labels carry no identifiers: kinds, states, outcomes, route templates and status codes only.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -119,7 +125,14 @@ def render(store: Store) -> bytes:
     """The text exposition of the module registry plus the job gauges from `store`."""
     scrape = CollectorRegistry(auto_describe=False)
     scrape.register(JobsCollector(store))
-    return generate_latest(REGISTRY) + generate_latest(scrape)
+    counters = REGISTRY
+    if os.environ.get(MULTIPROC_ENV):  # several serve processes: every process's values
+        counters = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(counters)  # type: ignore[no-untyped-call]
+    return generate_latest(counters) + generate_latest(scrape)
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def observe_pull(*, resources: int = 0, instances: int = 0, kind: str, size: int) -> None:

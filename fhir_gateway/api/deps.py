@@ -26,9 +26,12 @@ from fhir_gateway.security.auth import TokenValidator
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 
+INLINE_PARSE_BYTES = 32 * 1024  # bodies up to this size are parsed on the event loop
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 
 
+# Dependencies that do no blocking I/O are `async def`: FastAPI runs a plain `def` dependency
+# in the thread pool, a hop that cost more CPU than the dependency itself.
 async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -60,8 +63,12 @@ async def get_principal(request: Request) -> Principal:
     token = _bearer(request)
     validator: TokenValidator = request.app.state.tokens
     who = validator.cached(token)
-    if who is None:
-        who = await run_in_threadpool(validator.validate, token)
+    if who is None:  # validated on the event loop unless it may fetch an issuer's JWKS
+        who = (
+            await run_in_threadpool(validator.validate, token)
+            if validator.may_block
+            else validator.validate(token)
+        )
     request.state.principal = who
     return who
 
@@ -122,10 +129,11 @@ async def fhir_json_body(
         if size > limit:
             raise PayloadTooLargeError(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
+    body, depth = b"".join(chunks), settings.limits.max_json_depth
+    if size <= INLINE_PARSE_BYTES:  # a referral: parsing costs less than a thread hop
+        return parse_json(body, max_depth=depth)
     # Parsed off the event loop: a big push must not stall other requests while it parses.
-    return await run_in_threadpool(
-        parse_json, b"".join(chunks), max_depth=settings.limits.max_json_depth
-    )
+    return await run_in_threadpool(parse_json, body, max_depth=depth)
 
 
 def reader_role(*roles: str) -> Any:

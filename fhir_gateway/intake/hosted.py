@@ -10,12 +10,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import Integer, String, Text, column, delete, insert, select, table
+from sqlalchemy import (
+    Integer,
+    String,
+    Text,
+    bindparam,
+    column,
+    delete,
+    insert,
+    select,
+    table,
+)
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import InputError, NotFoundError, PreconditionFailedError
@@ -164,27 +174,35 @@ def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str
         session.execute(insert(_KEY_ROWS), keys[start : start + INSERT_BATCH])
 
 
+_IDENTIFIERS = ResourceIdentifier.__table__
+_MATCH_IDENTIFIERS = select(
+    _IDENTIFIERS.c.resource_type,
+    _IDENTIFIERS.c.system_hash,
+    _IDENTIFIERS.c.value_hash,
+    _IDENTIFIERS.c.resource_id,
+).where(
+    _IDENTIFIERS.c.partner_id == bindparam("partner"),
+    _IDENTIFIERS.c.resource_type.in_(bindparam("types", expanding=True)),
+    _IDENTIFIERS.c.value_hash.in_(bindparam("values", expanding=True)),
+)
+
+
 def match_identifiers(
-    session: Session, partner_id: str, resource_type: str, keys: Iterable[IdentifierKey]
-) -> dict[IdentifierKey, str]:
-    """Which of `keys` the partner already holds for this type: key -> resource id (batched,
-    by index)."""
-    wanted = set(keys)
-    found: dict[IdentifierKey, str] = {}
-    values = sorted({v for _, v in wanted})
+    session: Session, partner_id: str, wanted: dict[str, set[IdentifierKey]]
+) -> dict[str, dict[IdentifierKey, str]]:
+    """Which of the keys per type the partner already holds: type -> key -> resource id.
+
+    One indexed query for all types (batched by 500 values): the primary key
+    (partner, type, value hash, system hash) answers it, however many rows are stored."""
+    found: dict[str, dict[IdentifierKey, str]] = {}
+    types = sorted(t for t, keys in wanted.items() if keys)
+    values = sorted({v for t in types for _, v in wanted[t]})
+    conn = session.connection()  # Core: built once, no ORM execution layer per push
     for start in range(0, len(values), 500):
-        stmt = select(
-            ResourceIdentifier.system_hash,
-            ResourceIdentifier.value_hash,
-            ResourceIdentifier.resource_id,
-        ).where(
-            ResourceIdentifier.partner_id == partner_id,
-            ResourceIdentifier.resource_type == resource_type,
-            ResourceIdentifier.value_hash.in_(values[start : start + 500]),
-        )
-        for system_hash, value_hash, rid in session.execute(stmt):
-            if (system_hash, value_hash) in wanted:
-                found[(system_hash, value_hash)] = rid
+        params = {"partner": partner_id, "types": types, "values": values[start : start + 500]}
+        for rtype, system_hash, value_hash, rid in conn.execute(_MATCH_IDENTIFIERS, params):
+            if (system_hash, value_hash) in wanted[rtype]:
+                found.setdefault(rtype, {})[(system_hash, value_hash)] = rid
     return found
 
 
@@ -201,27 +219,25 @@ def find_by_identifier(
     """Resources of a type with identifier `system|value` (or bare `value`: any system), for
     one partner (`partner_id` None: all partners). One indexed lookup, whatever the length."""
     system, value = split_token(token)
-    stmt = (
-        select(FhirResource)
-        .join(
-            ResourceIdentifier,
-            (ResourceIdentifier.resource_type == FhirResource.resource_type)
-            & (ResourceIdentifier.resource_id == FhirResource.id),
-        )
-        .where(
-            ResourceIdentifier.resource_type == resource_type,
-            ResourceIdentifier.value_hash == sha256_hex(value),
-        )
-        .order_by(FhirResource.last_updated, FhirResource.id)
+    # Two exact lookups rather than a join: PostgreSQL's generic plan for the join (prepared
+    # statements) could start from every stored resource of the type; these use the keys.
+    keys = select(ResourceIdentifier.resource_id).where(
+        ResourceIdentifier.resource_type == resource_type,
+        ResourceIdentifier.value_hash == sha256_hex(value),
     )
     if system is not None:
-        stmt = stmt.where(ResourceIdentifier.system_hash == sha256_hex(system))
+        keys = keys.where(ResourceIdentifier.system_hash == sha256_hex(system))
     if partner_id is not None:
-        stmt = stmt.where(ResourceIdentifier.partner_id == partner_id)
-    rows: dict[str, FhirResource] = {}
-    for row in session.scalars(stmt):  # one row per matching identifier: keep each resource once
-        rows.setdefault(row.id, row)
-    return list(rows.values())
+        keys = keys.where(ResourceIdentifier.partner_id == partner_id)
+    ids = sorted(set(session.scalars(keys)))  # one row per matching identifier
+    if not ids:
+        return []
+    stmt = (
+        select(FhirResource)
+        .where(FhirResource.resource_type == resource_type, FhirResource.id.in_(ids))
+        .order_by(FhirResource.last_updated, FhirResource.id)
+    )
+    return list(session.scalars(stmt))
 
 
 def find_by_ids(
@@ -264,3 +280,16 @@ def conditional_match(
             f"If-None-Exist matched {len(matches)} {resource_type} resources"
         )
     return matches[0] if matches else None
+
+
+def criteria_key(criteria: str) -> IdentifierKey | None:
+    """The identifier key `If-None-Exist: identifier=system|value` names (None for a bare
+    value, which matches any system, or other criteria): a resource created with that very
+    identifier cannot be stored twice (the unique key), so no second lookup is needed."""
+    params = [p for p in criteria.split("?", 1)[-1].split("&") if p]
+    if len(params) != 1 or not params[0].startswith("identifier="):
+        return None
+    system, value = split_token(unquote(params[0].split("=", 1)[1]))
+    if system is None or not value:
+        return None
+    return sha256_hex(system), sha256_hex(value)

@@ -14,7 +14,6 @@ big push holds the SQLite write lock only for its inserts.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -24,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,14 +36,15 @@ from fhir_gateway.errors import (
     ValidationError,
 )
 from fhir_gateway.intake import hosted
-from fhir_gateway.intake.tasks import transition_task
+from fhir_gateway.intake.tasks import TRANSITIONS, queue_v2_status
 from fhir_gateway.intake.validation import validate_resource
+from fhir_gateway.notify import subscriptions
 from fhir_gateway.resources import Resource
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
 from fhir_gateway.store import Store
-from fhir_gateway.store.models import Case, FhirResource, json_text, utcnow
+from fhir_gateway.store.models import Base, FhirResource, json_text, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -249,14 +249,14 @@ def _run(
         _check_stored_refs(s, plan)
         matches = _match(s, plan)
     for attempt in range(1, ATTEMPTS + 1):
-        prepared = _prepare(plan, matches)
+        prepared = _prepare(plan, matches, options)
         try:
             with store.session() as s:
                 # Identifiers stored since the lookup make the insert fail (unique key) and the
                 # push run again; conditional criteria are not all keys: ask them again here.
                 if _conditional_changed(s, plan, matches):
                     matches = _match(s, plan)
-                    prepared = _prepare(plan, matches)
+                    prepared = _prepare(plan, matches, options)
                 return _write(s, plan, matches, prepared, who, options)
         except IntegrityError:
             log.info("referral.intake.race", attempt=attempt, entries=len(entries))
@@ -371,6 +371,20 @@ def _check_references(
     return stored
 
 
+_RESOURCES = FhirResource.__table__
+_VERSIONS = select(  # Core, built once: no ORM execution layer per push
+    _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
+).where(
+    _RESOURCES.c.resource_type == bindparam("rtype"),
+    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+)
+_OWNED = select(_RESOURCES.c.id).where(
+    _RESOURCES.c.resource_type == bindparam("rtype"),
+    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+    _RESOURCES.c.partner_id == bindparam("partner"),
+)
+
+
 def _check_stored_refs(session: Session, plan: _Plan) -> None:
     """Resources referenced by Type/id must exist and be the requesting partner's. The answer is
     the same for "not there" and "another partner's": no probing of other partners' ids."""
@@ -382,12 +396,9 @@ def _check_stored_refs(session: Session, plan: _Plan) -> None:
         if rtype not in hosted.HOSTED_TYPES:
             continue
         for start in range(0, len(ids), 500):
-            stmt = select(FhirResource.id).where(
-                FhirResource.resource_type == rtype,
-                FhirResource.id.in_(ids[start : start + 500]),
-                FhirResource.partner_id == plan.partner.id,
-            )
-            owned.update((rtype, rid) for rid in session.scalars(stmt))
+            params = {"rtype": rtype, "ids": ids[start : start + 500], "partner": plan.partner.id}
+            found = session.connection().execute(_OWNED, params).scalars()
+            owned.update((rtype, rid) for rid in found)
     for key, path in plan.stored_refs.items():
         if key not in owned:
             raise ValidationError(
@@ -414,11 +425,7 @@ def _match(session: Session, plan: _Plan) -> _Matches:
                 existing[e.index] = row.id
                 continue
         by_type.setdefault(e.rtype, set()).update(e.keys)
-    found = {
-        rtype: hosted.match_identifiers(session, plan.partner.id, rtype, keys)
-        for rtype, keys in by_type.items()
-        if keys
-    }
+    found = hosted.match_identifiers(session, plan.partner.id, by_type) if by_type else {}
     repeats: dict[int, int] = {}
     first_with: dict[tuple[str, hosted.IdentifierKey], int] = {}
     for e in plan.entries:
@@ -468,10 +475,14 @@ def _identifier_index(e: _Entry, key_index: int) -> int:
 
 
 def _conditional_changed(session: Session, plan: _Plan, matches: _Matches) -> bool:
+    """Whether criteria that matched nothing before the write match something now. Criteria
+    naming one of the entry's own identifiers (system and value) need no second look: a
+    resource stored since with that identifier makes our insert fail (unique key) instead."""
     for e in plan.entries:
         if (
             e.if_none_exist
             and e.index not in matches.existing
+            and hosted.criteria_key(e.if_none_exist) not in e.keys
             and hosted.conditional_match(
                 session, e.rtype, e.if_none_exist, partner_id=plan.partner.id
             )
@@ -485,11 +496,15 @@ class _Prepared:
     ids: dict[int, str]  # entry index -> server id
     rows: list[dict[str, Any]]  # new fhir_resources rows
     keys: list[dict[str, str]]  # their resource_identifiers rows, in key order
+    new: dict[tuple[str, str], dict[str, Any]]  # (type, id) -> its row in `rows`
+    bodies: dict[tuple[str, str], Resource]  # (type, id) -> the body stored for it
+    case_id: str | None = None  # the case the new referral Task opens
 
 
-def _prepare(plan: _Plan, matches: _Matches) -> _Prepared:
+def _prepare(plan: _Plan, matches: _Matches, options: IntakeOptions) -> _Prepared:
     """Server ids for every entry, references rewritten to them, rows ready to insert (the
-    expensive part, done before the write transaction starts)."""
+    expensive part, done before the write transaction starts). A new referral Task is stored
+    as it will be once its case is open: `received` (version 2), owned by us."""
     ids: dict[int, str] = {}
     for e in plan.entries:
         if e.index in matches.existing:
@@ -503,32 +518,36 @@ def _prepare(plan: _Plan, matches: _Matches) -> _Prepared:
         for alias in _aliases(e):
             ref_map[alias] = f"{e.rtype}/{ids[e.index]}"
     now = utcnow()
-    rows: list[dict[str, Any]] = []
-    keys: list[dict[str, str]] = []
+    prepared = _Prepared(ids, [], [], {}, {})
     for e in plan.entries:
         if e.index in matches.existing or e.index in matches.repeats:
             continue
         rid = ids[e.index]
         body = _rewrite_refs(e.resource, ref_map)
         body["id"] = rid
+        version = 1
+        if e.rtype == "Task":
+            prepared.case_id = str(uuid.uuid4())
+            body, version = _received(body, options.our_org, now), 2
         body["meta"] = {
             **(body.get("meta") or {}),
-            "versionId": "1",
+            "versionId": str(version),
             "lastUpdated": hosted.fhir_instant(now),
         }
-        rows.append(
-            {
-                "resource_type": e.rtype,
-                "id": rid,
-                "version_id": 1,
-                "partner_id": plan.partner.id,
-                "case_id": None,
-                "last_updated": now,
-                "body": json_text(body),  # serialised here, outside the write transaction
-            }
-        )
+        row = {
+            "resource_type": e.rtype,
+            "id": rid,
+            "version_id": version,
+            "partner_id": plan.partner.id,
+            "case_id": None,
+            "last_updated": now,
+            "body": json_text(body),  # serialised here, outside the write transaction
+        }
+        prepared.rows.append(row)
+        prepared.new[(e.rtype, rid)] = row
+        prepared.bodies[(e.rtype, rid)] = body
         for system_hash, value_hash in e.keys:
-            keys.append(
+            prepared.keys.append(
                 {
                     "partner_id": plan.partner.id,
                     "resource_type": e.rtype,
@@ -538,8 +557,30 @@ def _prepare(plan: _Plan, matches: _Matches) -> _Prepared:
                 }
             )
     # One lock order for every writer (PostgreSQL): no deadlock between overlapping pushes.
-    keys.sort(key=lambda k: (k["resource_type"], k["value_hash"], k["system_hash"]))
-    return _Prepared(ids, rows, keys)
+    prepared.keys.sort(key=lambda k: (k["resource_type"], k["value_hash"], k["system_hash"]))
+    return prepared
+
+
+def _received(task: Resource, our_org: Resource | None, now: datetime) -> Resource:
+    """The new referral Task as intake leaves it (RF-03: requested -> received; a draft is
+    taken as requested), owned by us unless it names its owner."""
+    focus = str((task.get("focus") or {}).get("reference") or "")
+    if not focus.startswith("ServiceRequest/"):
+        raise ValidationError(
+            "Task.focus must reference a ServiceRequest posted to this server "
+            "(in the same transaction or before)",
+            expression=["Task.focus"],
+        )
+    current = "requested" if task.get("status") == "draft" else str(task.get("status"))
+    if "received" not in TRANSITIONS.get(current, frozenset()):
+        raise ConflictError(
+            f"Task cannot move from {current!r} to 'received'", expression=["Task.status"]
+        )
+    out = {**task, "status": "received", "lastModified": hosted.fhir_instant(now)}
+    out.pop("statusReason", None)
+    if our_org is not None and not task.get("owner"):
+        out["owner"] = our_org
+    return out
 
 
 def _write(
@@ -550,50 +591,45 @@ def _write(
     who: Principal,
     options: IntakeOptions,
 ) -> IntakeResult:
-    """The write transaction: bulk inserts (Core, bodies already serialised), the case, the
-    jobs, the audit row. Kept short: on SQLite it holds the database's one write lock."""
+    """The write transaction: the case (when the push opens one), bulk inserts (Core, bodies
+    already serialised), the jobs, the audit row last. Kept short, one statement per table
+    where it can: on SQLite it holds the database's one write lock, on PostgreSQL the audit
+    chain's head row from the audit append to COMMIT."""
     started = time.perf_counter()
+    result = IntakeResult(entries=[], case_id=None, new_case=False)
+    opened = _open_case(session, plan, prepared, who) if prepared.case_id else None
     hosted.insert_new(session, prepared.rows, prepared.keys)
-    created_at = {r["id"]: r["last_updated"] for r in prepared.rows}
     # Version and time of entries that were there already (their bodies only for a single POST).
     before = {
         (e.rtype, prepared.ids[e.index])
         for e in plan.entries
-        if prepared.ids[e.index] not in created_at
+        if (e.rtype, prepared.ids[e.index]) not in prepared.new
     }
     known = _load(session, before, bodies=not plan.bundle_mode)
-    outcomes: list[EntryOutcome] = []
     for e in plan.entries:
-        rid = prepared.ids[e.index]
-        if rid in created_at:
-            body = (
-                None
-                if plan.bundle_mode
-                else next(json.loads(r["body"]) for r in prepared.rows if r["id"] == rid)
+        key = (e.rtype, prepared.ids[e.index])
+        row = prepared.new.get(key)
+        if row is None:
+            result.entries.append(known[key])
+            continue
+        result.entries.append(
+            EntryOutcome(
+                e.rtype,
+                row["id"],
+                row["version_id"],
+                row["last_updated"],
+                e.index not in matches.repeats,
+                row["case_id"],
+                None if plan.bundle_mode else prepared.bodies[key],
             )
-            outcomes.append(
-                EntryOutcome(
-                    e.rtype, rid, 1, created_at[rid], e.index not in matches.repeats, None, body
-                )
-            )
-        else:
-            outcomes.append(known[(e.rtype, rid)])
-    result = IntakeResult(entries=outcomes, case_id=None, new_case=False)
-    task_at = next((i for i, e in enumerate(plan.entries) if e.rtype == "Task"), None)
-    if task_at is not None:
-        task_out = outcomes[task_at]
-        if task_out.created:
-            task_row = session.get(FhirResource, ("Task", task_out.id))
-            assert task_row is not None
-            _open_case(session, task_row, plan.partner, who, options.our_org, result)
-            task_out.version_id, task_out.last_updated = task_row.version_id, task_row.last_updated
-            task_out.case_id = task_row.case_id
-            if task_out.body is not None:
-                task_out.body = task_row.body
-        else:
-            result.case_id = task_out.case_id
-    if not plan.bundle_mode and result.case_id is None and outcomes[0].created:
-        out = outcomes[0]
+        )
+    task_out = next((o for o in result.entries if o.resource_type == "Task"), None)
+    if opened is not None:
+        _case_opened(session, plan, prepared, opened, who, result)
+    elif task_out is not None:
+        result.case_id = task_out.case_id
+    if not plan.bundle_mode and result.case_id is None and result.entries[0].created:
+        out = result.entries[0]
         audit.record(
             session,
             "resource.create",
@@ -622,11 +658,11 @@ def _load(
     out: dict[tuple[str, str], EntryOutcome] = {}
     for rtype, ids in by_type.items():
         for start in range(0, len(ids), 500):
-            where = (
-                FhirResource.resource_type == rtype,
-                FhirResource.id.in_(ids[start : start + 500]),
-            )
             if bodies:
+                where = (
+                    FhirResource.resource_type == rtype,
+                    FhirResource.id.in_(ids[start : start + 500]),
+                )
                 for row in session.scalars(select(FhirResource).where(*where)):
                     out[(rtype, row.id)] = EntryOutcome(
                         rtype,
@@ -638,10 +674,8 @@ def _load(
                         row.body,
                     )
                 continue
-            cols = (FhirResource.id, FhirResource.version_id, FhirResource.last_updated)
-            for rid, version, updated, case_id in session.execute(
-                select(*cols, FhirResource.case_id).where(*where)
-            ):
+            params = {"rtype": rtype, "ids": ids[start : start + 500]}
+            for rid, version, updated, case_id in session.connection().execute(_VERSIONS, params):
                 out[(rtype, rid)] = EntryOutcome(rtype, rid, version, updated, False, case_id)
     return out
 
@@ -796,85 +830,136 @@ def _requester_identifier(
     return None
 
 
-def _open_case(
+_INSERT_CASE = insert(Base.metadata.tables["cases"])
+
+
+@dataclass
+class _Opened:
+    """The case a new referral Task opened: its id, the ServiceRequest and the patient."""
+
+    case_id: str
+    task_id: str
+    sr_id: str
+    patient_ref: str
+    sr_body: Resource
+    stored_links: list[tuple[str, str]]  # stored before this push: claimed if still unclaimed
+
+
+def _open_case(session: Session, plan: _Plan, prepared: _Prepared, who: Principal) -> _Opened:
+    """Insert the Case for the new Task (before its rows: they point at it) and mark the new
+    rows of the referral (Task, ServiceRequest, what it points at, the patient) as the case's.
+    One case per referral: the database refuses a second case for a ServiceRequest."""
+    assert prepared.case_id is not None
+    case_id = prepared.case_id
+    task_id, task = next((rid, b) for (t, rid), b in prepared.bodies.items() if t == "Task")
+    sr_id = task["focus"]["reference"].split("/", 1)[1]
+    sr_body = prepared.bodies.get(("ServiceRequest", sr_id))
+    if sr_body is None:  # pushed before: it must be this partner's and not yet a referral's
+        stored = session.execute(
+            select(FhirResource.partner_id, FhirResource.case_id, FhirResource.body).where(
+                FhirResource.resource_type == "ServiceRequest", FhirResource.id == sr_id
+            )
+        ).first()
+        if stored is None or stored.partner_id != plan.partner.id:
+            raise ValidationError(
+                "Task.focus is not a ServiceRequest of this partner", expression=["Task.focus"]
+            )
+        if stored.case_id is not None:
+            raise ConflictError(
+                "this ServiceRequest already has a referral Task", expression=["Task.focus"]
+            )
+        sr_body = stored.body
+    subject = sr_body.get("subject") or {}
+    patient_ref = subject.get("reference") or _identifier_ref(subject)
+    now = utcnow()
+    session.connection().execute(
+        _INSERT_CASE,
+        {
+            "id": case_id,
+            "partner_id": plan.partner.id,
+            "status": "received",
+            "task_id": task_id,
+            "service_request_id": sr_id,
+            "patient_ref": patient_ref,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    # What the referral points at (images, documents, the cancer Condition) belongs to the case.
+    targets = [("Task", task_id), ("ServiceRequest", sr_id)]
+    for ref in (sr_body.get("supportingInfo") or []) + (sr_body.get("reasonReference") or []):
+        link = str((ref or {}).get("reference") or "")
+        if link.count("/") == 1:
+            rtype, rid = link.split("/")
+            targets.append((rtype, rid))
+    if patient_ref.startswith("Patient/"):
+        targets.append(("Patient", patient_ref.split("/", 1)[1]))
+    stored_links: list[tuple[str, str]] = []
+    for target in targets:
+        row = prepared.new.get(target)
+        if row is not None:
+            row["case_id"] = row["case_id"] or case_id
+        elif target not in stored_links:
+            stored_links.append(target)
+    return _Opened(case_id, task_id, sr_id, patient_ref, sr_body, stored_links)
+
+
+def _case_opened(
     session: Session,
-    task_row: FhirResource,
-    partner: Partner,
+    plan: _Plan,
+    prepared: _Prepared,
+    opened: _Opened,
     who: Principal,
-    our_org: Resource | None,
     result: IntakeResult,
 ) -> None:
-    task = task_row.body
-    focus = task["focus"]["reference"]
-    if not focus.startswith("ServiceRequest/"):
-        raise ValidationError(
-            "Task.focus must reference a ServiceRequest posted to this server "
-            "(in the same transaction or before)",
-            expression=["Task.focus"],
+    """After the rows are in: claim what was stored before, tell the Task's subscribers
+    (RF-03 `received`), queue the pulls, and append the audit row (last: on PostgreSQL it
+    holds the chain's head until COMMIT)."""
+    partner, case_id = plan.partner, opened.case_id
+    for rtype, rid in opened.stored_links:
+        where = [
+            FhirResource.resource_type == rtype,
+            FhirResource.id == rid,
+            FhirResource.case_id.is_(None),
+        ]
+        # The focus was checked above (this partner's, unclaimed; the case's unique key decides
+        # a race); the patient is claimed whoever stored it, as before.
+        if rtype != "Patient" and (rtype, rid) != ("ServiceRequest", opened.sr_id):
+            where.append(FhirResource.partner_id == partner.id)
+        session.execute(
+            update(FhirResource)
+            .where(*where)
+            .values(case_id=case_id)
+            .execution_options(synchronize_session=False)
         )
-    sr_row = session.get(FhirResource, ("ServiceRequest", focus.split("/", 1)[1]))
-    if sr_row is None or sr_row.partner_id != partner.id:
-        raise ValidationError(
-            "Task.focus is not a ServiceRequest of this partner", expression=["Task.focus"]
-        )
-    if sr_row.case_id is not None:
-        raise ConflictError(
-            "this ServiceRequest already has a referral Task", expression=["Task.focus"]
-        )
-    subject = sr_row.body.get("subject") or {}
-    patient_ref = subject.get("reference") or _identifier_ref(subject)
-    case = Case(
-        id=str(uuid.uuid4()),
+    task_row = prepared.new[("Task", opened.task_id)]
+    task = FhirResource(  # transient: what the subscriptions and the 360X status read
+        resource_type="Task",
+        id=opened.task_id,
+        version_id=task_row["version_id"],
         partner_id=partner.id,
-        status="received",
-        task_id=task_row.id,
-        service_request_id=sr_row.id,
-        patient_ref=patient_ref,
+        case_id=case_id,
+        last_updated=task_row["last_updated"],
+        body=prepared.bodies[("Task", opened.task_id)],
     )
-    session.add(case)
-    session.flush()
-    for row in (task_row, sr_row):
-        row.case_id = case.id
-    # What the referral points at (images, documents, the cancer Condition) belongs to the case.
-    for ref in (sr_row.body.get("supportingInfo") or []) + (
-        sr_row.body.get("reasonReference") or []
-    ):
-        target = str((ref or {}).get("reference") or "")
-        if target.count("/") == 1:
-            linked = session.get(FhirResource, tuple(target.split("/")))
-            if linked is not None and linked.case_id is None and linked.partner_id == partner.id:
-                linked.case_id = case.id
-    if patient_ref.startswith("Patient/"):
-        patient = session.get(FhirResource, ("Patient", patient_ref.split("/", 1)[1]))
-        if patient is not None and patient.case_id is None:
-            patient.case_id = case.id
-    if our_org is not None and not task.get("owner"):
-        task_row.body = {**task_row.body, "owner": our_org}
-    if task_row.body.get("status") == "draft":
-        task_row.body = {**task_row.body, "status": "requested"}
-    transition_task(session, task_row, "received", partner=partner)
-    queued = []
+    queue_v2_status(session, task, "received")
+    subscriptions.task_changed(session, task, partner)
+    kinds = []
     if partner.fhir is not None:
-        queued.append(
-            jobs.enqueue(session, "pull_fhir", case_id=case.id, dedup_key=f"pull_fhir:{case.id}")
-        )
-    if partner.dicomweb is not None or partner.dimse is not None or _has_imaging(sr_row.body):
-        queued.append(
-            jobs.enqueue(
-                session, "pull_imaging", case_id=case.id, dedup_key=f"pull_imaging:{case.id}"
-            )
-        )
+        kinds.append("pull_fhir")
+    if partner.dicomweb is not None or partner.dimse is not None or _has_imaging(opened.sr_body):
+        kinds.append("pull_imaging")
+    result.jobs = jobs.enqueue_for_new_case(session, case_id, kinds)
     audit.record(
         session,
         "referral.intake",
         who.actor,
-        case_id=case.id,
-        patient=patient_ref,
-        entity=[f"Task/{task_row.id}", f"ServiceRequest/{sr_row.id}"],
+        case_id=case_id,
+        patient=opened.patient_ref,
+        entity=[f"Task/{opened.task_id}", f"ServiceRequest/{opened.sr_id}"],
     )
-    result.case_id, result.new_case = case.id, True
-    result.jobs = [j.kind for j in queued]
-    log.info("referral.intake.done", case_id=case.id, partner=partner.id, jobs=result.jobs)
+    result.case_id, result.new_case = case_id, True
+    log.info("referral.intake.done", case_id=case_id, partner=partner.id, jobs=result.jobs)
 
 
 def _identifier_ref(reference: dict[str, Any]) -> str:

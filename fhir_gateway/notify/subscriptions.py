@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
@@ -313,6 +313,17 @@ def status(session: Session, rid: str, who: Principal, *, fhir_base: str) -> Res
 # ------------------------------------------------------------------------------ events
 
 
+_STATES = SubscriptionState.__table__
+_LIVE_SUBSCRIPTIONS = (
+    select(_STATES.c.id)
+    # OR of equalities, not IN (...): an IN list is re-rendered into the SQL at every execution
+    .where(
+        _STATES.c.partner_id == bindparam("partner"), or_(*(_STATES.c.status == s for s in LIVE))
+    )
+    .order_by(_STATES.c.id)
+)
+
+
 def task_changed(session: Session, task_row: FhirResource, partner: Partner | None = None) -> int:
     """A referral Task changed status: queue one numbered event per matching live subscription
     of the Task's partner, and (partner setting `task_updates = "write"`) a write of the change
@@ -336,33 +347,30 @@ def task_changed(session: Session, task_row: FhirResource, partner: Partner | No
             dedup_key=f"task-update:{task_row.id}:{task_row.version_id}",
             max_attempts=_FOREVER,
         )
-    subs = session.scalars(
-        select(SubscriptionState)
-        .where(SubscriptionState.partner_id == partner_id, SubscriptionState.status.in_(LIVE))
-        .order_by(SubscriptionState.id)
-    ).all()
+    # Core, built once: one indexed query per change (most partners have no subscription).
+    live = session.connection().execute(_LIVE_SUBSCRIPTIONS, {"partner": partner_id}).scalars()
     queued = 0
-    for state in subs:
-        sub = session.get(FhirResource, ("Subscription", state.id))
+    for state_id in live.all():
+        sub = session.get(FhirResource, ("Subscription", state_id))
         if sub is None or not matches(filters_of(sub.body), task_row.body):
             continue
         # Atomic increment: concurrent changes get distinct, gap-free numbers (PostgreSQL
         # row lock; SQLite writers are serialised).
         session.execute(
             update(SubscriptionState)
-            .where(SubscriptionState.id == state.id)
+            .where(SubscriptionState.id == state_id)
             .values(events_since_start=SubscriptionState.events_since_start + 1)
             .execution_options(synchronize_session=False)
         )
         number = int(
             session.scalar(
-                select(SubscriptionState.events_since_start).where(SubscriptionState.id == state.id)
+                select(SubscriptionState.events_since_start).where(SubscriptionState.id == state_id)
             )
             or 0
         )
         session.add(
             SubscriptionEvent(
-                subscription_id=state.id,
+                subscription_id=state_id,
                 event_number=number,
                 focus=f"Task/{task_row.id}",
                 resource=copy.deepcopy(task_row.body),
@@ -373,8 +381,8 @@ def task_changed(session: Session, task_row: FhirResource, partner: Partner | No
         jobs.enqueue(
             session,
             NOTIFY,
-            payload={"subscription": state.id, "event": number},
-            dedup_key=f"notify:{state.id}:{number}",
+            payload={"subscription": state_id, "event": number},
+            dedup_key=f"notify:{state_id}:{number}",
             max_attempts=_FOREVER,
         )
         queued += 1

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
-from fhir_gateway.store.models import AuditCheckpoint, AuditRow, utcnow
+from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, utcnow
 
 GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
@@ -116,15 +117,81 @@ def record(
         ConfigError: the store has no key directory for the audit key.
     """
     key = audit_key(session.info.get("key_dir"))
-    checkpoint_stmt = select(AuditCheckpoint).where(AuditCheckpoint.id == 1)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        # One writer at a time extends the chain (the row locks are released at commit).
-        session.execute(select(AuditRow.id).with_for_update().order_by(AuditRow.id.desc()).limit(1))
-        checkpoint_stmt = checkpoint_stmt.with_for_update()
-    checkpoint = session.scalar(checkpoint_stmt)
-    prev = session.scalar(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)) or GENESIS
     if request_id is None:
         request_id = structlog.contextvars.get_contextvars().get("request_id")
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    # The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
+    # appends, and its `last_hash` is the link, so no ordered read of the audit table.
+    conn = session.connection()
+    head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
+    if head is None:
+        return _record_first(
+            session, key, action, actor, case_id, patient, entity, outcome, request_id
+        )
+    keyed_from, count, prev = head  # unpacked: a Row's `.count` is the tuple method
+    values = {
+        "recorded": utcnow(),
+        "action": action,
+        "outcome": outcome,
+        "agent": actor.sub,
+        "agent_role": actor.role,
+        "case_id": case_id,
+        "patient": patient,
+        "entity": entity or [],
+        "request_id": request_id,
+        "prev_hash": prev,
+    }
+    row = AuditRow(**values)
+    row.hash = values["hash"] = _mac(key, prev, _content(row))
+    row.id = int(conn.execute(_APPEND, values).scalar_one())
+    count += 1
+    mac = _checkpoint_mac(
+        key,
+        AuditCheckpoint(keyed_from=keyed_from, count=count, last_id=row.id, last_hash=row.hash),
+    )
+    conn.execute(_MOVE_HEAD, {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac})
+    loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
+    if loaded is not None:  # an object of the checkpoint read earlier in this session
+        session.expire(loaded)
+    return row
+
+
+# Statements built once (the append runs in every audited request).
+_CP = Base.metadata.tables["audit_checkpoint"]
+_AUDIT = Base.metadata.tables["audit_events"]
+_HEAD = select(_CP.c.keyed_from, _CP.c.count, _CP.c.last_hash).where(_CP.c.id == 1)
+_HEAD_FOR_UPDATE = _HEAD.with_for_update()
+_APPEND = insert(_AUDIT).returning(_AUDIT.c.id)
+_MOVE_HEAD = (
+    update(_CP)
+    .where(_CP.c.id == 1)
+    .values(
+        count=bindparam("n"),
+        last_id=bindparam("last_id"),
+        last_hash=bindparam("last_hash"),
+        mac=bindparam("mac"),
+    )
+)
+
+
+def _record_first(
+    session: Session,
+    key: bytes,
+    action: str,
+    actor: Actor,
+    case_id: str | None,
+    patient: str | None,
+    entity: list[str] | None,
+    outcome: str,
+    request_id: str | None,
+) -> AuditRow:
+    """The first keyed row: no checkpoint yet (a new database, or rows written before the key
+    existed, whose newest hash is the link). Creates the checkpoint."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        # One writer at a time starts the chain (the row lock is released at commit; a second
+        # checkpoint insert fails on its primary key).
+        session.execute(select(AuditRow.id).with_for_update().order_by(AuditRow.id.desc()).limit(1))
+    prev = session.scalar(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)) or GENESIS
     row = AuditRow(
         recorded=utcnow(),
         action=action,
@@ -141,14 +208,11 @@ def record(
     row.hash = _mac(key, prev, _content(row))
     session.add(row)
     session.flush()
-    if checkpoint is None:
-        count = session.scalar(select(func.count()).select_from(AuditRow)) or 0
-        checkpoint = AuditCheckpoint(id=1, keyed_from=row.id, count=count, last_id=0)
-        session.add(checkpoint)
-    else:
-        checkpoint.count += 1
-    checkpoint.last_id, checkpoint.last_hash = row.id, row.hash
+    count = session.scalar(select(func.count()).select_from(AuditRow)) or 0
+    checkpoint = AuditCheckpoint(id=1, keyed_from=row.id, count=count, last_id=row.id)
+    checkpoint.last_hash = row.hash
     checkpoint.mac = _checkpoint_mac(key, checkpoint)
+    session.add(checkpoint)
     session.flush()
     return row
 

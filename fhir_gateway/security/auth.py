@@ -168,6 +168,11 @@ class TokenValidator:
         who: Principal | None = self._verified.get(token)
         return who
 
+    @property
+    def may_block(self) -> bool:
+        """Whether `validate` may fetch over the network (an external issuer's JWKS)."""
+        return self._jwks is not None
+
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662 view of a token: `{"active": false}` for any token we would refuse."""
         try:

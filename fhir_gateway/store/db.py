@@ -8,8 +8,12 @@ A database that stays locked or busy surfaces as `StoreBusyError` (503 + Retry-A
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,9 +40,23 @@ class Store:
     `key_dir` is where the service's own secrets live (`<data dir>/keys`: the audit chain's
     HMAC key); sessions carry it in `session.info["key_dir"]` for `security.audit`."""
 
-    def __init__(self, engine: Engine, key_dir: Path | None = None) -> None:
+    def __init__(
+        self, engine: Engine, key_dir: Path | None = None, busy_timeout_s: float = 30.0
+    ) -> None:
         self.engine = engine
         self.key_dir = key_dir
+        self.busy_timeout_s = busy_timeout_s
+        # SQLite has one writer at a time. Writers of this process queue here, woken the moment
+        # the lock is free, instead of at BEGIN IMMEDIATE, where SQLite's busy handler sleeps
+        # and polls (1 ms ... 100 ms steps): under load that polling made the p99 seconds.
+        # Re-entrant: a write session opened inside another (same thread) behaves as before.
+        # Writers of other processes on the same file (`serve --processes N`, `worker`, the
+        # CLI) queue on an flock of `<database>-writer.lock`, taken by this process's one
+        # lock holder, so at most one writer per process polls for it.
+        self._write_lock = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._write_depth = 0  # nesting of the write lock (changed only by its holder)
+        db_file = _sqlite_file(str(engine.url)) if self._write_lock is not None else None
+        self._file_lock = _FileLock(Path(f"{db_file}-writer.lock")) if db_file else None
         self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
         self._read_factory = sessionmaker(
             engine.execution_options(**{READONLY: True}),
@@ -59,6 +77,9 @@ class Store:
             StoreBusyError: the database stayed locked/busy (nothing was changed).
         """
         factory = self._read_factory if readonly else self._factory
+        lock = None if readonly else self._write_lock
+        if lock is not None:
+            self._lock_writer(lock)
         try:
             with factory() as session, session.begin():
                 yield session
@@ -66,6 +87,28 @@ class Store:
             if _is_busy(exc):
                 raise StoreBusyError("the database is busy; retry shortly") from exc
             raise
+        finally:
+            if lock is not None:
+                self._unlock_writer(lock)
+
+    def _lock_writer(self, lock: threading.RLock) -> None:
+        deadline = time.monotonic() + self.busy_timeout_s
+        if not lock.acquire(timeout=self.busy_timeout_s):
+            raise StoreBusyError("the database is busy; retry shortly")
+        self._write_depth += 1
+        if self._write_depth == 1 and self._file_lock is not None:
+            try:
+                self._file_lock.acquire(deadline)
+            except BaseException:
+                self._write_depth -= 1
+                lock.release()
+                raise
+
+    def _unlock_writer(self, lock: threading.RLock) -> None:
+        self._write_depth -= 1
+        if self._write_depth == 0 and self._file_lock is not None:
+            self._file_lock.release()
+        lock.release()
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -80,6 +123,44 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class _FileLock:
+    """An exclusive flock on a file beside the SQLite database, shared by every process that
+    writes it. Taken without blocking and, while another process holds it, polled every
+    0.2-1 ms (SQLite's own busy handler sleeps up to 100 ms between tries) until `deadline`.
+    Released by the kernel if the holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def acquire(self, deadline: float) -> None:
+        """Raises: StoreBusyError: another process held it until `deadline`."""
+        try:
+            fd, pause = self._file(), 0.0002
+        except OSError:  # a read-only directory: SQLite's own locking still holds
+            return
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusyError("the database is busy; retry shortly") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 def _is_busy(exc: OperationalError) -> bool:
@@ -119,7 +200,7 @@ def open_store(
             if url.startswith("sqlite")
             else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
         )
-        store = Store(engine, key_dir)
+        store = Store(engine, key_dir, busy_timeout_s)
         if migrate:
             store.migrate()
     except (OperationalError, ArgumentError, OSError) as exc:
@@ -132,7 +213,9 @@ def open_store(
 def _sqlite_file(url: str) -> Path | None:
     """The database file of a plain SQLite URL; None for memory and `file:` URIs (opened as
     given, e.g. read-only, so nothing is created beside them)."""
-    path = url.split("///", 1)[-1]
+    if "///" not in url:
+        return None  # sqlite:// is memory
+    path = url.split("///", 1)[1]
     if not path or path == ":memory:" or path.startswith("file:"):
         return None
     return Path(path)

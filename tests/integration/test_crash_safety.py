@@ -151,15 +151,16 @@ from fhir_gateway.settings import load_partners
 from fhir_gateway.store import open_store
 
 url, partners_file, bundle_file, flag = sys.argv[1:5]
-real_enqueue = jobs.enqueue
+def slow(real):
+    def wrapper(*a, **kw):
+        job = real(*a, **kw)
+        Path(flag).touch()      # the case and its resources are written, not committed
+        time.sleep(60)
+        return job
+    return wrapper
 
-def slow_enqueue(*a, **kw):
-    job = real_enqueue(*a, **kw)
-    Path(flag).touch()      # the case and its resources are written, not committed
-    time.sleep(60)
-    return job
-
-jobs.enqueue = slow_enqueue
+jobs.enqueue = slow(jobs.enqueue)
+jobs.enqueue_for_new_case = slow(jobs.enqueue_for_new_case)  # intake queues its pulls in bulk
 store = open_store(url)
 referrals.intake_transaction(store, json.loads(Path(bundle_file).read_text()),
                              Principal("ehr-1", "ehr", "st-elsewhere"),

@@ -1,0 +1,179 @@
+"""`fhir-gateway serve --processes 2`: two HTTP processes on one database (SQLite and
+PostgreSQL). Concurrent pushes of the same referrals through both still open one case per
+referral; the job workers run in one of the processes only, and each job runs once; the
+metrics of both processes are summed in one scrape."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import func, select
+
+from fhir_gateway import jobs
+from fhir_gateway.sandbox.server import free_port
+from fhir_gateway.store import Store
+from fhir_gateway.store.models import Case, Job
+from tests.api.test_intake_exactly_once import referral
+from tests.conftest import FHIR_JSON
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERRALS = 12
+PUSHES_EACH = 3  # the same referral pushed 3 times at once, 36 requests from 12 clients
+TEST_JOBS = 60
+PARTNERS_TOML = """\
+[organization]
+name = "Example Second-Opinion Service"
+identifier = { system = "urn:oid:2.16.840.1.113883.3.9999", value = "second-opinion" }
+
+[[partners]]
+id = "st-elsewhere"
+name = "St Elsewhere Cancer Centre"
+identifier = { system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhere" }
+
+[partners.fhir]  # nothing listens: the pulls queued on intake fail and wait to be retried
+base_url = "http://127.0.0.1:9/fhir"
+auth = { type = "none" }
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """The HTTP processes `serve` started (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def _serve(store: Store, data_dir: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    # The spawned processes import `sitecustomize` at start: it registers the test handlers.
+    (data_dir / "partners.toml").write_text(PARTNERS_TOML)
+    site = tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import tests.jobs_for_tests\n")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        "FHIR_GATEWAY_DATABASE_URL": store.engine.url.render_as_string(hide_password=False),
+        "FHIR_GATEWAY_JOBS__POLL_S": "0.05",
+        "FHIR_GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "fhir_gateway.cli", "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(data_dir), "--processes", "2", "--workers", "2"]
+    with (tmp / "serve.log").open("ab") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while len(_children(proc.pid)) < 2 or not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("serve did not start: " + (tmp / "serve.log").read_text()[-2000:])
+        time.sleep(0.2)
+    return proc, url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_two_serve_processes_one_case_per_referral_jobs_once(store, settings, tokens, tmp_path):
+    proc, url = _serve(store, settings.data_dir, tmp_path)
+    try:
+        assert len(_children(proc.pid)) == 2
+        headers = tokens.headers("ehr") | FHIR_JSON
+        bodies = [json.dumps(referral(f"proc{i}")) for i in range(REFERRALS)]
+        work = [i for i in range(REFERRALS) for _ in range(PUSHES_EACH)]
+        barrier = threading.Barrier(REFERRALS)
+        local = threading.local()
+
+        def push(i: int) -> tuple[int, int, Any]:
+            if not hasattr(local, "http"):
+                local.http = requests.Session()  # keep-alive: each client stays on a process
+                barrier.wait()
+            answer = local.http.post(f"{url}/fhir", data=bodies[i], headers=headers, timeout=120)
+            return i, answer.status_code, answer.json()
+
+        with ThreadPoolExecutor(REFERRALS) as pool:
+            answers = list(pool.map(push, work))
+        assert [code for _, code, _ in answers] == [200] * len(work), answers
+        tasks: dict[int, set[str]] = {}
+        for i, _, body in answers:
+            tasks.setdefault(i, set()).add(body["entry"][3]["response"]["location"])
+        assert all(len(t) == 1 for t in tasks.values()), tasks  # each referral: one Task
+        assert len(set().union(*tasks.values())) == REFERRALS
+        with store.session(readonly=True) as s:
+            assert s.scalar(select(func.count()).select_from(Case)) == REFERRALS
+            per_case = s.execute(
+                select(Job.case_id, Job.kind, func.count()).group_by(Job.case_id, Job.kind)
+            ).all()
+        assert len({case for case, _, _ in per_case}) == REFERRALS
+        assert {n for _, _, n in per_case} == {1}  # each case's jobs queued once
+
+        # Jobs: queued directly, run by the one process that holds the job workers.
+        markers = tmp_path / "marks"
+        markers.mkdir()
+        with store.session() as s:
+            ids = [
+                jobs.enqueue(s, "test.count", payload={"marker_dir": str(markers)}).id
+                for _ in range(TEST_JOBS)
+            ]
+        deadline = time.monotonic() + 120
+        while True:
+            with store.session(readonly=True) as s:
+                done = s.scalar(
+                    select(func.count()).where(Job.kind == "test.count", Job.state == "done")
+                )
+            if done == TEST_JOBS:
+                break
+            assert time.monotonic() < deadline, f"{done} of {TEST_JOBS} test jobs done"
+            time.sleep(0.1)
+        runs = Counter(p.name.split(".")[0] for p in markers.iterdir())
+        pids = {int(p.name.split(".")[2]) for p in markers.iterdir()}
+        assert sorted(runs) == sorted(ids)
+        assert set(runs.values()) == {1}, "a job ran more than once"
+        assert len(pids) == 1, pids
+        assert pids <= set(_children(proc.pid)), pids
+
+        # /metrics sums both processes: every push is counted whichever process answered it.
+        scrape = requests.get(f"{url}/metrics", timeout=30).text
+        pushed = [
+            line
+            for line in scrape.splitlines()
+            if line.startswith("fhir_gateway_http_requests_total{")
+            and 'method="POST"' in line
+            and 'route="/fhir"' in line
+            and 'status="200"' in line
+        ]
+        assert len(pushed) == 1, pushed
+        assert float(pushed[0].rsplit(" ", 1)[1]) == len(work), pushed
+    finally:
+        _stop(proc)
