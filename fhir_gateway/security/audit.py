@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -124,6 +124,12 @@ def record(
     # appends, and its `last_hash` is the link, so no ordered read of the audit table.
     conn = session.connection()
     head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
+    if head is None and postgres:
+        # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
+        # create it (one would fail on its key). One at a time starts the chain; the next one,
+        # once that commits, finds the checkpoint (READ COMMITTED: each statement sees commits).
+        conn.execute(_FIRST_WRITER)
+        head = conn.execute(_HEAD_FOR_UPDATE).first()
     if head is None:
         return _record_first(
             session, key, action, actor, case_id, patient, entity, outcome, request_id
@@ -161,6 +167,7 @@ _CP = Base.metadata.tables["audit_checkpoint"]
 _AUDIT = Base.metadata.tables["audit_events"]
 _HEAD = select(_CP.c.keyed_from, _CP.c.count, _CP.c.last_hash).where(_CP.c.id == 1)
 _HEAD_FOR_UPDATE = _HEAD.with_for_update()
+_FIRST_WRITER = text("SELECT pg_advisory_xact_lock(7301001)")  # released at commit/rollback
 _APPEND = insert(_AUDIT).returning(_AUDIT.c.id)
 _MOVE_HEAD = (
     update(_CP)

@@ -4,6 +4,7 @@ enqueue, leases, fencing, retries with backoff and Retry-After, dead letters."""
 from __future__ import annotations
 
 import random
+import threading
 from datetime import timedelta
 
 import pytest
@@ -167,6 +168,36 @@ def test_worker_maps_errors_to_retry_or_dead(store, settings) -> None:
         assert sorted(calls) == ["ok", "rejected", "unavailable"]
     finally:
         jobs._HANDLERS.pop("test.flaky", None)
+
+
+def test_first_audit_rows_written_at_once_start_one_chain(store) -> None:
+    """A new database: 8 transactions append the first audit rows at the same moment. On
+    PostgreSQL all 8 are inside their transaction before any appends (nothing to lock yet:
+    without the first-writer lock they all create the checkpoint and 7 fail on its key)."""
+    n, postgres = 8, store.engine.dialect.name == "postgresql"
+    inside = threading.Barrier(n if postgres else 1)
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def append(i: int) -> None:
+        try:
+            start.wait()
+            with store.session() as s:  # SQLite: BEGIN IMMEDIATE, one at a time
+                s.execute(select(func.count()).select_from(AuditRow))
+                inside.wait(timeout=30)
+                audit.record(s, "case.read", Actor(f"u{i}", "reviewer"), case_id=f"c{i}")
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+    assert (found.count, found.ok) == (n, True)
 
 
 def test_audit_chain_detects_tampering(store) -> None:
