@@ -241,7 +241,7 @@ async def transaction(
 
 # On SQLite, referral transactions run in at most this many worker threads per process; the
 # rest wait on the event loop (cheaply). More only contend for the GIL and the one write lock,
-# each handoff costing CPU (load_intake: ~10% less server CPU per referral at the same rate).
+# each handoff costing CPU (bench_intake: ~10% less server CPU per referral at the same rate).
 # On PostgreSQL a transaction mostly waits on round trips: capped at 2 the rate halved, so
 # there it takes the default pool.
 INTAKE_THREADS = 2

@@ -47,6 +47,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -368,15 +369,43 @@ def seed_sqlite(db: Path, stored: int) -> None:
                 keys.append((PARTNER, rtype, sha(value), sha(system), rid))
             for kind in ("pull_fhir", "pull_imaging"):
                 jobs.append(
-                    (str(uuid.uuid5(uuid.NAMESPACE_OID, kind + case_id)), kind, case_id, "{}",
-                     f"{kind}:{case_id}", "done", 1, 8, ts, None, None, None, "{}", ts, ts, ts)
-                )  # fmt: skip
+                    (
+                        str(uuid.uuid5(uuid.NAMESPACE_OID, kind + case_id)),
+                        kind,
+                        case_id,
+                        "{}",
+                        f"{kind}:{case_id}",
+                        "done",
+                        1,
+                        8,
+                        ts,
+                        None,
+                        None,
+                        None,
+                        "{}",
+                        ts,
+                        ts,
+                        ts,
+                    )
+                )
             for action in ("referral.intake", "case.read", "case.bundle.read"):
                 audit_id += 1
                 audits.append(
-                    (audit_id, ts, action, "0", "bench", "ehr", case_id, f"Patient/{ids['P']}",
-                     f'["Task/{ids["K"]}"]', None, sha(str(audit_id - 1)), sha(str(audit_id)))
-                )  # fmt: skip
+                    (
+                        audit_id,
+                        ts,
+                        action,
+                        "0",
+                        "bench",
+                        "ehr",
+                        case_id,
+                        f"Patient/{ids['P']}",
+                        f'["Task/{ids["K"]}"]',
+                        None,
+                        sha(str(audit_id - 1)),
+                        sha(str(audit_id)),
+                    )
+                )
         con.execute("BEGIN")
         con.executemany(
             "INSERT INTO cases (id, partner_id, status, task_id, service_request_id, "
@@ -587,8 +616,11 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 @contextmanager
-def gateway(data_dir: Path, db_url: str | None) -> Iterator[tuple[str, dict[str, str], int]]:
-    """`fhir-gateway serve` on a free port: (transaction URL, EHR headers, pid)."""
+def gateway(
+    data_dir: Path, db_url: str | None, processes: int | None = None, profile: str | None = None
+) -> Iterator[tuple[str, dict[str, str], int]]:
+    """`fhir-gateway serve` on a free port: (transaction URL, EHR headers, pid). `profile`:
+    under `py-spy record` into that file (py-spy's own CPU then counts as the server's)."""
     (data_dir / "partners.toml").write_text(PARTNERS)
     token = mint_dev_token(data_dir, role="ehr", sub="bench", partner=PARTNER)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
@@ -598,13 +630,23 @@ def gateway(data_dir: Path, db_url: str | None) -> Iterator[tuple[str, dict[str,
         env["FHIR_GATEWAY_DATABASE_URL"] = db_url
     cmd = [str(Path(sys.executable).parent / "fhir-gateway"), "serve", "--port", str(port)]
     cmd += ["--data-dir", str(data_dir), "--workers", "0"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    if processes:
+        cmd += ["--processes", str(processes)]
+    if profile:
+        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses", "--gil"]
+        cmd = [*spy, "-r", "500", "--format", "raw", "-o", profile, "--", *cmd]
+    # its own process group: stopping it stops uvicorn's worker processes too
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, "the gateway")
         yield f"http://127.0.0.1:{port}/fhir", headers, proc.pid
     finally:
-        proc.terminate()
-        proc.wait(30)
+        os.killpg(proc.pid, signal.SIGINT)  # py-spy writes its profile on SIGINT
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 @contextmanager
@@ -747,6 +789,8 @@ def main() -> None:
         help="keep the fixture's conditional creates (Medplum's in-memory engine then scans)",
     )
     parser.add_argument("--explain", action="store_true", help="query plans (auto_explain)")
+    parser.add_argument("--processes", type=int, help="serve --processes (default: serve's, 1)")
+    parser.add_argument("--profile", help="py-spy record each gateway into PROFILE-<run>.txt")
     args = parser.parse_args()
     short = args.quick or quick()
     stored = [
@@ -783,12 +827,20 @@ def main() -> None:
                         continue
                     with medplum(n) as (url, pid):
                         results[(engine, n)] = measure(
-                            engine, n, url, {"Content-Type": "application/fhir+json"},
-                            payloads, args.concurrency, [pid], [], warmup,
-                        )  # fmt: skip
+                            engine,
+                            n,
+                            url,
+                            {"Content-Type": "application/fhir+json"},
+                            payloads,
+                            args.concurrency,
+                            [pid],
+                            [],
+                            warmup,
+                        )
                 elif engine == "sqlite":
                     shutil.copy(template, run_dir / "gateway.db")
-                    with gateway(run_dir, None) as (url, headers, pid):
+                    spy = f"{args.profile}-sqlite-{n}.txt" if args.profile else None
+                    with gateway(run_dir, None, args.processes, spy) as (url, headers, pid):
                         results[(engine, n)] = measure(
                             engine, n, url, headers, payloads, args.concurrency, [pid], [], warmup
                         )
@@ -799,12 +851,24 @@ def main() -> None:
                     subprocess.run(["cp", "-a", str(pg_tpl), str(data)], check=True)
                     with (
                         pg_cluster(data, explain=args.explain) as (db_url, pg_pid),
-                        gateway(run_dir, db_url) as (url, headers, pid),
+                        gateway(
+                            run_dir,
+                            db_url,
+                            args.processes,
+                            f"{args.profile}-postgresql-{n}.txt" if args.profile else None,
+                        ) as (url, headers, pid),
                     ):
                         results[(engine, n)] = measure(
-                            engine, n, url, headers, payloads, args.concurrency,
-                            [pid], [pg_pid], warmup,
-                        )  # fmt: skip
+                            engine,
+                            n,
+                            url,
+                            headers,
+                            payloads,
+                            args.concurrency,
+                            [pid],
+                            [pg_pid],
+                            warmup,
+                        )
                         if args.explain:
                             pg_plans(db_url)
                     if args.explain:
