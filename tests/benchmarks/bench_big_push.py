@@ -149,11 +149,27 @@ def ms(v: float) -> str:
     return f"{v * 1000:.0f}"
 
 
+PARTNERS = """\
+[organization]
+name = "Benchmark Second-Opinion Service"
+identifier = { system = "urn:oid:2.16.840.1.113883.3.9999", value = "second-opinion" }
+
+[[partners]]
+id = "st-elsewhere"
+name = "St Elsewhere Cancer Centre"
+identifier = { system = "urn:oid:2.16.840.1.113883.3.9999", value = "st-elsewhere" }
+
+[partners.fhir]
+base_url = "http://127.0.0.1:9/fhir"
+auth = { type = "none" }
+"""
+
+
 def run_engine(engine: str, entries: int, tmp: Path, pg_url: str | None) -> None:
     """`fhir-gateway serve` in its own process (as in production), the clients here."""
     data_dir = tmp / engine
     data_dir.mkdir()
-    shutil.copy(ROOT / "fixtures/partners/partners.toml", data_dir / "partners.toml")
+    (data_dir / "partners.toml").write_text(PARTNERS)  # no secrets: `serve` checks they exist
     ehr_token = mint_dev_token(data_dir, role="ehr", sub="bench", partner="st-elsewhere")
     ehr = {"Authorization": f"Bearer {ehr_token}", "Content-Type": "application/fhir+json"}
     admin = {"Authorization": f"Bearer {mint_dev_token(data_dir, role='admin', sub='bench')}"}
