@@ -57,6 +57,7 @@ class Store:
         self._write_depth = 0  # nesting of the write lock (changed only by its holder)
         db_file = _sqlite_file(str(engine.url)) if self._write_lock is not None else None
         self._file_lock = _FileLock(Path(f"{db_file}-writer.lock")) if db_file else None
+        self._checkpointer = _Checkpointer(db_file) if db_file else None
         self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
         self._read_factory = sessionmaker(
             engine.execution_options(**{READONLY: True}),
@@ -122,6 +123,8 @@ class Store:
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.engine.dispose()
 
 
@@ -178,6 +181,39 @@ def alembic_config(url: str) -> Config:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+WAL_SAFETY_PAGES = 50_000  # ~200 MB of WAL: a commit checkpoints only past this
+CHECKPOINT_EVERY_S = 0.5
+
+
+class _Checkpointer:
+    """Copies the WAL back into an SQLite database file every `CHECKPOINT_EVERY_S`, on its own
+    connection and thread, in PASSIVE mode: it never waits for or blocks a writer or reader,
+    and copies what it can (the WAL restarts from its beginning once all of it is copied).
+    Several processes on one file may each run one; only one checkpoints at a time."""
+
+    def __init__(self, db_file: Path) -> None:
+        self._file = db_file
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while not self._stop.wait(CHECKPOINT_EVERY_S):
+            try:
+                if conn is None:  # mode=rw: never creates a file that is not there
+                    conn = sqlite3.connect(f"file:{self._file}?mode=rw", timeout=0, uri=True)
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:  # busy, or the file is gone: try again at the next tick
+                continue
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def open_store(
@@ -240,6 +276,12 @@ def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Checkpoints run beside the writers (`_Checkpointer`), not inside a commit: a commit
+        # that crossed SQLite's 1,000-page threshold copied the WAL back into the database file
+        # while holding the write lock, which on a large file (random index pages) stalled
+        # every writer; intake at 1,000,000 stored ran at 0.69x the empty rate, 1.05x without.
+        # The threshold stays as a safety net far above what the checkpointer lets build up.
+        cur.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 

@@ -213,3 +213,34 @@ def test_audit_chain_detects_tampering(store) -> None:
         found = audit.verify(s)
         assert found.first_bad == third.id
         assert not found.ok
+
+
+def test_sqlite_wal_is_checkpointed_beside_the_writers(tmp_path) -> None:
+    """Commits leave the WAL alone (a checkpoint inside a commit stalled every writer on a
+    large file); the store's checkpointer copies it into the database file within a second."""
+    import sqlite3
+    import time
+
+    from fhir_gateway.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    try:
+        for i in range(20):
+            with store.session() as s:
+                audit.record(s, "case.read", Actor("alice", "reviewer"), case_id=f"c{i}")
+
+        def rows_in_the_file() -> int:  # immutable: the database file only, not the WAL
+            conn = sqlite3.connect(f"file:{tmp_path / 'g.db'}?immutable=1", uri=True)
+            try:
+                return int(conn.execute("SELECT count(*) FROM audit_events").fetchone()[0])
+            except sqlite3.OperationalError:  # not even the schema copied yet
+                return 0
+            finally:
+                conn.close()
+
+        deadline = time.monotonic() + 5
+        while rows_in_the_file() < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rows_in_the_file() == 20
+    finally:
+        store.dispose()
