@@ -193,11 +193,8 @@ def _record_first(
     request_id: str | None,
 ) -> AuditRow:
     """The first keyed row: no checkpoint yet (a new database, or rows written before the key
-    existed, whose newest hash is the link). Creates the checkpoint."""
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        # One writer at a time starts the chain (the row lock is released at commit; a second
-        # checkpoint insert fails on its primary key).
-        session.execute(select(AuditRow.id).with_for_update().order_by(AuditRow.id.desc()).limit(1))
+    existed, whose newest hash is the link). Creates the checkpoint. On PostgreSQL the caller
+    holds the first-writer lock (`_FIRST_WRITER`), so one writer at a time gets here."""
     prev = session.scalar(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)) or GENESIS
     row = AuditRow(
         recorded=utcnow(),
