@@ -225,6 +225,13 @@ def main() -> None:
         settings = Settings(
             data_dir=data_dir, public_base_url=f"http://127.0.0.1:{port}", log_level="WARNING"
         )
+        # The database made beforehand, as `fhir-gateway init` does: `serve` then starts on a
+        # schema at head and does not import Alembic (~11 MB it would keep for its whole life).
+        subprocess.run(
+            [sys.executable, "-c", "import sys; from fhir_gateway.store import open_store; "
+             "open_store(sys.argv[1]).dispose()", settings.db_url],
+            check=True, cwd=ROOT,
+        )  # fmt: skip
         app = create_app(settings, workers=2, configure_logs=False)
         with AppServer(app, port, lifespan=True) as gw:
             ehr_h = {
