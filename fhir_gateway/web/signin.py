@@ -3,11 +3,9 @@ with PKCE, through authlib), or, for the demo, the dev sign-in of a named review
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from authlib.integrations.base_client.errors import OAuthError
-from authlib.integrations.starlette_client import OAuth
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -21,6 +19,12 @@ from fhir_gateway.settings import Settings
 from fhir_gateway.web import session
 from fhir_gateway.web.render import render
 
+if TYPE_CHECKING:
+    from authlib.integrations.starlette_client import OAuth
+
+# authlib (with httpx and joserfc, ~3.5 MB of RSS) is imported on the first OIDC sign-in, not
+# at start: most processes never see one (tests/unit/test_lazy_imports.py keeps it so).
+
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/app", include_in_schema=False)
 PROVIDER = "org"
@@ -28,6 +32,8 @@ PROVIDER = "org"
 
 def oidc_client(request: Request, settings: Settings) -> Any:
     """The authlib client for the organisation's provider (made once per app)."""
+    from authlib.integrations.starlette_client import OAuth
+
     oauth: OAuth | None = getattr(request.app.state, "oauth", None)
     if oauth is None:
         web = settings.web
@@ -64,6 +70,8 @@ def sign_in_page(request: Request, settings: SettingsDep) -> Response:
 @router.get("/auth/login")
 async def login(request: Request, settings: SettingsDep) -> Response:
     """Redirect to the provider (state, nonce and the PKCE verifier kept in the session)."""
+    from authlib.integrations.base_client.errors import OAuthError
+
     client = oidc_client(request, settings)
     try:
         response: Response = await client.authorize_redirect(request, _redirect_url(settings))
@@ -83,6 +91,8 @@ def _unavailable(exc: Exception) -> UpstreamUnavailableError:
 async def callback(request: Request, settings: SettingsDep, store: StoreDep) -> Response:
     """The provider's answer: code -> tokens (PKCE), the ID token checked by authlib
     (signature against the provider's JWKS, issuer, audience, nonce, expiry)."""
+    from authlib.integrations.base_client.errors import OAuthError
+
     client = oidc_client(request, settings)
     try:
         token = await client.authorize_access_token(request)
