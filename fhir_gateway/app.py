@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -51,6 +52,29 @@ from fhir_gateway.web import app as web
 log = structlog.get_logger(__name__)
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """At most `count` glibc malloc arenas in this process (0: leave glibc's default).
+
+    glibc gives each thread that allocates its own arena, up to 8 per core; memory a thread
+    frees stays in its arena for that thread, so the job workers and the request threads
+    each kept their own high-water mark (big case: 231 -> 223 MB peak RSS with 2). An operator's
+    MALLOC_ARENA_MAX (or GLIBC_TUNABLES) wins. False when nothing was set (another libc)."""
+    if (
+        count <= 0
+        or "MALLOC_ARENA_MAX" in os.environ
+        or "arena_max" in os.environ.get("GLIBC_TUNABLES", "")
+    ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to limit this way
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, count))
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -66,6 +90,7 @@ def create_app(
     settings = settings or Settings()
     if configure_logs:
         configure_logging(settings.log_format, settings.log_level)
+    limit_malloc_arenas(settings.malloc_arena_max)  # before the worker and request threads
     ensure_data_dir(settings)  # ConfigError, one line, if it cannot be written
     _ = settings.partners  # fail at startup, not on the first request, if the file is bad
 

@@ -48,7 +48,11 @@ def test_a_pending_migration_is_seen_and_run(tmp_path: Path) -> None:
     """A database one revision behind: not current, and `migrate` (Alembic) brings it up."""
     url = f"sqlite:///{tmp_path / 'g.db'}"
     scripts = ScriptDirectory.from_config(alembic_config(""))
-    previous = scripts.get_revision(scripts.get_current_head()).down_revision
+    head = scripts.get_current_head()
+    assert head is not None
+    revision = scripts.get_revision(head)
+    assert revision is not None
+    previous = revision.down_revision
     assert isinstance(previous, str)
     command.upgrade(alembic_config(url), previous)
     store = open_store(url, migrate=False)
@@ -56,9 +60,7 @@ def test_a_pending_migration_is_seen_and_run(tmp_path: Path) -> None:
     store.migrate()
     assert schema_is_current(store)
     with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-            (scripts.get_current_head(),)
-        ]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [(head,)]
     store.dispose()
 
 
