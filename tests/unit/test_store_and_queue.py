@@ -244,3 +244,37 @@ def test_sqlite_wal_is_checkpointed_beside_the_writers(tmp_path) -> None:
         assert rows_in_the_file() == 20
     finally:
         store.dispose()
+
+
+@pytest.mark.server
+def test_postgres_pooled_connection_that_died_while_idle_is_replaced(pg_url, monkeypatch) -> None:
+    """Connections are pinged at checkout only after sitting idle (not on every transaction):
+    one whose backend was killed while it sat in the pool is found dead and replaced, and the
+    next transaction succeeds; one used again at once is not pinged."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from fhir_gateway.store import db
+
+    store = db.open_store(pg_url, migrate=False)
+    try:
+        with store.session() as s:
+            victim = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        pings: list[object] = []
+        real_ping = store.engine.dialect.do_ping
+        monkeypatch.setattr(
+            store.engine.dialect, "do_ping", lambda c: pings.append(c) or real_ping(c)
+        )
+        with store.session() as s:  # back in the pool a moment ago: no ping, same backend
+            assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() == victim
+        assert pings == []
+        admin = create_engine(pg_url, poolclass=NullPool)  # outside the pool
+        with admin.begin() as other:
+            other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim})
+        admin.dispose()
+        monkeypatch.setattr(db, "PING_IDLE_S", 0.0)
+        with store.session() as s:
+            assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() != victim
+        assert len(pings) >= 1
+    finally:
+        store.dispose()
