@@ -122,19 +122,22 @@ def record(
     postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
     # The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
     # appends, and its `last_hash` is the link, so no ordered read of the audit table.
+    # On PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are
+    # few: the head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's
+    # move in another (`_APPEND_PG`), then COMMIT.
     conn = session.connection()
-    head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
+    head = conn.execute(_HEAD_LOCK_PG if postgres else _HEAD).first()
     if head is None and postgres:
         # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
         # create it (one would fail on its key). One at a time starts the chain; the next one,
         # once that commits, finds the checkpoint (READ COMMITTED: each statement sees commits).
         conn.execute(_FIRST_WRITER)
-        head = conn.execute(_HEAD_FOR_UPDATE).first()
+        head = conn.execute(_HEAD_LOCK_PG).first()
     if head is None:
         return _record_first(
             session, key, action, actor, case_id, patient, entity, outcome, request_id
         )
-    keyed_from, count, prev = head  # unpacked: a Row's `.count` is the tuple method
+    keyed_from, count, prev = head[0], head[1], head[2]  # a Row's `.count` is a tuple method
     values = {
         "recorded": utcnow(),
         "action": action,
@@ -149,13 +152,21 @@ def record(
     }
     row = AuditRow(**values)
     row.hash = values["hash"] = _mac(key, prev, _content(row))
-    row.id = int(conn.execute(_APPEND, values).scalar_one())
+    if postgres:
+        row.id = int(head[3])  # drawn under the head's lock: ids follow the chain's order
+    else:
+        row.id = int(conn.execute(_APPEND, values).scalar_one())
     count += 1
     mac = _checkpoint_mac(
         key,
         AuditCheckpoint(keyed_from=keyed_from, count=count, last_id=row.id, last_hash=row.hash),
     )
-    conn.execute(_MOVE_HEAD, {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac})
+    move = {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac}
+    if postgres:
+        appended = {f"a_{name}": value for name, value in values.items()}
+        conn.execute(_APPEND_PG, {**appended, **move, "a_id": row.id})
+    else:
+        conn.execute(_MOVE_HEAD, move)
     loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
     if loaded is not None:  # an object of the checkpoint read earlier in this session
         session.expire(loaded)
@@ -166,7 +177,14 @@ def record(
 _CP = Base.metadata.tables["audit_checkpoint"]
 _AUDIT = Base.metadata.tables["audit_events"]
 _HEAD = select(_CP.c.keyed_from, _CP.c.count, _CP.c.last_hash).where(_CP.c.id == 1)
-_HEAD_FOR_UPDATE = _HEAD.with_for_update()
+# PostgreSQL: lock the head and draw the new row's id once the lock is held (the CTE is
+# materialised, so `nextval` runs on the locked row, not before the wait for it).
+_HEAD_LOCK_PG = text(
+    "WITH head AS MATERIALIZED (SELECT keyed_from, count, last_hash FROM audit_checkpoint"
+    " WHERE id = 1 FOR UPDATE)"
+    " SELECT keyed_from, count, last_hash, nextval(pg_get_serial_sequence('audit_events', 'id'))"
+    " FROM head"
+)
 _FIRST_WRITER = text("SELECT pg_advisory_xact_lock(7301001)")  # released at commit/rollback
 _APPEND = insert(_AUDIT).returning(_AUDIT.c.id)
 _MOVE_HEAD = (
@@ -178,6 +196,12 @@ _MOVE_HEAD = (
         last_hash=bindparam("last_hash"),
         mac=bindparam("mac"),
     )
+)
+# PostgreSQL: the row (with its id drawn under the lock) and the head's move, one statement.
+_APPEND_PG = _MOVE_HEAD.add_cte(
+    insert(_AUDIT)
+    .values({c.name: bindparam(f"a_{c.name}", type_=c.type) for c in _AUDIT.columns})
+    .cte("appended")
 )
 
 

@@ -200,6 +200,38 @@ def test_first_audit_rows_written_at_once_start_one_chain(store) -> None:
     assert (found.count, found.ok) == (n, True)
 
 
+def test_concurrent_audit_appends_keep_one_chain_in_id_order(store) -> None:
+    """8 threads append 10 rows each to an existing chain at once. On PostgreSQL each row's id is
+    drawn under the chain head's lock (in the statement that takes it), so ids follow the
+    chain: `verify`, which walks the rows by id, finds every link and the signed count."""
+    with store.session() as s:
+        audit.record(s, "case.read", Actor("first", "reviewer"), case_id="c0")
+    n, each = 8, 10
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def append(i: int) -> None:
+        try:
+            start.wait()
+            for j in range(each):
+                with store.session() as s:
+                    audit.record(s, "case.read", Actor(f"u{i}", "reviewer"), case_id=f"c{i}-{j}")
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+        ids = s.scalars(select(AuditRow.id).order_by(AuditRow.id)).all()
+    assert (found.count, found.first_bad, found.ok) == (1 + n * each, None, True)
+    assert len(set(ids)) == 1 + n * each
+
+
 def test_audit_chain_detects_tampering(store) -> None:
     with store.session() as s:
         for i in range(5):
