@@ -237,7 +237,8 @@ def _run(
     bundle_mode: bool,
 ) -> IntakeResult:
     """Plan from the input, look up what exists in a read-only session (no write lock), prepare
-    the rows, then write them in one short transaction that re-checks the lookup.
+    the rows, then write them in one short transaction that re-checks the lookup (SQLite; on
+    PostgreSQL the lookup is in the write transaction: `_run_in_one`).
 
     The database makes it exactly once: identifiers are unique per partner and type, and a case
     is unique per Task and per ServiceRequest. A push that loses a race to an identical one
@@ -245,6 +246,8 @@ def _run(
     rows: 200 with them, never a second case.
     """
     plan = _plan(entries, who, partners, options, bundle_mode=bundle_mode)
+    if store.is_postgres:
+        return _run_in_one(store, plan, who, options)
     with store.session(readonly=True) as s:
         _check_stored_refs(s, plan)
         matches = _match(s, plan)
@@ -265,6 +268,27 @@ def _run(
     raise ConflictError(
         "the same resources are being pushed concurrently; retry the request",
         expression=["Bundle.entry" if bundle_mode else entries[0].path],
+    )
+
+
+def _run_in_one(store: Store, plan: _Plan, who: Principal, options: IntakeOptions) -> IntakeResult:
+    """PostgreSQL: the lookup in the write transaction itself (one transaction per push, not
+    a read-only one before it). SQLite looks up first because its write transaction holds the
+    database's one write lock; PostgreSQL locks only the rows written, at the inserts, so the
+    second transaction bought nothing and cost a BEGIN, a COMMIT and a pool checkout. The same
+    rule makes it exactly once: identifiers stored since the lookup fail the insert (unique key)
+    and the push is run again."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            with store.session() as s:
+                _check_stored_refs(s, plan)
+                matches = _match(s, plan)
+                return _write(s, plan, matches, _prepare(plan, matches, options), who, options)
+        except IntegrityError:
+            log.info("referral.intake.race", attempt=attempt, entries=len(plan.entries))
+    raise ConflictError(
+        "the same resources are being pushed concurrently; retry the request",
+        expression=["Bundle.entry" if plan.bundle_mode else plan.entries[0].path],
     )
 
 
