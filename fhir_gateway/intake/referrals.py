@@ -115,6 +115,9 @@ class _Matches:
 
     existing: dict[int, str]
     repeats: dict[int, int]
+    # PostgreSQL: version, time and case of resources found by identifier, read by the match
+    # in the write transaction (no second query for them)
+    versions: hosted.Versions = field(default_factory=dict)
 
 
 @dataclass
@@ -449,7 +452,8 @@ def _match(session: Session, plan: _Plan) -> _Matches:
                 existing[e.index] = row.id
                 continue
         by_type.setdefault(e.rtype, set()).update(e.keys)
-    found = hosted.match_identifiers(session, plan.partner.id, by_type) if by_type else {}
+    versions: hosted.Versions = {}
+    found = hosted.match_identifiers(session, plan.partner.id, by_type, versions) if by_type else {}
     repeats: dict[int, int] = {}
     first_with: dict[tuple[str, hosted.IdentifierKey], int] = {}
     for e in plan.entries:
@@ -486,7 +490,7 @@ def _match(session: Session, plan: _Plan) -> _Matches:
             continue
         for k in e.keys:
             first_with[(e.rtype, k)] = e.index
-    return _Matches(existing, repeats)
+    return _Matches(existing, repeats, versions)
 
 
 def _identifier_index(e: _Entry, key_index: int) -> int:
@@ -629,7 +633,12 @@ def _write(
         for e in plan.entries
         if (e.rtype, prepared.ids[e.index]) not in prepared.new
     }
-    known = _load(session, before, bodies=not plan.bundle_mode)
+    # On PostgreSQL the match ran in this transaction and read them already (bundle mode).
+    read = matches.versions if plan.bundle_mode else {}
+    known = _load(session, before - read.keys(), bodies=not plan.bundle_mode)
+    for key in before & read.keys():
+        version, updated, case_id = read[key]
+        known[key] = EntryOutcome(key[0], key[1], version, updated, False, case_id)
     for e in plan.entries:
         key = (e.rtype, prepared.ids[e.index])
         row = prepared.new.get(key)
