@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -294,9 +295,12 @@ def test_postgres_pooled_connection_that_died_while_idle_is_replaced(pg_url, mon
             victim = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
         pings: list[object] = []
         real_ping = store.engine.dialect.do_ping
-        monkeypatch.setattr(
-            store.engine.dialect, "do_ping", lambda c: pings.append(c) or real_ping(c)
-        )
+
+        def counted_ping(dbapi_conn: Any) -> bool:
+            pings.append(dbapi_conn)
+            return real_ping(dbapi_conn)
+
+        monkeypatch.setattr(store.engine.dialect, "do_ping", counted_ping)
         with store.session() as s:  # back in the pool a moment ago: no ping, same backend
             assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() == victim
         assert pings == []
