@@ -990,6 +990,7 @@ def _case_opened(
         case_id=case_id,
         patient=opened.patient_ref,
         entity=[f"Task/{opened.task_id}", f"ServiceRequest/{opened.sr_id}"],
+        last=True,  # nothing follows but COMMIT (PostgreSQL: sent with it, one round trip)
     )
     result.case_id, result.new_case = case_id, True
     log.info("referral.intake.done", case_id=case_id, partner=partner.id, jobs=result.jobs)

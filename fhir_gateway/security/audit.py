@@ -21,16 +21,18 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 import structlog
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
-from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, utcnow
+from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, json_text, utcnow
 
 GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
@@ -109,9 +111,15 @@ def record(
     entity: list[str] | None = None,
     outcome: str = SUCCESS,
     request_id: str | None = None,
+    last: bool = False,
 ) -> AuditRow:
     """Append one audit row in the caller's transaction (the request id is taken from the
     logging context when not given), and move the signed checkpoint to it.
+
+    `last=True`: the caller's transaction runs no further statement before its COMMIT. On
+    PostgreSQL the row and the head's move are then sent with the COMMIT, in one round trip
+    (`_send_with_commit`): the chain head's lock is held from its first statement to COMMIT,
+    and every round trip inside it is one more wait for the GIL of a busy process.
 
     Raises:
         ConfigError: the store has no key directory for the audit key.
@@ -126,6 +134,9 @@ def record(
     # few: the head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's
     # move in another (`_APPEND_PG`), then COMMIT.
     conn = session.connection()
+    pending = conn.info.pop(_WITH_COMMIT, None)
+    if pending is not None:  # an append marked last, and yet another one: send it first
+        conn.execute(_APPEND_PG, pending)
     head = conn.execute(_HEAD_LOCK_PG if postgres else _HEAD).first()
     if head is None and postgres:
         # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
@@ -164,7 +175,11 @@ def record(
     move = {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac}
     if postgres:
         appended = {f"a_{name}": value for name, value in values.items()}
-        conn.execute(_APPEND_PG, {**appended, **move, "a_id": row.id})
+        params = {**appended, **move, "a_id": row.id}
+        if last and not conn.in_nested_transaction():
+            conn.info[_WITH_COMMIT] = params
+        else:
+            conn.execute(_APPEND_PG, params)
     else:
         conn.execute(_MOVE_HEAD, move)
     loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
@@ -203,6 +218,35 @@ _APPEND_PG = _MOVE_HEAD.add_cte(
     .values({c.name: bindparam(f"a_{c.name}", type_=c.type) for c in _AUDIT.columns})
     .cte("appended")
 )
+
+
+_WITH_COMMIT = "fhir_gateway_audit_with_commit"  # Connection.info: the append to send with COMMIT
+
+
+@event.listens_for(Engine, "commit")
+def _send_with_commit(conn: Connection) -> None:
+    """PostgreSQL: an append marked `last` goes out with the COMMIT in one pipeline (one round
+    trip); the DBAPI commit SQLAlchemy issues next finds the transaction closed and sends
+    nothing. A failure is raised as SQLAlchemy's error (an OperationalError stays one)."""
+    params = conn.info.pop(_WITH_COMMIT, None)
+    if params is None:
+        return
+    compiled = _APPEND_PG.compile(dialect=conn.dialect)
+    args = compiled.construct_params(params)
+    args["a_entity"] = json_text(args["a_entity"])  # JsonText's bind processing (UTC times
+    # need none: `utcnow` is aware UTC, psycopg sends it as such)
+    raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+    try:
+        with raw.pipeline():
+            raw.execute(str(compiled), args)
+            raw.commit()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(str(compiled), None, exc, psycopg.Error) from exc
+
+
+@event.listens_for(Engine, "rollback")
+def _drop_with_rollback(conn: Connection) -> None:
+    conn.info.pop(_WITH_COMMIT, None)
 
 
 def _record_first(

@@ -202,9 +202,10 @@ def test_first_audit_rows_written_at_once_start_one_chain(store) -> None:
 
 
 def test_concurrent_audit_appends_keep_one_chain_in_id_order(store) -> None:
-    """8 threads append 10 rows each to an existing chain at once. On PostgreSQL each row's id is
-    drawn under the chain head's lock (in the statement that takes it), so ids follow the
-    chain: `verify`, which walks the rows by id, finds every link and the signed count."""
+    """8 threads append 10 rows each to an existing chain at once (half of them marked `last`:
+    on PostgreSQL sent with the COMMIT). On PostgreSQL each row's id is drawn under the chain
+    head's lock (in the statement that takes it), so ids follow the chain: `verify`, which walks
+    the rows by id, finds every link and the signed count."""
     with store.session() as s:
         audit.record(s, "case.read", Actor("first", "reviewer"), case_id="c0")
     n, each = 8, 10
@@ -215,8 +216,14 @@ def test_concurrent_audit_appends_keep_one_chain_in_id_order(store) -> None:
         try:
             start.wait()
             for j in range(each):
-                with store.session() as s:
-                    audit.record(s, "case.read", Actor(f"u{i}", "reviewer"), case_id=f"c{i}-{j}")
+                with store.session() as s:  # odd threads: the row sent with the COMMIT
+                    audit.record(
+                        s,
+                        "case.read",
+                        Actor(f"u{i}", "reviewer"),
+                        case_id=f"c{i}-{j}",
+                        last=bool(i % 2),
+                    )
         except BaseException as exc:  # collected: a thread's exception would be lost
             errors.append(exc)
 
@@ -231,6 +238,30 @@ def test_concurrent_audit_appends_keep_one_chain_in_id_order(store) -> None:
         ids = s.scalars(select(AuditRow.id).order_by(AuditRow.id)).all()
     assert (found.count, found.first_bad, found.ok) == (1 + n * each, None, True)
     assert len(set(ids)) == 1 + n * each
+
+
+def test_audit_row_marked_last_is_committed_or_rolled_back_with_its_transaction(store) -> None:
+    """`last=True` (PostgreSQL: the row goes out with the COMMIT): a transaction that fails
+    after it stores nothing, and the next transaction on the same pooled connection does not
+    send the dropped row; two rows in one transaction, the first marked last, both land."""
+    with store.session() as s:
+        audit.record(s, "case.read", Actor("a", "reviewer"), case_id="c1", last=True)
+
+    def fails_after_its_audit_row() -> None:
+        with store.session() as s:
+            audit.record(s, "case.read", Actor("b", "reviewer"), case_id="c2", last=True)
+            raise RuntimeError("the request failed after its audit row")
+
+    with pytest.raises(RuntimeError):
+        fails_after_its_audit_row()
+    with store.session() as s:
+        audit.record(s, "case.read", Actor("c", "reviewer"), case_id="c3", last=True)
+        audit.record(s, "case.read", Actor("d", "reviewer"), case_id="c4", last=True)
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+        agents = s.scalars(select(AuditRow.agent).order_by(AuditRow.id)).all()
+    assert agents == ["a", "c", "d"]
+    assert (found.count, found.ok) == (3, True)
 
 
 def test_audit_chain_detects_tampering(store) -> None:
