@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -26,9 +27,11 @@ from typing import Any, cast
 import psycopg
 import structlog
 from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, text, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
+from sqlalchemy.sql.compiler import Compiled
 
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
@@ -223,6 +226,9 @@ _APPEND_PG = _MOVE_HEAD.add_cte(
 _WITH_COMMIT = "fhir_gateway_audit_with_commit"  # Connection.info: the append to send with COMMIT
 
 
+_COMPILED: weakref.WeakKeyDictionary[Dialect, Compiled] = weakref.WeakKeyDictionary()
+
+
 @event.listens_for(Engine, "commit")
 def _send_with_commit(conn: Connection) -> None:
     """PostgreSQL: an append marked `last` goes out with the COMMIT in one pipeline (one round
@@ -231,17 +237,19 @@ def _send_with_commit(conn: Connection) -> None:
     params = conn.info.pop(_WITH_COMMIT, None)
     if params is None:
         return
-    compiled = _APPEND_PG.compile(dialect=conn.dialect)
-    args = compiled.construct_params(params)
+    compiled = _COMPILED.get(conn.dialect)
+    if compiled is None:
+        compiled = _COMPILED[conn.dialect] = _APPEND_PG.compile(dialect=conn.dialect)
+    args = dict(compiled.construct_params(params) or {})
     args["a_entity"] = json_text(args["a_entity"])  # JsonText's bind processing (UTC times
     # need none: `utcnow` is aware UTC, psycopg sends it as such)
     raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
     try:
         with raw.pipeline():
-            raw.execute(str(compiled), args)
+            raw.execute(compiled.string, args)
             raw.commit()
     except psycopg.Error as exc:
-        raise DBAPIError.instance(str(compiled), None, exc, psycopg.Error) from exc
+        raise DBAPIError.instance(compiled.string, None, exc, psycopg.Error) from exc
 
 
 @event.listens_for(Engine, "rollback")
