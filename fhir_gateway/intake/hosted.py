@@ -25,6 +25,7 @@ from sqlalchemy import (
     insert,
     select,
     table,
+    text,
 )
 from sqlalchemy.orm import Session
 
@@ -187,17 +188,70 @@ _MATCH_IDENTIFIERS = select(
 )
 
 
+# PostgreSQL: exactly the wanted keys, one index probe each (a subquery per key: the plan stays
+# a probe per key whatever the statistics say; a join let a fresh, un-ANALYZEd table be read
+# whole per lookup), in a statement whose text does not change with the number of keys (psycopg
+# prepares it once per connection). The IN lists below make the index scan try every type x
+# every value: 50 probes for a referral's 10 keys in 5 types (0.59 ms, 153 buffers at 100,000
+# stored, against 0.09 ms and 6 for this).
+_MATCH_KEYS_PG = text(
+    "SELECT k.t, k.s, k.v, m.rid, f.version_id, f.last_updated, f.case_id"
+    " FROM unnest(CAST(:types AS varchar[]), CAST(:systems AS varchar[]),"
+    " CAST(:values AS varchar[])) AS k(t, s, v)"
+    " CROSS JOIN LATERAL (SELECT (SELECT r.resource_id FROM resource_identifiers r"
+    " WHERE r.partner_id = :partner AND r.resource_type = k.t AND r.value_hash = k.v"
+    " AND r.system_hash = k.s) AS rid) AS m"
+    " LEFT JOIN LATERAL (SELECT f.version_id, f.last_updated, f.case_id FROM fhir_resources f"
+    " WHERE f.resource_type = k.t AND f.id = m.rid) AS f ON true"
+).columns(
+    column("t", String),
+    column("s", String),
+    column("v", String),
+    column("rid", String),
+    column("version_id", Integer),
+    column("last_updated", UTCDateTime()),
+    column("case_id", String),
+)
+
+# (type, id) -> (version, last updated, case id) of a stored resource
+Versions = dict[tuple[str, str], tuple[int, datetime, str | None]]
+
+
 def match_identifiers(
-    session: Session, partner_id: str, wanted: dict[str, set[IdentifierKey]]
+    session: Session,
+    partner_id: str,
+    wanted: dict[str, set[IdentifierKey]],
+    versions: Versions | None = None,
 ) -> dict[str, dict[IdentifierKey, str]]:
     """Which of the keys per type the partner already holds: type -> key -> resource id.
 
-    One indexed query for all types (batched by 500 values): the primary key
-    (partner, type, value hash, system hash) answers it, however many rows are stored."""
+    One indexed query for all types (batched by 500 keys): the primary key
+    (partner, type, value hash, system hash) answers it, however many rows are stored. On
+    PostgreSQL the same statement reads the version, time and case of what it finds, into
+    `versions` when given."""
     found: dict[str, dict[IdentifierKey, str]] = {}
+    conn = session.connection()  # Core: built once, no ORM execution layer per push
+    if conn.dialect.name == "postgresql":
+        keys = sorted((t, s, v) for t, ks in wanted.items() for s, v in ks)
+        for start in range(0, len(keys), 500):
+            batch = keys[start : start + 500]
+            params = {
+                "partner": partner_id,
+                "types": [k[0] for k in batch],
+                "systems": [k[1] for k in batch],
+                "values": [k[2] for k in batch],
+            }
+            for rtype, system_hash, value_hash, rid, *stored in conn.execute(
+                _MATCH_KEYS_PG, params
+            ):
+                if rid is None:
+                    continue
+                found.setdefault(rtype, {})[(system_hash, value_hash)] = rid
+                if versions is not None and stored[0] is not None:
+                    versions[(rtype, rid)] = (stored[0], stored[1], stored[2])
+        return found
     types = sorted(t for t, keys in wanted.items() if keys)
     values = sorted({v for t in types for _, v in wanted[t]})
-    conn = session.connection()  # Core: built once, no ORM execution layer per push
     for start in range(0, len(values), 500):
         params = {"partner": partner_id, "types": types, "values": values[start : start + 500]}
         for rtype, system_hash, value_hash, rid in conn.execute(_MATCH_IDENTIFIERS, params):

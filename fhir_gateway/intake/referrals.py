@@ -115,6 +115,9 @@ class _Matches:
 
     existing: dict[int, str]
     repeats: dict[int, int]
+    # PostgreSQL: version, time and case of resources found by identifier, read by the match
+    # in the write transaction (no second query for them)
+    versions: hosted.Versions = field(default_factory=dict)
 
 
 @dataclass
@@ -237,7 +240,8 @@ def _run(
     bundle_mode: bool,
 ) -> IntakeResult:
     """Plan from the input, look up what exists in a read-only session (no write lock), prepare
-    the rows, then write them in one short transaction that re-checks the lookup.
+    the rows, then write them in one short transaction that re-checks the lookup (SQLite; on
+    PostgreSQL the lookup is in the write transaction: `_run_in_one`).
 
     The database makes it exactly once: identifiers are unique per partner and type, and a case
     is unique per Task and per ServiceRequest. A push that loses a race to an identical one
@@ -245,6 +249,8 @@ def _run(
     rows: 200 with them, never a second case.
     """
     plan = _plan(entries, who, partners, options, bundle_mode=bundle_mode)
+    if store.is_postgres:
+        return _run_in_one(store, plan, who, options)
     with store.session(readonly=True) as s:
         _check_stored_refs(s, plan)
         matches = _match(s, plan)
@@ -265,6 +271,27 @@ def _run(
     raise ConflictError(
         "the same resources are being pushed concurrently; retry the request",
         expression=["Bundle.entry" if bundle_mode else entries[0].path],
+    )
+
+
+def _run_in_one(store: Store, plan: _Plan, who: Principal, options: IntakeOptions) -> IntakeResult:
+    """PostgreSQL: the lookup in the write transaction itself (one transaction per push, not
+    a read-only one before it). SQLite looks up first because its write transaction holds the
+    database's one write lock; PostgreSQL locks only the rows written, at the inserts, so the
+    second transaction bought nothing and cost a BEGIN, a COMMIT and a pool checkout. The same
+    rule makes it exactly once: identifiers stored since the lookup fail the insert (unique key)
+    and the push is run again."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            with store.session() as s:
+                _check_stored_refs(s, plan)
+                matches = _match(s, plan)
+                return _write(s, plan, matches, _prepare(plan, matches, options), who, options)
+        except IntegrityError:
+            log.info("referral.intake.race", attempt=attempt, entries=len(plan.entries))
+    raise ConflictError(
+        "the same resources are being pushed concurrently; retry the request",
+        expression=["Bundle.entry" if plan.bundle_mode else plan.entries[0].path],
     )
 
 
@@ -425,7 +452,8 @@ def _match(session: Session, plan: _Plan) -> _Matches:
                 existing[e.index] = row.id
                 continue
         by_type.setdefault(e.rtype, set()).update(e.keys)
-    found = hosted.match_identifiers(session, plan.partner.id, by_type) if by_type else {}
+    versions: hosted.Versions = {}
+    found = hosted.match_identifiers(session, plan.partner.id, by_type, versions) if by_type else {}
     repeats: dict[int, int] = {}
     first_with: dict[tuple[str, hosted.IdentifierKey], int] = {}
     for e in plan.entries:
@@ -462,7 +490,7 @@ def _match(session: Session, plan: _Plan) -> _Matches:
             continue
         for k in e.keys:
             first_with[(e.rtype, k)] = e.index
-    return _Matches(existing, repeats)
+    return _Matches(existing, repeats, versions)
 
 
 def _identifier_index(e: _Entry, key_index: int) -> int:
@@ -605,7 +633,12 @@ def _write(
         for e in plan.entries
         if (e.rtype, prepared.ids[e.index]) not in prepared.new
     }
-    known = _load(session, before, bodies=not plan.bundle_mode)
+    # On PostgreSQL the match ran in this transaction and read them already (bundle mode).
+    read = matches.versions if plan.bundle_mode else {}
+    known = _load(session, before - read.keys(), bodies=not plan.bundle_mode)
+    for key in before & read.keys():
+        version, updated, case_id = read[key]
+        known[key] = EntryOutcome(key[0], key[1], version, updated, False, case_id)
     for e in plan.entries:
         key = (e.rtype, prepared.ids[e.index])
         row = prepared.new.get(key)
@@ -957,6 +990,7 @@ def _case_opened(
         case_id=case_id,
         patient=opened.patient_ref,
         entity=[f"Task/{opened.task_id}", f"ServiceRequest/{opened.sr_id}"],
+        last=True,  # nothing follows but COMMIT (PostgreSQL: sent with it, one round trip)
     )
     result.case_id, result.new_case = case_id, True
     log.info("referral.intake.done", case_id=case_id, partner=partner.id, jobs=result.jobs)

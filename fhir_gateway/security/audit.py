@@ -19,18 +19,23 @@ import json
 import os
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 import structlog
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, text, update
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
+from sqlalchemy.sql.compiler import Compiled
 
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
-from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, utcnow
+from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, json_text, utcnow
 
 GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
@@ -109,9 +114,15 @@ def record(
     entity: list[str] | None = None,
     outcome: str = SUCCESS,
     request_id: str | None = None,
+    last: bool = False,
 ) -> AuditRow:
     """Append one audit row in the caller's transaction (the request id is taken from the
     logging context when not given), and move the signed checkpoint to it.
+
+    `last=True`: the caller's transaction runs no further statement before its COMMIT. On
+    PostgreSQL the row and the head's move are then sent with the COMMIT, in one round trip
+    (`_send_with_commit`): the chain head's lock is held from its first statement to COMMIT,
+    and every round trip inside it is one more wait for the GIL of a busy process.
 
     Raises:
         ConfigError: the store has no key directory for the audit key.
@@ -122,19 +133,25 @@ def record(
     postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
     # The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
     # appends, and its `last_hash` is the link, so no ordered read of the audit table.
+    # On PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are
+    # few: the head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's
+    # move in another (`_APPEND_PG`), then COMMIT.
     conn = session.connection()
-    head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
+    pending = conn.info.pop(_WITH_COMMIT, None)
+    if pending is not None:  # an append marked last, and yet another one: send it first
+        conn.execute(_APPEND_PG, pending)
+    head = conn.execute(_HEAD_LOCK_PG if postgres else _HEAD).first()
     if head is None and postgres:
         # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
         # create it (one would fail on its key). One at a time starts the chain; the next one,
         # once that commits, finds the checkpoint (READ COMMITTED: each statement sees commits).
         conn.execute(_FIRST_WRITER)
-        head = conn.execute(_HEAD_FOR_UPDATE).first()
+        head = conn.execute(_HEAD_LOCK_PG).first()
     if head is None:
         return _record_first(
             session, key, action, actor, case_id, patient, entity, outcome, request_id
         )
-    keyed_from, count, prev = head  # unpacked: a Row's `.count` is the tuple method
+    keyed_from, count, prev = head[0], head[1], head[2]  # a Row's `.count` is a tuple method
     values = {
         "recorded": utcnow(),
         "action": action,
@@ -149,13 +166,25 @@ def record(
     }
     row = AuditRow(**values)
     row.hash = values["hash"] = _mac(key, prev, _content(row))
-    row.id = int(conn.execute(_APPEND, values).scalar_one())
+    if postgres:
+        row.id = int(head[3])  # drawn under the head's lock: ids follow the chain's order
+    else:
+        row.id = int(conn.execute(_APPEND, values).scalar_one())
     count += 1
     mac = _checkpoint_mac(
         key,
         AuditCheckpoint(keyed_from=keyed_from, count=count, last_id=row.id, last_hash=row.hash),
     )
-    conn.execute(_MOVE_HEAD, {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac})
+    move = {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac}
+    if postgres:
+        appended = {f"a_{name}": value for name, value in values.items()}
+        params = {**appended, **move, "a_id": row.id}
+        if last and not conn.in_nested_transaction():
+            conn.info[_WITH_COMMIT] = params
+        else:
+            conn.execute(_APPEND_PG, params)
+    else:
+        conn.execute(_MOVE_HEAD, move)
     loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
     if loaded is not None:  # an object of the checkpoint read earlier in this session
         session.expire(loaded)
@@ -166,7 +195,14 @@ def record(
 _CP = Base.metadata.tables["audit_checkpoint"]
 _AUDIT = Base.metadata.tables["audit_events"]
 _HEAD = select(_CP.c.keyed_from, _CP.c.count, _CP.c.last_hash).where(_CP.c.id == 1)
-_HEAD_FOR_UPDATE = _HEAD.with_for_update()
+# PostgreSQL: lock the head and draw the new row's id once the lock is held (the CTE is
+# materialised, so `nextval` runs on the locked row, not before the wait for it).
+_HEAD_LOCK_PG = text(
+    "WITH head AS MATERIALIZED (SELECT keyed_from, count, last_hash FROM audit_checkpoint"
+    " WHERE id = 1 FOR UPDATE)"
+    " SELECT keyed_from, count, last_hash, nextval(pg_get_serial_sequence('audit_events', 'id'))"
+    " FROM head"
+)
 _FIRST_WRITER = text("SELECT pg_advisory_xact_lock(7301001)")  # released at commit/rollback
 _APPEND = insert(_AUDIT).returning(_AUDIT.c.id)
 _MOVE_HEAD = (
@@ -179,6 +215,46 @@ _MOVE_HEAD = (
         mac=bindparam("mac"),
     )
 )
+# PostgreSQL: the row (with its id drawn under the lock) and the head's move, one statement.
+_APPEND_PG = _MOVE_HEAD.add_cte(
+    insert(_AUDIT)
+    .values({c.name: bindparam(f"a_{c.name}", type_=c.type) for c in _AUDIT.columns})
+    .cte("appended")
+)
+
+
+_WITH_COMMIT = "fhir_gateway_audit_with_commit"  # Connection.info: the append to send with COMMIT
+
+
+_COMPILED: weakref.WeakKeyDictionary[Dialect, Compiled] = weakref.WeakKeyDictionary()
+
+
+@event.listens_for(Engine, "commit")
+def _send_with_commit(conn: Connection) -> None:
+    """PostgreSQL: an append marked `last` goes out with the COMMIT in one pipeline (one round
+    trip); the DBAPI commit SQLAlchemy issues next finds the transaction closed and sends
+    nothing. A failure is raised as SQLAlchemy's error (an OperationalError stays one)."""
+    params = conn.info.pop(_WITH_COMMIT, None)
+    if params is None:
+        return
+    compiled = _COMPILED.get(conn.dialect)
+    if compiled is None:
+        compiled = _COMPILED[conn.dialect] = _APPEND_PG.compile(dialect=conn.dialect)
+    args = dict(compiled.construct_params(params) or {})
+    args["a_entity"] = json_text(args["a_entity"])  # JsonText's bind processing (UTC times
+    # need none: `utcnow` is aware UTC, psycopg sends it as such)
+    raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+    try:
+        with raw.pipeline():
+            raw.execute(compiled.string, args)
+            raw.commit()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(compiled.string, None, exc, psycopg.Error) from exc
+
+
+@event.listens_for(Engine, "rollback")
+def _drop_with_rollback(conn: Connection) -> None:
+    conn.info.pop(_WITH_COMMIT, None)
 
 
 def _record_first(

@@ -99,6 +99,11 @@ def test_600_character_identifiers_pushed_twice_make_one_case(store, settings, t
         second = client.post("/fhir", json=bundle, headers=headers)
         assert (first.status_code, second.status_code) == (200, 200), second.text
         assert [e["response"]["status"] for e in second.json()["entry"]] == ["200 OK"] * 4
+        # the stored versions and times (read with the identifier match on PostgreSQL)
+        for was, now in zip(first.json()["entry"], second.json()["entry"], strict=True):
+            for key in ("location", "etag", "lastModified"):
+                assert now["response"][key] == was["response"][key], key
+        assert second.json()["entry"][3]["response"]["etag"] == 'W/"2"'  # the received Task
         assert counts(store)["Case"] == 1
         task = second.json()["entry"][3]["response"]["location"].split("/_history")[0]
         token = bundle["entry"][3]["resource"]["identifier"][0]

@@ -254,11 +254,14 @@ def measure(
     server_pids: list[int],
     db_pids: list[int],
     warmup: int,
+    statements_url: str | None = None,
 ) -> Result:
     host_port, _, path = url.removeprefix("http://").partition("/")
     host, port = host_port.split(":")
     path = "/" + path
     asyncio.run(_drive(host, int(port), path, headers, payloads[:warmup], conc))
+    if statements_url:
+        pg_statements(statements_url, None)
     cpu0, db0 = cpu_of(server_pids), cpu_of(db_pids)
     load = asyncio.run(_drive(host, int(port), path, headers, payloads[warmup:], conc))
     n = len(load.latencies) + sum(load.errors.values())
@@ -284,7 +287,40 @@ def measure(
         f"  load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
+    if statements_url:
+        pg_statements(statements_url, n)
     return res
+
+
+def pg_statements(url: str, per: int | None, limit: int = 25) -> None:
+    """pg_stat_statements (`--statements`): `per` None resets it (after the warm-up); else
+    prints each statement's calls and execution time per referral, and the totals."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.connect() as con:
+        if per is None:
+            con.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+            con.execute(text("SELECT pg_stat_statements_reset()"))
+            con.commit()
+            return
+        rows = con.execute(
+            text(
+                "SELECT calls, total_exec_time, query FROM pg_stat_statements "
+                "WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY calls DESC, "
+                "total_exec_time DESC"
+            )
+        ).all()
+    engine.dispose()
+    calls = sum(r[0] for r in rows)
+    exec_ms = sum(r[1] for r in rows)
+    print(
+        f"# pg_stat_statements: {calls / per:.1f} statements per referral, "
+        f"{exec_ms / per:.3f} ms execution per referral; the most called:"
+    )
+    for c, t, q in rows[:limit]:
+        print(f"#   {c / per:5.2f}/ref {t / per:7.3f} ms/ref  {' '.join(q.split())[:150]}")
 
 
 # --- seeding (the gateway's own tables, made by its migrations) ----------------------------
@@ -524,10 +560,15 @@ def _as_pg(cmd: list[str]) -> list[str]:
 
 
 @contextmanager
-def pg_cluster(data: Path, *, explain: bool) -> Iterator[tuple[str, int]]:
+def pg_cluster(data: Path, *, explain: bool, statements: bool = False) -> Iterator[tuple[str, int]]:
     """Start PostgreSQL on `data` (a data directory) on a free port: (URL, postmaster pid)."""
     port = free_port()
     opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
+    if statements:
+        opts += (
+            " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
+            " -c pg_stat_statements.track_utility=on"
+        )
     if explain:
         opts += (
             " -c shared_preload_libraries=auto_explain -c auto_explain.log_min_duration=20"
@@ -797,6 +838,11 @@ def main() -> None:
         help="keep the fixture's conditional creates (Medplum's in-memory engine then scans)",
     )
     parser.add_argument("--explain", action="store_true", help="query plans (auto_explain)")
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="PostgreSQL: statements per referral and their execution time (pg_stat_statements)",
+    )
     parser.add_argument("--processes", type=int, help="serve --processes (default: serve's, 1)")
     parser.add_argument("--profile", help="py-spy record each gateway into PROFILE-<run>.txt")
     args = parser.parse_args()
@@ -860,7 +906,10 @@ def main() -> None:
                     subprocess.run(["cp", "-a", str(pg_tpl), str(data)], check=True)
                     settle()
                     with (
-                        pg_cluster(data, explain=args.explain) as (db_url, pg_pid),
+                        pg_cluster(data, explain=args.explain, statements=args.statements) as (
+                            db_url,
+                            pg_pid,
+                        ),
                         gateway(
                             run_dir,
                             db_url,
@@ -878,6 +927,7 @@ def main() -> None:
                             [pid],
                             [pg_pid],
                             warmup,
+                            db_url if args.statements else None,
                         )
                         if args.explain:
                             pg_plans(db_url)

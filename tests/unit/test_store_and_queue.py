@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -200,6 +201,69 @@ def test_first_audit_rows_written_at_once_start_one_chain(store) -> None:
     assert (found.count, found.ok) == (n, True)
 
 
+def test_concurrent_audit_appends_keep_one_chain_in_id_order(store) -> None:
+    """8 threads append 10 rows each to an existing chain at once (half of them marked `last`:
+    on PostgreSQL sent with the COMMIT). On PostgreSQL each row's id is drawn under the chain
+    head's lock (in the statement that takes it), so ids follow the chain: `verify`, which walks
+    the rows by id, finds every link and the signed count."""
+    with store.session() as s:
+        audit.record(s, "case.read", Actor("first", "reviewer"), case_id="c0")
+    n, each = 8, 10
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def append(i: int) -> None:
+        try:
+            start.wait()
+            for j in range(each):
+                with store.session() as s:  # odd threads: the row sent with the COMMIT
+                    audit.record(
+                        s,
+                        "case.read",
+                        Actor(f"u{i}", "reviewer"),
+                        case_id=f"c{i}-{j}",
+                        last=bool(i % 2),
+                    )
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+        ids = s.scalars(select(AuditRow.id).order_by(AuditRow.id)).all()
+    assert (found.count, found.first_bad, found.ok) == (1 + n * each, None, True)
+    assert len(set(ids)) == 1 + n * each
+
+
+def test_audit_row_marked_last_is_committed_or_rolled_back_with_its_transaction(store) -> None:
+    """`last=True` (PostgreSQL: the row goes out with the COMMIT): a transaction that fails
+    after it stores nothing, and the next transaction on the same pooled connection does not
+    send the dropped row; two rows in one transaction, the first marked last, both land."""
+    with store.session() as s:
+        audit.record(s, "case.read", Actor("a", "reviewer"), case_id="c1", last=True)
+
+    def fails_after_its_audit_row() -> None:
+        with store.session() as s:
+            audit.record(s, "case.read", Actor("b", "reviewer"), case_id="c2", last=True)
+            raise RuntimeError("the request failed after its audit row")
+
+    with pytest.raises(RuntimeError):
+        fails_after_its_audit_row()
+    with store.session() as s:
+        audit.record(s, "case.read", Actor("c", "reviewer"), case_id="c3", last=True)
+        audit.record(s, "case.read", Actor("d", "reviewer"), case_id="c4", last=True)
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+        agents = s.scalars(select(AuditRow.agent).order_by(AuditRow.id)).all()
+    assert agents == ["a", "c", "d"]
+    assert (found.count, found.ok) == (3, True)
+
+
 def test_audit_chain_detects_tampering(store) -> None:
     with store.session() as s:
         for i in range(5):
@@ -242,5 +306,42 @@ def test_sqlite_wal_is_checkpointed_beside_the_writers(tmp_path) -> None:
         while rows_in_the_file() < 20 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert rows_in_the_file() == 20
+    finally:
+        store.dispose()
+
+
+@pytest.mark.server
+def test_postgres_pooled_connection_that_died_while_idle_is_replaced(pg_url, monkeypatch) -> None:
+    """Connections are pinged at checkout only after sitting idle (not on every transaction):
+    one whose backend was killed while it sat in the pool is found dead and replaced, and the
+    next transaction succeeds; one used again at once is not pinged."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from fhir_gateway.store import db
+
+    store = db.open_store(pg_url, migrate=False)
+    try:
+        with store.session() as s:
+            victim = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        pings: list[object] = []
+        real_ping = store.engine.dialect.do_ping
+
+        def counted_ping(dbapi_conn: Any) -> bool:
+            pings.append(dbapi_conn)
+            return real_ping(dbapi_conn)
+
+        monkeypatch.setattr(store.engine.dialect, "do_ping", counted_ping)
+        with store.session() as s:  # back in the pool a moment ago: no ping, same backend
+            assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() == victim
+        assert pings == []
+        admin = create_engine(pg_url, poolclass=NullPool)  # outside the pool
+        with admin.begin() as other:
+            other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim})
+        admin.dispose()
+        monkeypatch.setattr(db, "PING_IDLE_S", 0.0)
+        with store.session() as s:
+            assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() != victim
+        assert len(pings) >= 1
     finally:
         store.dispose()
