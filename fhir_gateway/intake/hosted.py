@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from sqlalchemy import (
+    Connection,
     Integer,
     String,
     Text,
@@ -188,16 +189,16 @@ _MATCH_IDENTIFIERS = select(
 
 
 def match_identifiers(
-    session: Session, partner_id: str, wanted: dict[str, set[IdentifierKey]]
+    conn: Connection, partner_id: str, wanted: dict[str, set[IdentifierKey]]
 ) -> dict[str, dict[IdentifierKey, str]]:
-    """Which of the keys per type the partner already holds: type -> key -> resource id.
+    """Which of the keys per type the partner already holds: type -> key -> resource id (Core:
+    a statement built once, no ORM execution layer per push).
 
     One indexed query for all types (batched by 500 values): the primary key
     (partner, type, value hash, system hash) answers it, however many rows are stored."""
     found: dict[str, dict[IdentifierKey, str]] = {}
     types = sorted(t for t, keys in wanted.items() if keys)
     values = sorted({v for t in types for _, v in wanted[t]})
-    conn = session.connection()  # Core: built once, no ORM execution layer per push
     for start in range(0, len(values), 500):
         params = {"partner": partner_id, "types": types, "values": values[start : start + 500]}
         for rtype, system_hash, value_hash, rid in conn.execute(_MATCH_IDENTIFIERS, params):
