@@ -59,9 +59,14 @@ def test_workers_are_woken_by_the_commit_that_queues_a_job_only(store) -> None:
         jobs.enqueue(s, "k")
         jobs.enqueue(s, "k", dedup_key="second")
     assert wakes() == before + 1
-    with pytest.raises(RuntimeError), store.session() as s:
-        jobs.enqueue(s, "k2")
-        raise RuntimeError("state change failed")
+
+    def queue_then_fail() -> None:
+        with store.session() as s:
+            jobs.enqueue(s, "k2")
+            raise RuntimeError("state change failed")
+
+    with pytest.raises(RuntimeError):
+        queue_then_fail()
     with store.session() as s:
         s.scalar(select(func.count()).select_from(Job))
     with store.session(readonly=True) as s:
