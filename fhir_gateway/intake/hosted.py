@@ -158,6 +158,9 @@ _KEY_ROWS = table(
     column("resource_id", String),
 )
 
+_INSERT_RESOURCES = insert(_RESOURCE_ROWS)
+_INSERT_KEYS = insert(_KEY_ROWS)
+
 
 def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str, str]]) -> None:
     """Insert new resources (`body` already JSON text) and their identifier keys in bulk.
@@ -169,10 +172,13 @@ def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str
     # In batches: one sqlite3 executemany keeps the GIL between its rows (it hands it back
     # only around each sqlite3_step and takes it straight back), which starved every other
     # request of the process for the whole insert (1.3 s at 8,000 rows, /health included).
+    # Statements built once and run on the connection: no cache key computed per call, no
+    # ORM execution layer (~0.1 ms of Python per push).
+    conn = session.connection()
     for start in range(0, len(rows), INSERT_BATCH):
-        session.execute(insert(_RESOURCE_ROWS), rows[start : start + INSERT_BATCH])
+        conn.execute(_INSERT_RESOURCES, rows[start : start + INSERT_BATCH])
     for start in range(0, len(keys), INSERT_BATCH):
-        session.execute(insert(_KEY_ROWS), keys[start : start + INSERT_BATCH])
+        conn.execute(_INSERT_KEYS, keys[start : start + INSERT_BATCH])
 
 
 _IDENTIFIERS = ResourceIdentifier.__table__

@@ -314,11 +314,16 @@ REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
 }
 
 
+_REQUIRED_BY_TYPE: dict[str, list[tuple[str, frozenset[str]]]] = {}
+for (_type, _element), _allowed in REQUIRED_CODES.items():
+    _REQUIRED_BY_TYPE.setdefault(_type, []).append((_element, _allowed))
+
+
 def check_required_codes(resource: Resource, where: str) -> None:
     """Raises ValidationError (400) for a code outside its required value set."""
     rtype = resource.get("resourceType", "")
-    for (type_, element), allowed in REQUIRED_CODES.items():
-        if type_ == rtype and element in resource and resource[element] not in allowed:
+    for element, allowed in _REQUIRED_BY_TYPE.get(rtype, ()):
+        if element in resource and resource[element] not in allowed:
             raise ValidationError(
                 f"{rtype}.{element} is not a code of its required value set",
                 expression=[f"{where}.{element}"],
