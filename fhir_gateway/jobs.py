@@ -199,9 +199,20 @@ def enqueue(
 
 
 def _wake_on_commit(session: Session) -> None:
-    if not session.info.get("wakes_workers"):
-        session.info["wakes_workers"] = True
-        event.listen(session, "after_commit", _wake_workers, once=True)
+    """Wake this process's workers when `session` commits (`_after_commit`). A flag, not a
+    listener per session: `event.listen` on each session cost more than the enqueue's insert."""
+    session.info["wakes_workers"] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop("wakes_workers", False):
+        _wake_workers()
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop("wakes_workers", None)  # nothing was queued
 
 
 # Workers of this process wait on this between polls: a job committed here starts at once

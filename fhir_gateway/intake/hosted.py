@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from sqlalchemy import (
+    Connection,
     Integer,
     String,
     Text,
@@ -158,6 +159,9 @@ _KEY_ROWS = table(
     column("resource_id", String),
 )
 
+_INSERT_RESOURCES = insert(_RESOURCE_ROWS)
+_INSERT_KEYS = insert(_KEY_ROWS)
+
 
 def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str, str]]) -> None:
     """Insert new resources (`body` already JSON text) and their identifier keys in bulk.
@@ -169,10 +173,13 @@ def insert_new(session: Session, rows: list[dict[str, Any]], keys: list[dict[str
     # In batches: one sqlite3 executemany keeps the GIL between its rows (it hands it back
     # only around each sqlite3_step and takes it straight back), which starved every other
     # request of the process for the whole insert (1.3 s at 8,000 rows, /health included).
+    # Statements built once and run on the connection: no cache key computed per call, no
+    # ORM execution layer (~0.1 ms of Python per push).
+    conn = session.connection()
     for start in range(0, len(rows), INSERT_BATCH):
-        session.execute(insert(_RESOURCE_ROWS), rows[start : start + INSERT_BATCH])
+        conn.execute(_INSERT_RESOURCES, rows[start : start + INSERT_BATCH])
     for start in range(0, len(keys), INSERT_BATCH):
-        session.execute(insert(_KEY_ROWS), keys[start : start + INSERT_BATCH])
+        conn.execute(_INSERT_KEYS, keys[start : start + INSERT_BATCH])
 
 
 _IDENTIFIERS = ResourceIdentifier.__table__
@@ -218,19 +225,19 @@ Versions = dict[tuple[str, str], tuple[int, datetime, str | None]]
 
 
 def match_identifiers(
-    session: Session,
+    conn: Connection,
     partner_id: str,
     wanted: dict[str, set[IdentifierKey]],
     versions: Versions | None = None,
 ) -> dict[str, dict[IdentifierKey, str]]:
-    """Which of the keys per type the partner already holds: type -> key -> resource id.
+    """Which of the keys per type the partner already holds: type -> key -> resource id (Core:
+    a statement built once, no ORM execution layer per push).
 
     One indexed query for all types (batched by 500 keys): the primary key
     (partner, type, value hash, system hash) answers it, however many rows are stored. On
     PostgreSQL the same statement reads the version, time and case of what it finds, into
     `versions` when given."""
     found: dict[str, dict[IdentifierKey, str]] = {}
-    conn = session.connection()  # Core: built once, no ORM execution layer per push
     if conn.dialect.name == "postgresql":
         keys = sorted((t, s, v) for t, ks in wanted.items() for s, v in ks)
         for start in range(0, len(keys), 500):

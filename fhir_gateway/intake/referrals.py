@@ -18,12 +18,13 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -251,7 +252,7 @@ def _run(
     plan = _plan(entries, who, partners, options, bundle_mode=bundle_mode)
     if store.is_postgres:
         return _run_in_one(store, plan, who, options)
-    with store.session(readonly=True) as s:
+    with _lookup(store, plan) as s:
         _check_stored_refs(s, plan)
         matches = _match(s, plan)
     for attempt in range(1, ATTEMPTS + 1):
@@ -266,7 +267,7 @@ def _run(
                 return _write(s, plan, matches, prepared, who, options)
         except IntegrityError:
             log.info("referral.intake.race", attempt=attempt, entries=len(entries))
-            with store.session(readonly=True) as s:
+            with _lookup(store, plan) as s:
                 matches = _match(s, plan)
     raise ConflictError(
         "the same resources are being pushed concurrently; retry the request",
@@ -293,6 +294,14 @@ def _run_in_one(store: Store, plan: _Plan, who: Principal, options: IntakeOption
         "the same resources are being pushed concurrently; retry the request",
         expression=["Bundle.entry" if plan.bundle_mode else plan.entries[0].path],
     )
+
+
+def _lookup(store: Store, plan: _Plan) -> AbstractContextManager[Session | Connection]:
+    """The read-only transaction of the lookups before the write: a Core connection unless
+    conditional criteria need the ORM (`hosted.conditional_match` loads rows)."""
+    if any(e.if_none_exist for e in plan.entries):
+        return store.session(readonly=True)
+    return store.connect(readonly=True)
 
 
 def _plan(
@@ -412,7 +421,7 @@ _OWNED = select(_RESOURCES.c.id).where(
 )
 
 
-def _check_stored_refs(session: Session, plan: _Plan) -> None:
+def _check_stored_refs(session: Session | Connection, plan: _Plan) -> None:
     """Resources referenced by Type/id must exist and be the requesting partner's. The answer is
     the same for "not there" and "another partner's": no probing of other partners' ids."""
     by_type: dict[str, list[str]] = {}
@@ -424,7 +433,7 @@ def _check_stored_refs(session: Session, plan: _Plan) -> None:
             continue
         for start in range(0, len(ids), 500):
             params = {"rtype": rtype, "ids": ids[start : start + 500], "partner": plan.partner.id}
-            found = session.connection().execute(_OWNED, params).scalars()
+            found = _core(session).execute(_OWNED, params).scalars()
             owned.update((rtype, rid) for rid in found)
     for key, path in plan.stored_refs.items():
         if key not in owned:
@@ -438,22 +447,37 @@ def _check_stored_refs(session: Session, plan: _Plan) -> None:
 # --- exactly once: match, prepare, write ----------------------------------------------------
 
 
-def _match(session: Session, plan: _Plan) -> _Matches:
+def _core(session: Session | Connection) -> Connection:
+    return session.connection() if isinstance(session, Session) else session
+
+
+def _orm(session: Session | Connection) -> Session:
+    """The session of a lookup with conditional criteria (`_lookup` opens one for those)."""
+    assert isinstance(session, Session), "conditional criteria are looked up in a Session"
+    return session
+
+
+def _match(session: Session | Connection, plan: _Plan) -> _Matches:
     """Which entries exist already (conditional create, or any identifier the partner pushed
-    before) and which repeat an earlier entry of the same push (same type and identifier)."""
+    before) and which repeat an earlier entry of the same push (same type and identifier).
+    `session` may be a Core connection when no entry has conditional criteria (`_lookup`)."""
     existing: dict[int, str] = {}
     by_type: dict[str, set[hosted.IdentifierKey]] = {}
     for e in plan.entries:
         if e.if_none_exist:
             row = hosted.conditional_match(
-                session, e.rtype, e.if_none_exist, partner_id=plan.partner.id
+                _orm(session), e.rtype, e.if_none_exist, partner_id=plan.partner.id
             )
             if row is not None:
                 existing[e.index] = row.id
                 continue
         by_type.setdefault(e.rtype, set()).update(e.keys)
     versions: hosted.Versions = {}
-    found = hosted.match_identifiers(session, plan.partner.id, by_type, versions) if by_type else {}
+    found = (
+        hosted.match_identifiers(_core(session), plan.partner.id, by_type, versions)
+        if by_type
+        else {}
+    )
     repeats: dict[int, int] = {}
     first_with: dict[tuple[str, hosted.IdentifierKey], int] = {}
     for e in plan.entries:
@@ -467,7 +491,7 @@ def _match(session: Session, plan: _Plan) -> _Matches:
             if taken is not None:
                 # Or a concurrent push committed it between the two queries: ask again.
                 again = hosted.conditional_match(
-                    session, e.rtype, str(e.if_none_exist), partner_id=plan.partner.id
+                    _orm(session), e.rtype, str(e.if_none_exist), partner_id=plan.partner.id
                 )
                 if again is not None:
                     existing[e.index] = again.id

@@ -19,20 +19,46 @@ from fhir_gateway.resources import Resource
 
 # Strings are removed before brackets are counted, so `"[[["` does not count as nesting.
 _JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_BRACKET_RE = re.compile(r"[\[\]{}]")
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_ONE_KIND = str.maketrans("[{]}", "(())")  # depth counts both kinds alike
+FAST_DEPTH_ROUNDS = 256  # json_depth without a limit: past this, the exact count
 # FHIR strings SHALL NOT hold characters below U+0020 except tab, CR and LF (R4 datatypes).
 _CONTROL_ESCAPE_RE = re.compile(r"\\u00(?:0[0-8bBcCeEfF]|1[0-9a-fA-F])")
 MAX_DECIMAL_DIGITS = 18  # FHIR decimal (R4 datatypes): at most 18 significant digits
 MAX_INTEGER_DIGITS = 19  # FHIR integer64 fits 19 digits; integer (32-bit) is checked by the models
 
 
-def json_depth(text: str) -> int:
+def json_depth(text: str, limit: int | None = None) -> int:
     """How deeply arrays/objects nest in JSON `text`, found without parsing it (no recursion,
-    so a body nested 100,000 levels costs one pass, not a RecursionError)."""
-    brackets = _BRACKET_RE.findall(_JSON_STRING_RE.sub("", text))
+    so a body nested 100,000 levels costs one pass, not a RecursionError).
+
+    Fast path, in C string passes: the brackets alone, every innermost pair removed per
+    round; brackets that vanish that way are balanced and the rounds are their depth. Past
+    `limit` rounds (a body too deep anyway), or for unbalanced brackets (which the JSON
+    parser refuses), they are counted one by one, as before."""
+    brackets = _NOT_BRACKET_RE.sub("", _outside_strings(text)).translate(_ONE_KIND)
+    left, rounds = brackets, 0
+    cap = FAST_DEPTH_ROUNDS if limit is None else min(limit, FAST_DEPTH_ROUNDS)
+    while left:
+        shorter = left.replace("()", "")
+        if len(shorter) == len(left) or rounds >= cap:
+            return _counted_depth(brackets)
+        left, rounds = shorter, rounds + 1
+    return rounds
+
+
+def _outside_strings(text: str) -> str:
+    """`text` without its JSON string literals. Without an escaped quote and with quotes in
+    pairs, every quote opens or closes a string: a split does it; otherwise the regex."""
+    if '\\"' in text or text.count('"') % 2:
+        return _JSON_STRING_RE.sub("", text)
+    return "".join(text.split('"')[::2])
+
+
+def _counted_depth(brackets: str) -> int:
     depth = deepest = 0
     for b in brackets:
-        depth += 1 if b in "[{" else -1
+        depth += 1 if b == "(" else -1
         deepest = max(deepest, depth)
     return deepest
 
@@ -51,7 +77,7 @@ def parse_json(data: bytes, *, max_depth: int = 64) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ParseError(f"body is not UTF-8 (byte {exc.start})") from exc
-    if json_depth(text) > max_depth:
+    if json_depth(text, limit=max_depth) > max_depth:
         raise ParseError(f"JSON nested deeper than {max_depth} levels")
     if _CONTROL_ESCAPE_RE.search(text):
         raise ParseError(
@@ -124,11 +150,13 @@ def _number_path(text: str) -> str:
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """JSON objects with a repeated key are ambiguous (RFC 8259 §4): refuse them."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _BadJson(f"property {key!r} appears twice in one object")
-        out[key] = value
+    out = dict(pairs)  # in C; only an object with a repeated key is walked in Python
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _BadJson(f"property {key!r} appears twice in one object")
+            seen.add(key)
     return out
 
 
@@ -286,11 +314,16 @@ REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
 }
 
 
+_REQUIRED_BY_TYPE: dict[str, list[tuple[str, frozenset[str]]]] = {}
+for (_type, _element), _allowed in REQUIRED_CODES.items():
+    _REQUIRED_BY_TYPE.setdefault(_type, []).append((_element, _allowed))
+
+
 def check_required_codes(resource: Resource, where: str) -> None:
     """Raises ValidationError (400) for a code outside its required value set."""
     rtype = resource.get("resourceType", "")
-    for (type_, element), allowed in REQUIRED_CODES.items():
-        if type_ == rtype and element in resource and resource[element] not in allowed:
+    for element, allowed in _REQUIRED_BY_TYPE.get(rtype, ()):
+        if element in resource and resource[element] not in allowed:
             raise ValidationError(
                 f"{rtype}.{element} is not a code of its required value set",
                 expression=[f"{where}.{element}"],

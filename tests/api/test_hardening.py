@@ -84,6 +84,34 @@ def test_json_nested_64_levels_is_parsed() -> None:
     assert json_depth('{"a":"[[[[\\"{{{{","b":[]}') == 2  # brackets in strings do not count
 
 
+def test_json_depth_fast_path_agrees_with_counting_every_bracket() -> None:
+    """json_depth's C-pass fast path (innermost pairs removed per round, strings split off at
+    their quotes) gives the bracket-by-bracket depth on any text: strings with brackets and
+    escaped quotes, unbalanced and invalid JSON, with and without a limit."""
+    import random
+    import re
+
+    from fhir_gateway.intake.validation import json_depth
+
+    strings = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+    def counted(text: str) -> int:
+        depth = deepest = 0
+        for b in re.findall(r"[\[\]{}]", strings.sub("", text)):
+            depth += 1 if b in "[{" else -1
+            deepest = max(deepest, depth)
+        return deepest
+
+    rng = random.Random(17)
+    texts = [
+        "".join(rng.choice('[]{}"a\\ ,:') for _ in range(rng.randint(0, 30))) for _ in range(20000)
+    ]
+    texts += ["[" * 300 + "]" * 300, "[" * 5000, "]" * 5 + "[[[]]]", '{"a":"]]\\"[[","b":[[1]]}']
+    for text in texts:
+        for limit in (None, 0, 2, 64):
+            assert json_depth(text, limit) == counted(text), (text, limit)
+
+
 @pytest.mark.parametrize(
     ("literal", "rule"),
     [

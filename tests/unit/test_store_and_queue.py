@@ -46,6 +46,44 @@ def test_enqueue_rolls_back_with_the_transaction(store) -> None:
         assert s.scalar(select(func.count()).select_from(Job)) == 0
 
 
+def test_workers_are_woken_by_the_commit_that_queues_a_job_only(store) -> None:
+    """A committed enqueue wakes this process's workers once; a rolled-back one, a read and
+    a write that queues nothing do not (the flag does not leak into the session's next
+    transaction, and a later transaction of the same session that queues wakes them again)."""
+
+    def wakes() -> int:
+        with jobs._WAKE:
+            return jobs._wakes[0]
+
+    before = wakes()
+    with store.session() as s:
+        jobs.enqueue(s, "k")
+        jobs.enqueue(s, "k", dedup_key="second")
+    assert wakes() == before + 1
+
+    def queue_then_fail() -> None:
+        with store.session() as s:
+            jobs.enqueue(s, "k2")
+            raise RuntimeError("state change failed")
+
+    with pytest.raises(RuntimeError):
+        queue_then_fail()
+    with store.session() as s:
+        s.scalar(select(func.count()).select_from(Job))
+    with store.session(readonly=True) as s:
+        s.scalar(select(func.count()).select_from(Job))
+    assert wakes() == before + 1
+    session = store._factory()  # one session, two transactions: only the first queues
+    with session.begin():
+        jobs.enqueue(session, "k3")
+    with session.begin():
+        session.scalar(select(func.count()).select_from(Job))
+    with session.begin():  # queueing again in the same session wakes them again
+        jobs.enqueue(session, "k4")
+    session.close()
+    assert wakes() == before + 3
+
+
 def test_dedup_key_makes_one_job(store) -> None:
     with store.session() as s:
         a = jobs.enqueue(s, "k", dedup_key="x")
