@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -84,6 +84,29 @@ class Store:
         try:
             with factory() as session, session.begin():
                 yield session
+        except OperationalError as exc:
+            if _is_busy(exc):
+                raise StoreBusyError("the database is busy; retry shortly") from exc
+            raise
+        finally:
+            if lock is not None:
+                self._unlock_writer(lock)
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """One short write transaction on a Core connection, without an ORM session (for hot
+        paths that run a few prebuilt statements: the per-request audit row); locked and
+        mapped to `StoreBusyError` as `session()` is.
+
+        Raises:
+            StoreBusyError: the database stayed locked/busy (nothing was changed).
+        """
+        lock = self._write_lock
+        if lock is not None:
+            self._lock_writer(lock)
+        try:
+            with self.engine.begin() as conn:
+                yield conn
         except OperationalError as exc:
             if _is_busy(exc):
                 raise StoreBusyError("the database is busy; retry shortly") from exc

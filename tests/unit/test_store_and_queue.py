@@ -200,6 +200,55 @@ def test_first_audit_rows_written_at_once_start_one_chain(store) -> None:
     assert (found.count, found.ok) == (n, True)
 
 
+def test_audit_appends_on_core_connections_at_once_make_one_chain(store) -> None:
+    """The hot read paths' audit (`Store.connection()` + `audit.append`, no ORM session):
+    16 threads append at once to a new database (the first of them starts the chain), then
+    16 more beside ORM-session appends; every row is there once and the chain verifies."""
+    n = 16
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+    ids: list[int] = []
+
+    def append(i: int, orm: bool) -> None:
+        try:
+            start.wait()
+            actor = Actor(f"u{i}", "reviewer")
+            if orm:
+                with store.session() as s:
+                    ids.append(audit.record(s, "case.read", actor, case_id=f"c{i}"))
+            else:
+                with store.connection() as conn:
+                    ids.append(
+                        audit.append(
+                            conn,
+                            store.key_dir,
+                            "images.search",
+                            actor,
+                            case_id=f"c{i}",
+                            patient="Patient/p",
+                            entity=["urn:oid:1.2", f"count:{i}"],
+                        )
+                    )
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            errors.append(exc)
+
+    for mixed in (False, True):
+        threads = [
+            threading.Thread(target=append, args=(i, mixed and i % 2 == 0)) for i in range(n)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert len(set(ids)) == 2 * n
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+        entities = {r.entity[-1] for r in s.scalars(select(AuditRow)) if r.entity}
+    assert (found.count, found.ok, found.problems) == (2 * n, True, [])
+    assert len(entities) == n  # the entity lists were stored as given (count:0 .. count:15)
+
+
 def test_audit_chain_detects_tampering(store) -> None:
     with store.session() as s:
         for i in range(5):
