@@ -627,8 +627,8 @@ class CaseImages:
         A read-only transaction (no write lock); the audit row is written afterwards in its
         own short write transaction (`audit`).
         """
-        with self.store.session(readonly=True) as s:
-            return access.case_patient(s, self.case_id, self.who)
+        with self.store.connection(readonly=True) as conn:
+            return access.case_patient(conn, self.case_id, self.who)
 
     def audit(self, action: str, patient: str, entity: list[str]) -> None:
         """One short write transaction: the audit row (and the chain's checkpoint), on a Core

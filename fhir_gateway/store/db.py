@@ -59,8 +59,9 @@ class Store:
         self._file_lock = _FileLock(Path(f"{db_file}-writer.lock")) if db_file else None
         self._checkpointer = _Checkpointer(db_file) if db_file else None
         self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
+        self._read_engine = engine.execution_options(**{READONLY: True})
         self._read_factory = sessionmaker(
-            engine.execution_options(**{READONLY: True}),
+            self._read_engine,
             expire_on_commit=False,
             info={"key_dir": key_dir},
         )
@@ -93,19 +94,19 @@ class Store:
                 self._unlock_writer(lock)
 
     @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """One short write transaction on a Core connection, without an ORM session (for hot
-        paths that run a few prebuilt statements: the per-request audit row); locked and
-        mapped to `StoreBusyError` as `session()` is.
+    def connection(self, *, readonly: bool = False) -> Iterator[Connection]:
+        """One short transaction on a Core connection, without an ORM session (for hot paths
+        that run a few prebuilt statements: the per-case DICOMweb's access check, listing and
+        audit row); `readonly` and locked as `session()` is, errors mapped the same way.
 
         Raises:
             StoreBusyError: the database stayed locked/busy (nothing was changed).
         """
-        lock = self._write_lock
+        lock = None if readonly else self._write_lock
         if lock is not None:
             self._lock_writer(lock)
         try:
-            with self.engine.begin() as conn:
+            with (self._read_engine if readonly else self.engine).begin() as conn:
                 yield conn
         except OperationalError as exc:
             if _is_busy(exc):
