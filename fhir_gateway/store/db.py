@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fhir_gateway.errors import ConfigError, StoreBusyError
@@ -313,10 +313,15 @@ def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock at BEGIN: two workers claiming a job serialise here
         # instead of failing at COMMIT with "database is locked". Readers need no lock.
-        if conn.get_execution_options().get(READONLY):
-            conn.exec_driver_sql("BEGIN")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # On the driver's connection: SQLAlchemy's statement path cost more than the BEGIN
+        # (one per transaction); its errors wrapped as SQLAlchemy's (busy -> StoreBusyError).
+        sql = "BEGIN" if conn.get_execution_options().get(READONLY) else "BEGIN IMMEDIATE"
+        try:
+            conn.connection.driver_connection.execute(sql)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(
+                sql, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
+            ) from exc
 
     return engine
 
