@@ -666,8 +666,11 @@ def _qido(
     ctx: CaseImages, level: str, study_uid: str | None = None, series_uid: str | None = None
 ) -> Response:
     params = ctx.request.query_params.multi_items()
-    patient = ctx.authorise()
-    found, total = search(ctx.images, ctx.case_id, ctx.root, level, params, study_uid, series_uid)
+    with ctx.store.connection(readonly=True):  # the check and the listing: one read
+        patient = ctx.authorise()
+        found, total = search(
+            ctx.images, ctx.case_id, ctx.root, level, params, study_uid, series_uid
+        )
     ctx.audit("images.search", patient, [*_uids(study_uid, series_uid), f"count:{total}"])
     log.info(
         "dicomweb.search.done", case_id=ctx.case_id, level=level, count=len(found), total=total
@@ -684,10 +687,11 @@ def _wado(
     *,
     as_metadata: bool = False,
 ) -> Response:
-    patient = ctx.authorise()
-    refs = refs_of(
-        ctx.images, ctx.case_id, study_uid, series_uid, sop_uid, with_metadata=as_metadata
-    )
+    with ctx.store.connection(readonly=True):  # the check and the listing: one read
+        patient = ctx.authorise()
+        refs = refs_of(
+            ctx.images, ctx.case_id, study_uid, series_uid, sop_uid, with_metadata=as_metadata
+        )
     if not as_metadata:
         check_accept(ctx.accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     entity = _uids(study_uid, *(r.series_uid for r in refs), *(r.sop_uid for r in refs))

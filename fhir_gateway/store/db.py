@@ -60,6 +60,7 @@ class Store:
         self._checkpointer = _Checkpointer(db_file) if db_file else None
         self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
         self._read_engine = engine.execution_options(**{READONLY: True})
+        self._reading = threading.local()  # this thread's open `connection(readonly=True)`
         self._read_factory = sessionmaker(
             self._read_engine,
             expire_on_commit=False,
@@ -97,17 +98,29 @@ class Store:
     def connection(self, *, readonly: bool = False) -> Iterator[Connection]:
         """One short transaction on a Core connection, without an ORM session (for hot paths
         that run a few prebuilt statements: the per-case DICOMweb's access check, listing and
-        audit row); `readonly` and locked as `session()` is, errors mapped the same way.
+        audit row); `readonly` and locked as `session()` is, errors mapped the same way. A
+        read opened inside another read on the same thread joins it (one transaction, one
+        snapshot: the access check and the listing of one request).
 
         Raises:
             StoreBusyError: the database stayed locked/busy (nothing was changed).
         """
+        if readonly and getattr(self._reading, "conn", None) is not None:
+            yield self._reading.conn  # inside another read on this thread: its snapshot
+            return
         lock = None if readonly else self._write_lock
         if lock is not None:
             self._lock_writer(lock)
         try:
             with (self._read_engine if readonly else self.engine).begin() as conn:
-                yield conn
+                if not readonly:
+                    yield conn
+                    return
+                self._reading.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._reading.conn = None
         except OperationalError as exc:
             if _is_busy(exc):
                 raise StoreBusyError("the database is busy; retry shortly") from exc

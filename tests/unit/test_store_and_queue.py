@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -293,3 +294,29 @@ def test_sqlite_wal_is_checkpointed_beside_the_writers(tmp_path) -> None:
         assert rows_in_the_file() == 20
     finally:
         store.dispose()
+
+
+def test_a_read_inside_a_read_joins_it_and_writes_never_do(store) -> None:
+    """`Store.connection(readonly=True)` inside another on the same thread is the same
+    transaction (the per-case DICOMweb's access check and listing read one snapshot); another
+    thread, and a write, get their own."""
+    seen: list[object] = []
+    with store.connection(readonly=True) as outer:
+        with store.connection(readonly=True) as inner:
+            assert inner is outer
+        other = threading.Thread(target=lambda: seen.append(_open_read(store)))
+        other.start()
+        other.join(30)
+        with store.connection() as writer:
+            assert writer is not outer
+            audit.append(writer, store.key_dir, "case.read", Actor("alice", "reviewer"))
+    assert seen
+    assert seen[0] is not outer
+    with store.connection(readonly=True) as after:  # the outer one ended: a fresh one
+        assert after is not outer
+        assert after.scalar(select(func.count()).select_from(AuditRow)) == 1
+
+
+def _open_read(store: Any) -> object:
+    with store.connection(readonly=True) as conn:
+        return conn
