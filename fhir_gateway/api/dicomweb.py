@@ -18,6 +18,8 @@ import asyncio
 import fnmatch
 import io
 import json
+import mmap
+import os
 import re
 import secrets
 import threading
@@ -353,21 +355,47 @@ def _read_into(fh: BinaryIO, view: memoryview) -> None:
         view = view[n:]
 
 
-def _read_batch(source: InstanceSource, parts: list[tuple[bytes, InstanceRef]]) -> memoryview:
-    """Several whole parts (head, stored bytes, CRLF) read into one buffer: one copy of the
-    bytes, no joins."""
-    total = sum(len(head) + ref.size + 2 for head, ref in parts)
-    buf = bytearray(total)
-    view, at = memoryview(buf), 0
+def _map(fh: BinaryIO, size: int) -> memoryview | None:
+    """The stored bytes of a plain file, mapped read-only (no copy: the kernel sends them
+    from the page cache); None for anything else (the Orthanc backend's HTTP stream).
+
+    Raises:
+        NotFoundError: the file is shorter than the index says.
+    """
+    if not (isinstance(fh, io.BufferedReader) and isinstance(fh.raw, io.FileIO)) or not size:
+        return None
+    fd = fh.fileno()
+    if os.fstat(fd).st_size < size:  # mapping past the end would fault when sent
+        raise NotFoundError("stored instance is shorter than its index row says")
+    # Content-addressed files are never rewritten in place (a removed file stays mapped).
+    return memoryview(mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ))
+
+
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # pages mapped up front
+
+
+def _read_batch(
+    source: InstanceSource, parts: list[tuple[bytes, InstanceRef]]
+) -> list[bytes | memoryview]:
+    """Several whole parts (head, stored bytes, CRLF) as body chunks: the files mapped (no
+    copy), other sources read into one buffer each; the small framing between two bodies
+    joined into one chunk."""
+    chunks: list[bytes | memoryview] = []
+    frame = b""
     for head, ref in parts:
-        view[at : at + len(head)] = head
-        at += len(head)
+        frame += head
         with source.open_instance(ref) as fh:
-            _read_into(fh, view[at : at + ref.size])
-        at += ref.size
-        view[at : at + 2] = b"\r\n"
-        at += 2
-    return view
+            body = _map(fh, ref.size)
+            if body is None:
+                body = memoryview(bytearray(ref.size))
+                _read_into(fh, body)
+        if len(body):
+            chunks += [frame, body]
+            frame = b""
+        frame += b"\r\n"
+    if frame:
+        chunks.append(frame)
+    return chunks
 
 
 async def _multipart_body(
@@ -377,7 +405,9 @@ async def _multipart_body(
     larger than a batch (a whole-slide image) goes alone, a batch at a time."""
     loop = asyncio.get_running_loop()
 
-    def start(batch: list[tuple[bytes, InstanceRef]]) -> asyncio.Future[memoryview] | None:
+    def start(
+        batch: list[tuple[bytes, InstanceRef]],
+    ) -> asyncio.Future[list[bytes | memoryview]] | None:
         if len(batch) == 1 and batch[0][1].size > BATCH:
             return None
         return loop.run_in_executor(None, _read_batch, source, batch)
@@ -387,7 +417,8 @@ async def _multipart_body(
         current = pending
         pending = start(batches[i + 1]) if i + 1 < len(batches) else None
         if current is not None:
-            yield await current
+            for chunk in await current:
+                yield chunk
             continue
         head, ref = batch[0]
         yield head
@@ -596,14 +627,21 @@ class CaseImages:
         A read-only transaction (no write lock); the audit row is written afterwards in its
         own short write transaction (`audit`).
         """
-        with self.store.session(readonly=True) as s:
-            return access.case_patient(s, self.case_id, self.who)
+        with self.store.connection(readonly=True) as conn:
+            return access.case_patient(conn, self.case_id, self.who)
 
     def audit(self, action: str, patient: str, entity: list[str]) -> None:
-        """One short write transaction: the audit row (and the chain's checkpoint)."""
-        with self.store.session() as s:
-            audit.record(
-                s, action, self.who.actor, case_id=self.case_id, patient=patient, entity=entity
+        """One short write transaction: the audit row (and the chain's checkpoint), on a Core
+        connection (no ORM session: about a fifth less CPU per request)."""
+        with self.store.connection() as conn:
+            audit.append(
+                conn,
+                self.store.key_dir,
+                action,
+                self.who.actor,
+                case_id=self.case_id,
+                patient=patient,
+                entity=entity,
             )
 
 
@@ -628,8 +666,11 @@ def _qido(
     ctx: CaseImages, level: str, study_uid: str | None = None, series_uid: str | None = None
 ) -> Response:
     params = ctx.request.query_params.multi_items()
-    patient = ctx.authorise()
-    found, total = search(ctx.images, ctx.case_id, ctx.root, level, params, study_uid, series_uid)
+    with ctx.store.connection(readonly=True):  # the check and the listing: one read
+        patient = ctx.authorise()
+        found, total = search(
+            ctx.images, ctx.case_id, ctx.root, level, params, study_uid, series_uid
+        )
     ctx.audit("images.search", patient, [*_uids(study_uid, series_uid), f"count:{total}"])
     log.info(
         "dicomweb.search.done", case_id=ctx.case_id, level=level, count=len(found), total=total
@@ -646,10 +687,11 @@ def _wado(
     *,
     as_metadata: bool = False,
 ) -> Response:
-    patient = ctx.authorise()
-    refs = refs_of(
-        ctx.images, ctx.case_id, study_uid, series_uid, sop_uid, with_metadata=as_metadata
-    )
+    with ctx.store.connection(readonly=True):  # the check and the listing: one read
+        patient = ctx.authorise()
+        refs = refs_of(
+            ctx.images, ctx.case_id, study_uid, series_uid, sop_uid, with_metadata=as_metadata
+        )
     if not as_metadata:
         check_accept(ctx.accept, "application/dicom", {r.transfer_syntax_uid for r in refs})
     entity = _uids(study_uid, *(r.series_uid for r in refs), *(r.sop_uid for r in refs))

@@ -169,8 +169,8 @@ class _IndexedStore:
         # running it.
         stmt = _listing(with_metadata, bool(study_uid), bool(series_uid), include_held)
         params = {"case_id": case_id, "study_uid": study_uid, "series_uid": series_uid}
-        with self._store.session(readonly=True) as s:
-            rows = s.execute(stmt, params).all()
+        with self._store.connection(readonly=True) as conn:  # no ORM session: a hot path
+            rows = conn.execute(stmt, params).all()
         for row in rows:
             yield _ref_of_columns(row)
 
@@ -184,8 +184,8 @@ class _IndexedStore:
     ) -> Iterator[tuple[InstanceRef, int]]:
         stmt = _series_listing(bool(study_uid), bool(series_uid), include_held)
         params = {"case_id": case_id, "study_uid": study_uid, "series_uid": series_uid}
-        with self._store.session(readonly=True) as s:
-            rows = s.execute(stmt, params).all()
+        with self._store.connection(readonly=True) as conn:  # no ORM session: a hot path
+            rows = conn.execute(stmt, params).all()
         for row in rows:
             yield _ref_of_columns(row[:-1]), int(row[-1])
 

@@ -301,7 +301,7 @@ def _lookup(store: Store, plan: _Plan) -> AbstractContextManager[Session | Conne
     conditional criteria need the ORM (`hosted.conditional_match` loads rows)."""
     if any(e.if_none_exist for e in plan.entries):
         return store.session(readonly=True)
-    return store.connect(readonly=True)
+    return store.connection(readonly=True)
 
 
 def _plan(

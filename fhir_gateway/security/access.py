@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import ForbiddenError, NotFoundError
@@ -68,7 +68,7 @@ _CASE_AND_ASSIGNMENT = (
 )
 
 
-def case_patient(session: Session, case_id: str, who: Principal) -> str:
+def case_patient(session: Session | Connection, case_id: str, who: Principal) -> str:
     """The case's patient reference, if the caller may see the case: the same rule as
     `get_case` (admin: any; reviewer: assigned, assignment not expired; ehr: its partner's
     cases), in one query without loading the case. For hot read paths (per-case DICOMweb).

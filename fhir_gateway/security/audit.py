@@ -41,6 +41,7 @@ GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
 _KEYS: dict[Path, bytes] = {}
 _KEYS_LOCK = threading.Lock()
+_KEYS_BY_DIR: dict[Path, bytes] = {}  # key_dir as given -> key (the hot path's lookup)
 
 # Refused requests (IHE BALP: the pattern, with a failing outcome)
 REFUSED_ACTIONS = {401: "request.unauthenticated", 403: "request.forbidden"}
@@ -115,9 +116,9 @@ def record(
     outcome: str = SUCCESS,
     request_id: str | None = None,
     last: bool = False,
-) -> AuditRow:
+) -> int:
     """Append one audit row in the caller's transaction (the request id is taken from the
-    logging context when not given), and move the signed checkpoint to it.
+    logging context when not given), and move the signed checkpoint to it; the row's id.
 
     `last=True`: the caller's transaction runs no further statement before its COMMIT. On
     PostgreSQL the row and the head's move are then sent with the COMMIT, in one round trip
@@ -127,33 +128,58 @@ def record(
     Raises:
         ConfigError: the store has no key directory for the audit key.
     """
-    key = audit_key(session.info.get("key_dir"))
+    row_id = append(
+        session.connection(),
+        session.info.get("key_dir"),
+        action,
+        actor,
+        case_id=case_id,
+        patient=patient,
+        entity=entity,
+        outcome=outcome,
+        request_id=request_id,
+        session=session,
+        last=last,
+    )
+    loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
+    if loaded is not None:  # an object of the checkpoint read earlier in this session
+        session.expire(loaded)
+    return row_id
+
+
+def append(
+    conn: Connection,
+    key_dir: Path | None,
+    action: str,
+    actor: Actor,
+    *,
+    case_id: str | None = None,
+    patient: str | None = None,
+    entity: list[str] | None = None,
+    outcome: str = SUCCESS,
+    request_id: str | None = None,
+    session: Session | None = None,
+    last: bool = False,
+) -> int:
+    """`record` on a Core connection in its transaction (no ORM session needed: the hot read
+    paths' own short audit transaction, `Store.connection()`); the row's id.
+
+    The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
+    appends, and its `last_hash` is the link, so no ordered read of the audit table. On
+    PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are few: the
+    head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's move in
+    another (`_APPEND_PG`), then COMMIT. On SQLite (one writer at a time) three prebuilt
+    statements run straight on the DBAPI cursor (`_RawStatements`).
+
+    Raises:
+        ConfigError: no key directory for the audit key.
+    """
+    key = _KEYS_BY_DIR.get(key_dir) if key_dir is not None else None
+    if key is None:
+        key = audit_key(key_dir)
     if request_id is None:
         request_id = structlog.contextvars.get_contextvars().get("request_id")
-    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
-    # The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
-    # appends, and its `last_hash` is the link, so no ordered read of the audit table.
-    # On PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are
-    # few: the head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's
-    # move in another (`_APPEND_PG`), then COMMIT.
-    conn = session.connection()
-    pending = conn.info.pop(_WITH_COMMIT, None)
-    if pending is not None:  # an append marked last, and yet another one: send it first
-        conn.execute(_APPEND_PG, pending)
-    head = conn.execute(_HEAD_LOCK_PG if postgres else _HEAD).first()
-    if head is None and postgres:
-        # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
-        # create it (one would fail on its key). One at a time starts the chain; the next one,
-        # once that commits, finds the checkpoint (READ COMMITTED: each statement sees commits).
-        conn.execute(_FIRST_WRITER)
-        head = conn.execute(_HEAD_LOCK_PG).first()
-    if head is None:
-        return _record_first(
-            session, key, action, actor, case_id, patient, entity, outcome, request_id
-        )
-    keyed_from, count, prev = head[0], head[1], head[2]  # a Row's `.count` is a tuple method
-    values = {
-        "recorded": utcnow(),
+    content = {
         "action": action,
         "outcome": outcome,
         "agent": actor.sub,
@@ -162,33 +188,120 @@ def record(
         "patient": patient,
         "entity": entity or [],
         "request_id": request_id,
-        "prev_hash": prev,
     }
-    row = AuditRow(**values)
-    row.hash = values["hash"] = _mac(key, prev, _content(row))
-    if postgres:
-        row.id = int(head[3])  # drawn under the head's lock: ids follow the chain's order
+    if conn.dialect.name == "postgresql":
+        row_id = _append_pg(conn, key, content, last)
     else:
-        row.id = int(conn.execute(_APPEND, values).scalar_one())
+        row_id = _append_raw(conn, key, content)
+    if row_id is not None:
+        return row_id
+    if session is not None:
+        return _record_first(session, key, content).id
+    with Session(bind=conn) as own:  # joins the connection's transaction
+        return _record_first(own, key, content).id
+
+
+def _append_pg(conn: Connection, key: bytes, content: dict[str, Any], last: bool) -> int | None:
+    """PostgreSQL: the row after the locked head, its id drawn under the lock (ids follow the
+    chain's order); None: no checkpoint yet (the caller holds the first-writer lock then)."""
+    pending = conn.info.pop(_WITH_COMMIT, None)
+    if pending is not None:  # an append marked last, and yet another one: send it first
+        conn.execute(_APPEND_PG, pending)
+    head = conn.execute(_HEAD_LOCK_PG).first()
+    if head is None:
+        # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
+        # create it (one would fail on its key). One at a time starts the chain; the next one,
+        # once that commits, finds the checkpoint (READ COMMITTED: each statement sees commits).
+        conn.execute(_FIRST_WRITER)
+        head = conn.execute(_HEAD_LOCK_PG).first()
+        if head is None:
+            return None
+    keyed_from, count, prev, row_id = head[0], head[1], head[2], int(head[3])
+    recorded = utcnow()
+    digest = _mac(key, prev, content | {"recorded": recorded.isoformat()})
+    values = content | {"recorded": recorded, "prev_hash": prev, "hash": digest}
     count += 1
-    mac = _checkpoint_mac(
-        key,
-        AuditCheckpoint(keyed_from=keyed_from, count=count, last_id=row.id, last_hash=row.hash),
-    )
-    move = {"n": count, "last_id": row.id, "last_hash": row.hash, "mac": mac}
-    if postgres:
-        appended = {f"a_{name}": value for name, value in values.items()}
-        params = {**appended, **move, "a_id": row.id}
-        if last and not conn.in_nested_transaction():
-            conn.info[_WITH_COMMIT] = params
-        else:
-            conn.execute(_APPEND_PG, params)
+    mac = _head_mac(key, keyed_from, count, row_id, digest)
+    params = {f"a_{name}": value for name, value in values.items()}
+    params |= {"a_id": row_id, "n": count, "last_id": row_id, "last_hash": digest, "mac": mac}
+    if last and not conn.in_nested_transaction():
+        conn.info[_WITH_COMMIT] = params
     else:
-        conn.execute(_MOVE_HEAD, move)
-    loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
-    if loaded is not None:  # an object of the checkpoint read earlier in this session
-        session.expire(loaded)
-    return row
+        conn.execute(_APPEND_PG, params)
+    return row_id
+
+
+def _append_raw(conn: Connection, key: bytes, content: dict[str, Any]) -> int | None:
+    """SQLite: read the head, insert the row, move the head on the DBAPI cursor; None: no
+    checkpoint yet."""
+    raw = _raw_statements(conn.dialect)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        head = raw.run(cursor, "head").fetchone()
+        if head is None:
+            return None
+        keyed_from, count, prev = head
+        recorded = utcnow()
+        digest = _mac(key, prev, content | {"recorded": recorded.isoformat()})
+        values = content | {"recorded": recorded, "prev_hash": prev, "hash": digest}
+        row_id = int(raw.run(cursor, "append", values).fetchone()[0])
+        count += 1
+        mac = _head_mac(key, keyed_from, count, row_id, digest)
+        move = {"n": count, "last_id": row_id, "last_hash": digest, "mac": mac}
+        raw.run(cursor, "move_head", move)
+        return row_id
+    finally:
+        cursor.close()
+
+
+class _RawStatements:
+    """The append's statements compiled once per dialect and run on the DBAPI cursor of the
+    caller's connection (inside its transaction): SQLAlchemy's per-execute work was about half
+    of an append. Values go through the columns' own bind processors (the stored forms of
+    `recorded` and `entity` stay what the ORM writes)."""
+
+    def __init__(self, dialect: Any) -> None:
+        self._dialect = dialect
+        self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+        self._shapes: dict[str, tuple[str, list[str] | None, dict[str, Any], dict[str, Any]]] = {}
+        columns = [c.name for c in _AUDIT.c if c.name != "id"]
+        for name, stmt, keys in (
+            ("head", _HEAD, None),
+            ("append", _APPEND, columns),
+            ("move_head", _MOVE_HEAD, None),
+        ):
+            compiled = stmt.compile(dialect=dialect, column_keys=keys)
+            binds = compiled.binds
+            fixed = {k: b.value for k, b in binds.items() if b.value is not None}
+            procs = {k: p for k, b in binds.items() if (p := b.type.bind_processor(dialect))}
+            positional = list(compiled.positiontup) if compiled.positiontup else None
+            self._shapes[name] = (compiled.string, positional, fixed, procs)
+
+    def run(self, cursor: Any, name: str, values: dict[str, Any] | None = None) -> Any:
+        sql, positional, fixed, procs = self._shapes[name]
+        params = fixed | values if values else dict(fixed)
+        for k, proc in procs.items():
+            params[k] = proc(params[k])
+        try:
+            cursor.execute(
+                sql, [params[k] for k in positional] if positional is not None else params
+            )
+        except self._dbapi_error as exc:  # as SQLAlchemy raises it (busy -> StoreBusyError)
+            raise DBAPIError.instance(
+                sql, None, exc, self._dbapi_error, hide_parameters=True, dialect=self._dialect
+            ) from exc
+        return cursor
+
+
+_RAW: dict[str, _RawStatements] = {}
+
+
+def _raw_statements(dialect: Any) -> _RawStatements:
+    key = f"{dialect.name}.{dialect.driver}"
+    found = _RAW.get(key)
+    if found is None:
+        found = _RAW[key] = _RawStatements(dialect)
+    return found
 
 
 # Statements built once (the append runs in every audited request).
@@ -257,34 +370,12 @@ def _drop_with_rollback(conn: Connection) -> None:
     conn.info.pop(_WITH_COMMIT, None)
 
 
-def _record_first(
-    session: Session,
-    key: bytes,
-    action: str,
-    actor: Actor,
-    case_id: str | None,
-    patient: str | None,
-    entity: list[str] | None,
-    outcome: str,
-    request_id: str | None,
-) -> AuditRow:
+def _record_first(session: Session, key: bytes, content: dict[str, Any]) -> AuditRow:
     """The first keyed row: no checkpoint yet (a new database, or rows written before the key
     existed, whose newest hash is the link). Creates the checkpoint. On PostgreSQL the caller
     holds the first-writer lock (`_FIRST_WRITER`), so one writer at a time gets here."""
     prev = session.scalar(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)) or GENESIS
-    row = AuditRow(
-        recorded=utcnow(),
-        action=action,
-        outcome=outcome,
-        agent=actor.sub,
-        agent_role=actor.role,
-        case_id=case_id,
-        patient=patient,
-        entity=entity or [],
-        request_id=request_id,
-        prev_hash=prev,
-        hash="",
-    )
+    row = AuditRow(recorded=utcnow(), prev_hash=prev, hash="", **content)
     row.hash = _mac(key, prev, _content(row))
     session.add(row)
     session.flush()
@@ -309,6 +400,7 @@ def audit_key(key_dir: Path | None) -> bytes:
     path = Path(key_dir) / KEY_FILE
     with _KEYS_LOCK:
         if path in _KEYS:
+            _KEYS_BY_DIR[key_dir] = _KEYS[path]
             return _KEYS[path]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
@@ -325,6 +417,7 @@ def audit_key(key_dir: Path | None) -> bytes:
         if len(key) < 32:
             raise ConfigError(f"the audit key {KEY_FILE} is too short")
         _KEYS[path] = key
+        _KEYS_BY_DIR[key_dir] = key
         return key
 
 
@@ -342,8 +435,11 @@ def _content(row: AuditRow) -> dict[str, Any]:
     }
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _data(content: dict[str, Any]) -> bytes:
-    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return _CANONICAL.encode(content).encode()
 
 
 def _hash(prev: str, content: dict[str, Any]) -> str:
@@ -352,12 +448,16 @@ def _hash(prev: str, content: dict[str, Any]) -> str:
 
 
 def _mac(key: bytes, prev: str, content: dict[str, Any]) -> str:
-    return hmac.new(key, prev.encode() + _data(content), hashlib.sha256).hexdigest()
+    return hmac.digest(key, prev.encode() + _data(content), "sha256").hex()
 
 
 def _checkpoint_mac(key: bytes, cp: AuditCheckpoint) -> str:
-    msg = f"audit-checkpoint|{cp.keyed_from}|{cp.count}|{cp.last_id}|{cp.last_hash}".encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+    return _head_mac(key, cp.keyed_from, cp.count, cp.last_id, cp.last_hash)
+
+
+def _head_mac(key: bytes, keyed_from: int, count: int, last_id: int, last_hash: str) -> str:
+    msg = f"audit-checkpoint|{keyed_from}|{count}|{last_id}|{last_hash}".encode()
+    return hmac.digest(key, msg, "sha256").hex()
 
 
 @dataclass

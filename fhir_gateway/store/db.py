@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, text
-from sqlalchemy.exc import ArgumentError, DisconnectionError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fhir_gateway.errors import ConfigError, StoreBusyError
@@ -61,8 +61,11 @@ class Store:
         self._checkpointer = _Checkpointer(db_file) if db_file else None
         self._factory = sessionmaker(engine, expire_on_commit=False, info={"key_dir": key_dir})
         self._read_engine = engine.execution_options(**{READONLY: True})
+        self._reading = threading.local()  # this thread's open `connection(readonly=True)`
         self._read_factory = sessionmaker(
-            self._read_engine, expire_on_commit=False, info={"key_dir": key_dir}
+            self._read_engine,
+            expire_on_commit=False,
+            info={"key_dir": key_dir},
         )
 
     @property
@@ -93,21 +96,32 @@ class Store:
                 self._unlock_writer(lock)
 
     @contextmanager
-    def connect(self, *, readonly: bool = False) -> Iterator[Connection]:
-        """One transaction on a Core connection: `session()` without the ORM (no Session, no
-        identity map, no flush), for code that runs only Core statements. The ORM's share of
-        a short transaction was ~0.1 ms of Python (bench_intake's lookups). Same locking,
-        snapshot and errors as `session()`.
+    def connection(self, *, readonly: bool = False) -> Iterator[Connection]:
+        """One short transaction on a Core connection, without an ORM session (for hot paths
+        that run a few prebuilt statements: the per-case DICOMweb's access check, listing and
+        audit row); `readonly` and locked as `session()` is, errors mapped the same way. A
+        read opened inside another read on the same thread joins it (one transaction, one
+        snapshot: the access check and the listing of one request).
 
         Raises:
             StoreBusyError: the database stayed locked/busy (nothing was changed).
         """
+        if readonly and getattr(self._reading, "conn", None) is not None:
+            yield self._reading.conn  # inside another read on this thread: its snapshot
+            return
         lock = None if readonly else self._write_lock
         if lock is not None:
             self._lock_writer(lock)
         try:
             with (self._read_engine if readonly else self.engine).begin() as conn:
-                yield conn
+                if not readonly:
+                    yield conn
+                    return
+                self._reading.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._reading.conn = None
         except OperationalError as exc:
             if _is_busy(exc):
                 raise StoreBusyError("the database is busy; retry shortly") from exc
@@ -353,10 +367,15 @@ def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock at BEGIN: two workers claiming a job serialise here
         # instead of failing at COMMIT with "database is locked". Readers need no lock.
-        if conn.get_execution_options().get(READONLY):
-            conn.exec_driver_sql("BEGIN")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # On the driver's connection: SQLAlchemy's statement path cost more than the BEGIN
+        # (one per transaction); its errors wrapped as SQLAlchemy's (busy -> StoreBusyError).
+        sql = "BEGIN" if conn.get_execution_options().get(READONLY) else "BEGIN IMMEDIATE"
+        try:
+            conn.connection.driver_connection.execute(sql)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(
+                sql, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
+            ) from exc
 
     return engine
 

@@ -221,6 +221,10 @@ def test_reads_take_no_write_lock_and_a_locked_database_is_503(settings, tokens)
                 assert s.scalar(select(func.count()).select_from(Case)) == 1
             with pytest.raises(StoreBusyError), store.session() as s:
                 s.add(Job(id="j", kind="k", state="queued", payload={}, progress={}))
+            with store.connection(readonly=True) as conn:  # the hot paths' Core reads too
+                assert conn.scalar(select(func.count()).select_from(Case)) == 1
+            with pytest.raises(StoreBusyError), store.connection() as conn:
+                conn.execute(select(func.count()).select_from(Case))
             resp = client.post("/fhir", json=referral("locked"), headers=headers)
             assert resp.status_code == 503
             assert resp.headers["Retry-After"] == "1"

@@ -302,6 +302,55 @@ def test_audit_row_marked_last_is_committed_or_rolled_back_with_its_transaction(
     assert (found.count, found.ok) == (3, True)
 
 
+def test_audit_appends_on_core_connections_at_once_make_one_chain(store) -> None:
+    """The hot read paths' audit (`Store.connection()` + `audit.append`, no ORM session):
+    16 threads append at once to a new database (the first of them starts the chain), then
+    16 more beside ORM-session appends; every row is there once and the chain verifies."""
+    n = 16
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+    ids: list[int] = []
+
+    def append(i: int, orm: bool) -> None:
+        try:
+            start.wait()
+            actor = Actor(f"u{i}", "reviewer")
+            if orm:
+                with store.session() as s:
+                    ids.append(audit.record(s, "case.read", actor, case_id=f"c{i}"))
+            else:
+                with store.connection() as conn:
+                    ids.append(
+                        audit.append(
+                            conn,
+                            store.key_dir,
+                            "images.search",
+                            actor,
+                            case_id=f"c{i}",
+                            patient="Patient/p",
+                            entity=["urn:oid:1.2", f"count:{i}"],
+                        )
+                    )
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            errors.append(exc)
+
+    for mixed in (False, True):
+        threads = [
+            threading.Thread(target=append, args=(i, mixed and i % 2 == 0)) for i in range(n)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert len(set(ids)) == 2 * n
+    with store.session(readonly=True) as s:
+        found = audit.verify(s)
+        entities = {r.entity[-1] for r in s.scalars(select(AuditRow)) if r.entity}
+    assert (found.count, found.ok, found.problems) == (2 * n, True, [])
+    assert len(entities) == n  # the entity lists were stored as given (count:0 .. count:15)
+
+
 def test_audit_chain_detects_tampering(store) -> None:
     with store.session() as s:
         for i in range(5):
@@ -383,3 +432,29 @@ def test_postgres_pooled_connection_that_died_while_idle_is_replaced(pg_url, mon
         assert len(pings) >= 1
     finally:
         store.dispose()
+
+
+def test_a_read_inside_a_read_joins_it_and_writes_never_do(store) -> None:
+    """`Store.connection(readonly=True)` inside another on the same thread is the same
+    transaction (the per-case DICOMweb's access check and listing read one snapshot); another
+    thread, and a write, get their own."""
+    seen: list[object] = []
+    with store.connection(readonly=True) as outer:
+        with store.connection(readonly=True) as inner:
+            assert inner is outer
+        other = threading.Thread(target=lambda: seen.append(_open_read(store)))
+        other.start()
+        other.join(30)
+        with store.connection() as writer:
+            assert writer is not outer
+            audit.append(writer, store.key_dir, "case.read", Actor("alice", "reviewer"))
+    assert seen
+    assert seen[0] is not outer
+    with store.connection(readonly=True) as after:  # the outer one ended: a fresh one
+        assert after is not outer
+        assert after.scalar(select(func.count()).select_from(AuditRow)) == 1
+
+
+def _open_read(store: Any) -> object:
+    with store.connection(readonly=True) as conn:
+        return conn
