@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import gc
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -51,6 +52,17 @@ from fhir_gateway.web import app as web
 log = structlog.get_logger(__name__)
 
 
+def _preload() -> None:
+    """Start-up work aside from requests: what the first normalisation would build (the UCUM
+    registry), then the heap as it stands (imports, code tables, the registry: ~300,000
+    objects that live as long as the process) moved out of the cyclic collector's reach
+    (`gc.freeze`), so the full collections a big case's normalisation triggers scan only what
+    the case allocated (they were ~40% of a 5,000-resource build's time)."""
+    normalise.preload()
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -82,7 +94,7 @@ def create_app(
             running = jobs.start_worker_threads(app.state.store, settings, workers)
             log.info("serve.jobs.start", threads=workers, pid=os.getpid())
             # What the first normalisation would build (the UCUM registry), built now, aside.
-            threading.Thread(target=normalise.preload, name="preload", daemon=True).start()
+            threading.Thread(target=_preload, name="preload", daemon=True).start()
         try:
             yield
         finally:
