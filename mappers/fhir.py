@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any
 
-
 from fhir_gateway.errors import ParseError, ValidationError
 from fhir_gateway.resources import LOINC, UCUM, Resource, coding, deterministic_id
 from mappers._common import Issue, MapResult, issue, source_uri

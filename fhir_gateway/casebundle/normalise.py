@@ -42,7 +42,7 @@ from fhir_gateway.casebundle.offline_map import with_source
 from fhir_gateway.errors import InputError, NotFoundError
 from fhir_gateway.intake import hosted
 from fhir_gateway.jobs import JobContext
-from fhir_gateway.resources import Resource, deterministic_id
+from fhir_gateway.resources import Resource, deterministic_id, json_compact
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
@@ -452,7 +452,7 @@ def _write(session: Session, built: _Result) -> None:
 
 
 def _dumps(resource: Resource) -> str:
-    return json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
+    return json_compact(resource)
 
 
 # --------------------------------------------------------------------------- the job
