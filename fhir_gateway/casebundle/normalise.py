@@ -46,6 +46,7 @@ from fhir_gateway.resources import Resource, deterministic_id, json_compact
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
+    Base,
     Case,
     CaseBuild,
     CaseBundleState,
@@ -444,11 +445,15 @@ def _write(session: Session, built: _Result) -> None:
     """Replace the case's stored bundle rows and state (the caller's transaction)."""
     case_id = built.state.case_id
     session.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
-    if built.rows:
-        session.execute(insert(NormalisedResource), built.rows)
+    for i in range(0, len(built.rows), WRITE_CHUNK):  # Core executemany: no ORM bulk bookkeeping
+        session.execute(insert(NORMALISED_TABLE), built.rows[i : i + WRITE_CHUNK])
     built.state.built_at = utcnow()
     session.merge(built.state)
     session.merge(built.view)  # same transaction: never a bundle with another build's view
+
+
+WRITE_CHUNK = 1000
+NORMALISED_TABLE = Base.metadata.tables["normalised_resources"]
 
 
 def _dumps(resource: Resource) -> str:
