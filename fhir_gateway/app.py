@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import gc
+import json
 import os
 import threading
 from collections.abc import AsyncIterator
