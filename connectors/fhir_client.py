@@ -22,7 +22,7 @@ import structlog
 
 from connectors._http import FHIR_JSON, Http, origin
 from fhir_gateway.errors import UpstreamError, UpstreamRejectedError
-from fhir_gateway.resources import Resource
+from fhir_gateway.resources import Resource, json_loads
 
 log = structlog.get_logger(__name__)
 
@@ -250,7 +250,7 @@ class FhirEhrClient:
 
     def _json(self, response: requests.Response) -> Resource:
         try:
-            body = response.json()
+            body = json_loads(response.content)
         except ValueError as exc:
             raise UpstreamRejectedError(
                 f"{self._http.system}: response is not JSON",

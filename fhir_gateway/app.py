@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import gc
 import json
 import os
 import threading
@@ -75,6 +76,17 @@ def limit_malloc_arenas(count: int) -> bool:
     return bool(libc.mallopt(M_ARENA_MAX, count))
 
 
+def _preload() -> None:
+    """Start-up work aside from requests: what the first normalisation would build (the UCUM
+    registry), then the heap as it stands (imports, code tables, the registry: ~300,000
+    objects that live as long as the process) moved out of the cyclic collector's reach
+    (`gc.freeze`), so the full collections a big case's normalisation triggers scan only what
+    the case allocated (they were ~40% of a 5,000-resource build's time)."""
+    normalise.preload()
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -108,7 +120,7 @@ def create_app(
             running = jobs.start_worker_threads(app.state.store, settings, workers)
             log.info("serve.jobs.start", threads=workers, pid=os.getpid())
             # What the first normalisation would build (the UCUM registry), built now, aside.
-            threading.Thread(target=normalise.preload, name="preload", daemon=True).start()
+            threading.Thread(target=_preload, name="preload", daemon=True).start()
         try:
             yield
         finally:

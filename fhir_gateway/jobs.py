@@ -478,6 +478,7 @@ class Worker:
         )
         beat = _Heartbeat(self.queue, claimed, self.settings.jobs.lease_s / 3)
         started = time.monotonic()
+        cpu_started = time.thread_time()  # this thread's CPU (helper threads not counted)
         structlog.contextvars.bind_contextvars(job_id=claimed.id, case_id=claimed.case_id)
         try:
             beat.start()
@@ -515,6 +516,7 @@ class Worker:
                     kind=claimed.kind,
                     attempt=claimed.attempt,
                     elapsed_ms=round((time.monotonic() - started) * 1000),
+                    cpu_ms=round((time.thread_time() - cpu_started) * 1000),
                 )
             else:
                 log.warning("job.run.lease_lost", kind=claimed.kind)

@@ -6,9 +6,12 @@ nothing of ours, so `mappers` and `connectors` may use it.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import orjson
 
 Resource = dict[str, Any]
 
@@ -23,6 +26,30 @@ TASK_STATUS = "http://hl7.org/fhir/task-status"
 # Identifier systems of our own.
 GATEWAY_SYSTEM = "urn:fhir-gateway"
 CASE_ID_SYSTEM = "urn:fhir-gateway:case"
+
+
+def json_loads(text: str | bytes) -> Any:
+    """JSON text -> Python values, as `json.loads` gives them (orjson: ~4x faster on the pull
+    and normalise paths); what orjson refuses and `json` reads (NaN, Infinity) is read by `json`.
+
+    Raises:
+        ValueError: not JSON (`json.JSONDecodeError`).
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def json_compact(value: Any, *, sort_keys: bool = False) -> str:
+    """Compact JSON, UTF-8 characters as they are (= `json.dumps(value, ensure_ascii=False,
+    separators=(",", ":"))` but for the spelling of some floats, e.g. `1e16` for `1e+16`);
+    what orjson refuses (non-string keys, integers beyond 64 bits) goes through `json`."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+
 
 # Namespace for uuid5 ids; fixed forever, so ids stay stable across releases.
 ID_NAMESPACE = uuid.UUID("5b1f2a1e-6f7c-4d55-9a1e-2f0c1a9d7e33")

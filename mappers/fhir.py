@@ -19,9 +19,8 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources as importlib_resources
 from typing import Any
-
-from fhir.resources.R4B import get_fhir_model_class
 
 from fhir_gateway.errors import ParseError, ValidationError
 from fhir_gateway.resources import LOINC, UCUM, Resource, coding, deterministic_id
@@ -372,28 +371,29 @@ def check_resource(resource: Resource, path: str) -> None:
 
 
 @functools.cache
+def _element_table() -> dict[str, dict[str, list[str]]]:
+    """codes/fhir-elements.json: each resource type's top-level elements and list elements, as
+    the fhir.resources R4B models declare them (a test keeps it equal to the models); read from
+    data so normalising never imports and builds the pydantic models."""
+    text = importlib_resources.files("mappers.codes").joinpath("fhir-elements.json").read_text()
+    table: dict[str, dict[str, list[str]]] = json.loads(text)["resources"]
+    return table
+
+
+@functools.cache
 def _elements(rtype: str) -> frozenset[str]:
-    """Top-level element names of a resource type (from the fhir.resources R4B model)."""
-    try:
-        model = get_fhir_model_class(rtype)
-    except (KeyError, ValueError, ImportError, AttributeError):
-        return frozenset()  # an R4 type R4B dropped: no element check
-    names = {n for name, f in model.model_fields.items() for n in (name, f.alias) if n}
-    return frozenset(names | {"resourceType", "fhir_comments"})
+    """Top-level element names of a resource type (empty: an R4 type R4B dropped, unchecked)."""
+    entry = _element_table().get(rtype)
+    if entry is None:
+        return frozenset()
+    return frozenset([*entry["elements"], "resourceType", "fhir_comments"])
 
 
 @functools.cache
 def _list_elements(rtype: str) -> frozenset[str]:
     """Top-level elements with max cardinality * (read tolerantly when sent as one object)."""
-    try:
-        model = get_fhir_model_class(rtype)
-    except (KeyError, ValueError, ImportError, AttributeError):
-        return frozenset()
-    return frozenset(
-        f.alias or name
-        for name, f in model.model_fields.items()
-        if "List[" in str(f.annotation) or "list[" in str(f.annotation)
-    )
+    entry = _element_table().get(rtype)
+    return frozenset(entry["lists"]) if entry is not None else frozenset()
 
 
 # --------------------------------------------------------------------------- mapping

@@ -26,7 +26,7 @@ from typing import Any
 from fhir_gateway.casebundle import consult
 from fhir_gateway.casebundle.claims import claim_across_case
 from fhir_gateway.casebundle.completeness import completeness as case_completeness
-from fhir_gateway.resources import Resource, deterministic_id
+from fhir_gateway.resources import Resource, deterministic_id, json_compact
 
 Issue = dict[str, Any]
 
@@ -324,7 +324,7 @@ def _json_key(value: Any) -> Any:
     """A hashable, order-independent key of a JSON value (a string as it is)."""
     if isinstance(value, str):
         return value
-    return ("json", json.dumps(value, sort_keys=True))
+    return ("json", json_compact(value, sort_keys=True))
 
 
 def _find_duplicate(

@@ -42,10 +42,11 @@ from fhir_gateway.casebundle.offline_map import with_source
 from fhir_gateway.errors import InputError, NotFoundError
 from fhir_gateway.intake import hosted
 from fhir_gateway.jobs import JobContext
-from fhir_gateway.resources import Resource, deterministic_id
+from fhir_gateway.resources import Resource, deterministic_id, json_compact
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
+    Base,
     Case,
     CaseBuild,
     CaseBundleState,
@@ -444,15 +445,19 @@ def _write(session: Session, built: _Result) -> None:
     """Replace the case's stored bundle rows and state (the caller's transaction)."""
     case_id = built.state.case_id
     session.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
-    if built.rows:
-        session.execute(insert(NormalisedResource), built.rows)
+    for i in range(0, len(built.rows), WRITE_CHUNK):  # Core executemany: no ORM bulk bookkeeping
+        session.execute(insert(NORMALISED_TABLE), built.rows[i : i + WRITE_CHUNK])
     built.state.built_at = utcnow()
     session.merge(built.state)
     session.merge(built.view)  # same transaction: never a bundle with another build's view
 
 
+WRITE_CHUNK = 1000
+NORMALISED_TABLE = Base.metadata.tables["normalised_resources"]
+
+
 def _dumps(resource: Resource) -> str:
-    return json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
+    return json_compact(resource)
 
 
 # --------------------------------------------------------------------------- the job

@@ -74,6 +74,10 @@ BULK_ISSUES_SHOWN = 20  # issues listed in the job's summary (all are counted)
 
 ProgressCallback = Callable[[str, int, int], None]  # (resource type, resources so far, pages)
 Checkpoint = Callable[[], None]  # raises CaseClosedError when the case was cancelled meanwhile
+# Every type that moved since the last write, at once: {type: {"done": n, "pages": n}} (the job
+# writes it as one progress transaction instead of one per type).
+ProgressBatch = Callable[[dict[str, dict[str, int]]], None]
+CHECK_EVERY_S = 0.2  # the case-closed check while pages arrive (save_pull checks it again)
 
 
 @dataclass(frozen=True)
@@ -122,12 +126,14 @@ def pull_patient_records(
     binary_dir: Path | None = None,
     types: Iterable[str] = PULL_TYPES,
     checkpoint: Checkpoint | None = None,
+    progress_batch: ProgressBatch | None = None,
 ) -> PullResult:
     """Everything the EHR holds for the patient that a second opinion needs.
 
     `since` (a FHIR instant) restricts each search to `_lastUpdated=ge<since>` for re-pulls.
-    `checkpoint` is called after every page and before every attachment; what it raises (the
-    case was cancelled) ends the pull.
+    `checkpoint` is called after the first page, then at most every `CHECK_EVERY_S` while pages
+    arrive, and before every attachment; what it raises (the case was cancelled) ends the pull.
+    `progress_batch`, when given, gets each progress write's types at once (not `progress_cb`).
 
     Raises:
         UpstreamUnavailableError: the server kept failing after retries (the job retries later).
@@ -138,7 +144,7 @@ def pull_patient_records(
     result = PullResult(source=client.base_url)
     searchable, everything = _server_offers(_capabilities(client))
     wanted = [t for t in dict.fromkeys(types) if not searchable or t in searchable]
-    report = _Progress(progress_cb, checkpoint)
+    report = _Progress(progress_cb, checkpoint, progress_batch)
     if everything and since is None:
         result.used_everything = True
         found = SearchResult()
@@ -284,9 +290,16 @@ class _Progress:
     callback (a database write per type) at most every `PROGRESS_EVERY_S`, and at `flush()`.
     A mixed-type search ($everything) is counted page by page, not recounted whole."""
 
-    def __init__(self, callback: ProgressCallback | None, checkpoint: Checkpoint | None) -> None:
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        checkpoint: Checkpoint | None,
+        batch: ProgressBatch | None = None,
+    ) -> None:
         self._callback = callback
+        self._batch = batch
         self._checkpoint = checkpoint
+        self._checked: float | None = None  # when the checkpoint last ran
         self._lock = threading.Lock()
         self._latest: dict[str, tuple[int, int]] = {}
         self._dirty: set[str] = set()
@@ -294,17 +307,26 @@ class _Progress:
         self._counted = 0  # resources of the mixed-type search already counted
         self._by_type: dict[str, int] = {}
 
+    def _check(self) -> None:
+        """The case-closed check, at most every CHECK_EVERY_S (a read transaction each)."""
+        if self._checkpoint is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._checked is not None and now - self._checked < CHECK_EVERY_S:
+                return
+            self._checked = now
+        self._checkpoint()
+
     def __call__(self, result: SearchResult, label: str) -> None:
-        if self._checkpoint is not None:
-            self._checkpoint()
+        self._check()
         with self._lock:
             self._note(label, len(result.resources), result.pages)
         self._maybe_flush()
 
     def by_type(self, result: SearchResult) -> None:
         """Progress of a mixed-type search ($everything): the new page's resources counted."""
-        if self._checkpoint is not None:
-            self._checkpoint()
+        self._check()
         with self._lock:
             for resource in result.resources[self._counted :]:
                 rtype = resource["resourceType"]
@@ -322,6 +344,17 @@ class _Progress:
             self.flush()
 
     def flush(self) -> None:
+        if self._batch is not None:
+            with self._lock:
+                self._last = time.monotonic()
+                moved = {
+                    label: {"done": self._latest[label][0], "pages": self._latest[label][1]}
+                    for label in sorted(self._dirty)
+                }
+                self._dirty.clear()
+                if moved:
+                    self._batch(moved)
+            return
         if self._callback is None:
             return
         with self._lock:
@@ -605,6 +638,7 @@ def pull_case(
     progress_cb: ProgressCallback | None = None,
     checkpoint: Checkpoint | None = None,
     tracker: BulkTracker | None = None,
+    progress_batch: ProgressBatch | None = None,
 ) -> tuple[PullResult, SaveCounts]:
     """Pull the case's patient from its partner's EHR and store it (the job and the CLI's
     `fhir-gateway pull CASE_ID [--refresh]` share this). The partner defaults to the case's.
@@ -649,6 +683,7 @@ def pull_case(
         progress_cb=progress_cb,
         binary_dir=settings.data_dir / "binaries",
         checkpoint=checkpoint,
+        progress_batch=progress_batch,
     )
     if checkpoint is not None:
         checkpoint()
@@ -697,6 +732,7 @@ def run_pull_fhir(ctx: JobContext) -> None:
         partner=ctx.partner,
         refresh=bool(ctx.payload.get("refresh")),
         progress_cb=progress,
+        progress_batch=ctx.progress,  # one write per progress tick, every type in it
         checkpoint=lambda: ctx.checkpoint("pulling records"),
         tracker=BulkTracker(
             ctx.stored_progress().get("bulk"),

@@ -6,7 +6,6 @@ One schema for SQLite (embedded default) and PostgreSQL (scale-out). JSON is sto
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fhir_gateway.resources import json_compact, json_loads
 
 
 def utcnow() -> datetime:
@@ -52,7 +53,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def json_text(value: Any) -> str:
     """JSON as `JsonText` stores it (for writers that serialise before their transaction)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json_compact(value)
 
 
 class JsonText(TypeDecorator[Any]):
@@ -67,7 +68,7 @@ class JsonText(TypeDecorator[Any]):
         return json_text(value)
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
-        return None if value is None else json.loads(value)
+        return None if value is None else json_loads(value)
 
 
 class Base(DeclarativeBase):
