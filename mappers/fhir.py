@@ -411,11 +411,15 @@ class _Context:
 def resources_to_normalised(
     inbound: Iterable[InboundResource], source: str
 ) -> tuple[list[Resource], list[Issue]]:
-    """Normalise inbound FHIR resources of one source document; returns (resources, issues)."""
-    items = list(inbound)
+    """Normalise inbound FHIR resources of one source document; returns (resources, issues).
+
+    Each inbound resource is let go of once mapped (a caller that streams `inbound` holds
+    the source whole only once: as input first, then as output)."""
+    items: list[InboundResource | None] = list(inbound)
     ctx = _Context(source, terminology(), {}, {}, [])
     targets: list[str] = []
     for index, item in enumerate(items):
+        assert item is not None
         rtype = item.resource["resourceType"]
         src_id = item.resource.get("id") or _uuid_of(item.full_url) or f"entry{index}"
         key = f"{rtype}/{src_id}"
@@ -441,7 +445,9 @@ def resources_to_normalised(
                 ctx.conditional[(rtype, str(ident.get("system", "")), str(ident["value"]))] = target
     out: list[Resource] = []
     inbound_claims: list[list[Any]] = []
-    for item, target in zip(items, targets, strict=True):
+    for index, target in enumerate(targets):
+        item, items[index] = items[index], None
+        assert item is not None
         resource, claimed = _resource_to_normalised(item, target.split("/", 1)[1], ctx)
         inbound_claims.append(claimed)
         out.append(resource)
