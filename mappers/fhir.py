@@ -18,7 +18,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from typing import Any
 
@@ -406,6 +406,9 @@ class _Context:
     ids: dict[str, str]  # source reference key -> "Type/newid"
     conditional: dict[tuple[str, str, str], str]  # (type, system, value) -> "Type/newid"
     issues: list[Issue]
+    # Each distinct string value once in the output (one object, not one per resource: a pulled
+    # source repeats the same systems, codes, units and dates thousands of times).
+    strings: dict[str, str] = field(default_factory=dict)
 
 
 def resources_to_normalised(
@@ -595,8 +598,8 @@ def _walk(value: Any, ctx: _Context, path: str) -> Any:
         items = [_walk(v, ctx, f"{path}[{i}]") for i, v in enumerate(value)]
         kept = [v for v in items if v is not None]
         return kept or None
-    if value == "":
-        return None
+    if isinstance(value, str):
+        return ctx.strings.setdefault(value, value) if value else None
     return value
 
 
