@@ -565,7 +565,8 @@ def _resource_to_normalised(
         meta["security"] = _dicts(meta_in["security"])
     for key in ("lastUpdated", "versionId"):
         if isinstance(meta_in.get(key), str) and meta_in[key]:
-            meta[key] = meta_in[key]
+            meta[key] = ctx.strings.setdefault(meta_in[key], meta_in[key])
+    rtype = ctx.strings.setdefault(rtype, rtype)
     return {"resourceType": rtype, "id": new_id, "meta": meta, **out}, claimed
 
 
