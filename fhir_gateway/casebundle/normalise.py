@@ -384,8 +384,8 @@ MAX_BUILDS = 3
 
 @dataclass
 class _Result:
-    state: CaseBundleState
-    rows: list[dict[str, Any]]
+    state: CaseBundleState  # its etag set as the rows are written (`_write`)
+    resources: list[Resource]
     view: CaseView
 
 
@@ -426,26 +426,8 @@ def inputs_unchanged(session: Session, case_id: str, base_url: str) -> bool:
 
 def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:
     bundle = assemble_case_bundle(patient_id, batches, base_url=base_url)
-    # What the case page and the timeline show, derived now from the resources at hand (before
-    # their JSON text is made: the timeline's working set and the text are never held at once).
+    # What the case page and the timeline show, derived now from the resources at hand.
     view = derived.row(case_id, "", bundle.summary, enumerate(bundle.resources))
-    rows = [
-        {
-            "case_id": case_id,
-            "position": n,
-            "resource_type": r["resourceType"],
-            "resource_id": r["id"],
-            "body": _dumps(r),
-        }
-        for n, r in enumerate(bundle.resources)
-    ]
-    digest = hashlib.sha256()
-    for chunk in iter_bundle_json(
-        patient_id,
-        ((r["resource_type"], r["resource_id"], r["body"]) for r in rows),
-        base_url=base_url,
-    ):
-        digest.update(chunk)
     counts: dict[str, int] = {}
     for r in bundle.resources:
         counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
@@ -453,8 +435,8 @@ def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: 
         case_id=case_id,
         patient_id=patient_id,
         base_url=base_url,
-        etag=f'"{digest.hexdigest()[:40]}"',
-        resource_count=len(rows),
+        etag="",
+        resource_count=len(bundle.resources),
         counts=counts,
         summary=bundle.summary,
         issues=bundle.issues,
@@ -462,19 +444,51 @@ def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: 
             {"source": b.source, "kind": b.kind, "resources": len(b.resources)} for b in batches
         ],
     )
-    view.etag = state.etag
-    return _Result(state, rows, view)
+    return _Result(state, bundle.resources, view)
 
 
 def _write(session: Session, built: _Result) -> None:
-    """Replace the case's stored bundle rows and state (the caller's transaction)."""
-    case_id = built.state.case_id
+    """Replace the case's stored bundle rows and state (the caller's transaction).
+
+    Each resource's JSON text is made as its rows are written, WRITE_CHUNK at a time, and the
+    ETag (the digest of the Bundle as served) taken from the same text: the whole bundle is
+    never held as text besides its resources."""
+    state = built.state
+    case_id = state.case_id
     session.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
-    for i in range(0, len(built.rows), WRITE_CHUNK):  # Core executemany: no ORM bulk bookkeeping
-        session.execute(insert(NORMALISED_TABLE), built.rows[i : i + WRITE_CHUNK])
-    built.state.built_at = utcnow()
-    session.merge(built.state)
+    pending: list[dict[str, Any]] = []
+
+    def entries() -> Iterator[tuple[str, str, str]]:
+        for n, r in enumerate(built.resources):
+            body = _dumps(r)
+            pending.append(
+                {
+                    "case_id": case_id,
+                    "position": n,
+                    "resource_type": r["resourceType"],
+                    "resource_id": r["id"],
+                    "body": body,
+                }
+            )
+            yield r["resourceType"], r["id"], body
+
+    digest = hashlib.sha256()
+    for chunk in iter_bundle_json(state.patient_id, entries(), base_url=state.base_url):
+        digest.update(chunk)
+        if len(pending) >= WRITE_CHUNK:
+            _insert(session, pending)
+    _insert(session, pending)
+    state.etag = built.view.etag = f'"{digest.hexdigest()[:40]}"'
+    state.built_at = utcnow()
+    session.merge(state)
     session.merge(built.view)  # same transaction: never a bundle with another build's view
+
+
+def _insert(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Core executemany (no ORM bulk bookkeeping); `rows` emptied."""
+    if rows:
+        session.execute(insert(NORMALISED_TABLE), rows)
+        rows.clear()
 
 
 WRITE_CHUNK = 1000
