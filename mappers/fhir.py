@@ -18,7 +18,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from typing import Any
 
@@ -406,16 +406,23 @@ class _Context:
     ids: dict[str, str]  # source reference key -> "Type/newid"
     conditional: dict[tuple[str, str, str], str]  # (type, system, value) -> "Type/newid"
     issues: list[Issue]
+    # Each distinct string value once in the output (one object, not one per resource: a pulled
+    # source repeats the same systems, codes, units and dates thousands of times).
+    strings: dict[str, str] = field(default_factory=dict)
 
 
 def resources_to_normalised(
     inbound: Iterable[InboundResource], source: str
 ) -> tuple[list[Resource], list[Issue]]:
-    """Normalise inbound FHIR resources of one source document; returns (resources, issues)."""
-    items = list(inbound)
+    """Normalise inbound FHIR resources of one source document; returns (resources, issues).
+
+    Each inbound resource is let go of once mapped (a caller that streams `inbound` holds
+    the source whole only once: as input first, then as output)."""
+    items: list[InboundResource | None] = list(inbound)
     ctx = _Context(source, terminology(), {}, {}, [])
     targets: list[str] = []
     for index, item in enumerate(items):
+        assert item is not None
         rtype = item.resource["resourceType"]
         src_id = item.resource.get("id") or _uuid_of(item.full_url) or f"entry{index}"
         key = f"{rtype}/{src_id}"
@@ -441,7 +448,9 @@ def resources_to_normalised(
                 ctx.conditional[(rtype, str(ident.get("system", "")), str(ident["value"]))] = target
     out: list[Resource] = []
     inbound_claims: list[list[Any]] = []
-    for item, target in zip(items, targets, strict=True):
+    for index, target in enumerate(targets):
+        item, items[index] = items[index], None
+        assert item is not None
         resource, claimed = _resource_to_normalised(item, target.split("/", 1)[1], ctx)
         inbound_claims.append(claimed)
         out.append(resource)
@@ -556,7 +565,8 @@ def _resource_to_normalised(
         meta["security"] = _dicts(meta_in["security"])
     for key in ("lastUpdated", "versionId"):
         if isinstance(meta_in.get(key), str) and meta_in[key]:
-            meta[key] = meta_in[key]
+            meta[key] = ctx.strings.setdefault(meta_in[key], meta_in[key])
+    rtype = ctx.strings.setdefault(rtype, rtype)
     return {"resourceType": rtype, "id": new_id, "meta": meta, **out}, claimed
 
 
@@ -589,8 +599,8 @@ def _walk(value: Any, ctx: _Context, path: str) -> Any:
         items = [_walk(v, ctx, f"{path}[{i}]") for i, v in enumerate(value)]
         kept = [v for v in items if v is not None]
         return kept or None
-    if value == "":
-        return None
+    if isinstance(value, str):
+        return ctx.strings.setdefault(value, value) if value else None
     return value
 
 

@@ -530,6 +530,7 @@ def claim_profiles(resources: list[Resource], terms: Terminology | None = None) 
     """
     terms = terms or terminology()
     ctx = ClaimContext()
+    seen: dict[str, str] = {}  # profile URLs, each one str across the batch
     for r in resources:
         ctx.by_ref[_rid(r)] = r
     for r in resources:
@@ -537,7 +538,7 @@ def claim_profiles(resources: list[Resource], terms: Terminology | None = None) 
             continue
         _normalise_condition(r, terms, ctx.issues)
         profiles = _condition_profiles(r, terms)
-        _set_profiles(r, profiles)
+        _set_profiles(r, profiles, seen)
         if MCODE + "mcode-primary-cancer-condition" in profiles:
             ctx.primary.add(_rid(r))
         if any(p.startswith(MCODE) for p in profiles):
@@ -552,14 +553,14 @@ def claim_profiles(resources: list[Resource], terms: Terminology | None = None) 
             found = canonical_marker_quantity(r, terms)
             if found is not None:
                 ctx.issues.append(found)
-        _set_profiles(r, conforming_profiles(rtype, r, classes, ctx, terms))
+        _set_profiles(r, conforming_profiles(rtype, r, classes, ctx, terms), seen)
     return ctx.issues
 
 
-def _set_profiles(r: Resource, profiles: list[str]) -> None:
+def _set_profiles(r: Resource, profiles: list[str], seen: dict[str, str]) -> None:
     meta = r.setdefault("meta", {})
     if profiles:
-        meta["profile"] = profiles
+        meta["profile"] = [seen.setdefault(p, p) for p in profiles]  # each URL one str
     else:
         meta.pop("profile", None)
 

@@ -209,6 +209,15 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def dumps_list(values: list[Any]) -> str:
+    """= `dumps(values)`, made one item at a time: `json.dumps` holds every piece of the text
+    as a str of its own until it joins them (~4x the text for a big case's timeline)."""
+    return "[" + ",".join(map(_ENCODER.encode, values)) + "]"
+
+
 def row(
     case_id: str, etag: str, summary: dict[str, Any], resources: Iterable[tuple[int, Resource]]
 ) -> CaseView:
@@ -218,7 +227,7 @@ def row(
         case_id=case_id,
         etag=etag,
         version=VERSION,
-        timeline=dumps(events),
+        timeline=dumps_list(events),
         page=page,
         glance=glance(summary),
         built_at=utcnow(),

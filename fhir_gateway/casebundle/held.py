@@ -252,6 +252,10 @@ class Excluded:
                 return False
         return True
 
+    def reads_body(self, resource_type: str) -> bool:
+        """Whether `keeps` may exclude a stored resource of this type (else it keeps all)."""
+        return bool(self.patients) or (resource_type == "ImagingStudy" and bool(self.studies))
+
     def keeps(self, row: StoredResource | Stored) -> bool:
         """Whether a stored resource may enter the bundle."""
         body = row.body if isinstance(row.body, dict) else {}

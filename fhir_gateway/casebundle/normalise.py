@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Text, delete, func, insert, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from fhir_gateway import jobs
@@ -42,7 +43,7 @@ from fhir_gateway.casebundle.offline_map import with_source
 from fhir_gateway.errors import InputError, NotFoundError
 from fhir_gateway.intake import hosted
 from fhir_gateway.jobs import JobContext
-from fhir_gateway.resources import Resource, deterministic_id, json_compact
+from fhir_gateway.resources import Resource, deterministic_id, json_compact, json_loads
 from fhir_gateway.settings import Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import (
@@ -135,7 +136,7 @@ def _referral_batch(session: Session, case: Case) -> SourceBatch | None:
     ]
     source = referral_source(case)
     received = _instant(max(r.last_updated for r in rows))
-    return _batch(source, items, "referral", f"Task/{case.task_id}", received)
+    return _batch(source, lambda: iter(items), "referral", f"Task/{case.task_id}", received)
 
 
 def _references(node: Any) -> list[str]:
@@ -157,24 +158,32 @@ def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
     out = held.excluded(session, case_id)  # identity holds stay out until released
     t = StoredResource
     rows = session.execute(  # columns, not ORM objects: thousands of rows per case
-        select(t.source, t.resource_type, t.source_id, t.fetched_at, t.body)
+        # The body as its JSON text: parsed only as the mapper takes it (`_parsed`), so a
+        # source is held whole as dicts once (the mapper's output), not twice.
+        select(t.source, t.resource_type, t.source_id, t.fetched_at, type_coerce(t.body, Text))
         .where(t.case_id == case_id)
         .order_by(t.source, t.resource_type, t.source_id)
     )
     by_source: dict[str, list[held.Stored]] = {}
-    for columns in rows:
-        row = held.Stored(*columns)
-        if out.keeps(row):
-            by_source.setdefault(row.source, []).append(row)
+    for source, rtype, source_id, fetched_at, text in rows:
+        if out.reads_body(rtype) and not out.keeps(
+            held.Stored(source, rtype, source_id, fetched_at, json_loads(text))
+        ):
+            continue
+        by_source.setdefault(source, []).append(
+            held.Stored(source, rtype, source_id, fetched_at, text)
+        )
     documents = {
         f"{DOCUMENT_SOURCE}{d.id}": d
         for d in session.scalars(select(CaseDocument).where(CaseDocument.case_id == case_id))
     }
     batches = []
-    for source, found in by_source.items():
+    while by_source:  # each source's rows let go of once mapped
+        source, found = next(iter(by_source.items()))
+        del by_source[source]
         # Patient first: the first Patient of the first source is the case Patient's base.
         found.sort(key=lambda r: r.resource_type != "Patient")
-        items = [InboundResource(r.body, f"{r.resource_type}/{r.source_id}") for r in found]
+        items = _parsed(found)
         kind = "dicom" if all(r.resource_type in IMAGING_TYPES for r in found) else "fhir"
         received = _instant(max(r.fetched_at for r in found))
         doc = documents.get(source)
@@ -193,6 +202,13 @@ def _stored_batches(session: Session, case_id: str) -> list[SourceBatch]:
         batch.issues += [with_source(i, source) for i in _document_issues(doc, entity)]
         batches.append(batch)
     return batches
+
+
+def _parsed(found: list[held.Stored]) -> Callable[[], Iterator[InboundResource]]:
+    """The stored rows (body as JSON text) as inbound resources, parsed one at a time."""
+    return lambda: (
+        InboundResource(json_loads(r.body), f"{r.resource_type}/{r.source_id}") for r in found
+    )
 
 
 def v2_source(row: V2Message) -> str:
@@ -260,7 +276,11 @@ def _document_issues(doc: CaseDocument, where: str) -> list[Issue]:
 
 
 def _batch(
-    source: str, items: list[InboundResource], kind: str, document: str, received: str
+    source: str,
+    items: Callable[[], Iterator[InboundResource]],
+    kind: str,
+    document: str,
+    received: str,
 ) -> SourceBatch:
     resources, issues = normalise_source(items, source)
     issues = [with_source(i, source) for i in issues]
@@ -268,21 +288,24 @@ def _batch(
 
 
 def normalise_source(
-    items: list[InboundResource], source: str
+    items: Callable[[], Iterator[InboundResource]], source: str
 ) -> tuple[list[Resource], list[Issue]]:
     """Normalise one source's resources; a resource the mapper refuses is left out and reported
     (its raw row stays stored) instead of failing the whole case.
+
+    `items` gives the resources afresh at each call: the mapper takes them one at a time and
+    lets go of each once mapped, and the one-by-one retry after a refusal reads them again.
 
     Per-resource normalising gives the same ids as the batch: references of pulled resources are
     `Type/id`, which the mapper resolves to `deterministic_id(source, Type, id)` either way.
     """
     try:
-        return resources_to_normalised(items, source)
+        return resources_to_normalised(items(), source)
     except InputError:
         pass
     good: list[InboundResource] = []
     refused: list[Issue] = []
-    for item in items:
+    for item in items():
         try:
             check_resource(item.resource, item.path)
             resources_to_normalised([item], source)
@@ -361,8 +384,8 @@ MAX_BUILDS = 3
 
 @dataclass
 class _Result:
-    state: CaseBundleState
-    rows: list[dict[str, Any]]
+    state: CaseBundleState  # its etag set as the rows are written (`_write`)
+    resources: list[Resource]
     view: CaseView
 
 
@@ -403,23 +426,8 @@ def inputs_unchanged(session: Session, case_id: str, base_url: str) -> bool:
 
 def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: str) -> _Result:
     bundle = assemble_case_bundle(patient_id, batches, base_url=base_url)
-    rows = [
-        {
-            "case_id": case_id,
-            "position": n,
-            "resource_type": r["resourceType"],
-            "resource_id": r["id"],
-            "body": _dumps(r),
-        }
-        for n, r in enumerate(bundle.resources)
-    ]
-    digest = hashlib.sha256()
-    for chunk in iter_bundle_json(
-        patient_id,
-        ((r["resource_type"], r["resource_id"], r["body"]) for r in rows),
-        base_url=base_url,
-    ):
-        digest.update(chunk)
+    # What the case page and the timeline show, derived now from the resources at hand.
+    view = derived.row(case_id, "", bundle.summary, enumerate(bundle.resources))
     counts: dict[str, int] = {}
     for r in bundle.resources:
         counts[r["resourceType"]] = counts.get(r["resourceType"], 0) + 1
@@ -427,8 +435,8 @@ def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: 
         case_id=case_id,
         patient_id=patient_id,
         base_url=base_url,
-        etag=f'"{digest.hexdigest()[:40]}"',
-        resource_count=len(rows),
+        etag="",
+        resource_count=len(bundle.resources),
         counts=counts,
         summary=bundle.summary,
         issues=bundle.issues,
@@ -436,20 +444,51 @@ def _build(case_id: str, patient_id: str, batches: list[SourceBatch], base_url: 
             {"source": b.source, "kind": b.kind, "resources": len(b.resources)} for b in batches
         ],
     )
-    # What the case page and the timeline show, derived now from the resources at hand.
-    view = derived.row(case_id, state.etag, bundle.summary, enumerate(bundle.resources))
-    return _Result(state, rows, view)
+    return _Result(state, bundle.resources, view)
 
 
 def _write(session: Session, built: _Result) -> None:
-    """Replace the case's stored bundle rows and state (the caller's transaction)."""
-    case_id = built.state.case_id
+    """Replace the case's stored bundle rows and state (the caller's transaction).
+
+    Each resource's JSON text is made as its rows are written, WRITE_CHUNK at a time, and the
+    ETag (the digest of the Bundle as served) taken from the same text: the whole bundle is
+    never held as text besides its resources."""
+    state = built.state
+    case_id = state.case_id
     session.execute(delete(NormalisedResource).where(NormalisedResource.case_id == case_id))
-    for i in range(0, len(built.rows), WRITE_CHUNK):  # Core executemany: no ORM bulk bookkeeping
-        session.execute(insert(NORMALISED_TABLE), built.rows[i : i + WRITE_CHUNK])
-    built.state.built_at = utcnow()
-    session.merge(built.state)
+    pending: list[dict[str, Any]] = []
+
+    def entries() -> Iterator[tuple[str, str, str]]:
+        for n, r in enumerate(built.resources):
+            body = _dumps(r)
+            pending.append(
+                {
+                    "case_id": case_id,
+                    "position": n,
+                    "resource_type": r["resourceType"],
+                    "resource_id": r["id"],
+                    "body": body,
+                }
+            )
+            yield r["resourceType"], r["id"], body
+
+    digest = hashlib.sha256()
+    for chunk in iter_bundle_json(state.patient_id, entries(), base_url=state.base_url):
+        digest.update(chunk)
+        if len(pending) >= WRITE_CHUNK:
+            _insert(session, pending)
+    _insert(session, pending)
+    state.etag = built.view.etag = f'"{digest.hexdigest()[:40]}"'
+    state.built_at = utcnow()
+    session.merge(state)
     session.merge(built.view)  # same transaction: never a bundle with another build's view
+
+
+def _insert(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Core executemany (no ORM bulk bookkeeping); `rows` emptied."""
+    if rows:
+        session.execute(insert(NORMALISED_TABLE), rows)
+        rows.clear()
 
 
 WRITE_CHUNK = 1000
