@@ -81,19 +81,8 @@ class Store:
             StoreBusyError: the database stayed locked/busy (nothing was changed).
         """
         factory = self._read_factory if readonly else self._factory
-        lock = None if readonly else self._write_lock
-        if lock is not None:
-            self._lock_writer(lock)
-        try:
-            with factory() as session, session.begin():
-                yield session
-        except OperationalError as exc:
-            if _is_busy(exc):
-                raise StoreBusyError("the database is busy; retry shortly") from exc
-            raise
-        finally:
-            if lock is not None:
-                self._unlock_writer(lock)
+        with self._guarded(readonly=readonly), factory() as session, session.begin():
+            yield session
 
     @contextmanager
     def connection(self, *, readonly: bool = False) -> Iterator[Connection]:
@@ -109,19 +98,26 @@ class Store:
         if readonly and getattr(self._reading, "conn", None) is not None:
             yield self._reading.conn  # inside another read on this thread: its snapshot
             return
+        engine = self._read_engine if readonly else self.engine
+        with self._guarded(readonly=readonly), engine.begin() as conn:
+            if not readonly:
+                yield conn
+                return
+            self._reading.conn = conn
+            try:
+                yield conn
+            finally:
+                self._reading.conn = None
+
+    @contextmanager
+    def _guarded(self, *, readonly: bool) -> Iterator[None]:
+        """Around one transaction: this process's writer lock (writes only) and a locked/busy
+        database raised as StoreBusyError."""
         lock = None if readonly else self._write_lock
         if lock is not None:
             self._lock_writer(lock)
         try:
-            with (self._read_engine if readonly else self.engine).begin() as conn:
-                if not readonly:
-                    yield conn
-                    return
-                self._reading.conn = conn
-                try:
-                    yield conn
-                finally:
-                    self._reading.conn = None
+            yield
         except OperationalError as exc:
             if _is_busy(exc):
                 raise StoreBusyError("the database is busy; retry shortly") from exc
