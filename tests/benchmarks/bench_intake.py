@@ -74,7 +74,7 @@ CACHE = ROOT / ".cache" / "bench"
 MEDPLUM = ROOT / "tests" / "servers" / "medplum"
 PARTNER = "st-elsewhere"
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-SEED_VERSION = 1
+SEED_VERSION = 1  # bump when the seeded rows change (cache key)
 # The pushing partner, with a FHIR server and a PACS to pull from (nothing listens there: the
 # gateway runs without job workers, the pulls stay queued).
 PARTNERS = f"""
@@ -92,7 +92,7 @@ base_url = "http://127.0.0.1:9/fhir"
 
 [partners.dicomweb]
 base_url = "http://127.0.0.1:9/dicom-web"
-"""  # bump when the seeded rows change (cache key)
+"""
 
 # --- the request -------------------------------------------------------------------------
 
