@@ -22,9 +22,8 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import psycopg
 import structlog
 from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, text, update
 from sqlalchemy.engine import Dialect
@@ -36,6 +35,9 @@ from sqlalchemy.sql.compiler import Compiled
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
 from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, json_text, utcnow
+
+if TYPE_CHECKING:
+    import psycopg
 
 GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
@@ -350,6 +352,10 @@ def _send_with_commit(conn: Connection) -> None:
     params = conn.info.pop(_WITH_COMMIT, None)
     if params is None:
         return
+    # Here, not at the top: only PostgreSQL gets here, and psycopg (+9 MB RSS) need not sit in
+    # every SQLite-backed process for its whole life.
+    import psycopg
+
     compiled = _COMPILED.get(conn.dialect)
     if compiled is None:
         compiled = _COMPILED[conn.dialect] = _APPEND_PG.compile(dialect=conn.dialect)

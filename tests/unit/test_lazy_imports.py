@@ -2,7 +2,8 @@
 
 A module imported at start stays in the process for its whole life. These are imported on first
 use instead, and must stay so: Alembic (and Mako, and every SQL dialect it loads: ~11 MB of RSS)
-only when a migration is pending; authlib (OIDC sign-in, ~3.5 MB) on the first sign-in.
+only when a migration is pending; authlib (OIDC sign-in, ~3.5 MB) on the first sign-in; psycopg
+(~9 MB) only by a process whose database is PostgreSQL (this test's is SQLite).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ job_handlers.register_all()
 store = open_store(sys.argv[1], migrate=True)
 assert schema_is_current(store)
 create_app(Settings(data_dir=sys.argv[2]), store=store, configure_logs=False)
-lazy = {"alembic", "mako", "authlib"}
+lazy = {"alembic", "mako", "authlib", "psycopg"}
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in lazy)))
 """
 
@@ -64,9 +65,10 @@ def test_a_pending_migration_is_seen_and_run(tmp_path: Path) -> None:
     store.dispose()
 
 
-def test_serve_start_imports_no_alembic_nor_authlib(tmp_path: Path) -> None:
-    """On a database already at head, starting the service loads neither Alembic (its check
-    reads the version table and the migration files) nor authlib (first sign-in only)."""
+def test_serve_start_imports_no_alembic_authlib_nor_psycopg(tmp_path: Path) -> None:
+    """On a SQLite database already at head, starting the service loads neither Alembic (its
+    check reads the version table and the migration files), nor authlib (first sign-in only),
+    nor psycopg (PostgreSQL's driver)."""
     url = f"sqlite:///{tmp_path / 'g.db'}"
     open_store(url).dispose()  # the first start migrated it
     out = subprocess.run(
