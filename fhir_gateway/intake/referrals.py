@@ -46,6 +46,7 @@ from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Base, FhirResource, json_text, utcnow
+from fhir_gateway.store.prebuilt import Prebuilt
 
 log = structlog.get_logger(__name__)
 
@@ -887,7 +888,18 @@ def _requester_identifier(
     return None
 
 
-_INSERT_CASE = insert(Base.metadata.tables["cases"])
+_CASES = Base.metadata.tables["cases"]
+_CASE_KEYS = (
+    "id",
+    "partner_id",
+    "status",
+    "task_id",
+    "service_request_id",
+    "patient_ref",
+    "created_at",
+    "updated_at",
+)
+_INSERT_CASE = Prebuilt(insert(_CASES), _CASE_KEYS)
 
 
 @dataclass
@@ -929,18 +941,20 @@ def _open_case(session: Session, plan: _Plan, prepared: _Prepared, who: Principa
     subject = sr_body.get("subject") or {}
     patient_ref = subject.get("reference") or _identifier_ref(subject)
     now = utcnow()
-    session.connection().execute(
-        _INSERT_CASE,
-        {
-            "id": case_id,
-            "partner_id": plan.partner.id,
-            "status": "received",
-            "task_id": task_id,
-            "service_request_id": sr_id,
-            "patient_ref": patient_ref,
-            "created_at": now,
-            "updated_at": now,
-        },
+    _INSERT_CASE.insert(
+        session.connection(),
+        [
+            {
+                "id": case_id,
+                "partner_id": plan.partner.id,
+                "status": "received",
+                "task_id": task_id,
+                "service_request_id": sr_id,
+                "patient_ref": patient_ref,
+                "created_at": now,
+                "updated_at": now,
+            }
+        ],
     )
     # What the referral points at (images, documents, the cancer Condition) belongs to the case.
     targets = [("Task", task_id), ("ServiceRequest", sr_id)]
