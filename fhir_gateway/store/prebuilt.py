@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import Compiled
 
@@ -96,7 +96,7 @@ class Prebuilt:
             cursor.close()
 
 
-def _wrapped(shape: _Shape, exc: Exception) -> DBAPIError:
+def _wrapped(shape: _Shape, exc: Exception) -> StatementError:
     """The DBAPI error as SQLAlchemy raises it (IntegrityError, OperationalError, ...), its
     parameters hidden (they can hold patient data)."""
     return DBAPIError.instance(
