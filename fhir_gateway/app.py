@@ -157,6 +157,7 @@ def create_app(
         # Outside the access middleware, so the access log shows the client the proxy reports.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     add_error_handlers(app)
+    app.include_router(fhir.transaction_router)  # first: the busiest route, matched first
     app.include_router(smart.router)  # before /fhir/{type}
     app.include_router(audit.router)
     app.include_router(subscriptions.router)  # before /fhir/{type}
