@@ -409,16 +409,21 @@ def _check_references(
 
 
 _RESOURCES = FhirResource.__table__
-_VERSIONS = select(  # Core, built once: no ORM execution layer per push
-    _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
-).where(
-    _RESOURCES.c.resource_type == bindparam("rtype"),
-    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+# Built once, run on the DBAPI cursor (`store.prebuilt`): no ORM or execution layer per push.
+_VERSIONS = Prebuilt(
+    select(
+        _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
+    ).where(
+        _RESOURCES.c.resource_type == bindparam("rtype"),
+        _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+    )
 )
-_OWNED = select(_RESOURCES.c.id).where(
-    _RESOURCES.c.resource_type == bindparam("rtype"),
-    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
-    _RESOURCES.c.partner_id == bindparam("partner"),
+_OWNED = Prebuilt(
+    select(_RESOURCES.c.id).where(
+        _RESOURCES.c.resource_type == bindparam("rtype"),
+        _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+        _RESOURCES.c.partner_id == bindparam("partner"),
+    )
 )
 
 
@@ -434,8 +439,7 @@ def _check_stored_refs(session: Session | Connection, plan: _Plan) -> None:
             continue
         for start in range(0, len(ids), 500):
             params = {"rtype": rtype, "ids": ids[start : start + 500], "partner": plan.partner.id}
-            found = _core(session).execute(_OWNED, params).scalars()
-            owned.update((rtype, rid) for rid in found)
+            owned.update((rtype, rid) for (rid,) in _OWNED.rows(_core(session), params))
     for key, path in plan.stored_refs.items():
         if key not in owned:
             raise ValidationError(
@@ -733,7 +737,7 @@ def _load(
                     )
                 continue
             params = {"rtype": rtype, "ids": ids[start : start + 500]}
-            for rid, version, updated, case_id in session.connection().execute(_VERSIONS, params):
+            for rid, version, updated, case_id in _VERSIONS.rows(session.connection(), params):
                 out[(rtype, rid)] = EntryOutcome(rtype, rid, version, updated, False, case_id)
     return out
 

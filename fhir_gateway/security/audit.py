@@ -273,7 +273,11 @@ class _RawStatements:
             compiled = stmt.compile(dialect=dialect, column_keys=keys)
             binds = compiled.binds
             fixed = {k: b.value for k, b in binds.items() if b.value is not None}
-            procs = {k: p for k, b in binds.items() if (p := b.type.bind_processor(dialect))}
+            procs = {
+                k: p
+                for k, b in binds.items()
+                if (p := b.type.dialect_impl(dialect).bind_processor(dialect))
+            }
             positional = list(compiled.positiontup) if compiled.positiontup else None
             self._shapes[name] = (compiled.string, positional, fixed, procs)
 
