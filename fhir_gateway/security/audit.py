@@ -141,8 +141,12 @@ def record(
         session=session,
         last=last,
     )
-    loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
-    if loaded is not None:  # an object of the checkpoint read earlier in this session
+    # An object of the checkpoint read earlier in this session is stale now (most sessions
+    # loaded nothing: their identity map is empty, and the key is not worth building).
+    loaded = (
+        session.identity_map.get(identity_key(AuditCheckpoint, 1)) if session.identity_map else None
+    )
+    if loaded is not None:
         session.expire(loaded)
     return row_id
 
