@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, bindparam, insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import Executable
@@ -108,6 +108,26 @@ class Prebuilt:
             shape = self._shapes[key] = _Shape(self.stmt, dialect, self.keys, sizes)
         return shape
 
+    def _values_shape(self, dialect: Dialect, count: int) -> _Shape:
+        """The INSERT with `count` rows of VALUES, their parameters `<column>__<row>`."""
+        key = (f"{dialect.name}.{dialect.driver}", (-count,))
+        shape = self._shapes.get(key)
+        if shape is None:
+            if self.keys is None:
+                raise ValueError("a multi-row prebuilt INSERT needs its column keys")
+            table: Any = self.stmt.table  # type: ignore[attr-defined]
+            stmt = insert(table).values(
+                [
+                    {k: bindparam(f"{k}__{i}", type_=table.c[k].type) for k in self.keys}
+                    for i in range(count)
+                ]
+            )
+            names = [f"{k}__{i}" for i in range(count) for k in self.keys]
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()
+            shape = self._shapes[key] = _Shape(stmt, dialect, names, {})
+        return shape
+
     def rows(self, conn: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """A SELECT's rows, each value as the column's SQLAlchemy type returns it."""
         shape = self._shape(conn.dialect, values)
@@ -131,13 +151,18 @@ class Prebuilt:
         """Insert `rows` (each with exactly `keys`) in one statement."""
         if not rows:
             return
-        if len(rows) > 1 and conn.dialect.name != "sqlite":
-            conn.execute(self.stmt, list(rows))  # SQLAlchemy's multi-row VALUES
-            return
-        shape = self._shape(conn.dialect, rows[0])
+        many = len(rows) > 1 and conn.dialect.name != "sqlite"
+        shape = (
+            self._values_shape(conn.dialect, len(rows))
+            if many
+            else self._shape(conn.dialect, rows[0])
+        )
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            if len(rows) == 1:
+            if many:  # one INSERT ... VALUES (...), (...)
+                flat = {f"{k}__{i}": v for i, row in enumerate(rows) for k, v in row.items()}
+                cursor.execute(shape.sql, shape.args(flat))
+            elif len(rows) == 1:
                 cursor.execute(shape.sql, shape.args(rows[0]))
             else:
                 cursor.executemany(shape.sql, [shape.args(r) for r in rows])
