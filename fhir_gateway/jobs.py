@@ -48,6 +48,7 @@ from fhir_gateway.metrics import JOB_DURATION
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Base, Case, Job, utcnow
+from fhir_gateway.store.prebuilt import Prebuilt
 
 log = structlog.get_logger(__name__)
 
@@ -250,12 +251,26 @@ def enqueue_for_new_case(session: Session, case_id: str, kinds: Iterable[str]) -
         for kind in kinds
     ]
     if rows:
-        session.connection().execute(_INSERT_JOB, rows)
+        _INSERT_JOB.insert(session.connection(), rows)
         _wake_on_commit(session)
     return [str(r["kind"]) for r in rows]
 
 
-_INSERT_JOB = insert(Base.metadata.tables["jobs"])
+_NEW_JOB_KEYS = (
+    "id",
+    "kind",
+    "case_id",
+    "payload",
+    "dedup_key",
+    "state",
+    "attempts",
+    "max_attempts",
+    "run_at",
+    "progress",
+    "created_at",
+    "updated_at",
+)
+_INSERT_JOB = Prebuilt(insert(Base.metadata.tables["jobs"]), _NEW_JOB_KEYS)
 
 
 def requeue_dead(session: Session, job_id: str) -> Job:

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 
 
 class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The stderr handler configure_logging installs (so a second call replaces it)."""
+
+
+class BoundLogger(structlog.stdlib.BoundLogger):
+    """structlog's stdlib logger, whose debug and info lines below the level cost one level
+    check: not the processor chain, whose first step (`filter_by_level`) would drop them by
+    raising (the hot paths log two or three of those per request)."""
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.DEBUG):
+            return None
+        return super().debug(event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return None
+        return super().info(event, *args, **kw)
 
 
 def configure_logging(
@@ -46,7 +62,7 @@ def configure_logging(
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=BoundLogger,
         cache_logger_on_first_use=False,
     )
     handler = _GatewayHandler(stream or sys.stderr)

@@ -92,13 +92,22 @@ async def get_reader(request: Request) -> Principal:
     raise AuthError("a bearer token or a signed-in session is required")
 
 
+def require_role(who: Principal, roles: tuple[str, ...]) -> Principal:
+    """`who`, who must hold one of `roles`.
+
+    Raises:
+        ForbiddenError: another role.
+    """
+    if who.role not in roles:
+        raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
+    return who
+
+
 def role(*roles: str) -> Any:
     """Dependency: the caller, who must hold one of `roles`."""
 
     async def check(who: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        if who.role not in roles:
-            raise ForbiddenError(f"role {who.role!r} may not do this (needs {' or '.join(roles)})")
-        return who
+        return require_role(who, roles)
 
     return Depends(check)
 
@@ -107,7 +116,11 @@ async def fhir_json_body(
     request: Request, _who: Annotated[Principal, Depends(get_principal)]
 ) -> Any:
     """The request body as parsed JSON, after content-type and size checks. The caller is
-    authenticated first: no body of an unauthenticated caller is read."""
+    authenticated first: no body of an unauthenticated caller is read.
+
+    Raises:
+        UnsupportedMediaTypeError, PayloadTooLargeError, ParseError: 415, 413, 400.
+    """
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise UnsupportedMediaTypeError(

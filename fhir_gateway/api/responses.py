@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import orjson
 import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request, Response
@@ -40,7 +41,10 @@ class FhirResponse(Response):
     def render(self, content: Any) -> bytes:
         if isinstance(content, bytes):
             return content
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:  # orjson: UTF-8 as is, compact (json for what it refuses, as json_compact does)
+            return orjson.dumps(content)
+        except TypeError:  # orjson.JSONEncodeError: non-string keys, integers beyond 64 bits
+            return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def outcome_response(

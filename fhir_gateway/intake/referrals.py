@@ -46,6 +46,7 @@ from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Base, FhirResource, json_text, utcnow
+from fhir_gateway.store.prebuilt import Prebuilt
 
 log = structlog.get_logger(__name__)
 
@@ -408,16 +409,21 @@ def _check_references(
 
 
 _RESOURCES = FhirResource.__table__
-_VERSIONS = select(  # Core, built once: no ORM execution layer per push
-    _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
-).where(
-    _RESOURCES.c.resource_type == bindparam("rtype"),
-    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+# Built once, run on the DBAPI cursor (`store.prebuilt`): no ORM or execution layer per push.
+_VERSIONS = Prebuilt(
+    select(
+        _RESOURCES.c.id, _RESOURCES.c.version_id, _RESOURCES.c.last_updated, _RESOURCES.c.case_id
+    ).where(
+        _RESOURCES.c.resource_type == bindparam("rtype"),
+        _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+    )
 )
-_OWNED = select(_RESOURCES.c.id).where(
-    _RESOURCES.c.resource_type == bindparam("rtype"),
-    _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
-    _RESOURCES.c.partner_id == bindparam("partner"),
+_OWNED = Prebuilt(
+    select(_RESOURCES.c.id).where(
+        _RESOURCES.c.resource_type == bindparam("rtype"),
+        _RESOURCES.c.id.in_(bindparam("ids", expanding=True)),
+        _RESOURCES.c.partner_id == bindparam("partner"),
+    )
 )
 
 
@@ -433,8 +439,7 @@ def _check_stored_refs(session: Session | Connection, plan: _Plan) -> None:
             continue
         for start in range(0, len(ids), 500):
             params = {"rtype": rtype, "ids": ids[start : start + 500], "partner": plan.partner.id}
-            found = _core(session).execute(_OWNED, params).scalars()
-            owned.update((rtype, rid) for rid in found)
+            owned.update((rtype, rid) for (rid,) in _OWNED.rows(_core(session), params))
     for key, path in plan.stored_refs.items():
         if key not in owned:
             raise ValidationError(
@@ -732,7 +737,7 @@ def _load(
                     )
                 continue
             params = {"rtype": rtype, "ids": ids[start : start + 500]}
-            for rid, version, updated, case_id in session.connection().execute(_VERSIONS, params):
+            for rid, version, updated, case_id in _VERSIONS.rows(session.connection(), params):
                 out[(rtype, rid)] = EntryOutcome(rtype, rid, version, updated, False, case_id)
     return out
 
@@ -887,7 +892,18 @@ def _requester_identifier(
     return None
 
 
-_INSERT_CASE = insert(Base.metadata.tables["cases"])
+_CASES = Base.metadata.tables["cases"]
+_CASE_KEYS = (
+    "id",
+    "partner_id",
+    "status",
+    "task_id",
+    "service_request_id",
+    "patient_ref",
+    "created_at",
+    "updated_at",
+)
+_INSERT_CASE = Prebuilt(insert(_CASES), _CASE_KEYS)
 
 
 @dataclass
@@ -929,18 +945,20 @@ def _open_case(session: Session, plan: _Plan, prepared: _Prepared, who: Principa
     subject = sr_body.get("subject") or {}
     patient_ref = subject.get("reference") or _identifier_ref(subject)
     now = utcnow()
-    session.connection().execute(
-        _INSERT_CASE,
-        {
-            "id": case_id,
-            "partner_id": plan.partner.id,
-            "status": "received",
-            "task_id": task_id,
-            "service_request_id": sr_id,
-            "patient_ref": patient_ref,
-            "created_at": now,
-            "updated_at": now,
-        },
+    _INSERT_CASE.insert(
+        session.connection(),
+        [
+            {
+                "id": case_id,
+                "partner_id": plan.partner.id,
+                "status": "received",
+                "task_id": task_id,
+                "service_request_id": sr_id,
+                "patient_ref": patient_ref,
+                "created_at": now,
+                "updated_at": now,
+            }
+        ],
     )
     # What the referral points at (images, documents, the cancer Condition) belongs to the case.
     targets = [("Task", task_id), ("ServiceRequest", sr_id)]

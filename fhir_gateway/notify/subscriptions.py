@@ -32,6 +32,7 @@ from fhir_gateway.store.models import (
     SubscriptionState,
     utcnow,
 )
+from fhir_gateway.store.prebuilt import Prebuilt
 
 log = structlog.get_logger(__name__)
 
@@ -314,7 +315,7 @@ def status(session: Session, rid: str, who: Principal, *, fhir_base: str) -> Res
 
 
 _STATES = SubscriptionState.__table__
-_LIVE_SUBSCRIPTIONS = (
+_LIVE_SUBSCRIPTIONS = Prebuilt(  # run on the DBAPI cursor (`store.prebuilt`)
     select(_STATES.c.id)
     # OR of equalities, not IN (...): an IN list is re-rendered into the SQL at every execution
     .where(
@@ -348,9 +349,9 @@ def task_changed(session: Session, task_row: FhirResource, partner: Partner | No
             max_attempts=_FOREVER,
         )
     # Core, built once: one indexed query per change (most partners have no subscription).
-    live = session.connection().execute(_LIVE_SUBSCRIPTIONS, {"partner": partner_id}).scalars()
+    live = _LIVE_SUBSCRIPTIONS.rows(session.connection(), {"partner": partner_id})
     queued = 0
-    for state_id in live.all():
+    for (state_id,) in live:
         sub = session.get(FhirResource, ("Subscription", state_id))
         if sub is None or not matches(filters_of(sub.body), task_row.body):
             continue

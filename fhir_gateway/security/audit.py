@@ -143,8 +143,12 @@ def record(
         session=session,
         last=last,
     )
-    loaded = session.identity_map.get(identity_key(AuditCheckpoint, 1))
-    if loaded is not None:  # an object of the checkpoint read earlier in this session
+    # An object of the checkpoint read earlier in this session is stale now (most sessions
+    # loaded nothing: their identity map is empty, and the key is not worth building).
+    loaded = (
+        session.identity_map.get(identity_key(AuditCheckpoint, 1)) if session.identity_map else None
+    )
+    if loaded is not None:
         session.expire(loaded)
     return row_id
 
@@ -275,7 +279,11 @@ class _RawStatements:
             compiled = stmt.compile(dialect=dialect, column_keys=keys)
             binds = compiled.binds
             fixed = {k: b.value for k, b in binds.items() if b.value is not None}
-            procs = {k: p for k, b in binds.items() if (p := b.type.bind_processor(dialect))}
+            procs = {
+                k: p
+                for k, b in binds.items()
+                if (p := b.type.dialect_impl(dialect).bind_processor(dialect))
+            }
             positional = list(compiled.positiontup) if compiled.positiontup else None
             self._shapes[name] = (compiled.string, positional, fixed, procs)
 
