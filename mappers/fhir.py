@@ -390,10 +390,17 @@ def _elements(rtype: str) -> frozenset[str]:
 
 
 @functools.cache
+@functools.cache
 def _list_elements(rtype: str) -> frozenset[str]:
     """Top-level elements with max cardinality * (read tolerantly when sent as one object)."""
     entry = _element_table().get(rtype)
     return frozenset(entry["lists"]) if entry is not None else frozenset()
+
+
+@functools.cache
+def _choice_of(key: str) -> str | None:
+    """The choice element ([x]) that `key` is one type of (`valueQuantity` -> `value`)."""
+    return next((c for c in _CHOICES if key.startswith(c) and key[len(c) :][:1].isupper()), None)
 
 
 # --------------------------------------------------------------------------- mapping
@@ -501,9 +508,7 @@ def _resource_to_normalised(
             if renamed in src:
                 continue
             key = renamed
-        choice = next(
-            (c for c in _CHOICES if key.startswith(c) and key[len(c) :][:1].isupper()), None
-        )
+        choice = _choice_of(key)
         if choice is not None:
             if choice in choices_seen:
                 ctx.issues.append(
@@ -538,7 +543,7 @@ def _resource_to_normalised(
                 )
             )
             value = {"coding": [{"system": stu3_system, "code": value}]}
-        normalised = _walk(value, ctx, f"{path}.{key}")
+        normalised = _walk(value, ctx, (path, key))
         if normalised is not None:
             out[key] = normalised
     if "text" in out and not out["text"].get("div"):
@@ -570,42 +575,62 @@ def _resource_to_normalised(
     return {"resourceType": rtype, "id": new_id, "meta": meta, **out}, claimed
 
 
-def _walk(value: Any, ctx: _Context, path: str) -> Any:
+# Where a node sits, kept as (parent, step) links and written out only for an issue or an
+# error: building the path text of every node of thousands of resources cost more than the
+# walk itself.
+Path = str | tuple["Path", str | int]
+
+
+def _path_text(path: Path) -> str:
+    steps: list[str] = []
+    while isinstance(path, tuple):
+        path, step = path
+        steps.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    return path + "".join(reversed(steps))
+
+
+def _walk(value: Any, ctx: _Context, path: Path) -> Any:
     """Copy `value` with references rewritten, codings and units normalised, empties dropped."""
+    if isinstance(value, str):
+        return ctx.strings.setdefault(value, value) if value else None
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
             if key == "reference" and isinstance(item, str):
                 _rewrite_reference(item, value, out, ctx, path)
                 continue
-            normalised = _walk(item, ctx, f"{path}.{key}")
+            if isinstance(item, str):  # the commonest leaf, without a call
+                if item:
+                    out[key] = ctx.strings.setdefault(item, item)
+                continue
+            normalised = _walk(item, ctx, (path, key))
             if normalised is not None:
                 out[key] = normalised
         if "system" in out and not isinstance(out["system"], str):
-            raise ValidationError("system must be a string", expression=[path + ".system"])
+            raise ValidationError(
+                "system must be a string", expression=[_path_text(path) + ".system"]
+            )
         if "system" in out and "code" in out and not isinstance(out["code"], str):
-            raise ValidationError("code must be a string", expression=[path + ".code"])
+            raise ValidationError("code must be a string", expression=[_path_text(path) + ".code"])
         if "coding" in out:
             codings = out["coding"]
             if not isinstance(codings, list) or not all(isinstance(c, dict) for c in codings):
                 raise ValidationError(
-                    "coding must be a list of Codings", expression=[path + ".coding"]
+                    "coding must be a list of Codings", expression=[_path_text(path) + ".coding"]
                 )
             _add_canonical_codings(codings, ctx.terms)
         elif "value" in out and ("unit" in out or "code" in out):
             _normalise_quantity(out, ctx.terms)
         return out or None
     if isinstance(value, list):
-        items = [_walk(v, ctx, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [_walk(v, ctx, (path, i)) for i, v in enumerate(value)]
         kept = [v for v in items if v is not None]
         return kept or None
-    if isinstance(value, str):
-        return ctx.strings.setdefault(value, value) if value else None
     return value
 
 
 def _rewrite_reference(
-    ref: str, source: dict[str, Any], out: dict[str, Any], ctx: _Context, path: str
+    ref: str, source: dict[str, Any], out: dict[str, Any], ctx: _Context, path: Path
 ) -> None:
     if ref.startswith("#"):
         out["reference"] = ref
@@ -618,7 +643,7 @@ def _rewrite_reference(
         if rtype not in RESOURCE_TYPES:
             raise ValidationError(
                 f"reference to unknown resource type {rtype[:40]!r}",
-                expression=[path + ".reference"],
+                expression=[_path_text(path) + ".reference"],
             )
     if target is None and "?" in ref:
         rtype, _, query = ref.partition("?")
@@ -641,7 +666,7 @@ def _rewrite_reference(
             "warning",
             "not-found",
             "reference does not resolve in its source; kept as display",
-            path + ".reference",
+            _path_text(path) + ".reference",
         )
     )
     if "display" not in source:
