@@ -12,6 +12,8 @@ from fhir_gateway.intake import hosted
 from fhir_gateway.reports import questions
 from fhir_gateway.store.models import Case, FhirResource, Job
 
+REFERRAL_TYPES = ("Task", "ServiceRequest", "Patient")  # the referral as GET /cases/{id} shows it
+
 
 def case_jobs(session: Session, case_id: str) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.case_id == case_id).order_by(Job.created_at)))
@@ -21,14 +23,19 @@ def case_view(session: Session, case: Case) -> dict[str, Any]:
     """The case as JSON for GET /cases/{id}: status, referral, jobs with state and progress."""
     referral = {
         row.resource_type: row.body
-        for row in session.scalars(select(FhirResource).where(FhirResource.case_id == case.id))
-        if row.resource_type in ("Task", "ServiceRequest", "Patient")
+        for row in session.scalars(
+            select(FhirResource).where(
+                FhirResource.case_id == case.id,
+                FhirResource.resource_type.in_(REFERRAL_TYPES),
+            )
+        )
     }
+    found = case_jobs(session, case.id)
     return {
         **case_summary(case),
         "referral": referral,
-        "jobs": [job_view(j) for j in case_jobs(session, case.id)],
-        "normalisation": normalise.bundle_state(session, case.id),
+        "jobs": [job_view(j) for j in found],
+        "normalisation": normalise.bundle_state(session, case.id, found),
         "identity": held.case_identity(session, case.id),
         "questions": questions.question_summary(session, case.id),
     }

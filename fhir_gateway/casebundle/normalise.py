@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -694,16 +694,28 @@ def _defer(session: Session, ctx: JobContext, waiting: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------- state for the API
 
 
-def bundle_state(session: Session, case_id: str) -> dict[str, Any]:
-    """Normalisation state of a case for GET /cases/{id}: built or not, pending jobs, counts."""
+def bundle_state(
+    session: Session, case_id: str, case_jobs: Sequence[Job] | None = None
+) -> dict[str, Any]:
+    """Normalisation state of a case for GET /cases/{id}: built or not, pending jobs, counts.
+
+    `case_jobs`: the case's jobs when the caller has read them already (one query fewer on a
+    page that is polled)."""
     state = session.get(CaseBundleState, case_id)
-    outstanding = session.execute(
-        select(Job.kind, Job.state).where(
-            Job.case_id == case_id,
-            Job.kind.in_((*PULL_KINDS, KIND)),
-            Job.state.in_((jobs.QUEUED, jobs.RUNNING)),
-        )
-    )
+    if case_jobs is None:
+        outstanding: Iterable[tuple[str, str]] = session.execute(
+            select(Job.kind, Job.state).where(
+                Job.case_id == case_id,
+                Job.kind.in_((*PULL_KINDS, KIND)),
+                Job.state.in_((jobs.QUEUED, jobs.RUNNING)),
+            )
+        ).all()
+    else:
+        outstanding = [
+            (j.kind, j.state)
+            for j in case_jobs
+            if j.kind in (*PULL_KINDS, KIND) and j.state in (jobs.QUEUED, jobs.RUNNING)
+        ]
     waiting = sorted({f"{kind} {st}" for kind, st in outstanding})
     if state is None:
         return {"state": "pending" if waiting else "not-started", "pending": waiting}
