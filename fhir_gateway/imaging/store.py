@@ -240,7 +240,8 @@ class _IndexedStore:
     def add_batch(
         self, case_id: str, items: Sequence[RetrievedInstance], source: str
     ) -> list[InstanceRef]:
-        described = [(item, _describe(item)) for item in items]  # before the file moves
+        memo: Fragments = {}  # the batch's repeats; let go of with the batch
+        described = [(item, _describe(item, memo)) for item in items]  # before the file moves
         placed = [(item, self._place(item), text) for item, text in described]
         return self._index(case_id, placed, source)
 
@@ -327,25 +328,29 @@ def dataset_json(ds: pydicom.Dataset) -> dict[str, Any]:
     return {tag: e for tag, e in out.items() if e.get("BulkDataURI") != ""}
 
 
-def dataset_json_text(ds: pydicom.Dataset) -> str:
-    """`dataset_json(ds)` as compact JSON text (non-ASCII kept), each element's text memoised.
+def dataset_json_text(ds: pydicom.Dataset, memo: Fragments | None = None) -> str:
+    """`dataset_json(ds)` as compact JSON text (non-ASCII kept), each element's text memoised
+    in `memo` (the caller's: e.g. one batch of a study's instances) when given.
 
     The instances of a study repeat most of their header (patient, study, series, equipment,
     geometry): an element read raw from the file, with an explicit VR that needs no context,
     gives the same JSON wherever it appears under the same transfer syntax and character set,
-    so its text is made by pydicom once and looked up after (`_FRAGMENTS`, keyed by tag, VR,
-    value bytes and that context). Anything else (converted already, implicit or ambiguous VR,
+    so its text is made by pydicom once and looked up after (`memo`, keyed by tag, VR, value
+    bytes and that context; emptied past `FRAGMENTS_MAX`). A memo held by the caller, not the
+    module: what differs per instance (UIDs, positions) would otherwise stay in memory for the
+    process's life. Anything else (converted already, implicit or ambiguous VR,
     UN, a value over `_FRAGMENT_MAX_BYTES`) goes through pydicom every time. The text equals
     `json.dumps(dataset_json(ds), ensure_ascii=False, separators=(",", ":"))` (tested over
     every DICOM file in fixtures/)."""
     raw = ds._dict  # the elements as read: RawDataElement until converted
-    context = _fragment_context(ds)
+    context = _fragment_context(ds) if memo is not None else None
     parts: list[str] = []
     for tag in list(raw):  # Dataset.keys(), as to_json_dict walks it
         elem = raw[tag]
         key = None
         if (
-            context is not None
+            memo is not None
+            and context is not None
             and isinstance(elem, RawDataElement)
             and elem.value is not None
             and elem.VR is not None
@@ -353,7 +358,7 @@ def dataset_json_text(ds: pydicom.Dataset) -> str:
             and len(elem.value) <= _FRAGMENT_MAX_BYTES
         ):
             key = (tag, elem.VR, elem.value, context)
-            text = _FRAGMENTS.get(key)
+            text = memo.get(key)
             if text is not None:
                 if text:
                     parts.append(text)
@@ -363,10 +368,10 @@ def dataset_json_text(ds: pydicom.Dataset) -> str:
         if value.get("BulkDataURI") != "":
             text = f'"{tag:08X}":' + json.dumps(value, ensure_ascii=False, separators=(",", ":"))
             parts.append(text)
-        if key is not None:
-            if len(_FRAGMENTS) >= _FRAGMENTS_MAX:
-                _FRAGMENTS.clear()
-            _FRAGMENTS[key] = text
+        if key is not None and memo is not None:
+            if len(memo) >= FRAGMENTS_MAX:
+                memo.clear()
+            memo[key] = text
     return "{" + ",".join(parts) + "}"
 
 
@@ -387,14 +392,14 @@ def _fragment_context(ds: pydicom.Dataset) -> tuple[Any, ...] | None:
 
 
 # (tag, VR, value bytes, context) -> the element's `"TTTTTTTT":{...}` text, "" if left out
-_FRAGMENTS: dict[tuple[Any, ...], str] = {}
-_FRAGMENTS_MAX = 20_000  # then emptied: one study's repeats are what pays
+Fragments = dict[tuple[Any, ...], str]
+FRAGMENTS_MAX = 20_000  # then emptied: one study's repeats are what pays
 _FRAGMENT_MAX_BYTES = 4096
 # VRs whose JSON depends on more than the element's bytes (pydicom resolves them from context)
 _CONTEXT_VRS = frozenset({"UN", "US or SS", "OB or OW", "US or OW", "US or SS or OW"})
 
 
-def _describe(item: RetrievedInstance) -> str:
+def _describe(item: RetrievedInstance, memo: Fragments) -> str:
     """The instance's DICOM JSON text: from the header bytes kept while it streamed in, or
     (a part that only pydicom could check) from its file, once, at ingest."""
     if item.header is not None:
@@ -402,7 +407,7 @@ def _describe(item: RetrievedInstance) -> str:
     else:
         with item.path.open("rb") as fh:
             ds = read_dataset(fh)
-    return dataset_json_text(ds)
+    return dataset_json_text(ds, memo)
 
 
 def held_studies(case_id: Any) -> Select[str]:

@@ -44,7 +44,7 @@ def test_the_fixtures_cover_what_matters() -> None:
 
 @pytest.mark.parametrize("pixels", [False, True], ids=["header", "whole"])
 def test_every_fixture_gives_pydicoms_json_fresh_and_memoised(pixels: bool) -> None:
-    store._FRAGMENTS.clear()
+    memo: store.Fragments = {}
     compared = 0
     for rounds in range(2):  # the first fills the memo, the second reads from it
         for path in DICOM:
@@ -55,17 +55,17 @@ def test_every_fixture_gives_pydicoms_json_fresh_and_memoised(pixels: bool) -> N
                 expected = _pydicom_text(ds)
             except Exception as exc:  # pydicom refuses it: the memoised path must too
                 with pytest.raises(type(exc)):
-                    dataset_json_text(again)
+                    dataset_json_text(again, memo)
                 continue
-            assert dataset_json_text(again) == expected, (path.name, rounds)
+            assert dataset_json_text(again, memo) == expected, (path.name, rounds)
             compared += 1
     assert compared >= 2 * 28
-    assert len(store._FRAGMENTS) > 100  # the memo was used, not bypassed
+    assert len(memo) > 100  # the memo was used, not bypassed
 
 
 def test_a_series_of_instances_shares_the_memo_and_keeps_what_differs() -> None:
     """Instances that differ only in a few elements (as the slices of a CT series do)."""
-    store._FRAGMENTS.clear()
+    memo: store.Fragments = {}
     base = _read(FIXTURES / "dicom" / "ct" / "CT_small.dcm", pixels=True)
     assert base is not None
     texts = []
@@ -78,7 +78,7 @@ def test_a_series_of_instances_shares_the_memo_and_keeps_what_differs() -> None:
         ds = _read(buf.getvalue())
         assert ds is not None
         expected = _pydicom_text(_read(buf.getvalue()))  # type: ignore[arg-type]
-        text = dataset_json_text(ds)
+        text = dataset_json_text(ds, memo)
         assert text == expected
         texts.append(json.loads(text))
     assert len({t["00200013"]["Value"][0] for t in texts}) == 5
@@ -87,24 +87,24 @@ def test_a_series_of_instances_shares_the_memo_and_keeps_what_differs() -> None:
 
 
 def test_the_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "_FRAGMENTS_MAX", 10)
-    store._FRAGMENTS.clear()
+    monkeypatch.setattr(store, "FRAGMENTS_MAX", 10)
+    memo: store.Fragments = {}
     for path in DICOM[:5]:
         ds = _read(path)
         assert ds is not None
         try:
-            dataset_json_text(ds)
+            dataset_json_text(ds, memo)
         except Exception:
             continue
-        assert len(store._FRAGMENTS) <= 10
+        assert len(memo) <= 10
 
 
 def test_the_same_bytes_under_another_character_set_are_decoded_again() -> None:
     """chrRuss.dcm's bytes once as Cyrillic (ISO_IR 144) and once as Latin-1 (ISO_IR 100)."""
-    store._FRAGMENTS.clear()
+    memo: store.Fragments = {}
     data = (FIXTURES / "dicom" / "charsets" / "chrRuss.dcm").read_bytes()
     assert data.count(b"ISO_IR 144") == 1
     for variant in (data, data.replace(b"ISO_IR 144", b"ISO_IR 100")):
         ds = _read(variant)
         assert ds is not None
-        assert dataset_json_text(ds) == _pydicom_text(_read(variant))  # type: ignore[arg-type]
+        assert dataset_json_text(ds, memo) == _pydicom_text(_read(variant))  # type: ignore[arg-type]
