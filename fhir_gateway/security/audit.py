@@ -35,6 +35,7 @@ from sqlalchemy.sql.compiler import Compiled
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
 from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, json_text, utcnow
+from fhir_gateway.store.prebuilt import Prebuilt
 
 if TYPE_CHECKING:
     import psycopg
@@ -175,7 +176,7 @@ def append(
     PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are few: the
     head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's move in
     another (`_APPEND_PG`), then COMMIT. On SQLite (one writer at a time) three prebuilt
-    statements run straight on the DBAPI cursor (`_RawStatements`).
+    statements run straight on the DBAPI cursor (`store.prebuilt`).
 
     Raises:
         ConfigError: no key directory for the audit key.
@@ -238,80 +239,21 @@ def _append_pg(conn: Connection, key: bytes, content: dict[str, Any], last: bool
 
 
 def _append_raw(conn: Connection, key: bytes, content: dict[str, Any]) -> int | None:
-    """SQLite: read the head, insert the row, move the head on the DBAPI cursor; None: no
-    checkpoint yet."""
-    raw = _raw_statements(conn.dialect)
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        head = raw.run(cursor, "head").fetchone()
-        if head is None:
-            return None
-        keyed_from, count, prev = head
-        recorded = utcnow()
-        digest = _mac(key, prev, content | {"recorded": recorded.isoformat()})
-        values = content | {"recorded": recorded, "prev_hash": prev, "hash": digest}
-        row_id = int(raw.run(cursor, "append", values).fetchone()[0])
-        count += 1
-        mac = _head_mac(key, keyed_from, count, row_id, digest)
-        move = {"n": count, "last_id": row_id, "last_hash": digest, "mac": mac}
-        raw.run(cursor, "move_head", move)
-        return row_id
-    finally:
-        cursor.close()
-
-
-class _RawStatements:
-    """The append's statements compiled once per dialect and run on the DBAPI cursor of the
-    caller's connection (inside its transaction): SQLAlchemy's per-execute work was about half
-    of an append. Values go through the columns' own bind processors (the stored forms of
-    `recorded` and `entity` stay what the ORM writes)."""
-
-    def __init__(self, dialect: Any) -> None:
-        self._dialect = dialect
-        self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
-        self._shapes: dict[str, tuple[str, list[str] | None, dict[str, Any], dict[str, Any]]] = {}
-        columns = [c.name for c in _AUDIT.c if c.name != "id"]
-        for name, stmt, keys in (
-            ("head", _HEAD, None),
-            ("append", _APPEND, columns),
-            ("move_head", _MOVE_HEAD, None),
-        ):
-            compiled = stmt.compile(dialect=dialect, column_keys=keys)
-            binds = compiled.binds
-            fixed = {k: b.value for k, b in binds.items() if b.value is not None}
-            procs = {
-                k: p
-                for k, b in binds.items()
-                if (p := b.type.dialect_impl(dialect).bind_processor(dialect))
-            }
-            positional = list(compiled.positiontup) if compiled.positiontup else None
-            self._shapes[name] = (compiled.string, positional, fixed, procs)
-
-    def run(self, cursor: Any, name: str, values: dict[str, Any] | None = None) -> Any:
-        sql, positional, fixed, procs = self._shapes[name]
-        params = fixed | values if values else dict(fixed)
-        for k, proc in procs.items():
-            params[k] = proc(params[k])
-        try:
-            cursor.execute(
-                sql, [params[k] for k in positional] if positional is not None else params
-            )
-        except self._dbapi_error as exc:  # as SQLAlchemy raises it (busy -> StoreBusyError)
-            raise DBAPIError.instance(
-                sql, None, exc, self._dbapi_error, hide_parameters=True, dialect=self._dialect
-            ) from exc
-        return cursor
-
-
-_RAW: dict[str, _RawStatements] = {}
-
-
-def _raw_statements(dialect: Any) -> _RawStatements:
-    key = f"{dialect.name}.{dialect.driver}"
-    found = _RAW.get(key)
-    if found is None:
-        found = _RAW[key] = _RawStatements(dialect)
-    return found
+    """SQLite: read the head, insert the row, move the head, each statement compiled once and
+    run on the DBAPI cursor (`store.prebuilt`: SQLAlchemy's per-execute work was about half of
+    an append); None: no checkpoint yet."""
+    head = _HEAD_RAW.rows(conn, {})
+    if not head:
+        return None
+    keyed_from, count, prev = head[0]
+    recorded = utcnow()
+    digest = _mac(key, prev, content | {"recorded": recorded.isoformat()})
+    values = content | {"recorded": recorded, "prev_hash": prev, "hash": digest}
+    row_id = int(_APPEND_RAW.rows(conn, values)[0][0])
+    count += 1
+    mac = _head_mac(key, keyed_from, count, row_id, digest)
+    _MOVE_HEAD_RAW.rows(conn, {"n": count, "last_id": row_id, "last_hash": digest, "mac": mac})
+    return row_id
 
 
 # Statements built once (the append runs in every audited request).
@@ -338,6 +280,9 @@ _MOVE_HEAD = (
         mac=bindparam("mac"),
     )
 )
+_HEAD_RAW = Prebuilt(_HEAD)
+_APPEND_RAW = Prebuilt(_APPEND, [c.name for c in _AUDIT.c if c.name != "id"])
+_MOVE_HEAD_RAW = Prebuilt(_MOVE_HEAD)
 # PostgreSQL: the row (with its id drawn under the lock) and the head's move, one statement.
 _APPEND_PG = _MOVE_HEAD.add_cte(
     insert(_AUDIT)
