@@ -390,14 +390,13 @@ def _elements(rtype: str) -> frozenset[str]:
 
 
 @functools.cache
-@functools.cache
 def _list_elements(rtype: str) -> frozenset[str]:
     """Top-level elements with max cardinality * (read tolerantly when sent as one object)."""
     entry = _element_table().get(rtype)
     return frozenset(entry["lists"]) if entry is not None else frozenset()
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)  # bounded: keys come from what partners send
 def _choice_of(key: str) -> str | None:
     """The choice element ([x]) that `key` is one type of (`valueQuantity` -> `value`)."""
     return next((c for c in _CHOICES if key.startswith(c) and key[len(c) :][:1].isupper()), None)
