@@ -41,14 +41,21 @@ def json_loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
-def json_compact(value: Any, *, sort_keys: bool = False) -> str:
-    """Compact JSON, UTF-8 characters as they are (= `json.dumps(value, ensure_ascii=False,
-    separators=(",", ":"))` but for the spelling of some floats, e.g. `1e16` for `1e+16`);
-    what orjson refuses (non-string keys, integers beyond 64 bits) goes through `json`."""
+def json_bytes(value: Any, *, sort_keys: bool = False) -> bytes:
+    """Compact JSON as UTF-8 bytes, characters as they are (= `json.dumps(value,
+    ensure_ascii=False, separators=(",", ":"))` but for the spelling of some floats, e.g. `1e16`
+    for `1e+16`); what orjson refuses (non-string keys, integers beyond 64 bits) goes through
+    `json`."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0).decode()
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+        return text.encode("utf-8")
+
+
+def json_compact(value: Any, *, sort_keys: bool = False) -> str:
+    """`json_bytes` as text."""
+    return json_bytes(value, sort_keys=sort_keys).decode()
 
 
 # Namespace for uuid5 ids; fixed forever, so ids stay stable across releases.

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import errno
-import json
 import re
 from typing import Any
 
-import orjson
 import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request, Response
@@ -25,6 +23,7 @@ from fhir_gateway.errors import (
     operation_outcome,
     pydantic_message,
 )
+from fhir_gateway.resources import json_bytes
 from fhir_gateway.security import audit
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -41,10 +40,7 @@ class FhirResponse(Response):
     def render(self, content: Any) -> bytes:
         if isinstance(content, bytes):
             return content
-        try:  # orjson: UTF-8 as is, compact (json for what it refuses, as json_compact does)
-            return orjson.dumps(content)
-        except TypeError:  # orjson.JSONEncodeError: non-string keys, integers beyond 64 bits
-            return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json_bytes(content)
 
 
 def outcome_response(
