@@ -232,6 +232,23 @@ def main() -> None:
             check=True, capture_output=True, text=True,
         ).stdout.split()  # fmt: skip
         t_wado, wado_bytes = float(out[0]), int(out[1])
+        # What storing the study costs before any gateway logic: the same response written to a
+        # file on the gateway's disk, and that file's SHA-256 (the image store is content-
+        # addressed by it). Printed beside the target; the target's anchor stays the raw transfer.
+        import hashlib
+
+        spool = work / "study.multipart"
+        disk_out = subprocess.run(
+            ["curl", "-s", "-o", str(spool), "-w", "%{time_total}",
+             "-H", f"Accept: {ACCEPT}", f"{urls['pacs']}/studies/{study}"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        t_disk = float(disk_out)
+        t0 = time.perf_counter()
+        with spool.open("rb") as f:
+            hashlib.file_digest(f, "sha256")
+        t_hash = time.perf_counter() - t0
+        spool.unlink()
 
         # --- ours: referral -> case complete ------------------------------------------------
         port = free_port()
@@ -331,6 +348,11 @@ def main() -> None:
     print(
         f"raw $everything pages (requests): {t_fhir:.2f} s; "
         f"raw WADO-RS study (curl): {t_wado:.2f} s"
+    )
+    print(
+        f"the study to a file (curl): {t_disk:.2f} s; its SHA-256: {t_hash:.2f} s; with the "
+        f"$everything pages: {t_fhir + t_disk + t_hash:.2f} s = "
+        f"{(t_fhir + t_disk + t_hash) / anchor:.2f}x the raw transfers (no gateway logic yet)"
     )
     print(
         f"referral -> case complete: {t_ours:.2f} s = {t_ours / anchor:.2f}x the raw transfers "
