@@ -80,8 +80,8 @@ def limit_malloc_arenas(count: int) -> bool:
 def _preload(jobs: bool) -> None:
     """Start-up work aside from requests: the FHIR model classes intake validates (imported
     lazily, they cost the first referral ~0.1 s; +6 MB RSS), with job workers what the first
-    normalisation would build (the UCUM registry), then the heap as it stands (imports, code
-    tables, the registry: ~300,000 objects that live as long as the process) moved out of the
+    normalisation would load (the unit factor table), then the heap as it stands (imports, code
+    tables: ~190,000 objects that live as long as the process) moved out of the
     cyclic collector's reach (`gc.freeze`), so the full collections a big case's
     normalisation triggers scan only what the case allocated (they were ~40% of a
     5,000-resource build's time)."""

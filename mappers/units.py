@@ -6,12 +6,21 @@ Quantity is kept inside the new one as the FHIR R4 core extension iso21090-PQ-tr
 ("an alternative representation of the same physical quantity expressed in a different unit"),
 so nothing the source said is lost. Values whose unit is not UCUM, or of another dimension
 (e.g. nmol/L for a mass-concentration marker), are left as sent and reported.
+
+The factors from the units markers are reported in to each canonical unit are ucumvert's own,
+computed once into mappers/codes/ucum-factors.json (`python scripts/ucum_factors.py`; a test
+recomputes every one with ucumvert). ucumvert's registry (pint's ~1,000 units and a parser:
+~11 MB for the life of the process, 0.5-1 s to build) is built only for a unit the table does
+not list.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import threading
+from collections.abc import Iterable
+from importlib import resources as importlib_resources
 from typing import Any
 
 from fhir_gateway.resources import LOINC, UCUM, Resource
@@ -21,6 +30,17 @@ from mappers.terminology import Terminology
 PQ_TRANSLATION = "http://hl7.org/fhir/StructureDefinition/iso21090-PQ-translation"
 _SIGNIFICANT = 12  # enough for any lab value; hides binary floating-point noise of the factors
 
+# The units the factor table covers: how laboratories report tumour markers (mass and substance
+# concentrations, enzyme and international units per volume, substance content, fractions).
+TABLE_UNITS = (
+    *("g/L", "g/dL", "g/mL", "mg/L", "mg/dL", "mg/mL", "ug/L", "ug/dL", "ug/mL"),
+    *("ng/L", "ng/dL", "ng/mL", "pg/L", "pg/mL"),
+    *("mol/L", "mmol/L", "umol/L", "nmol/L", "pmol/L", "fmol/L", "nmol/mL", "pmol/mL", "fmol/mL"),
+    *("U/L", "U/mL", "U/dL", "kU/L", "kU/mL", "mU/L", "mU/mL"),
+    *("[IU]/L", "[IU]/mL", "k[IU]/L", "m[IU]/L", "m[IU]/mL", "[iU]/L", "[iU]/mL"),
+    *("fmol/mg", "pmol/mg", "fmol/g", "pmol/g", "nmol/g", "amol/mg"),
+    *("%", "[ppth]", "[ppm]", "1"),
+)
 
 _REGISTRY_LOCK = threading.Lock()
 
@@ -38,22 +58,54 @@ def _build_registry() -> Any:
     return PintUcumRegistry()
 
 
+@functools.cache
+def _factors() -> dict[str, dict[str, float | None]]:
+    table = importlib_resources.files("mappers.codes").joinpath("ucum-factors.json")
+    text = table.read_text("utf-8")
+    factors: dict[str, dict[str, float | None]] = json.loads(text)["factors"]
+    return factors
+
+
 def preload() -> None:
-    """Build the UCUM registry now (a service calls this at start, off the request path), so
-    the first case's normalisation does not pay for it."""
-    _registry()
+    """Load the factor table now (a service calls this at start, off the request path)."""
+    _factors()
 
 
 def convert(value: float, from_unit: str, to_unit: str) -> float | None:
     """`value` in UCUM `from_unit` expressed in UCUM `to_unit`, or None when not convertible."""
     if from_unit == to_unit:
         return value
+    listed = _factors().get(to_unit, {})
+    if from_unit in listed:
+        factor = listed[from_unit]
+        return None if factor is None else _rounded(value * factor)
+    magnitude = _registry_magnitude(value, from_unit, to_unit)
+    return None if magnitude is None else _rounded(magnitude)
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.{_SIGNIFICANT}g}")
+
+
+def _registry_magnitude(value: float, from_unit: str, to_unit: str) -> float | None:
     registry = _registry()
     try:
         quantity = (value * registry.from_ucum(from_unit)).to(registry.from_ucum(to_unit))
     except Exception:  # ucumvert: InvalidUcumError; pint: DimensionalityError, UndefinedUnitError
         return None
-    return float(f"{float(quantity.magnitude):.{_SIGNIFICANT}g}")
+    return float(quantity.magnitude)
+
+
+def factor_table(
+    targets: Iterable[str], units: Iterable[str] = TABLE_UNITS
+) -> dict[str, dict[str, float | None]]:
+    """ucumvert's factor from each of `units` to each target (None: not convertible), as
+    mappers/codes/ucum-factors.json holds it."""
+    units = list(units)
+    return {
+        target: {u: _registry_magnitude(1.0, u, target) for u in units if u != target}
+        for target in sorted(set(targets))
+    }
 
 
 def canonical_marker_quantity(resource: Resource, terms: Terminology) -> Issue | None:

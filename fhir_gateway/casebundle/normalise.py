@@ -503,8 +503,9 @@ def _dumps(resource: Resource) -> str:
 
 
 def preload() -> None:
-    """Build now what the mappers would build on the first normalisation (the UCUM registry,
-    ~1 s of CPU): the service calls this at start, in a thread of its own."""
+    """Load now what the mappers would load on the first normalisation (the unit factor
+    table; ucumvert's registry is built only for a unit the table lacks): the service calls
+    this at start, in a thread of its own."""
     units.preload()
 
 

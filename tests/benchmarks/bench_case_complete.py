@@ -271,8 +271,9 @@ def main() -> None:
             }
             admin = {"Authorization": f"Bearer {mint_dev_token(data_dir, role='admin', sub='b')}"}
             referral = (DEMO_DATA / "referral-transaction.json").read_bytes()
-            # Measured warm: what the service builds aside at start (the UCUM registry, ~1 s of
-            # CPU) is done first, as it is long before a referral reaches a running gateway.
+            # Measured warm: what the service loads aside at start (the model classes intake
+            # validates, the unit factor table) is done first, as it is long before a referral
+            # reaches a running gateway.
             for thread in threading.enumerate():
                 if thread.name == "preload":
                     thread.join(60)
