@@ -1,29 +1,41 @@
-"""Rendering pages: one Jinja2 environment (autoescape on for everything), the static files."""
+"""Rendering pages: one Jinja2 environment (autoescape on for everything), the static files.
+
+Jinja2 is imported with the first page rendered, not at start: a gateway that only takes
+referrals and serves FHIR and DICOMweb never renders one (~1.8 MB RSS it would keep)."""
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
-from starlette.templating import Jinja2Templates
 
 from fhir_gateway.web import session
+
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
 
 TEMPLATES = resources.files("fhir_gateway.web") / "templates"
 STATIC = resources.files("fhir_gateway.web") / "static"
 HTMX = "vendor/htmx-2.0.11.min.js"
 
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-templates = Jinja2Templates(env=_env)
+
+@functools.cache
+def templates() -> Jinja2Templates:
+    """The pages' templates (built once, on first use)."""
+    import jinja2
+    from starlette.templating import Jinja2Templates
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return Jinja2Templates(env=env)
 
 
 def render(
@@ -37,7 +49,7 @@ def render(
         "csrf": session.csrf_token(request),
         "htmx": HTMX,
     }
-    response: HTMLResponse = templates.TemplateResponse(
+    response: HTMLResponse = templates().TemplateResponse(
         request, name, {**base, **context}, status_code=status_code
     )
     response.headers["Cache-Control"] = "no-store"

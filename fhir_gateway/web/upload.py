@@ -29,7 +29,7 @@ def upload_page(token: str, request: Request, store: StoreDep) -> Response:
     try:
         link = upload_links.resolve(store, token, "page")
     except NotFoundError as exc:  # GoneError too: a page, not an OperationOutcome
-        return templates.TemplateResponse(
+        return templates().TemplateResponse(
             request,
             "upload_refused.html",
             {"status": exc.status_code, "message": exc.message},
@@ -44,4 +44,4 @@ def upload_page(token: str, request: Request, store: StoreDep) -> Response:
         "header": upload_links.HEADER,
         "tus_client": TUS_CLIENT,
     }
-    return templates.TemplateResponse(request, "upload.html", context, headers=PAGE_HEADERS)
+    return templates().TemplateResponse(request, "upload.html", context, headers=PAGE_HEADERS)
