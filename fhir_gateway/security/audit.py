@@ -120,9 +120,9 @@ def record(
     logging context when not given), and move the signed checkpoint to it; the row's id.
 
     `last=True`: the caller's transaction runs no further statement before its COMMIT. On
-    PostgreSQL the row and the head's move are then sent with the COMMIT, in one round trip
-    (`_send_with_commit`): the chain head's lock is held from its first statement to COMMIT,
-    and every round trip inside it is one more wait for the GIL of a busy process.
+    PostgreSQL the row and the head's move are then queued to go out with the COMMIT, in one
+    round trip (`store.prebuilt`): the chain head's lock is held from its first statement to
+    COMMIT, and every round trip inside it is one more wait for the GIL of a busy process.
 
     Raises:
         ConfigError: the store has no key directory for the audit key.
@@ -170,8 +170,9 @@ def append(
     The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
     appends, and its `last_hash` is the link, so no ordered read of the audit table. On
     PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are few: the
-    head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's move in
-    another (`_APPEND_PG`), then COMMIT. On SQLite (one writer at a time) three prebuilt
+    head row and the new row's id in one (`_HEAD_LOCK_PG`, sent with the writes queued before
+    it), the row and the head's move in another (`_APPEND_PG`; with the COMMIT when `last`).
+    On SQLite (one writer at a time) three prebuilt
     statements run straight on the DBAPI cursor (`store.prebuilt`).
 
     Raises:
