@@ -21,7 +21,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
@@ -32,9 +32,6 @@ from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
 from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, utcnow
 from fhir_gateway.store.prebuilt import Prebuilt
-
-if TYPE_CHECKING:
-    pass
 
 GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
