@@ -251,7 +251,8 @@ def enqueue_for_new_case(session: Session, case_id: str, kinds: Iterable[str]) -
         for kind in kinds
     ]
     if rows:
-        _INSERT_JOB.insert(session.connection(), rows)
+        # PostgreSQL: sent with the transaction's next read or its COMMIT (`store.prebuilt`)
+        _INSERT_JOB.insert(session.connection(), rows, later=True)
         _wake_on_commit(session)
     return [str(r["kind"]) for r in rows]
 

@@ -959,6 +959,7 @@ def _open_case(session: Session, plan: _Plan, prepared: _Prepared, who: Principa
                 "updated_at": now,
             }
         ],
+        later=True,  # PostgreSQL: sent with the next read; a taken key re-runs the push
     )
     # What the referral points at (images, documents, the cancer Condition) belongs to the case.
     targets = [("Task", task_id), ("ServiceRequest", sr_id)]

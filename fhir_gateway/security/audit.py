@@ -19,26 +19,19 @@ import json
 import os
 import secrets
 import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, text, update
-from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
-from sqlalchemy.sql.compiler import Compiled
 
 from fhir_gateway.errors import ConfigError
 from fhir_gateway.resources import Resource, compact
-from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, json_text, utcnow
+from fhir_gateway.store.models import AuditCheckpoint, AuditRow, Base, utcnow
 from fhir_gateway.store.prebuilt import Prebuilt
-
-if TYPE_CHECKING:
-    import psycopg
 
 GENESIS = "0" * 64
 KEY_FILE = "audit-hmac.key"
@@ -124,9 +117,9 @@ def record(
     logging context when not given), and move the signed checkpoint to it; the row's id.
 
     `last=True`: the caller's transaction runs no further statement before its COMMIT. On
-    PostgreSQL the row and the head's move are then sent with the COMMIT, in one round trip
-    (`_send_with_commit`): the chain head's lock is held from its first statement to COMMIT,
-    and every round trip inside it is one more wait for the GIL of a busy process.
+    PostgreSQL the row and the head's move are then queued to go out with the COMMIT, in one
+    round trip (`store.prebuilt`): the chain head's lock is held from its first statement to
+    COMMIT, and every round trip inside it is one more wait for the GIL of a busy process.
 
     Raises:
         ConfigError: the store has no key directory for the audit key.
@@ -174,8 +167,9 @@ def append(
     The chain's head is the checkpoint row: locking it (PostgreSQL) is what serialises the
     appends, and its `last_hash` is the link, so no ordered read of the audit table. On
     PostgreSQL the lock is held from here to COMMIT, so the round trips inside it are few: the
-    head row and the new row's id in one (`_HEAD_LOCK_PG`), the row and the head's move in
-    another (`_APPEND_PG`), then COMMIT. On SQLite (one writer at a time) three prebuilt
+    head row and the new row's id in one (`_HEAD_LOCK_PG`, sent with the writes queued before
+    it), the row and the head's move in another (`_APPEND_PG`; with the COMMIT when `last`).
+    On SQLite (one writer at a time) three prebuilt
     statements run straight on the DBAPI cursor (`store.prebuilt`).
 
     Raises:
@@ -210,20 +204,19 @@ def append(
 
 def _append_pg(conn: Connection, key: bytes, content: dict[str, Any], last: bool) -> int | None:
     """PostgreSQL: the row after the locked head, its id drawn under the lock (ids follow the
-    chain's order); None: no checkpoint yet (the caller holds the first-writer lock then)."""
-    pending = conn.info.pop(_WITH_COMMIT, None)
-    if pending is not None:  # an append marked last, and yet another one: send it first
-        conn.execute(_APPEND_PG, pending)
-    head = conn.execute(_HEAD_LOCK_PG).first()
-    if head is None:
+    chain's order); None: no checkpoint yet (the caller holds the first-writer lock then).
+    Both statements are prebuilt (`store.prebuilt`): the head's lock goes out with the writes
+    queued before it, and an append marked `last` is queued to go out with the COMMIT."""
+    head = _HEAD_LOCK_PG_RAW.rows(conn, {})
+    if not head:
         # No checkpoint yet, so FOR UPDATE locked nothing and two first writers could both
         # create it (one would fail on its key). One at a time starts the chain; the next one,
         # once that commits, finds the checkpoint (READ COMMITTED: each statement sees commits).
         conn.execute(_FIRST_WRITER)
-        head = conn.execute(_HEAD_LOCK_PG).first()
-        if head is None:
+        head = _HEAD_LOCK_PG_RAW.rows(conn, {})
+        if not head:
             return None
-    keyed_from, count, prev, row_id = head[0], head[1], head[2], int(head[3])
+    keyed_from, count, prev, row_id = head[0][0], head[0][1], head[0][2], int(head[0][3])
     recorded = utcnow()
     digest = _mac(key, prev, content | {"recorded": recorded.isoformat()})
     values = content | {"recorded": recorded, "prev_hash": prev, "hash": digest}
@@ -231,10 +224,7 @@ def _append_pg(conn: Connection, key: bytes, content: dict[str, Any], last: bool
     mac = _head_mac(key, keyed_from, count, row_id, digest)
     params = {f"a_{name}": value for name, value in values.items()}
     params |= {"a_id": row_id, "n": count, "last_id": row_id, "last_hash": digest, "mac": mac}
-    if last and not conn.in_nested_transaction():
-        conn.info[_WITH_COMMIT] = params
-    else:
-        conn.execute(_APPEND_PG, params)
+    _APPEND_PG_RAW.execute(conn, params, later=last and not conn.in_nested_transaction())
     return row_id
 
 
@@ -291,42 +281,8 @@ _APPEND_PG = _MOVE_HEAD.add_cte(
 )
 
 
-_WITH_COMMIT = "fhir_gateway_audit_with_commit"  # Connection.info: the append to send with COMMIT
-
-
-_COMPILED: weakref.WeakKeyDictionary[Dialect, Compiled] = weakref.WeakKeyDictionary()
-
-
-@event.listens_for(Engine, "commit")
-def _send_with_commit(conn: Connection) -> None:
-    """PostgreSQL: an append marked `last` goes out with the COMMIT in one pipeline (one round
-    trip); the DBAPI commit SQLAlchemy issues next finds the transaction closed and sends
-    nothing. A failure is raised as SQLAlchemy's error (an OperationalError stays one)."""
-    params = conn.info.pop(_WITH_COMMIT, None)
-    if params is None:
-        return
-    # Here, not at the top: only PostgreSQL gets here, and psycopg (+9 MB RSS) need not sit in
-    # every SQLite-backed process for its whole life.
-    import psycopg
-
-    compiled = _COMPILED.get(conn.dialect)
-    if compiled is None:
-        compiled = _COMPILED[conn.dialect] = _APPEND_PG.compile(dialect=conn.dialect)
-    args = dict(compiled.construct_params(params) or {})
-    args["a_entity"] = json_text(args["a_entity"])  # JsonText's bind processing (UTC times
-    # need none: `utcnow` is aware UTC, psycopg sends it as such)
-    raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
-    try:
-        with raw.pipeline():
-            raw.execute(compiled.string, args)
-            raw.commit()
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(compiled.string, None, exc, psycopg.Error) from exc
-
-
-@event.listens_for(Engine, "rollback")
-def _drop_with_rollback(conn: Connection) -> None:
-    conn.info.pop(_WITH_COMMIT, None)
+_HEAD_LOCK_PG_RAW = Prebuilt(_HEAD_LOCK_PG)
+_APPEND_PG_RAW = Prebuilt(_APPEND_PG)
 
 
 def _record_first(session: Session, key: bytes, content: dict[str, Any]) -> AuditRow:

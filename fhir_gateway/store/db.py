@@ -296,7 +296,12 @@ def _postgres_engine(url: str) -> Engine:
     pool opens a fresh one), not on every checkout as `pool_pre_ping` does: under load every
     connection is back in use within milliseconds, and a ping is a round trip (plus two
     autocommit switches) per transaction, two per referral."""
-    engine = create_engine(url, pool_size=10, max_overflow=10)
+    # prepare_threshold=None: psycopg prepares nothing itself. The hot statements are prepared
+    # by `store.prebuilt` (once per connection); psycopg's own cache would DEALLOCATE ALL at
+    # every ROLLBACK where it had prepared something, theirs included.
+    engine = create_engine(
+        url, pool_size=10, max_overflow=10, connect_args={"prepare_threshold": None}
+    )
     # Bulk inserts (a referral's resources, identifier keys, jobs) as one multi-row
     # INSERT ... VALUES per batch (SQLAlchemy's "insertmanyvalues", as it does for psycopg2),
     # not psycopg 3's executemany, which runs one INSERT per row through its pipeline (in

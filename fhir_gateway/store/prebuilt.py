@@ -8,19 +8,35 @@ error classes (a taken unique key is still `sqlalchemy.exc.IntegrityError`, busy
 `OperationalError`), and skip the rest. An expanding `IN` is compiled once per list length.
 Rows go to SQLite as one `executemany`; PostgreSQL keeps SQLAlchemy's multi-row VALUES for
 several rows (psycopg's executemany would send one INSERT per row).
+
+PostgreSQL: statements go out through libpq's pipeline mode, several per round trip
+(`_PgBatch`). A write whose result nobody waits for can be queued (`later=True`): it is sent
+with the next statement that needs an answer (a prebuilt read, any SQLAlchemy statement) or with
+the COMMIT, and its error (a taken unique key) is raised there, as SQLAlchemy's error class, so
+it suits only callers that retry or fail the whole transaction on it. The BEGIN goes with the
+transaction's first statement. A referral took 10 round trips (BEGIN, 7 statements, the audit
+append with COMMIT and psycopg's pipeline exit); it takes 4. Statements are prepared once per
+connection (as psycopg's own cursor does after a few executions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import re
+import weakref
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, insert
+from sqlalchemy import Connection, Engine, bindparam, event, insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import Executable
 
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg.pq.abc import PGconn, PGresult
+
 Processor = Callable[[Any], Any]
+_PYFORMAT = re.compile(r"%%|%\((\w+)\)s")  # psycopg's named placeholders (and escaped %)
 MAX_SHAPES = 64  # per statement and dialect: list lengths seen (batches are at most 500)
 
 
@@ -68,6 +84,17 @@ class _Shape:
         )
         self.error: type[Exception] = dialect.loaded_dbapi.Error
         self.dialect = dialect
+        if dialect.name == "postgresql":  # libpq's own form: $1, $2 ... and their order
+            names: list[str] = []
+
+            def number(m: re.Match[str]) -> str:
+                if m.group(0) == "%%":
+                    return "%"
+                names.append(m.group(1))
+                return f"${len(names)}"
+
+            self.pg_sql = _PYFORMAT.sub(number, self.sql).encode()
+            self.pg_order = names
 
     def args(self, values: Mapping[str, Any]) -> Any:
         params = self.fixed | dict(values) if self.fixed else dict(values)
@@ -129,16 +156,20 @@ class Prebuilt:
         return shape
 
     def rows(self, conn: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """A SELECT's rows, each value as the column's SQLAlchemy type returns it."""
+        """A SELECT's rows, each value as the column's SQLAlchemy type returns it (on
+        PostgreSQL sent together with the writes queued before it)."""
         shape = self._shape(conn.dialect, values)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(shape.sql, shape.args(values))
-            found = cursor.fetchall()
-        except shape.error as exc:
-            raise shape.wrapped(exc) from exc
-        finally:
-            cursor.close()
+        if shape.dialect.name == "postgresql":
+            found: Sequence[Sequence[Any]] = _PgBatch.of(conn).send(shape, shape.args(values))
+        else:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(shape.sql, shape.args(values))
+                found = cursor.fetchall()
+            except shape.error as exc:
+                raise shape.wrapped(exc) from exc
+            finally:
+                cursor.close()
         procs = shape.results
         if not any(procs):
             return [tuple(row) for row in found]
@@ -147,8 +178,25 @@ class Prebuilt:
             for row in found
         ]
 
-    def insert(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert `rows` (each with exactly `keys`) in one statement."""
+    def execute(self, conn: Connection, values: Mapping[str, Any], *, later: bool = False) -> None:
+        """Run a statement that returns no rows. `later` (PostgreSQL): queue it, to go out
+        with the next statement that needs an answer or with the COMMIT (module doc)."""
+        shape = self._shape(conn.dialect, values)
+        if shape.dialect.name == "postgresql":
+            _PgBatch.of(conn).add(shape, shape.args(values), later=later)
+            return
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(shape.sql, shape.args(values))
+        except shape.error as exc:
+            raise shape.wrapped(exc) from exc
+        finally:
+            cursor.close()
+
+    def insert(
+        self, conn: Connection, rows: Sequence[Mapping[str, Any]], *, later: bool = False
+    ) -> None:
+        """Insert `rows` (each with exactly `keys`) in one statement. `later`: as `execute`'s."""
         if not rows:
             return
         many = len(rows) > 1 and conn.dialect.name != "sqlite"
@@ -157,6 +205,13 @@ class Prebuilt:
             if many
             else self._shape(conn.dialect, rows[0])
         )
+        if shape.dialect.name == "postgresql":
+            if many:
+                flat = {f"{k}__{i}": v for i, row in enumerate(rows) for k, v in row.items()}
+                _PgBatch.of(conn).add(shape, shape.args(flat), later=later)
+            else:
+                _PgBatch.of(conn).add(shape, shape.args(rows[0]), later=later)
+            return
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             if many:  # one INSERT ... VALUES (...), (...)
@@ -170,3 +225,153 @@ class Prebuilt:
             raise shape.wrapped(exc) from exc
         finally:
             cursor.close()
+
+
+# --- PostgreSQL: several statements per round trip --------------------------------------------
+
+_QUEUED = "fhir_gateway_prebuilt_queued"  # Connection.info: statements not sent yet
+_PREPARED: weakref.WeakKeyDictionary[Any, dict[bytes, bytes]] = weakref.WeakKeyDictionary()
+
+
+class _PgBatch:
+    """The statements of one transaction on one psycopg connection not sent yet, and the
+    exchange that sends them: libpq pipeline mode, one Sync, one round trip.
+
+    Parameters go as text with their types left to the server (the statements carry
+    SQLAlchemy's casts), so one prepared statement serves every value; each statement is
+    prepared (Parse) in the same round trip as its first execution on a connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.queued: list[tuple[_Shape, Any]] = []
+
+    @classmethod
+    def of(cls, conn: Connection) -> _PgBatch:
+        batch: _PgBatch | None = conn.info.get(_QUEUED)
+        if batch is None or batch.conn is not conn:
+            batch = conn.info[_QUEUED] = cls(conn)
+        return batch
+
+    def add(self, shape: _Shape, args: Any, *, later: bool) -> None:
+        self.queued.append((shape, args))
+        if not later:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.queued:
+            self._exchange(None, commit=False)
+
+    def send(self, shape: _Shape, args: Any) -> Sequence[Sequence[Any]]:
+        """The queued statements, then this one: its rows."""
+        self.queued.append((shape, args))
+        return self._exchange(len(self.queued) - 1, commit=False)
+
+    def commit(self) -> None:
+        """The queued statements and COMMIT, in one round trip."""
+        self._exchange(None, commit=True)
+
+    def _exchange(self, answer: int | None, *, commit: bool) -> list[tuple[Any, ...]]:
+        import psycopg  # here: an SQLite-backed process never loads psycopg (+9 MB RSS)
+        from psycopg import errors, pq
+        from psycopg.adapt import PyFormat, Transformer
+
+        queued, self.queued = self.queued, []
+        raw: psycopg.Connection[Any] = self.conn.connection.driver_connection  # type: ignore[assignment]
+        pgconn = raw.pgconn
+        prepared = _PREPARED.setdefault(pgconn, {})
+        parsing: dict[bytes, bytes] = {}  # prepared in this exchange: SQL -> name
+        tx = Transformer(raw)
+        expect: list[tuple[int, bytes]] = []  # per result: index in `queued` (-1: none), SQL Parsed
+        try:
+            with raw.lock:
+                pgconn.enter_pipeline_mode()
+                try:
+                    if (
+                        pgconn.transaction_status == pq.TransactionStatus.IDLE
+                        and not raw.autocommit
+                    ):
+                        pgconn.send_query_params(b"BEGIN", None)
+                        expect.append((-1, b""))
+                    for i, (shape, args) in enumerate(queued):
+                        params = [args[k] for k in shape.pg_order]
+                        dumped = tx.dump_sequence(params, [PyFormat.TEXT] * len(params))
+                        name = prepared.get(shape.pg_sql) or parsing.get(shape.pg_sql)
+                        if name is None:
+                            name = f"fg_{len(prepared) + len(parsing)}".encode()
+                            parsing[shape.pg_sql] = name
+                            pgconn.send_prepare(name, shape.pg_sql)
+                            expect.append((-1, shape.pg_sql))
+                        pgconn.send_query_prepared(name, dumped)
+                        expect.append((i, b""))
+                    if commit:
+                        pgconn.send_query_params(b"COMMIT", None)
+                        expect.append((-1, b""))
+                    pgconn.pipeline_sync()
+                    results = raw.wait(_results(pgconn, len(expect)))
+                finally:
+                    if pgconn.status == pq.ConnStatus.OK and not pgconn.is_busy():
+                        pgconn.exit_pipeline_mode()
+        except psycopg.Error as exc:  # the connection failed: as SQLAlchemy raises it
+            raise DBAPIError.instance(
+                "(pipeline)", None, exc, psycopg.Error, hide_parameters=True
+            ) from exc
+        error: Exception | None = None
+        rows: list[tuple[Any, ...]] = []
+        for (index, parsed), result in zip(expect, results, strict=True):
+            status = result.status if result is not None else None
+            if status == pq.ExecStatus.FATAL_ERROR and error is None:
+                error = errors.error_from_result(result, encoding=raw.info.encoding)  # type: ignore[arg-type]
+            elif parsed and status == pq.ExecStatus.COMMAND_OK:
+                prepared[parsed] = parsing[parsed]
+            elif index == answer and result is not None and status == pq.ExecStatus.TUPLES_OK:
+                tx.set_pgresult(result)
+                rows = tx.load_rows(0, result.ntuples, tuple)
+        if error is not None:
+            if answer is None and not queued:
+                raise DBAPIError.instance(
+                    "COMMIT", None, error, psycopg.Error, hide_parameters=True
+                ) from error
+            shape = queued[answer if answer is not None else 0][0]
+            raise shape.wrapped(error) from error
+        return rows
+
+
+def _results(pgconn: PGconn, count: int) -> Generator[Any, Any, list[PGresult | None]]:
+    """Send what is buffered, then read `count` results and the Sync's."""
+    from psycopg import generators, pq
+
+    yield from generators.send(pgconn)
+    out: list[PGresult | None] = []
+    while True:
+        got = yield from generators.fetch_many(pgconn)
+        if got and got[-1].status == pq.ExecStatus.PIPELINE_SYNC:
+            break
+        # one statement's results (the first says how it went; an aborted one: PIPELINE_ABORTED)
+        out.append(got[0] if got else None)
+    if len(out) != count:
+        raise RuntimeError(f"expected {count} results in the pipeline, got {len(out)}")
+    return out
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _send_queued_first(conn: Connection, *_args: Any) -> None:
+    """A statement through SQLAlchemy: what was queued before it goes first."""
+    batch: _PgBatch | None = conn.info.get(_QUEUED) if conn.dialect.name == "postgresql" else None
+    if batch is not None and batch.queued:
+        batch.flush()
+
+
+@event.listens_for(Engine, "commit")
+def _send_with_commit(conn: Connection) -> None:
+    """PostgreSQL: what was queued goes out with the COMMIT, in one round trip; the DBAPI
+    commit SQLAlchemy issues next finds the transaction closed and sends nothing."""
+    batch: _PgBatch | None = conn.info.get(_QUEUED) if conn.dialect.name == "postgresql" else None
+    if batch is not None and batch.queued:
+        batch.commit()
+
+
+@event.listens_for(Engine, "rollback")
+def _drop_with_rollback(conn: Connection) -> None:
+    batch: _PgBatch | None = conn.info.get(_QUEUED) if conn.dialect.name == "postgresql" else None
+    if batch is not None:
+        batch.queued.clear()
