@@ -45,6 +45,7 @@ from fhir_gateway.errors import (
     UpstreamRejectedError,
 )
 from fhir_gateway.metrics import JOB_DURATION
+from fhir_gateway.resources import new_id
 from fhir_gateway.settings import JobSettings, Partner, Settings
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Base, Case, Job, utcnow
@@ -182,7 +183,7 @@ def enqueue(
         if existing is not None:
             return existing
     job = Job(
-        id=str(uuid.uuid4()),
+        id=new_id(),
         kind=kind,
         case_id=case_id,
         payload=payload or {},
@@ -235,7 +236,7 @@ def enqueue_for_new_case(session: Session, case_id: str, kinds: Iterable[str]) -
     now = utcnow()
     rows: list[dict[str, Any]] = [
         {
-            "id": str(uuid.uuid4()),
+            "id": new_id(),
             "kind": kind,
             "case_id": case_id,
             "payload": {},

@@ -7,6 +7,8 @@ nothing of ours, so `mappers` and `connectors` may use it.
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -60,6 +62,25 @@ def json_compact(value: Any, *, sort_keys: bool = False) -> str:
 
 # Namespace for uuid5 ids; fixed forever, so ids stay stable across releases.
 ID_NAMESPACE = uuid.UUID("5b1f2a1e-6f7c-4d55-9a1e-2f0c1a9d7e33")
+
+
+def new_id() -> str:
+    """A new row or resource id: a UUID version 7 (RFC 9562 §5.7: 48 bits of Unix time in
+    milliseconds, then 74 random bits). Ids made one after another sort together, so inserting
+    them adds to the right edge of every index keyed by them (the table's key, the case and
+    resource columns of the tables that point at it) instead of at a random page of a large
+    B-tree: at 1,000,000 stored resources a random insert reads and dirties a page the cache
+    rarely holds, and each dirtied page is one more WAL frame and checkpoint write. The random
+    bits keep ids unguessable as uuid4's are (access never rests on an id being secret). Python
+    3.14's `uuid.uuid7` makes the same; this can give way to it when 3.14 is the oldest
+    supported."""
+    ms = time.time_ns() // 1_000_000
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10)) & _RAND_74
+    return str(uuid.UUID(int=value | _V7_BITS))
+
+
+_RAND_74 = (0xFFF << 64) | 0x3FFF_FFFF_FFFF_FFFF  # rand_a (12 bits) and rand_b (62 bits)
+_V7_BITS = (0x7 << 76) | (0b10 << 62)  # version 7, variant RFC 9562
 
 
 def deterministic_id(*parts: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -31,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from fhir_gateway.errors import InputError, NotFoundError, PreconditionFailedError
-from fhir_gateway.resources import Resource, identifiers_of, split_token
+from fhir_gateway.resources import Resource, identifiers_of, new_id, split_token
 from fhir_gateway.store.models import FhirResource, ResourceIdentifier, UTCDateTime, utcnow
 from fhir_gateway.store.prebuilt import Prebuilt
 
@@ -69,7 +68,7 @@ def create(
     RS-04)."""
     now = utcnow()
     body = copy.deepcopy(body)
-    rid = rid or str(uuid.uuid4())
+    rid = rid or new_id()
     body["id"] = rid
     body["meta"] = {**(body.get("meta") or {}), "versionId": "1", "lastUpdated": fhir_instant(now)}
     row = FhirResource(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from fhir_gateway.intake import hosted
 from fhir_gateway.intake.tasks import TRANSITIONS, queue_v2_status
 from fhir_gateway.intake.validation import validate_resource
 from fhir_gateway.notify import subscriptions
-from fhir_gateway.resources import Resource
+from fhir_gateway.resources import Resource, new_id
 from fhir_gateway.security import audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
@@ -569,7 +568,7 @@ def _prepare(plan: _Plan, matches: _Matches, options: IntakeOptions) -> _Prepare
         elif e.index in matches.repeats:
             ids[e.index] = ids[matches.repeats[e.index]]
         else:
-            ids[e.index] = str(uuid.uuid4())
+            ids[e.index] = new_id()
     ref_map: dict[str, str] = {}
     for e in plan.entries:
         for alias in _aliases(e):
@@ -584,7 +583,7 @@ def _prepare(plan: _Plan, matches: _Matches, options: IntakeOptions) -> _Prepare
         body["id"] = rid
         version = 1
         if e.rtype == "Task":
-            prepared.case_id = str(uuid.uuid4())
+            prepared.case_id = new_id()
             body, version = _received(body, options.our_org, now), 2
         body["meta"] = {
             **(body.get("meta") or {}),

@@ -27,7 +27,6 @@ An OMG^O19 goes to `intake.v2_referrals` (360X). Logs carry ids and rule names, 
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +48,7 @@ from fhir_gateway.casebundle.normalise import v2_source
 from fhir_gateway.errors import ConflictError, InputError, NotFoundError, ParseError
 from fhir_gateway.intake import hosted, v2_referrals
 from fhir_gateway.jobs import JobContext
-from fhir_gateway.resources import identifiers_of
+from fhir_gateway.resources import identifiers_of, new_id
 from fhir_gateway.security import audit
 from fhir_gateway.security.audit import Actor
 from fhir_gateway.settings import PartnersFile, Settings
@@ -122,7 +121,7 @@ class V2Inbox:
         except ParseError as exc:
             return AckDecision.reject(f"message cannot be parsed: {exc.message}", ERR_SEGMENT)
         row = V2Message(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             sending_application=header.sending_application[:227],
             sending_facility=header.sending_facility[:227],
             control_id=header.control_id[:199],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -39,6 +38,7 @@ from fhir_gateway.imaging.job import build_image_store
 from fhir_gateway.imaging.store import ImageStore
 from fhir_gateway.records import documents, uploads
 from fhir_gateway.records.uploads import FileResult, UploadGrant
+from fhir_gateway.resources import new_id
 from fhir_gateway.security import access, audit
 from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Settings
@@ -114,7 +114,7 @@ def create_link(
         access.get_case(s, case_id, who)
         jobs.require_case_open(s, case_id, "creating an upload link")
         link = UploadLink(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             case_id=case_id,
             token_sha256=token_hash(token),
             created_by=who.sub,

@@ -8,7 +8,6 @@ Submitting twice delivers once.
 from __future__ import annotations
 
 import base64
-import uuid
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +24,7 @@ from fhir_gateway.errors import (
 )
 from fhir_gateway.intake import hosted
 from fhir_gateway.reports.fonts import find_report_fonts
-from fhir_gateway.resources import Resource, identifiers_of
+from fhir_gateway.resources import Resource, identifiers_of, new_id
 from fhir_gateway.security import access, audit
 from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import (
@@ -79,7 +78,7 @@ def save_draft(
     body = draft.model_dump(mode="json", exclude_none=True)
     if report is None:
         report = Report(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             case_id=case.id,
             kind=draft.kind,
             status="draft",
@@ -186,7 +185,7 @@ def _new_version(
     deliveries = []
     for name in names:  # one delivery and one job per recipient, each sent exactly once
         d = Delivery(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             report_id=report.id,
             case_id=case.id,
             report_version=report.version,

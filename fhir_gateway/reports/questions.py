@@ -30,7 +30,7 @@ from fhir_gateway.errors import (
 from fhir_gateway.intake import hosted
 from fhir_gateway.intake.validation import validate_resource
 from fhir_gateway.reports import delivery, drafts
-from fhir_gateway.resources import Resource, identifiers_of
+from fhir_gateway.resources import Resource, identifiers_of, new_id
 from fhir_gateway.security import access, audit
 from fhir_gateway.settings import Settings
 from fhir_gateway.store.models import Case, Delivery, FhirResource, Question, Report, utcnow
@@ -80,7 +80,7 @@ def ask(
         raise _bad(f"at most {limit} follow-up questions per case", "Communication")
     row = hosted.create(session, comm, partner_id=who.partner_id, case_id=case.id)
     question = Question(
-        id=str(uuid.uuid4()),
+        id=new_id(),
         case_id=case.id,
         communication_id=row.id,
         text=text,
