@@ -13,7 +13,10 @@ PostgreSQL: statements go out through libpq's pipeline mode, several per round t
 (`_PgBatch`). A write whose result nobody waits for can be queued (`later=True`): it is sent
 with the next statement that needs an answer (a prebuilt read, any SQLAlchemy statement) or with
 the COMMIT, and its error (a taken unique key) is raised there, as SQLAlchemy's error class, so
-it suits only callers that retry or fail the whole transaction on it. The BEGIN goes with the
+it suits only callers that retry or fail the whole transaction on it: a transaction that queues
+one must not also catch `IntegrityError` around a savepoint of its own (`begin_nested`), where
+the queued write's error would surface and be taken for the savepoint's. Intake's are the only
+queued writes today, and intake opens no savepoint. The BEGIN goes with the
 transaction's first statement. A referral took 10 round trips (BEGIN, 7 statements, the audit
 append with COMMIT and psycopg's pipeline exit); it takes 4. Statements are prepared once per
 connection (as psycopg's own cursor does after a few executions).
