@@ -19,7 +19,8 @@ CLASS_SYSTEM = "urn:fhir-gateway:class"
 """meta.tag system carrying the classification of a normalised resource."""
 
 
-def _load(name: str) -> dict[str, Any]:
+def load_code_table(name: str) -> dict[str, Any]:
+    """A code table of mappers/codes/ as JSON (package data: no I/O beyond the package)."""
     text = importlib_resources.files("mappers.codes").joinpath(name).read_text("utf-8")
     data: dict[str, Any] = json.loads(text)
     return data
@@ -76,21 +77,21 @@ class Terminology:
 
 @cache
 def terminology() -> Terminology:
-    systems = _load("code-systems.json")["aliases"]
+    systems = load_code_table("code-systems.json")["aliases"]
     aliases: dict[str, str] = {}
     for canonical, names in systems.items():
         for name in names:
             aliases[name] = canonical
             aliases[name.upper()] = canonical
-    units = _load("units.json")
-    classes = _load("classes.json")
+    units = load_code_table("units.json")
+    classes = load_code_table("classes.json")
     category_classes = {
         (system, code): cls
         for cls, pairs in classes["categories"].items()
         for system, code in pairs
     }
     code_classes: dict[tuple[str, str], str] = {}
-    value_sets = _load("mcode-value-sets.json")
+    value_sets = load_code_table("mcode-value-sets.json")
     icd10: dict[str, frozenset[str]] = {}
     # Secondary first: its SNOMED descendants are excluded from the primary value set.
     for cls in ("secondary-cancer-condition", "primary-cancer-condition"):

@@ -17,15 +17,13 @@ not list.
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from collections.abc import Iterable
-from importlib import resources as importlib_resources
 from typing import Any
 
 from fhir_gateway.resources import LOINC, UCUM, Resource
 from mappers._common import Issue, issue
-from mappers.terminology import Terminology
+from mappers.terminology import Terminology, load_code_table
 
 PQ_TRANSLATION = "http://hl7.org/fhir/StructureDefinition/iso21090-PQ-translation"
 _SIGNIFICANT = 12  # enough for any lab value; hides binary floating-point noise of the factors
@@ -60,9 +58,7 @@ def _build_registry() -> Any:
 
 @functools.cache
 def _factors() -> dict[str, dict[str, float | None]]:
-    table = importlib_resources.files("mappers.codes").joinpath("ucum-factors.json")
-    text = table.read_text("utf-8")
-    factors: dict[str, dict[str, float | None]] = json.loads(text)["factors"]
+    factors: dict[str, dict[str, float | None]] = load_code_table("ucum-factors.json")["factors"]
     return factors
 
 

@@ -3,20 +3,17 @@ is ucumvert's own arithmetic, and a unit the table lacks still converts through 
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from importlib import resources as importlib_resources
 
 import pytest
 
 from mappers import units
-from mappers.terminology import terminology
+from mappers.terminology import load_code_table, terminology
 
 
 def _file() -> dict[str, dict[str, float | None]]:
-    text = importlib_resources.files("mappers.codes").joinpath("ucum-factors.json").read_text()
-    table: dict[str, dict[str, float | None]] = json.loads(text)["factors"]
+    table: dict[str, dict[str, float | None]] = load_code_table("ucum-factors.json")["factors"]
     return table
 
 
