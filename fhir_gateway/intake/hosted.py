@@ -201,22 +201,27 @@ _MATCH_IDENTIFIERS = Prebuilt(
 )
 
 
-# PostgreSQL: exactly the wanted keys, one index probe each (a subquery per key: the plan stays
-# a probe per key whatever the statistics say; a join let a fresh, un-ANALYZEd table be read
-# whole per lookup), in a statement whose text does not change with the number of keys (psycopg
-# prepares it once per connection). The IN lists below make the index scan try every type x
-# every value: 50 probes for a referral's 10 keys in 5 types (0.59 ms, 153 buffers at 100,000
-# stored, against 0.09 ms and 6 for this).
+# PostgreSQL: exactly the wanted keys, one index probe each, and one primary-key probe of the
+# resource found: each lookup is a LATERAL subquery with LIMIT 1 (both are unique keys), which
+# the planner cannot turn into a join, so the plan stays a probe per key whatever the statistics
+# say. As plain joins, a fresh or not-yet-ANALYZEd table (a new install, or the first minute
+# after a burst, before autovacuum) was read whole and hashed on every push: the fhir_resources
+# join did that while its table grew, 2.5 ms of PostgreSQL per referral on a fresh database
+# against 0.11 ms at 100,000 stored (pg_stat_statements, bench_intake --statements). The text
+# does not change with the number of keys (psycopg prepares it once per connection). The IN
+# lists of the SQLite form would make the index scan try every type x every value: 50 probes for
+# a referral's 10 keys in 5 types (0.59 ms, 153 buffers at 100,000 stored, against 0.09 ms and
+# 6 for this).
 _MATCH_KEYS_PG = Prebuilt(
     text(
         "SELECT k.t, k.s, k.v, m.rid, f.version_id, f.last_updated, f.case_id"
         " FROM unnest(CAST(:types AS varchar[]), CAST(:systems AS varchar[]),"
         " CAST(:values AS varchar[])) AS k(t, s, v)"
-        " CROSS JOIN LATERAL (SELECT (SELECT r.resource_id FROM resource_identifiers r"
+        " LEFT JOIN LATERAL (SELECT r.resource_id AS rid FROM resource_identifiers r"
         " WHERE r.partner_id = :partner AND r.resource_type = k.t AND r.value_hash = k.v"
-        " AND r.system_hash = k.s) AS rid) AS m"
+        " AND r.system_hash = k.s LIMIT 1) AS m ON true"
         " LEFT JOIN LATERAL (SELECT f.version_id, f.last_updated, f.case_id FROM fhir_resources f"
-        " WHERE f.resource_type = k.t AND f.id = m.rid) AS f ON true"
+        " WHERE f.resource_type = k.t AND f.id = m.rid LIMIT 1) AS f ON true"
     ).columns(
         column("t", String),
         column("s", String),
