@@ -37,9 +37,10 @@ resource of the type with a FHIRPath match each (~4 ms per 100 stored Patients h
 `serve` runs with `--workers 0` (no job workers: the pulls the cases queue stay queued) and
 the log level WARNING. Printed per engine and size: rate (tx/s), p50, p99, server CPU per
 request (psutil: the server process and its children; for PostgreSQL also the cluster's
-processes), the load generator's CPU per request, then the ratios: ours / Medplum (rate),
-and the rate at 100k and 1M relative to the empty store. `RATIO {...}` lines go to
-tests/benchmarks/run_all.py (seconds per transaction, ours / anchor).
+processes), the load generator's CPU per request, the server's read and write syscalls per
+request with their bytes (they do not drift with the VM's speed as CPU time does), then the
+ratios: ours / Medplum (rate), and the rate at 100k and 1M relative to the empty store.
+`RATIO {...}` lines go to tests/benchmarks/run_all.py (seconds per transaction, ours / anchor).
 """
 
 from __future__ import annotations
@@ -229,6 +230,26 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+def io_of(pids: list[int]) -> tuple[int, int, int, int]:
+    """(bytes read, read calls, bytes written, write calls) by these processes and their
+    children so far, as the kernel counts their syscalls (page-cache reads included): unlike
+    CPU time, these do not drift with this VM's speed, so they show what a change or a larger
+    store does to the database's I/O per referral."""
+    total = [0, 0, 0, 0]
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                io = p.io_counters()
+                for i, v in enumerate(
+                    (io.read_chars, io.read_count, io.write_chars, io.write_count)
+                ):
+                    total[i] += v
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+    return total[0], total[1], total[2], total[3]
+
+
 @dataclass
 class Result:
     engine: str
@@ -266,10 +287,11 @@ def measure(
     asyncio.run(_drive(host, int(port), path, headers, payloads[:warmup], conc))
     if statements_url:
         pg_statements(statements_url, None)
-    cpu0, db0 = cpu_of(server_pids), cpu_of(db_pids)
+    cpu0, db0, io0 = cpu_of(server_pids), cpu_of(db_pids), io_of(server_pids)
     load = asyncio.run(_drive(host, int(port), path, headers, payloads[warmup:], conc))
     n = len(load.latencies) + sum(load.errors.values())
     server_cpu = cpu_of(server_pids) - cpu0
+    io = [(b - a) / n for a, b in zip(io0, io_of(server_pids), strict=True)]
     db_cpu = cpu_of(db_pids) - db0 if db_pids else None
     res = Result(
         engine,
@@ -288,7 +310,8 @@ def measure(
         f"{engine:10} {stored:>9,} stored: {res.rate:7.1f} tx/s  p50 {res.p50 * 1000:6.1f} ms  "
         f"p99 {res.p99 * 1000:7.1f} ms  server CPU {res.server_cpu_ms:5.1f} ms/tx{db}  "
         f"load generator {res.client_cpu_ms:4.2f} ms/tx  ({res.ok} ok, errors {res.errors or 0})"
-        f"  load {os.getloadavg()[0]:.2f}",
+        f"  load {os.getloadavg()[0]:.2f}\n{'':30}server I/O per tx: read {io[0] / 1024:.0f} KB in "
+        f"{io[1]:.0f} calls, wrote {io[2] / 1024:.0f} KB in {io[3]:.0f} calls",
         flush=True,
     )
     if statements_url:
