@@ -37,7 +37,7 @@ resource of the type with a FHIRPath match each (~4 ms per 100 stored Patients h
 `serve` runs with `--workers 0` (no job workers: the pulls the cases queue stay queued) and
 the log level WARNING. Printed per engine and size: rate (tx/s), p50, p99, server CPU per
 request (psutil: the server process and its children; for PostgreSQL also the cluster's
-processes), the load generator's CPU per request, the server's read and write syscalls per
+processes), the load generator's CPU per request, the server's file reads and writes per
 request with their bytes (they do not drift with the VM's speed as CPU time does), then the
 ratios: ours / Medplum (rate), and the rate at 100k and 1M relative to the empty store.
 `RATIO {...}` lines go to tests/benchmarks/run_all.py (seconds per transaction, ours / anchor).
@@ -232,9 +232,10 @@ def cpu_of(pids: list[int]) -> float:
 
 def io_of(pids: list[int]) -> tuple[int, int, int, int]:
     """(bytes read, read calls, bytes written, write calls) by these processes and their
-    children so far, as the kernel counts their syscalls (page-cache reads included): unlike
-    CPU time, these do not drift with this VM's speed, so they show what a change or a larger
-    store does to the database's I/O per referral."""
+    children so far, as the kernel counts their read and write calls (page-cache reads
+    included; sockets read with recv and written with send, as libpq and asyncio do, are not):
+    unlike CPU time, these do not drift with this VM's speed, so they show what a change or a
+    larger store does to the database's file I/O per referral."""
     total = [0, 0, 0, 0]
     for pid in pids:
         try:
