@@ -261,12 +261,15 @@ async def transaction(request: Request) -> FhirResponse:
     return FhirResponse(await anyio.to_thread.run_sync(run, limiter=limiter))
 
 
-# On SQLite, referral transactions run in at most this many worker threads per process; the
-# rest wait on the event loop (cheaply). More only contend for the GIL and the one write lock,
-# each handoff costing CPU (bench_intake: ~10% less server CPU per referral at the same rate).
-# On PostgreSQL a transaction mostly waits on round trips: capped at 2 the rate halved, so
-# there it takes the default pool.
-INTAKE_THREADS = 2
+# On SQLite, referral transactions run in one worker thread per process; the rest wait on the
+# event loop (cheaply). SQLite takes one writer at a time anyway, and a second thread only adds
+# GIL handoffs and, taking turns on pooled connections, drops each one's page cache (SQLite
+# discards it when another connection has committed): with one thread and the pool handing
+# back the last-used connection (`store.db`), pages read per referral 92 -> 11 calls at 0
+# stored and 186 -> 72 at 1,000,000 (bench_intake), server CPU per referral lower in 9 of 12
+# alternating runs. On PostgreSQL a transaction mostly waits on round trips: capped at 2 the
+# rate halved, so there it takes the default pool.
+INTAKE_THREADS = 1
 _LIMITER: RunVar[CapacityLimiter] = RunVar("intake_threads")  # one per event loop
 
 

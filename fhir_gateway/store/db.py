@@ -341,10 +341,14 @@ def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     # hide_parameters: database errors must not carry patient data into logs.
+    # pool_use_lifo: the connection used last is handed out next, so the one intake thread
+    # (`api.fhir.INTAKE_THREADS`) keeps its page cache between referrals (first in, first out
+    # it took turns with the idle ones, whose caches the others' commits had made stale).
     engine = create_engine(
         url,
         connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
         hide_parameters=True,
+        pool_use_lifo=True,
     )
 
     @event.listens_for(engine, "connect")

@@ -235,3 +235,52 @@ def test_reads_take_no_write_lock_and_a_locked_database_is_503(settings, tokens)
         assert counts(store)["Case"] == 1
         assert client.post("/fhir", json=referral("locked"), headers=headers).status_code == 200
     store.dispose()
+
+
+def test_sqlite_intake_runs_one_transaction_at_a_time(settings, tokens, monkeypatch) -> None:
+    """On SQLite (one writer at a time anyway) referral transactions take one worker thread
+    per process; the rest wait on the event loop. A second thread only added GIL handoffs and
+    page cache reloads (api.fhir.INTAKE_THREADS). 8 different referrals at once: all answered,
+    8 cases, never two transactions inside at the same moment."""
+    import time
+
+    from fhir_gateway.intake import referrals
+
+    store = open_store(settings.db_url)
+    inside, most = 0, 0
+    lock = threading.Lock()
+    real = referrals.intake_transaction
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.02)  # long enough for a second thread to come in, were it allowed
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(referrals, "intake_transaction", counted)
+    app = create_app(settings, store=store, configure_logs=False)
+    headers = tokens.headers("ehr") | FHIR_JSON
+    try:
+        with AppServer(app) as server:
+            barrier = threading.Barrier(8)
+
+            def push(n: int) -> int:
+                with requests.Session() as http:
+                    barrier.wait()
+                    body = json.dumps(referral(f"one-at-a-time-{n}"))
+                    return http.post(
+                        f"{server.url}/fhir", data=body, headers=headers, timeout=120
+                    ).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(push, range(8))) == [200] * 8
+        assert most == 1
+        assert counts(store)["Case"] == 8
+    finally:
+        store.dispose()
