@@ -340,17 +340,19 @@ def _plan(
 
 
 def _references(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(FHIRPath of the Reference, its `reference`) for every Reference in `value`."""
+    """(FHIRPath of the Reference, its `reference`) for every Reference in `value`. Only
+    objects and arrays are walked into (a call and a path per leaf value was most of it)."""
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str):
             yield path, ref
         for key, item in value.items():
-            if key != "reference":
+            if key != "reference" and isinstance(item, (dict, list)):
                 yield from _references(item, f"{path}.{key}")
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            yield from _references(item, f"{path}[{i}]")
+            if isinstance(item, (dict, list)):
+                yield from _references(item, f"{path}[{i}]")
 
 
 def _check_references(
@@ -764,17 +766,20 @@ def _aliases(e: _Entry) -> Iterator[str]:
 
 
 def _rewrite_refs(value: Any, ref_map: dict[str, str]) -> Any:
-    """A copy of `value` with references to entries of the push rewritten to server ids."""
+    """A copy of `value` with references to entries of the push rewritten to server ids
+    (objects and arrays copied, leaf values shared)."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if k == "reference" and isinstance(v, str) and v in ref_map:
+            if isinstance(v, (dict, list)):
+                out[k] = _rewrite_refs(v, ref_map)
+            elif k == "reference" and isinstance(v, str) and v in ref_map:
                 out[k] = ref_map[v]
             else:
-                out[k] = _rewrite_refs(v, ref_map)
+                out[k] = v
         return out
     if isinstance(value, list):
-        return [_rewrite_refs(v, ref_map) for v in value]
+        return [_rewrite_refs(v, ref_map) if isinstance(v, (dict, list)) else v for v in value]
     return value
 
 
