@@ -265,10 +265,11 @@ async def transaction(request: Request) -> FhirResponse:
 # event loop (cheaply). SQLite takes one writer at a time anyway, and a second thread only adds
 # GIL handoffs and, taking turns on pooled connections, drops each one's page cache (SQLite
 # discards it when another connection has committed): with one thread and the pool handing
-# back the last-used connection (`store.db`), pages read per referral 92 -> 11 calls at 0
-# stored and 186 -> 72 at 1,000,000 (bench_intake), server CPU per referral lower in 9 of 12
-# alternating runs. On PostgreSQL a transaction mostly waits on round trips: capped at 2 the
-# rate halved, so there it takes the default pool.
+# back the last-used connection (`store.db`), pages read per referral 87-93 -> 6-12 calls at 0
+# stored and 183-190 -> 71-73 at 1,000,000 (bench_intake), and server CPU per referral lower in
+# 18 of 21 alternating runs of the two. On PostgreSQL a transaction mostly waits on round
+# trips: capped at 2 the rate halved, at 3 the rate at 1M stored fell (README, "Speed"), so
+# there it takes the default pool.
 INTAKE_THREADS = 1
 _LIMITER: RunVar[CapacityLimiter] = RunVar("intake_threads")  # one per event loop
 

@@ -11,6 +11,7 @@ import copy
 import json
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +22,7 @@ from sqlalchemy import func, select
 
 from fhir_gateway.app import create_app
 from fhir_gateway.errors import StoreBusyError
+from fhir_gateway.intake import referrals
 from fhir_gateway.sandbox.server import AppServer
 from fhir_gateway.settings import Limits
 from fhir_gateway.store import open_store
@@ -242,10 +244,6 @@ def test_sqlite_intake_runs_one_transaction_at_a_time(settings, tokens, monkeypa
     per process; the rest wait on the event loop. A second thread only added GIL handoffs and
     page cache reloads (api.fhir.INTAKE_THREADS). 8 different referrals at once: all answered,
     8 cases, never two transactions inside at the same moment."""
-    import time
-
-    from fhir_gateway.intake import referrals
-
     store = open_store(settings.db_url)
     inside, most = 0, 0
     lock = threading.Lock()
