@@ -208,19 +208,19 @@ class Prebuilt:
             if many
             else self._shape(conn.dialect, rows[0])
         )
-        # several rows: one INSERT ... VALUES (...), (...), its parameters <column>__<row>
-        one: Mapping[str, Any] = (
-            {f"{k}__{i}": v for i, row in enumerate(rows) for k, v in row.items()}
-            if many
-            else rows[0]
-        )
         if shape.dialect.name == "postgresql":
-            _PgBatch.of(conn).add(shape, shape.args(one), later=later)
+            # several rows: one INSERT ... VALUES (...), (...), its parameters <column>__<row>
+            values = (
+                {f"{k}__{i}": v for i, row in enumerate(rows) for k, v in row.items()}
+                if many
+                else rows[0]
+            )
+            _PgBatch.of(conn).add(shape, shape.args(values), later=later)
             return
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if many or len(rows) == 1:
-                cursor.execute(shape.sql, shape.args(one))
+        try:  # SQLite: one row, or the same statement for each (executemany)
+            if len(rows) == 1:
+                cursor.execute(shape.sql, shape.args(rows[0]))
             else:
                 cursor.executemany(shape.sql, [shape.args(r) for r in rows])
         except shape.error as exc:
