@@ -45,7 +45,7 @@ from fhir_gateway.security.access import Principal
 from fhir_gateway.settings import Partner, PartnersFile
 from fhir_gateway.store import Store
 from fhir_gateway.store.models import Base, FhirResource, json_text, utcnow
-from fhir_gateway.store.prebuilt import Prebuilt
+from fhir_gateway.store.prebuilt import Prebuilt, Prefetched
 
 log = structlog.get_logger(__name__)
 
@@ -285,9 +285,17 @@ def _run_in_one(store: Store, plan: _Plan, who: Principal, options: IntakeOption
     for attempt in range(1, ATTEMPTS + 1):
         try:
             with store.session() as s:
+                # A Task can open a case, which tells the partner's live subscriptions: they
+                # are read with the match, not in a round trip of their own before the audit's.
+                live = (
+                    subscriptions.prefetch_live(s, plan.partner.id)
+                    if any(e.rtype == "Task" for e in plan.entries)
+                    else None
+                )
                 _check_stored_refs(s, plan)
                 matches = _match(s, plan)
-                return _write(s, plan, matches, _prepare(plan, matches, options), who, options)
+                prepared = _prepare(plan, matches, options)
+                return _write(s, plan, matches, prepared, who, options, live)
         except IntegrityError:
             log.info("referral.intake.race", attempt=attempt, entries=len(plan.entries))
     raise ConflictError(
@@ -648,6 +656,7 @@ def _write(
     prepared: _Prepared,
     who: Principal,
     options: IntakeOptions,
+    live: Prefetched | None = None,
 ) -> IntakeResult:
     """The write transaction: the case (when the push opens one), bulk inserts (Core, bodies
     already serialised), the jobs, the audit row last. Kept short, one statement per table
@@ -688,7 +697,7 @@ def _write(
         )
     task_out = next((o for o in result.entries if o.resource_type == "Task"), None)
     if opened is not None:
-        _case_opened(session, plan, prepared, opened, who, result)
+        _case_opened(session, plan, prepared, opened, who, result, live)
     elif task_out is not None:
         result.case_id = task_out.case_id
     if not plan.bundle_mode and result.case_id is None and result.entries[0].created:
@@ -991,6 +1000,7 @@ def _case_opened(
     opened: _Opened,
     who: Principal,
     result: IntakeResult,
+    live: Prefetched | None,
 ) -> None:
     """After the rows are in: claim what was stored before, tell the Task's subscribers
     (RF-03 `received`), queue the pulls, and append the audit row (last: on PostgreSQL it
@@ -1023,7 +1033,7 @@ def _case_opened(
         body=prepared.bodies[("Task", opened.task_id)],
     )
     queue_v2_status(session, task, "received")
-    subscriptions.task_changed(session, task, partner)
+    subscriptions.task_changed(session, task, partner, live)
     kinds = []
     if partner.fhir is not None:
         kinds.append("pull_fhir")

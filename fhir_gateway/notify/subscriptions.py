@@ -32,7 +32,7 @@ from fhir_gateway.store.models import (
     SubscriptionState,
     utcnow,
 )
-from fhir_gateway.store.prebuilt import Prebuilt
+from fhir_gateway.store.prebuilt import Prebuilt, Prefetched
 
 log = structlog.get_logger(__name__)
 
@@ -325,10 +325,23 @@ _LIVE_SUBSCRIPTIONS = Prebuilt(  # run on the DBAPI cursor (`store.prebuilt`)
 )
 
 
-def task_changed(session: Session, task_row: FhirResource, partner: Partner | None = None) -> int:
+def prefetch_live(session: Session, partner_id: str) -> Prefetched:
+    """The partner's live subscriptions, for a `task_changed` later in this transaction: on
+    PostgreSQL the lookup goes out with the transaction's next round trip instead of one of
+    its own (intake reads them with its identifier match)."""
+    return _LIVE_SUBSCRIPTIONS.prefetch(session.connection(), {"partner": partner_id})
+
+
+def task_changed(
+    session: Session,
+    task_row: FhirResource,
+    partner: Partner | None = None,
+    live: Prefetched | None = None,
+) -> int:
     """A referral Task changed status: queue one numbered event per matching live subscription
     of the Task's partner, and (partner setting `task_updates = "write"`) a write of the change
-    to the partner's EHR, in the caller's transaction. Returns the events queued.
+    to the partner's EHR, in the caller's transaction. Returns the events queued. `live`: the
+    Task's partner's live subscriptions, read earlier in this transaction (`prefetch_live`).
 
     Jobs carry no case id: a cancellation closes the case's jobs, and this is the news of it.
     """
@@ -349,9 +362,13 @@ def task_changed(session: Session, task_row: FhirResource, partner: Partner | No
             max_attempts=_FOREVER,
         )
     # Core, built once: one indexed query per change (most partners have no subscription).
-    live = _LIVE_SUBSCRIPTIONS.rows(session.connection(), {"partner": partner_id})
+    found = (
+        live.rows()
+        if live is not None
+        else _LIVE_SUBSCRIPTIONS.rows(session.connection(), {"partner": partner_id})
+    )
     queued = 0
-    for (state_id,) in live:
+    for (state_id,) in found:
         sub = session.get(FhirResource, ("Subscription", state_id))
         if sub is None or not matches(filters_of(sub.body), task_row.body):
             continue

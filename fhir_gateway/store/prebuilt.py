@@ -17,9 +17,10 @@ it suits only callers that retry or fail the whole transaction on it: a transact
 one must not also catch `IntegrityError` around a savepoint of its own (`begin_nested`), where
 the queued write's error would surface and be taken for the savepoint's. Intake's are the only
 queued writes today, and intake opens no savepoint. The BEGIN goes with the
-transaction's first statement. A referral took 10 round trips (BEGIN, 7 statements, the audit
-append with COMMIT and psycopg's pipeline exit); it takes 4. Statements are prepared once per
-connection (as psycopg's own cursor does after a few executions).
+transaction's first statement. A read whose rows are wanted later in the transaction can go
+out the same way (`Prebuilt.prefetch`). A referral took 10 round trips (BEGIN, 7 statements, the
+audit append with COMMIT and psycopg's pipeline exit); it takes 3. Statements are prepared once
+per connection (as psycopg's own cursor does after a few executions).
 """
 
 from __future__ import annotations
@@ -107,6 +108,16 @@ class _Shape:
             params[k] = proc(params.get(k))
         return [params[k] for k in self.positional] if self.positional is not None else params
 
+    def processed(self, found: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        """Rows as the columns' SQLAlchemy types return them."""
+        procs = self.results
+        if not any(procs):
+            return [tuple(row) for row in found]
+        return [
+            tuple(p(v) if p is not None else v for p, v in zip(procs, row, strict=True))
+            for row in found
+        ]
+
     def wrapped(self, exc: Exception) -> StatementError:
         """The DBAPI error as SQLAlchemy raises it (IntegrityError, OperationalError, ...),
         its parameters hidden (they can hold patient data)."""
@@ -163,23 +174,25 @@ class Prebuilt:
         PostgreSQL sent together with the writes queued before it)."""
         shape = self._shape(conn.dialect, values)
         if shape.dialect.name == "postgresql":
-            found: Sequence[Sequence[Any]] = _PgBatch.of(conn).send(shape, shape.args(values))
-        else:
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(shape.sql, shape.args(values))
-                found = cursor.fetchall()
-            except shape.error as exc:
-                raise shape.wrapped(exc) from exc
-            finally:
-                cursor.close()
-        procs = shape.results
-        if not any(procs):
-            return [tuple(row) for row in found]
-        return [
-            tuple(p(v) if p is not None else v for p, v in zip(procs, row, strict=True))
-            for row in found
-        ]
+            return shape.processed(_PgBatch.of(conn).send(shape, shape.args(values)))
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(shape.sql, shape.args(values))
+            return shape.processed(cursor.fetchall())
+        except shape.error as exc:
+            raise shape.wrapped(exc) from exc
+        finally:
+            cursor.close()
+
+    def prefetch(self, conn: Connection, values: Mapping[str, Any]) -> Prefetched:
+        """A SELECT whose rows are wanted later in the transaction: on PostgreSQL queued to go
+        out with the next round trip (so it costs none of its own), on SQLite run now."""
+        if conn.dialect.name != "postgresql":
+            return Prefetched(self.rows(conn, values))
+        shape = self._shape(conn.dialect, values)
+        pending = Prefetched(None)
+        _PgBatch.of(conn).add(shape, shape.args(values), later=True, into=pending)
+        return pending
 
     def execute(self, conn: Connection, values: Mapping[str, Any], *, later: bool = False) -> None:
         """Run a statement that returns no rows. `later` (PostgreSQL): queue it, to go out
@@ -229,6 +242,18 @@ class Prebuilt:
             cursor.close()
 
 
+class Prefetched:
+    """The rows of a `Prebuilt.prefetch`, there once the round trip it went out with is done."""
+
+    def __init__(self, found: list[tuple[Any, ...]] | None) -> None:
+        self.found = found
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        if self.found is None:
+            raise RuntimeError("a prefetched statement was read before it was sent")
+        return self.found
+
+
 # --- PostgreSQL: several statements per round trip --------------------------------------------
 
 _QUEUED = "fhir_gateway_prebuilt_queued"  # Connection.info: statements not sent yet
@@ -245,7 +270,7 @@ class _PgBatch:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.queued: list[tuple[_Shape, Any]] = []
+        self.queued: list[tuple[_Shape, Any, Prefetched | None]] = []
 
     @classmethod
     def of(cls, conn: Connection) -> _PgBatch:
@@ -254,8 +279,10 @@ class _PgBatch:
             batch = conn.info[_QUEUED] = cls(conn)
         return batch
 
-    def add(self, shape: _Shape, args: Any, *, later: bool) -> None:
-        self.queued.append((shape, args))
+    def add(self, shape: _Shape, args: Any, *, later: bool, into: Prefetched | None = None) -> None:
+        """Queue a statement (`into`: where its rows go once sent); `later`: send it with
+        the next statement that needs an answer, or with the COMMIT."""
+        self.queued.append((shape, args, into))
         if not later:
             self.flush()
 
@@ -265,7 +292,7 @@ class _PgBatch:
 
     def send(self, shape: _Shape, args: Any) -> Sequence[Sequence[Any]]:
         """The queued statements, then this one: its rows."""
-        self.queued.append((shape, args))
+        self.queued.append((shape, args, None))
         return self._exchange(len(self.queued) - 1, commit=False)
 
     def commit(self) -> None:
@@ -294,7 +321,7 @@ class _PgBatch:
                     ):
                         pgconn.send_query_params(b"BEGIN", None)
                         expect.append((-1, b""))
-                    for i, (shape, args) in enumerate(queued):
+                    for i, (shape, args, _into) in enumerate(queued):
                         params = [args[k] for k in shape.pg_order]
                         dumped = tx.dump_sequence(params, [PyFormat.TEXT] * len(params))
                         name = prepared.get(shape.pg_sql) or parsing.get(shape.pg_sql)
@@ -325,9 +352,15 @@ class _PgBatch:
                 error = errors.error_from_result(result, encoding=raw.info.encoding)  # type: ignore[arg-type]
             elif parsed and status == pq.ExecStatus.COMMAND_OK:
                 prepared[parsed] = parsing[parsed]
-            elif index == answer and result is not None and status == pq.ExecStatus.TUPLES_OK:
-                tx.set_pgresult(result)
-                rows = tx.load_rows(0, result.ntuples, tuple)
+            elif index >= 0 and result is not None and status == pq.ExecStatus.TUPLES_OK:
+                shape, _args, into = queued[index]
+                if index == answer or into is not None:
+                    tx.set_pgresult(result)
+                    found = tx.load_rows(0, result.ntuples, tuple)
+                    if index == answer:
+                        rows = found
+                    if into is not None:
+                        into.found = shape.processed(found)
         if error is not None:
             if answer is None and not queued:
                 raise DBAPIError.instance(

@@ -75,6 +75,23 @@ def test_select_values_typed_as_sqlalchemy_returns_them(store: Store) -> None:
         assert BY_IDS.rows(conn, {"kind": "other", "ids": ["a1"]}) == []
 
 
+def test_prefetched_rows_come_with_the_next_round_trip(store: Store) -> None:
+    """A prefetch is typed as `rows` returns it; on PostgreSQL it is queued and sent with the
+    next statement (its rows not there before), on SQLite run at once."""
+    with store.connection() as conn:
+        conn.execute(insert(JOBS), [_job("a1"), _job("a2")])
+    with store.connection(readonly=True) as conn:
+        early = BY_IDS.prefetch(conn, {"kind": "k", "ids": ["a2", "a1"]})
+        if store.is_postgres:
+            with pytest.raises(RuntimeError, match="before it was sent"):
+                early.rows()
+        later = BY_IDS.rows(conn, {"kind": "k", "ids": ["a1"]})
+        assert sorted(early.rows()) == sorted(BY_IDS.rows(conn, {"kind": "k", "ids": ["a1", "a2"]}))
+        assert early.rows()[0][1] == {"n": 1, "s": "é"}
+        assert early.rows()[0][2].tzinfo is not None
+        assert [r[0] for r in later] == ["a1"]
+
+
 def test_insert_fails_as_sqlalchemy_does(store: Store) -> None:
     prebuilt = Prebuilt(insert(JOBS), KEYS)
     with store.connection() as conn:
