@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, TextIO, cast
 
 import sqlalchemy.exc
 import typer
@@ -25,6 +25,9 @@ from fhir_gateway.errors import ConfigError, GatewayError
 from fhir_gateway.logging import configure_logging
 from fhir_gateway.settings import Settings, ensure_data_dir, secret_problems
 from fhir_gateway.store import Store
+
+if TYPE_CHECKING:
+    import socket
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,  # local variables can hold patient data
@@ -170,8 +173,16 @@ def serve(
     if n == 1:
         uvicorn.run(application, **options)
         return
+    from uvicorn.supervisors import Multiprocess
+
+    from fhir_gateway.listeners import Listener, reserve_port
+
+    try:
+        options["port"] = reserve_port(host, port)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror}")
     _prepare_processes(settings, count)
-    uvicorn.run(
+    config = uvicorn.Config(
         "fhir_gateway.app:serve_process_app",
         factory=True,
         workers=n,
@@ -180,6 +191,10 @@ def serve(
         timeout_worker_healthcheck=60,
         **options,
     )
+    # Each process gets a socket of its own on the port (SO_REUSEPORT), not one shared socket:
+    # connections that arrive together are spread over the processes (`listeners`).
+    listener = cast("socket.socket", Listener(host, options["port"]))
+    Multiprocess(config, sockets=[listener]).run()  # SIGINT and SIGTERM: its handlers
 
 
 def _prepare_processes(settings: Settings, job_threads: int) -> None:

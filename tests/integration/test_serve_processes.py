@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
+import pytest
 import requests
 from sqlalchemy import func, select
 
@@ -177,3 +180,59 @@ def test_two_serve_processes_one_case_per_referral_jobs_once(store, settings, to
         assert float(pushed[0].rsplit(" ", 1)[1]) == len(work), pushed
     finally:
         _stop(proc)
+
+
+def _connections(pid: int, port: int) -> int:
+    return sum(
+        1
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+    )
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_connections_opened_at_once_are_spread_over_the_processes(store, settings, tmp_path):
+    """32 connections opened together (a pool's start), five times: each time, each process
+    takes some of them. With one socket shared by the processes, the first to wake took most
+    or all of them (`listeners`)."""
+    proc, url = _serve(store, settings.data_dir, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    children = _children(proc.pid)
+    rounds = []
+    try:
+        for _ in range(5):
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+            deadline = time.monotonic() + 30
+            while sum(held := [_connections(pid, port) for pid in children]) < 32:
+                assert time.monotonic() < deadline, held
+                time.sleep(0.05)
+            rounds.append(held)
+            for client in clients:
+                client.close()
+            while sum(_connections(pid, port) for pid in children):
+                assert time.monotonic() < deadline, "the server did not close the connections"
+                time.sleep(0.05)
+    finally:
+        _stop(proc)
+    # Binomial(32, 1/2): fewer than 4 on either process is ~2 in a million per round.
+    assert all(min(held) >= 4 for held in rounds), rounds
+
+
+def test_a_port_in_use_is_refused_with_a_reason(settings, tmp_path):
+    """A port something listens on already (another gateway included, whose sockets allow
+    sharing the port): `serve --processes 2` exits 2 with a one-line reason, starts nothing."""
+    (settings.data_dir / "partners.toml").write_text(PARTNERS_TOML)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "fhir_gateway.cli", "serve", "--port", str(port)]
+        cmd += ["--data-dir", str(settings.data_dir), "--processes", "2"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in done.stderr
