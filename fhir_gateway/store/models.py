@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    PrimaryKeyConstraint,
     String,
     Text,
     TypeDecorator,
@@ -111,23 +112,26 @@ class ResourceIdentifier(Base):
     """Identifiers of hosted resources, unique per partner and type: conditional create,
     idempotent re-push and `?identifier=` search, by index, whatever the value's length.
 
-    The key is (partner, type, sha256 of the system, sha256 of the value): a second resource of
+    The key is (type, sha256 of the value, partner, sha256 of the system): a second resource of
     the same partner and type with the same identifier cannot be stored, so two concurrent
     pushes of one referral cannot both create it (the loser re-reads the winner's). Values are
-    kept only as hashes here; the resource body holds them.
+    kept only as hashes here; the resource body holds them. The key starts with the type and
+    the value's hash, so it also serves a search by value alone or across partners: one index
+    where there were two (a random page of each at every insert; at 1,000,000 stored resources
+    the second one was ~19 of SQLite's 70 page reads per referral, migration 0021).
     """
 
     __tablename__ = "resource_identifiers"
 
-    partner_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for none
-    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
-    system_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    partner_id: Mapped[str] = mapped_column(String(64))  # "" for none
+    resource_type: Mapped[str] = mapped_column(String(64))
+    value_hash: Mapped[str] = mapped_column(String(64))
+    system_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (
+        PrimaryKeyConstraint("resource_type", "value_hash", "partner_id", "system_hash"),
         Index("ix_resource_identifiers_resource", "resource_type", "resource_id"),
-        Index("ix_resource_identifiers_value", "resource_type", "value_hash"),
     )
 
 

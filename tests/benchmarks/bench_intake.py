@@ -79,7 +79,7 @@ CACHE = ROOT / ".cache" / "bench"
 MEDPLUM = ROOT / "tests" / "servers" / "medplum"
 PARTNER = "st-elsewhere"
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-SEED_VERSION = 1  # bump when the seeded rows change (cache key)
+SEED_VERSION = 2  # bump when the seeded rows or the schema change (cache key)
 # The pushing partner, with a FHIR server and a PACS to pull from (nothing listens there: the
 # gateway runs without job workers, the pulls stay queued).
 PARTNERS = f"""
