@@ -41,7 +41,7 @@ def _state(store: Store) -> tuple[set[tuple[str, ...]], list[str], set[str]]:
         rows = {tuple(row) for row in conn.execute(ROWS)}
         found = inspect(conn)
         key = found.get_pk_constraint("resource_identifiers")["constrained_columns"]
-        indexes = {ix["name"] for ix in found.get_indexes("resource_identifiers")}
+        indexes = {str(ix["name"]) for ix in found.get_indexes("resource_identifiers")}
     return rows, key, indexes
 
 
