@@ -85,11 +85,27 @@ def _serve(store: Store, data_dir: Path, tmp: Path) -> tuple[subprocess.Popen[by
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while len(_children(proc.pid)) < 2 or not _healthy(url):
+    while (
+        len(children := _children(proc.pid)) < 2
+        or not _healthy(url)
+        or not all(_listening(pid, port) for pid in children)
+    ):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError("serve did not start: " + (tmp / "serve.log").read_text()[-2000:])
         time.sleep(0.2)
     return proc, url
+
+
+def _listening(pid: int, port: int) -> bool:
+    """The process listens on the port (a process of `serve` that is still starting has not
+    yet: connections go to the others)."""
+    try:
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+            for c in psutil.Process(pid).net_connections("tcp")
+        )
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _healthy(url: str) -> bool:
