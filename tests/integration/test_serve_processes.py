@@ -252,3 +252,33 @@ def test_a_port_in_use_is_refused_with_a_reason(settings, tmp_path):
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_a_killed_process_is_replaced_by_one_listening_on_its_own_socket(store, settings, tmp_path):
+    """uvicorn's supervisor restarts a process that died; the new one binds a socket of its
+    own on the port (the `Listener` it is sent becomes one) and takes connections."""
+    proc, url = _serve(store, settings.data_dir, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        first = _children(proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            now = _children(proc.pid)
+            if len(now) == 2 and first[0] not in now and all(_listening(p, port) for p in now):
+                break
+            assert time.monotonic() < deadline, (first, now)
+            time.sleep(0.2)
+        replaced = next(p for p in now if p not in first)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        try:
+            while sum(held := [_connections(pid, port) for pid in now]) < 32:
+                assert time.monotonic() < deadline, held
+                time.sleep(0.05)
+            assert _connections(replaced, port) >= 4, held  # it takes its share
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        _stop(proc)
