@@ -96,16 +96,19 @@ def _serve(store: Store, data_dir: Path, tmp: Path) -> tuple[subprocess.Popen[by
     return proc, url
 
 
+def _sockets(pid: int, port: int, status: str) -> int:
+    """The process's TCP sockets on the port in this state (0 for a process gone)."""
+    try:
+        found = psutil.Process(pid).net_connections("tcp")
+    except psutil.NoSuchProcess:
+        return 0
+    return sum(1 for c in found if c.status == status and c.laddr and c.laddr.port == port)
+
+
 def _listening(pid: int, port: int) -> bool:
     """The process listens on the port (a process of `serve` that is still starting has not
     yet: connections go to the others)."""
-    try:
-        return any(
-            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-            for c in psutil.Process(pid).net_connections("tcp")
-        )
-    except psutil.NoSuchProcess:
-        return False
+    return _sockets(pid, port, psutil.CONN_LISTEN) > 0
 
 
 def _healthy(url: str) -> bool:
@@ -199,11 +202,7 @@ def test_two_serve_processes_one_case_per_referral_jobs_once(store, settings, to
 
 
 def _connections(pid: int, port: int) -> int:
-    return sum(
-        1
-        for c in psutil.Process(pid).net_connections("tcp")
-        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
-    )
+    return _sockets(pid, port, psutil.CONN_ESTABLISHED)
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
